@@ -1,0 +1,238 @@
+"""Configuration schema machinery: dataclasses, YAML presets, ``key=value`` overrides.
+
+Each stage declares its settings as (nested) dataclasses. A run's settings are
+resolved in this order, later wins:
+
+1. the dataclass defaults,
+2. a preset YAML file (``configs/<group>/<name>.yaml``, shipped inside the
+   package) or any YAML file path,
+3. ``key=value`` overrides from the command line, with dotted keys for nested
+   fields (``optim.lr=0.01``); values are parsed as YAML (``true``, ``1e-3``,
+   ``[1, 2]``).
+
+Unknown keys are rejected with the list of valid ones, so a typo never goes
+silently unused. The resolved config is written next to every run
+(:func:`save_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import yaml
+
+from xmodal.utils.io import atomic_write
+
+T = TypeVar("T")
+
+__all__ = [
+    "ConfigError",
+    "from_dict",
+    "to_dict",
+    "apply_overrides",
+    "parse_overrides",
+    "load_preset",
+    "list_presets",
+    "resolve",
+    "save_config",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid."""
+
+
+def to_dict(cfg: Any) -> dict:
+    """Dataclass -> plain nested dict (JSON/YAML-serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a parsed value against a field's annotated type."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, _prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            return str(value)
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict | None, *, _prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a (partial) nested dict; missing keys keep defaults."""
+    data = dict(data or {})
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(_prefix + u for u in unknown)}; "
+            f"valid keys here: {', '.join(_prefix + k for k in types_)}"
+        )
+    kwargs = {}
+    for name, tp in types_.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], tp, _prefix + name)
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def parse_overrides(items: Iterable[str]) -> dict:
+    """``["a.b=1", "c=[1,2]"]`` -> nested dict with YAML-parsed values."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: cannot parse value ({exc})") from exc
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_merge(base: dict, upd: dict) -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def apply_overrides(cfg: T, overrides: dict | Iterable[str]) -> T:
+    """Return a new config with ``overrides`` (a nested dict or ``key=value`` strings) applied."""
+    if not isinstance(overrides, dict):
+        overrides = parse_overrides(overrides)
+    return from_dict(type(cfg), _deep_merge(to_dict(cfg), overrides))
+
+
+def _preset_dir(group: str):
+    return resources.files("xmodal") / "configs" / group
+
+
+def list_presets(group: str) -> list[str]:
+    """Names of the YAML presets shipped for ``group`` (e.g. ``"pretrain"``)."""
+    d = _preset_dir(group)
+    if not d.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(group: str, name_or_path: str) -> dict:
+    """Load a preset by name (shipped) or by path to a YAML file, as a nested dict."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        text = p.read_text(encoding="utf-8")
+        src = str(p)
+    else:
+        f = _preset_dir(group) / f"{name_or_path}.yaml"
+        if not f.is_file():
+            raise ConfigError(
+                f"unknown {group} preset {name_or_path!r}; available: {', '.join(list_presets(group)) or 'none'} "
+                "(or give a path to a .yaml file)"
+            )
+        text = f.read_text(encoding="utf-8")
+        src = str(f)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{src}: invalid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: a preset must be a mapping at top level")
+    return data
+
+
+def resolve(cls: type[T], preset: str | None = None, overrides: Iterable[str] | dict = (), *, group: str = "") -> T:
+    """Defaults <- preset <- overrides, validated."""
+    data: dict = {}
+    if preset:
+        data = load_preset(group, preset)
+    ov = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    return from_dict(cls, _deep_merge(data, ov))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    with atomic_write(path) as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    with open(path, encoding="utf-8") as fh:
+        return from_dict(cls, yaml.safe_load(fh) or {})

@@ -1,0 +1,1 @@
+"""Data generation and reading: meshes -> rendered views + point clouds -> dataset store."""

@@ -1,0 +1,1 @@
+"""Shared helpers (atomic I/O, seeding, optional imports)."""
