@@ -1,0 +1,277 @@
+"""Point sampling on mesh surfaces: area-weighted surface samples, exact farthest
+point sampling (FPS) and unit-sphere normalisation (paper §3.1, "Point cloud sampling").
+
+The point cloud of an object is made as in PointNet++: draw ``oversample * N``
+points uniformly on the surface (area-weighted), pick ``N`` of them by greedy
+farthest point sampling from a random start, and normalise the result into the unit
+sphere (centre = mean, farthest point at distance 1).
+
+All functions are numpy-level and deterministic given ``seed``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+
+from xmodal.data.types import Mesh, PointCloud
+
+__all__ = [
+    "sample_surface",
+    "farthest_point_sampling",
+    "farthest_point_sampling_reference",
+    "normalize_unit_sphere",
+    "sample_point_cloud",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _face_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Triangle areas ``(F,)`` of ``vertices (V,3)``, ``faces (F,3)``."""
+    tri = vertices[faces]
+    return 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+
+
+def _check_mesh_arrays(vertices, faces) -> tuple[np.ndarray, np.ndarray]:
+    vertices = np.asarray(vertices, dtype=np.float64)
+    faces = np.asarray(faces)
+    if vertices.ndim != 2 or vertices.shape[1] != 3:
+        raise ValueError(f"vertices must have shape (V, 3), got {vertices.shape}")
+    if faces.ndim != 2 or faces.shape[1] != 3 or faces.shape[0] == 0:
+        raise ValueError(f"faces must have shape (F, 3) with F >= 1, got {faces.shape}")
+    if not np.issubdtype(faces.dtype, np.integer):
+        raise ValueError(f"faces must be integer indices, got dtype {faces.dtype}")
+    if faces.min() < 0 or faces.max() >= len(vertices):
+        raise ValueError(f"face indices out of range [0, {len(vertices)})")
+    return vertices, faces.astype(np.int64, copy=False)
+
+
+def sample_surface(vertices, faces, n: int, *, seed=None) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ``n`` points uniformly (area-weighted) on a triangle mesh surface.
+
+    Args:
+        vertices: ``(V, 3)`` vertex coordinates.
+        faces: ``(F, 3)`` integer vertex indices.
+        n: number of points.
+        seed: anything :func:`numpy.random.default_rng` accepts.
+
+    Returns:
+        ``points (n, 3)`` float64 and ``face_index (n,)`` int64, the face each point lies on.
+
+    Raises:
+        ValueError: malformed arrays or a surface of zero total area.
+    """
+    # Plain numpy rather than trimesh.sample: it avoids building a Trimesh (which
+    # processes/merges vertices) and keeps the random stream under our ``seed``.
+    vertices, faces = _check_mesh_arrays(vertices, faces)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    areas = _face_areas(vertices, faces)
+    cum = np.cumsum(areas)
+    total = cum[-1]
+    if not np.isfinite(total) or total <= 0:
+        raise ValueError("mesh surface has zero (or non-finite) total area")
+    rng = np.random.default_rng(seed)
+    # inverse-CDF face choice; side="right" never selects a zero-area face
+    face_index = np.searchsorted(cum, rng.random(n) * total, side="right")
+    np.minimum(face_index, len(faces) - 1, out=face_index)
+    u, v = rng.random((2, n))
+    flip = u + v > 1.0  # reflect into the triangle: uniform barycentric coordinates
+    u[flip], v[flip] = 1.0 - u[flip], 1.0 - v[flip]
+    tri = vertices[faces[face_index]]
+    points = tri[:, 0] + u[:, None] * (tri[:, 1] - tri[:, 0]) + v[:, None] * (tri[:, 2] - tri[:, 0])
+    return points, face_index.astype(np.int64)
+
+
+def _check_points(points, n: int) -> np.ndarray:
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[0] == 0 or points.shape[1] == 0:
+        raise ValueError(f"points must have shape (M, D) with M, D >= 1, got {points.shape}")
+    if not np.issubdtype(points.dtype, np.number):
+        raise ValueError(f"points must be numeric, got dtype {points.dtype}")
+    if not np.all(np.isfinite(points)):
+        raise ValueError("points contain NaN or infinite coordinates")
+    if int(n) != n or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n}")
+    if n > len(points):
+        raise ValueError(f"cannot pick n={n} points out of M={len(points)}")
+    return points
+
+
+def farthest_point_sampling(points, n: int, *, start_idx: Optional[int] = None, seed=None) -> np.ndarray:
+    """Exact greedy max-min farthest point sampling.
+
+    Starting from ``start_idx`` (drawn from ``seed`` when None), repeatedly pick the point
+    whose distance to the already picked set is largest.  Runs the compiled ``fpsample``
+    implementation; :func:`farthest_point_sampling_reference` is the plain numpy version
+    it agrees with.
+
+    Duplicate input points are handled by sampling among unique locations (a location is
+    represented by the first index where it occurs, or by ``start_idx`` for the start), so
+    the result never contains the same location twice.
+
+    Args:
+        points: ``(M, D)`` coordinates.
+        n: number of indices to return, ``0 <= n <= number of unique points``.
+        start_idx: index of the first point, or None for a random one.
+        seed: seed for the random start (ignored when ``start_idx`` is given).
+
+    Returns:
+        ``(n,)`` int64 distinct indices into ``points``, in selection order.
+
+    Raises:
+        ValueError: bad shape, non-finite values, ``start_idx`` out of range, or ``n``
+            larger than the number of unique points.
+    """
+    points = _check_points(points, n)
+    m = len(points)
+    if start_idx is None:
+        start_idx = int(np.random.default_rng(seed).integers(m))
+    elif not (0 <= int(start_idx) < m):
+        raise ValueError(f"start_idx={start_idx} out of range [0, {m})")
+    start_idx = int(start_idx)
+    n = int(n)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+
+    # fpsample works in float32; centring first keeps precision for far-off coordinates
+    # (FPS is translation invariant).  Deduplicate on exactly what fpsample sees.
+    p64 = points.astype(np.float64, copy=False)
+    pc = np.ascontiguousarray(p64 - p64.mean(axis=0), dtype=np.float32)
+    _, first, inverse = np.unique(pc, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if len(first) < m:
+        if n > len(first):
+            raise ValueError(
+                f"cannot pick n={n} distinct points: only {len(first)} unique points among M={m}"
+            )
+        order = np.argsort(first)  # keep the original order of first occurrences
+        keep = first[order]
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        local_start = int(rank[inverse[start_idx]])
+        keep[local_start] = start_idx
+        pc = np.asfortranarray(pc[keep])
+    else:
+        keep = None
+        local_start = start_idx
+        pc = np.asfortranarray(pc)
+
+    fpsample = _fpsample()
+    if n == len(pc) and len(pc) == 1:
+        idx = np.zeros(1, dtype=np.int64)
+    else:
+        idx = np.asarray(fpsample.fps_sampling(pc, n, start_idx=local_start), dtype=np.int64)
+    if len(np.unique(idx)) != n:
+        # Only possible when distinct points are closer than float32 can resolve.
+        logger.warning("fpsample returned repeated indices; falling back to the float64 reference FPS")
+        idx = farthest_point_sampling_reference(p64 if keep is None else p64[keep], n, start_idx=local_start)
+    return idx if keep is None else keep[idx].astype(np.int64)
+
+
+def _fpsample():
+    from xmodal.utils.optional import require
+
+    return require("fpsample", "farthest point sampling")
+
+
+def farthest_point_sampling_reference(points, n: int, start_idx: int = 0) -> np.ndarray:
+    """Plain numpy O(n M) greedy farthest point sampling (the obvious version).
+
+    Keeps the squared distance of every point to the picked set and picks the arg-max
+    (lowest index on ties); already picked points are excluded.
+
+    Args:
+        points: ``(M, D)`` coordinates.
+        n: number of indices, ``n <= M``.
+        start_idx: index of the first point.
+
+    Returns:
+        ``(n,)`` int64 distinct indices in selection order.
+    """
+    points = _check_points(points, n).astype(np.float64)
+    if not (0 <= start_idx < len(points)):
+        raise ValueError(f"start_idx={start_idx} out of range [0, {len(points)})")
+    out = np.empty(int(n), dtype=np.int64)
+    if n == 0:
+        return out
+    dist = np.full(len(points), np.inf)
+    cur = int(start_idx)
+    for k in range(int(n)):
+        out[k] = cur
+        dist = np.minimum(dist, ((points - points[cur]) ** 2).sum(axis=1))
+        dist[out[: k + 1]] = -np.inf
+        cur = int(np.argmax(dist))
+    return out
+
+
+def normalize_unit_sphere(points) -> tuple[np.ndarray, np.ndarray, float]:
+    """Centre points on their mean and scale so the farthest point has norm 1.
+
+    Args:
+        points: ``(N, 3)`` (any ``D``) coordinates.
+
+    Returns:
+        ``(normalised (N, D), center (D,), scale)`` with ``normalised = (points - center) / scale``;
+        floating inputs keep their dtype, integer inputs become float64.
+
+    Raises:
+        ValueError: empty input, non-finite values or all points at one location.
+    """
+    points = np.asarray(points)
+    if points.ndim != 2 or len(points) == 0:
+        raise ValueError(f"points must have shape (N, D) with N >= 1, got {points.shape}")
+    if not np.all(np.isfinite(points)):
+        raise ValueError("points contain NaN or infinite coordinates")
+    out_dtype = points.dtype if np.issubdtype(points.dtype, np.floating) else np.float64
+    p = points.astype(np.float64)
+    center = p.mean(axis=0)
+    p -= center
+    scale = float(np.sqrt((p * p).sum(axis=1).max()))
+    if scale <= 0:
+        raise ValueError("cannot normalise: all points coincide")
+    p /= scale
+    return p.astype(out_dtype, copy=False), center, scale
+
+
+def sample_point_cloud(mesh: Mesh, n_points: int = 2048, *, oversample: int = 8, seed=None) -> PointCloud:
+    """Sample a mesh into a normalised point cloud: surface samples -> FPS -> unit sphere.
+
+    Draws ``oversample * n_points`` area-weighted surface samples, picks ``n_points`` of
+    them by farthest point sampling from a random start, and normalises them into the
+    unit sphere.  Part labels follow the faces the points lie on.
+
+    Args:
+        mesh: a :class:`~xmodal.data.types.Mesh` (``face_labels`` optional).
+        n_points: N, points in the cloud.
+        oversample: candidates per output point (``>= 1``; 1 skips FPS).
+        seed: seed of the surface sampling and the FPS start.
+
+    Returns:
+        :class:`~xmodal.data.types.PointCloud` with ``points (N, 3)`` float32 (max norm 1)
+        and ``point_labels (N,)`` int64 when the mesh has ``face_labels``.
+    """
+    if n_points < 1:
+        raise ValueError(f"n_points must be >= 1, got {n_points}")
+    if oversample < 1:
+        raise ValueError(f"oversample must be >= 1, got {oversample}")
+    if isinstance(seed, np.random.Generator):
+        seed_surface = seed_fps = seed
+    else:
+        ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+        seed_surface, seed_fps = ss.spawn(2)
+    pts, face_index = sample_surface(mesh.vertices, mesh.faces, int(n_points) * int(oversample), seed=seed_surface)
+    if oversample > 1:
+        idx = farthest_point_sampling(pts, n_points, seed=seed_fps)
+        pts, face_index = pts[idx], face_index[idx]
+    pts, _, _ = normalize_unit_sphere(pts)
+    labels = None
+    if mesh.face_labels is not None:
+        face_labels = np.asarray(mesh.face_labels)
+        if face_labels.shape != (len(mesh.faces),):
+            raise ValueError(f"face_labels must have shape ({len(mesh.faces)},), got {face_labels.shape}")
+        labels = face_labels[face_index].astype(np.int64)
+    return PointCloud(points=pts.astype(np.float32), point_labels=labels)
