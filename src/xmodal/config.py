@@ -18,6 +18,7 @@ silently unused. The resolved config is written next to every run
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from importlib import resources
@@ -42,6 +43,9 @@ __all__ = [
     "save_config",
     "load_config",
 ]
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -104,6 +108,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept plain numeric text
+        try:
+            value = int(value) if tp is int else float(value)
+        except ValueError:
+            pass
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
@@ -155,6 +165,8 @@ def parse_overrides(items: Iterable[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() != "" else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: cannot parse value ({exc})") from exc
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 leaves "1e-3" as text
         node = out
         parts = key.split(".")
         for p in parts[:-1]:

@@ -114,15 +114,11 @@ def read_off(path: "str | os.PathLike") -> tuple[np.ndarray, np.ndarray]:
         raise MeshError(path, f"negative counts in header: {n_vertices} vertices, {n_faces} faces")
 
     n_data = len(lines) - 1
-    if n_data < n_vertices:
-        raise MeshError(
-            path, f"header declares {n_vertices} vertices but the file has only {n_data} vertex lines"
-        )
-    if n_data - n_vertices < n_faces:
+    if n_data < n_vertices + n_faces:
         raise MeshError(
             path,
-            f"header declares {n_faces} faces but only {n_data - n_vertices} face lines "
-            f"follow the {n_vertices} vertices",
+            f"truncated file or bad counts: header declares {n_vertices} vertices and {n_faces} faces "
+            f"({n_vertices + n_faces} lines) but only {n_data} data lines follow",
         )
     if n_data > n_vertices + n_faces:
         logger.debug("%s: ignoring %d lines after the declared faces", path, n_data - n_vertices - n_faces)

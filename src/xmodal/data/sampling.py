@@ -107,7 +107,9 @@ def farthest_point_sampling(points, n: int, *, start_idx: Optional[int] = None, 
     Starting from ``start_idx`` (drawn from ``seed`` when None), repeatedly pick the point
     whose distance to the already picked set is largest.  Runs the compiled ``fpsample``
     implementation; :func:`farthest_point_sampling_reference` is the plain numpy version
-    it agrees with.
+    it agrees with (fpsample computes in float32, so where two candidates are equally far
+    to float32 precision the pick may differ from the float64 reference; the max-min
+    distances do not).
 
     Duplicate input points are handled by sampling among unique locations (a location is
     represented by the first index where it occurs, or by ``start_idx`` for the start), so
@@ -161,10 +163,7 @@ def farthest_point_sampling(points, n: int, *, start_idx: Optional[int] = None, 
         pc = np.asfortranarray(pc)
 
     fpsample = _fpsample()
-    if n == len(pc) and len(pc) == 1:
-        idx = np.zeros(1, dtype=np.int64)
-    else:
-        idx = np.asarray(fpsample.fps_sampling(pc, n, start_idx=local_start), dtype=np.int64)
+    idx = np.asarray(fpsample.fps_sampling(pc, n, start_idx=local_start), dtype=np.int64)
     if len(np.unique(idx)) != n:
         # Only possible when distinct points are closer than float32 can resolve.
         logger.warning("fpsample returned repeated indices; falling back to the float64 reference FPS")

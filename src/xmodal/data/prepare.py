@@ -1,0 +1,550 @@
+"""The ``prepare`` job: meshes / point clouds -> a dataset store (views + point clouds).
+
+For every object of a source (paper §3.1) ``prepare`` renders ``views`` images from
+random cameras (azimuth 10-340°, polar 10-165°, Phong shading, two opposite lights)
+and samples a ``points``-point cloud, and writes them into the store described in
+:mod:`xmodal.data.store`.
+
+The job is
+
+* **deterministic**: each object's random numbers come from ``(seed, object id)``
+  only, so the result does not depend on ``workers``, ``chunk_size`` or resumption;
+* **resumable**: objects are planned once (``plan.json``) and cut into chunks; each
+  chunk becomes one atomically written shard, so after an interruption a re-run with
+  the same settings skips every chunk whose shard exists;
+* **fault tolerant**: an object that cannot be loaded or rendered is recorded in
+  ``failed/`` and the manifest (path, id, reason) and skipped;
+* **parallel** over chunks with ``workers`` processes (``spawn``: OpenGL contexts and
+  ``fork`` do not mix), each owning one renderer.
+
+``manifest.json`` is written last, so its presence means the dataset is complete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import queue as queue_mod
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from xmodal.data.store import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    PLAN_NAME,
+    failed_relpath,
+    make_manifest,
+    shard_relpath,
+    write_shard,
+)
+from xmodal.data.types import Item, Mesh, MeshError, PointCloud, Source
+from xmodal.utils.io import read_json, write_json
+
+__all__ = ["prepare", "object_seeds", "PrepareError"]
+
+log = logging.getLogger(__name__)
+
+_SPLIT_ORDER = {"train": 0, "test": 1}
+
+
+class PrepareError(ValueError):
+    """``prepare`` cannot run as asked (conflicting existing output, bad settings)."""
+
+
+def object_seeds(seed: int, object_id: str) -> tuple[int, int]:
+    """Seeds ``(views_seed, points_seed)`` of one object, a function of ``(seed, id)`` only.
+
+    ``zlib.crc32`` (not ``hash``) keeps them stable across processes and Python runs.
+    """
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32(object_id.encode("utf-8"))])
+    a, b = ss.generate_state(2)
+    return int(a), int(b)
+
+
+def _check_args(views, points, image_size, workers, chunk_size, test_ratio, oversample) -> None:
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+
+    for name, val in (("views", views), ("points", points), ("image_size", image_size), ("workers", workers),
+                      ("chunk_size", chunk_size), ("oversample", oversample)):
+        need(isinstance(val, (int, np.integer)) and not isinstance(val, bool),
+             f"{name} must be an integer, got {val!r}")
+    need(views >= 0, f"views must be >= 0 (0: no images), got {views}")
+    need(points > 0, f"points must be > 0, got {points}")
+    need(16 <= image_size <= 4096, f"image_size must be in [16, 4096] pixels, got {image_size}")
+    need(workers >= 1, f"workers must be >= 1, got {workers}")
+    need(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
+    need(oversample >= 1, f"oversample must be >= 1, got {oversample}")
+    need(0.0 <= float(test_ratio) < 1.0, f"test_ratio must be in [0, 1), got {test_ratio}")
+
+
+# --------------------------------------------------------------------------- per object
+
+
+class _Context:
+    """Everything a (worker) process needs to prepare chunks."""
+
+    def __init__(self, source: Source, settings: dict, out: Path, classes: list[str], has_point_labels: bool):
+        self.source = source
+        self.settings = settings
+        self.out = out
+        self.class_index = {c: i for i, c in enumerate(classes)}
+        self.has_point_labels = has_point_labels
+        self._renderer = None
+
+    @property
+    def renderer(self):
+        if self._renderer is None:
+            from xmodal.data.render import Renderer
+
+            s = self.settings
+            self._renderer = Renderer(s["image_size"], grayscale=s["grayscale"], up_axis=self.source.up_axis)
+        return self._renderer
+
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+
+
+def _process_object(ctx: _Context, item: Item) -> dict[str, np.ndarray]:
+    """Load, sample and render one object. Raises on any problem with that object."""
+    from xmodal.data.render import sample_view_angles
+    from xmodal.data.sampling import farthest_point_sampling, normalize_unit_sphere, sample_point_cloud
+
+    s = ctx.settings
+    n_views, n_points = s["effective_views"], s["points"]
+    views_seed, points_seed = object_seeds(s["seed"], item.id)
+    obj = ctx.source.load(item)
+    where = item.path or item.id
+    out: dict[str, np.ndarray] = {}
+    angles = sample_view_angles(n_views, seed=views_seed) if n_views else None
+    if isinstance(obj, Mesh):
+        pc = sample_point_cloud(obj, n_points, oversample=s["oversample"], seed=points_seed)
+        pts, labels = pc.points, pc.point_labels
+        if n_views:
+            out["images"] = ctx.renderer.render_mesh(obj, angles)
+    elif isinstance(obj, PointCloud):
+        pts = np.asarray(obj.points, dtype=np.float32)
+        labels = obj.point_labels
+        if pts.ndim != 2 or pts.shape[1] != 3:
+            raise MeshError(where, f"point cloud must be (N, 3), got {pts.shape}")
+        if len(pts) < n_points:
+            raise MeshError(where, f"has {len(pts)} points, fewer than the {n_points} asked for")
+        if len(pts) > n_points:
+            idx = farthest_point_sampling(pts, n_points, seed=points_seed)
+            pts = pts[idx]
+            labels = None if labels is None else np.asarray(labels)[idx]
+        pts = normalize_unit_sphere(pts)[0].astype(np.float32)
+        if n_views:
+            out["images"] = ctx.renderer.render_points(pts, angles)
+    else:
+        raise TypeError(f"source returned {type(obj).__name__} for {item.id}, expected Mesh or PointCloud")
+    if pts.shape != (n_points, 3) or not np.isfinite(pts).all():
+        raise MeshError(where, f"sampled point cloud is invalid (shape {pts.shape}, finite {np.isfinite(pts).all()})")
+    out["points"] = pts
+    if ctx.has_point_labels:
+        out["point_labels"] = np.full(n_points, -1, np.int16) if labels is None else np.asarray(labels, np.int16)
+    if n_views:
+        out["cameras"] = np.asarray(angles, dtype=np.float32)
+    return out
+
+
+def _run_chunk(ctx: _Context, split: str, chunk: int, items: list[Item], report=None) -> tuple[int, int]:
+    """Prepare one chunk and write its failures and (last) its shard. Returns (ok, failed)."""
+    s = ctx.settings
+    rows: list[dict[str, np.ndarray]] = []
+    ok_items: list[Item] = []
+    failures: list[dict] = []
+    for item in items:
+        try:
+            rows.append(_process_object(ctx, item))
+            ok_items.append(item)
+            bad = 0
+        except Exception as exc:  # any problem with one object skips that object only
+            reason = exc.reason if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
+            failures.append({"path": item.path, "id": item.id, "reason": reason})
+            log.warning("skipping %s (%s): %s", item.id, item.path or "generated", reason)
+            bad = 1
+        if report is not None:
+            report(1, bad)
+    n, v, size = len(rows), s["effective_views"], s["image_size"]
+    arrays: dict[str, Any] = {
+        "ids": [it.id for it in ok_items],
+        "labels": np.asarray([ctx.class_index[it.label] for it in ok_items], dtype=np.int64),
+        "points": np.stack([r["points"] for r in rows]) if rows else np.zeros((0, s["points"], 3), np.float32),
+    }
+    if ctx.has_point_labels:
+        arrays["point_labels"] = (
+            np.stack([r["point_labels"] for r in rows]) if rows else np.zeros((0, s["points"]), np.int16)
+        )
+    if v:
+        img_shape = (v, size, size) if s["grayscale"] else (v, size, size, 3)
+        arrays["images"] = np.stack([r["images"] for r in rows]) if rows else np.zeros((0,) + img_shape, np.uint8)
+        arrays["cameras"] = np.stack([r["cameras"] for r in rows]) if rows else np.zeros((0, v, 2), np.float32)
+    failed_path = ctx.out / failed_relpath(split, chunk)
+    if failures:
+        write_json(failed_path, failures)
+    elif failed_path.exists():  # stale record of an earlier attempt
+        failed_path.unlink()
+    # the shard is the chunk's completion marker: written last, atomically
+    write_shard(ctx.out / shard_relpath(split, chunk), arrays, attrs={"split": split, "chunk": chunk})
+    return n, len(failures)
+
+
+# worker-process state (spawn context: set by the pool initializer)
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(source: Source, settings: dict, out: str, classes: list[str], has_pl: bool, q) -> None:
+    # Mesa's llvmpipe starts one raster thread per CPU in every process; with W worker
+    # processes that oversubscribes the cores, so each worker rasterises on one thread
+    # unless the user chose otherwise. Must be set before the GL context is created.
+    os.environ.setdefault("LP_NUM_THREADS", "1")
+    _WORKER["ctx"] = _Context(source, settings, Path(out), classes, has_pl)
+    _WORKER["queue"] = q
+
+
+def _worker_chunk(split: str, chunk: int, items: list[Item]) -> tuple[int, int]:
+    q = _WORKER["queue"]
+    key = (split, chunk)
+    return _run_chunk(_WORKER["ctx"], split, chunk, items, report=lambda a, b: q.put((key, a, b)))
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def _plan_items(source: Source) -> dict[str, list[Item]]:
+    """Items per split (train, test, others), in a fixed order.
+
+    Meshes are ordered by id. Point-cloud sources (rows of HDF5 files) are ordered by
+    ``(path, row)``: those files are compressed in blocks of rows, so reading rows in
+    file order decompresses each block once (~100x faster than id order).
+    """
+    by_split: dict[str, list[Item]] = {}
+    for it in source.items:
+        by_split.setdefault(it.split, []).append(it)
+    ordered = sorted(by_split, key=lambda s: (_SPLIT_ORDER.get(s, 2), s))
+    if source.kind == "points":
+        key = lambda it: (it.path or "", int(it.index), it.id)  # noqa: E731
+    else:
+        key = lambda it: it.id  # noqa: E731
+    out = {}
+    for split in ordered:
+        items = sorted(by_split[split], key=key)
+        ids = [it.id for it in items]
+        if len(set(ids)) != len(ids):
+            raise PrepareError(f"source has duplicate ids in split '{split}'")
+        out[split] = items
+    return out
+
+
+def _item_record(it: Item) -> dict:
+    return {"id": it.id, "label": it.label, "path": it.path, "index": int(it.index)}
+
+
+def _plan_key(plan: dict) -> dict:
+    """What must match for a resume: settings, classes and the object list (not file paths)."""
+    return {
+        "format_version": plan.get("format_version"),
+        "settings": plan.get("settings"),
+        "classes": plan.get("classes"),
+        "items": {s: [(r["id"], r["label"]) for r in recs] for s, recs in plan.get("items", {}).items()},
+    }
+
+
+def _describe_difference(old: dict, new: dict) -> str:
+    a, b = _plan_key(old), _plan_key(new)
+    diffs = []
+    sa, sb = a["settings"] or {}, b["settings"] or {}
+    for k in sorted(set(sa) | set(sb)):
+        if sa.get(k) != sb.get(k):
+            diffs.append(f"{k}: {sa.get(k)!r} -> {sb.get(k)!r}")
+    if a["classes"] != b["classes"]:
+        diffs.append("the class list")
+    if a["items"] != b["items"]:
+        diffs.append("the object list")
+    if a["format_version"] != b["format_version"]:
+        diffs.append(f"format_version {a['format_version']} -> {b['format_version']}")
+    return ", ".join(diffs) or "unknown"
+
+
+def _clear_outputs(out: Path) -> None:
+    """Remove what ``prepare`` writes (and nothing else) from ``out``."""
+    for sub in ("shards", "failed"):
+        if (out / sub).is_dir():
+            shutil.rmtree(out / sub)
+    for name in (MANIFEST_NAME, PLAN_NAME):
+        (out / name).unlink(missing_ok=True)
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temporary files of a killed writer (``.<name>.*.tmp``) never become shards; drop them."""
+    for sub in ("shards", "failed"):
+        if (out / sub).is_dir():
+            for p in (out / sub).rglob(".*.tmp"):
+                p.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- job
+
+
+def prepare(
+    source: "str | os.PathLike | Source",
+    out: "str | os.PathLike",
+    *,
+    views: int = 12,
+    points: int = 2048,
+    image_size: int = 224,
+    workers: int = 1,
+    seed: int = 0,
+    grayscale: bool = True,
+    chunk_size: int = 32,
+    test_ratio: float = 0.2,
+    render_points: bool = True,
+    oversample: int = 8,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Render views and sample point clouds of every object of ``source`` into the store ``out``.
+
+    Args:
+        source: a spec for :func:`xmodal.data.sources.open_source` (``"builtin:shapes"``,
+            a mesh folder, a ModelNet40 HDF5 folder) or a :class:`~xmodal.data.types.Source`.
+        out: dataset folder to create (or to resume).
+        views: V images per object (0: points only).
+        points: N points per cloud.
+        image_size: S, side of the square images in pixels.
+        workers: processes (1: in this process).
+        seed: seed of the cameras and point sampling (per object: ``(seed, id)``), and of
+            the train/test split of sources without one.
+        grayscale: 1-channel images (the paper's renders); False stores RGB ``(V, S, S, 3)``.
+        chunk_size: objects per shard (the unit of resumption and of parallel work).
+        test_ratio: held-out fraction for sources without a split.
+        render_points: for point-cloud sources, render splat images of the points
+            (otherwise such a store has no images).
+        oversample: surface candidates per output point before farthest point sampling.
+        overwrite: replace an existing store made with other settings.
+        progress: show a progress bar (objects, objects/s, failures).
+
+    Returns:
+        The manifest (also written to ``out/manifest.json``, last).
+
+    Raises:
+        ValueError: bad arguments.
+        PrepareError: ``out`` holds a store or plan made with other settings and
+            ``overwrite`` is False.
+    """
+    _check_args(views, points, image_size, workers, chunk_size, test_ratio, oversample)
+    out = Path(out)
+    if isinstance(source, Source):
+        src, spec = source, None
+    else:
+        from xmodal.data.sources import open_source
+
+        spec = os.fspath(source)
+        src = open_source(spec, seed=seed, test_ratio=test_ratio)
+    if src.kind not in ("mesh", "points"):
+        raise ValueError(f"source kind must be 'mesh' or 'points', got {src.kind!r}")
+    effective_views = views if (src.kind == "mesh" or render_points) else 0
+    if views and not effective_views:
+        log.info("render_points=False with a point-cloud source: the store will have no images")
+    settings = {
+        "views": int(views),
+        "effective_views": int(effective_views),
+        "points": int(points),
+        "image_size": int(image_size),
+        "grayscale": bool(grayscale),
+        "seed": int(seed),
+        "chunk_size": int(chunk_size),
+        "test_ratio": float(test_ratio),
+        "render_points": bool(render_points),
+        "oversample": int(oversample),
+    }
+    source_desc = {**src.describe(), **({"spec": spec} if spec is not None else {})}
+    classes = [str(c) for c in src.classes]
+    items = _plan_items(src)
+    unknown = sorted({it.label for its in items.values() for it in its} - set(classes))
+    if unknown:
+        raise PrepareError(f"source items have labels {unknown} that are not in its classes")
+    plan = {
+        "format_version": FORMAT_VERSION,
+        "settings": settings,
+        "source": source_desc,
+        "classes": classes,
+        "items": {s: [_item_record(it) for it in its] for s, its in items.items()},
+    }
+
+    plan_path = out / PLAN_NAME
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"{out}: output exists and is not a folder")
+    if plan_path.is_file():
+        try:
+            old = read_json(plan_path)
+        except ValueError:
+            old = {}
+        if _plan_key(old) != _plan_key(plan):
+            if not overwrite:
+                raise PrepareError(
+                    f"{out} holds a dataset prepared with different settings ({_describe_difference(old, plan)}); "
+                    "use another output folder or overwrite=True (--overwrite) to replace it"
+                )
+            log.info("overwriting %s", out)
+            _clear_outputs(out)
+    elif (out / MANIFEST_NAME).is_file() or (out / "shards").is_dir():
+        if not overwrite:
+            raise PrepareError(
+                f"{out} holds a dataset without {PLAN_NAME} (not made by prepare, or older); "
+                "use another output folder or overwrite=True (--overwrite) to replace it"
+            )
+        _clear_outputs(out)
+    if not plan_path.is_file():
+        write_json(plan_path, plan)
+
+    tasks = []
+    for split, its in items.items():
+        for c in range(0, max(len(its), 1), chunk_size):
+            chunk_items = its[c : c + chunk_size]
+            if chunk_items and not (out / shard_relpath(split, c // chunk_size)).is_file():
+                tasks.append((split, c // chunk_size, chunk_items))
+    if tasks:
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # no longer describes a complete store
+        _remove_stale_temps(out)
+        n_done_before = sum(len(v) for v in items.values()) - sum(len(t[2]) for t in tasks)
+        if n_done_before:
+            log.info("resuming %s: %d objects already prepared", out, n_done_before)
+        has_pl = src.part_names is not None
+        _execute(tasks, src, settings, out, classes, has_pl, workers=workers, progress=progress)
+
+    manifest = _finalize(out, items, plan, src)
+    return manifest
+
+
+def _execute(tasks, src, settings, out, classes, has_pl, *, workers: int, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    total = sum(len(t[2]) for t in tasks)
+    bar = tqdm(total=total, unit="obj", desc="prepare", disable=not progress, dynamic_ncols=True)
+    failed = [0]
+
+    def report(n: int, bad: int) -> None:
+        bar.update(n)
+        if bad:
+            failed[0] += bad
+            bar.set_postfix(failed=failed[0], refresh=False)
+
+    try:
+        if workers == 1 or len(tasks) == 1:
+            ctx = _Context(src, settings, out, classes, has_pl)
+            try:
+                for split, chunk, its in tasks:
+                    _run_chunk(ctx, split, chunk, its, report=report)
+            finally:
+                ctx.close()
+        else:
+            _execute_pool(tasks, src, settings, out, classes, has_pl, workers, report)
+    finally:
+        bar.close()
+
+
+def _execute_pool(tasks, src, settings, out, classes, has_pl, workers, report) -> None:
+    """Run chunks in a pool of ``spawn`` processes; per-object progress comes through a queue."""
+    try:
+        pickle.dumps(src)
+    except Exception as exc:
+        raise PrepareError(
+            f"the source ({type(src).__name__}) cannot be sent to worker processes ({exc}); "
+            "use workers=1 or a source defined in an importable module"
+        ) from exc
+    mpctx = mp.get_context("spawn")
+    q = mpctx.Queue()
+    expected = {(s, c): len(its) for s, c, its in tasks}
+    seen = {key: 0 for key in expected}
+
+    def take(timeout: Optional[float]) -> bool:
+        try:
+            key, n, bad = q.get(timeout=timeout) if timeout else q.get_nowait()
+        except queue_mod.Empty:
+            return False
+        seen[key] += n
+        report(n, bad)
+        return True
+
+    with cf.ProcessPoolExecutor(
+        max_workers=min(workers, len(tasks)),
+        mp_context=mpctx,
+        initializer=_worker_init,
+        initargs=(src, settings, str(out), classes, has_pl, q),
+    ) as pool:
+        futures = {pool.submit(_worker_chunk, s, c, its): (s, c) for s, c, its in tasks}
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = cf.wait(pending, timeout=0.1, return_when=cf.FIRST_COMPLETED)
+                while take(None):
+                    pass
+                for fut in done:
+                    key = futures[fut]
+                    exc = fut.exception()
+                    if exc is not None:
+                        raise RuntimeError(f"prepare: chunk {key[1]} of split '{key[0]}' failed: {exc}") from exc
+                    # the worker queued its progress before returning: collect the rest of it
+                    while seen[key] < expected[key] and take(5.0):
+                        pass
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+def _finalize(out: Path, items: dict[str, list[Item]], plan: dict, src: Source) -> dict:
+    """Check every shard exists, gather counts and failures, write the manifest last."""
+    from xmodal.data.store import _h5py
+
+    h5py = _h5py()
+    cs = plan["settings"]["chunk_size"]
+    counts, shards, sizes, failed = {}, {}, {}, []
+    for split, its in items.items():
+        n_chunks = (len(its) + cs - 1) // cs
+        shards[split], sizes[split] = [], []
+        for c in range(n_chunks):
+            rel = shard_relpath(split, c)
+            path = out / rel
+            if not path.is_file():
+                raise RuntimeError(f"{path}: shard missing after prepare (interrupted?); re-run to finish")
+            with h5py.File(path, "r") as f:
+                sizes[split].append(int(f["labels"].shape[0]))
+            shards[split].append(rel)
+            fpath = out / failed_relpath(split, c)
+            if fpath.is_file():
+                failed.extend(read_json(fpath))
+        counts[split] = sum(sizes[split])
+    s = plan["settings"]
+    manifest = make_manifest(
+        classes=plan["classes"],
+        counts=counts,
+        shards=shards,
+        views=s["effective_views"],
+        points=s["points"],
+        image_size=s["image_size"],
+        grayscale=s["grayscale"],
+        up_axis=src.up_axis,
+        part_names=src.part_names,
+        source=plan["source"],
+        settings=s,
+        failed=failed,
+        shard_sizes=sizes,
+    )
+    write_json(out / MANIFEST_NAME, manifest)
+    if failed:
+        log.warning("%d of %d objects failed; see %s", len(failed), sum(len(v) for v in items.values()),
+                    out / MANIFEST_NAME)
+    return manifest

@@ -1,0 +1,494 @@
+"""Where the objects of ``xmodal prepare`` come from.
+
+:func:`open_source` turns a spec string into a :class:`~xmodal.data.types.Source`:
+
+* ``builtin:shapes`` (``builtin:shapes?train=32&test=8&seed=0``): procedural shapes,
+  :class:`xmodal.data.builtin.BuiltinSource`;
+* a folder holding ``ply_data_*.h5`` files (the ModelNet40 HDF5 point-cloud release):
+  :class:`ModelNetH5Source`;
+* a folder in the Princeton ModelNet layout ``<root>/<class>/<split>/*.off``, or a folder
+  of class sub-folders with meshes in any of :data:`~xmodal.data.mesh_io.MESH_EXTENSIONS`:
+  :class:`MeshFolderSource`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import re
+import zlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Optional
+from urllib.parse import parse_qs
+
+import numpy as np
+
+from xmodal.data.mesh_io import MESH_EXTENSIONS, is_mesh_file, load_mesh
+from xmodal.data.types import Item, Mesh, MeshError, PointCloud, Source
+from xmodal.utils.optional import require
+
+__all__ = ["open_source", "MeshFolderSource", "ModelNetH5Source", "stratified_holdout", "BUILTIN_PARAMS"]
+
+logger = logging.getLogger(__name__)
+
+SPLIT_DIRS = ("train", "test")
+
+#: query keys of ``builtin:shapes?…`` -> keyword of ``BuiltinSource``
+BUILTIN_PARAMS = {"train": "train_per_class", "test": "test_per_class", "seed": "seed"}
+
+ACCEPTED_FORMS = (
+    "accepted sources: 'builtin:shapes' (optionally 'builtin:shapes?train=32&test=8&seed=0'); "
+    "a folder with ModelNet40 HDF5 files 'ply_data_*.h5'; a folder in ModelNet layout "
+    "'<root>/<class>/<train|test>/*.off'; a folder of class sub-folders '<root>/<class>/**/*"
+    f"{{{','.join(MESH_EXTENSIONS)}}}'"
+)
+
+
+def open_source(spec: "str | os.PathLike", *, seed: int = 0, test_ratio: float = 0.2) -> Source:
+    """Open the objects named by ``spec``.
+
+    Args:
+        spec: ``"builtin:shapes[?train=N&test=M&seed=S]"`` or a folder path (see module doc).
+        seed: seed of the train/test split of folders without one (and default seed of
+            the built-in shapes).
+        test_ratio: fraction of each class held out as ``test`` where the data has no split.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: an unknown ``builtin:`` name or parameter, a file instead of a folder,
+            or a folder without usable data; the message lists the accepted forms.
+    """
+    _check_ratio(test_ratio)
+    text = os.fspath(spec)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if text.startswith("builtin:"):
+        return _open_builtin(text, seed=seed)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"source {text!r} does not exist; {ACCEPTED_FORMS}")
+    if not path.is_dir():
+        raise ValueError(f"source {text!r} is a file, not a folder; {ACCEPTED_FORMS}")
+    if any(path.glob("ply_data_*.h5")):
+        return ModelNetH5Source(path, seed=seed, test_ratio=test_ratio)
+    return MeshFolderSource(path, seed=seed, test_ratio=test_ratio)
+
+
+def _open_builtin(spec: str, *, seed: int) -> Source:
+    name, _, query = spec[len("builtin:"):].partition("?")
+    if name != "shapes":
+        raise ValueError(f"unknown built-in source {spec!r}: the only one is 'builtin:shapes'; {ACCEPTED_FORMS}")
+    kwargs: dict[str, int] = {"seed": int(seed)}
+    try:
+        params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError as exc:
+        raise ValueError(f"malformed query in {spec!r}: {exc}") from None
+    for key, values in params.items():
+        if key not in BUILTIN_PARAMS:
+            raise ValueError(f"unknown parameter {key!r} in {spec!r}; valid parameters: {', '.join(BUILTIN_PARAMS)}")
+        if len(values) != 1:
+            raise ValueError(f"parameter {key!r} given {len(values)} times in {spec!r}")
+        try:
+            kwargs[BUILTIN_PARAMS[key]] = int(values[0])
+        except ValueError:
+            raise ValueError(f"parameter {key!r} in {spec!r} must be an integer, got {values[0]!r}") from None
+    builtin = importlib.import_module("xmodal.data.builtin")
+    return builtin.BuiltinSource(**kwargs)
+
+
+def _check_ratio(test_ratio: float) -> None:
+    if not 0.0 <= float(test_ratio) < 1.0:
+        raise ValueError(f"test_ratio must be in [0, 1), got {test_ratio}")
+
+
+def stratified_holdout(
+    labels: np.ndarray, test_ratio: float, *, seed: int, keys: Optional[Iterable[int]] = None
+) -> np.ndarray:
+    """Seeded stratified train/test split.
+
+    Each class with ``n`` objects gets ``round(n * test_ratio)`` test objects, clamped to
+    ``[1, n - 1]`` when ``n >= 2`` and ``test_ratio > 0`` (a single object stays train).
+    The choice within a class depends only on ``seed``, that class's key and its own
+    objects, so adding a class does not reshuffle the others.
+
+    Args:
+        labels: (n,) int class index of each object, in a fixed order.
+        test_ratio: fraction to hold out, in [0, 1).
+        seed: random seed.
+        keys: optional stable int key per class index (default: the class index).
+
+    Returns:
+        (n,) bool, True for test objects.
+    """
+    _check_ratio(test_ratio)
+    labels = np.asarray(labels)
+    is_test = np.zeros(len(labels), dtype=bool)
+    if test_ratio == 0 or len(labels) == 0:
+        return is_test
+    key_of = dict(enumerate(keys)) if keys is not None else None
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = len(members)
+        if n < 2:
+            continue
+        n_test = min(max(int(round(n * test_ratio)), 1), n - 1)
+        key = key_of[int(c)] if key_of is not None else int(c)
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(key) & 0xFFFFFFFF])
+        is_test[members[rng.permutation(n)[:n_test]]] = True
+    return is_test
+
+
+def _class_key(name: str) -> int:
+    """Stable int key of a class name (independent of Python's hash seed)."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def _unique_ids(ids: list[str], alternatives: list[str]) -> list[str]:
+    """Replace colliding ids by their ``alternatives`` (then ``~k`` suffixes), deterministically."""
+    count: dict[str, int] = defaultdict(int)
+    for i in ids:
+        count[i] += 1
+    out = [alt if count[i] > 1 else i for i, alt in zip(ids, alternatives)]
+    seen: dict[str, int] = defaultdict(int)
+    result = []
+    for i in out:
+        seen[i] += 1
+        result.append(i if seen[i] == 1 else f"{i}~{seen[i]}")
+    return result
+
+
+# --------------------------------------------------------------------------- meshes
+
+
+def _mesh_files(folder: Path) -> list[Path]:
+    """Mesh files below ``folder`` (recursive, hidden entries skipped), sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in sorted(filenames):
+            if not fn.startswith(".") and is_mesh_file(fn):
+                found.append(Path(dirpath) / fn)
+    return found
+
+
+class MeshFolderSource(Source):
+    """Meshes in class sub-folders.
+
+    Two layouts, decided per class folder:
+
+    * Princeton ModelNet: ``<root>/<class>/train/…`` and/or ``<root>/<class>/test/…``; the
+      split comes from the path (files of other sub-folders of such a class are ignored);
+    * plain: meshes anywhere below ``<root>/<class>/``; a seeded stratified
+      ``test_ratio`` of each class becomes ``test`` (:func:`stratified_holdout`).
+
+    Items are sorted by id ``"<class>/<split>/<stem>"``; ids that would collide (same
+    stem in two sub-folders or with two extensions) use the relative path instead.
+    Meshes are z-up (ModelNet convention).
+    """
+
+    kind = "mesh"
+    up_axis = "z"
+
+    def __init__(self, root: "str | os.PathLike", *, seed: int = 0, test_ratio: float = 0.2):
+        super().__init__()
+        _check_ratio(test_ratio)
+        self.root = Path(root)
+        self.seed = int(seed)
+        self.test_ratio = float(test_ratio)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"mesh folder {str(self.root)!r} does not exist or is not a folder")
+
+        # (class, split, file, base folder the id is made relative to)
+        entries: list[tuple[str, str, Path, Path]] = []
+        split_classes, plain_classes = [], []
+        class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        for cdir in class_dirs:
+            split_dirs = {d.name.lower(): d for d in cdir.iterdir() if d.is_dir() and d.name.lower() in SPLIT_DIRS}
+            if split_dirs:
+                n_before = len(entries)
+                for split in SPLIT_DIRS:
+                    if split in split_dirs:
+                        entries += [(cdir.name, split, p, split_dirs[split]) for p in _mesh_files(split_dirs[split])]
+                if len(entries) > n_before:
+                    split_classes.append(cdir.name)
+            else:
+                files = _mesh_files(cdir)
+                if not files:
+                    continue
+                plain_classes.append(cdir.name)
+                # label 0 for every file: the split is stratified per class by construction
+                is_test = stratified_holdout(
+                    np.zeros(len(files), np.int64), self.test_ratio, seed=self.seed, keys=[_class_key(cdir.name)]
+                )
+                entries += [(cdir.name, "test" if t else "train", p, cdir) for p, t in zip(files, is_test)]
+
+        if not entries:
+            loose = [p.name for p in self.root.iterdir() if p.is_file() and is_mesh_file(p)]
+            hint = (
+                f" ({len(loose)} mesh files lie directly in it: put them in class sub-folders)" if loose else ""
+            )
+            raise ValueError(f"no mesh files found in class sub-folders of {str(self.root)!r}{hint}; {ACCEPTED_FORMS}")
+
+        ids = [f"{c}/{s}/{p.stem}" for c, s, p, _ in entries]
+        alts = []
+        for c, s, p, base in entries:
+            rel = p.relative_to(base)
+            alts.append(f"{c}/{s}/" + "__".join(rel.parent.parts + (f"{rel.stem}_{rel.suffix[1:].lower()}",)))
+        ids = _unique_ids(ids, alts)
+        self.items = sorted(
+            (Item(id=i, label=c, split=s, path=str(p)) for i, (c, s, p, _) in zip(ids, entries)),
+            key=lambda it: it.id,
+        )
+        self.classes = sorted({c for c, *_ in entries})
+        self.layout = "modelnet" if not plain_classes else ("class-folders" if not split_classes else "mixed")
+        counts = {s: sum(it.split == s for it in self.items) for s in SPLIT_DIRS}
+        how = {
+            "modelnet": "splits from the <class>/<split>/ folders",
+            "class-folders": f"seeded (seed {self.seed}) stratified split, test_ratio {self.test_ratio:g}",
+            "mixed": f"splits from folders for {len(split_classes)} classes, seeded (seed {self.seed}) "
+            f"stratified test_ratio {self.test_ratio:g} split for {len(plain_classes)}",
+        }[self.layout]
+        self.description = (
+            f"meshes in {self.root} ({self.layout} layout): {len(self.classes)} classes, "
+            f"{counts['train']} train / {counts['test']} test; {how}"
+        )
+
+    def load(self, item: Item) -> Mesh:
+        """Load ``item``'s mesh with :func:`~xmodal.data.mesh_io.load_mesh` (raises MeshError)."""
+        return load_mesh(item.path)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "root": str(self.root), "layout": self.layout,
+                "seed": self.seed, "test_ratio": self.test_ratio}
+
+
+# --------------------------------------------------------------------------- HDF5 points
+
+_H5_NAME = re.compile(r"ply_data_(train|test)_?(\d*)\.h5$")
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+class ModelNetH5Source(Source):
+    """The ModelNet40 HDF5 point-cloud release (PointNet's ``modelnet40_ply_hdf5_2048`` layout).
+
+    ``root`` holds ``ply_data_train*.h5`` / ``ply_data_test*.h5`` (datasets ``data``
+    (N, P, 3) float32 and ``label`` (N, 1) int), ``shape_names.txt`` (class index -> name),
+    optionally ``train_files.txt`` / ``test_files.txt`` (file order) and
+    ``ply_data_<split>_<k>_id2file.json`` (original shape id of each row, e.g.
+    ``"chair/chair_0001.off"``, giving item ids ``"chair/<split>/chair_0001"``).
+
+    Without any test file a seeded stratified ``test_ratio`` of train is held out as
+    ``test``; then ``held_out`` is True and the description says so. The release is y-up.
+    Item ``path`` is the h5 file, ``index`` the row.
+    """
+
+    kind = "points"
+    up_axis = "y"
+
+    def __init__(self, root: "str | os.PathLike", *, seed: int = 0, test_ratio: float = 0.2):
+        super().__init__()
+        _check_ratio(test_ratio)
+        h5py = require("h5py", "reading ModelNet40 HDF5 files")
+        self.root = Path(root)
+        self.seed = int(seed)
+        self.test_ratio = float(test_ratio)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"HDF5 folder {str(self.root)!r} does not exist or is not a folder")
+
+        files = {s: self._split_files(s) for s in SPLIT_DIRS}
+        if not files["train"] and not files["test"]:
+            raise ValueError(f"no ply_data_train*.h5 or ply_data_test*.h5 files in {str(self.root)!r}; {ACCEPTED_FORMS}")
+
+        names_file = self.root / "shape_names.txt"
+        raw_names: Optional[list[str]] = None
+        if names_file.is_file():
+            raw_names = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
+            if len(set(raw_names)) != len(raw_names):
+                raise ValueError(f"{names_file}: duplicate class names")
+
+        # (split, file, row, raw label, original id or None)
+        rows: list[tuple[str, Path, int, int, Optional[str]]] = []
+        self.num_points = None
+        for split in SPLIT_DIRS:
+            for f in files[split]:
+                with h5py.File(f, "r") as h5:
+                    if "data" not in h5 or "label" not in h5:
+                        raise ValueError(f"{f}: expected datasets 'data' and 'label', found {sorted(h5.keys())}")
+                    shape = h5["data"].shape
+                    labels = np.asarray(h5["label"][...]).reshape(-1).astype(np.int64)
+                if len(shape) != 3 or shape[2] != 3:
+                    raise ValueError(f"{f}: dataset 'data' must have shape (N, P, 3), got {shape}")
+                if len(labels) != shape[0]:
+                    raise ValueError(f"{f}: 'label' has {len(labels)} rows but 'data' has {shape[0]}")
+                if self.num_points is None:
+                    self.num_points = int(shape[1])
+                elif shape[1] != self.num_points:
+                    raise ValueError(f"{f}: {shape[1]} points per shape, other files have {self.num_points}")
+                if labels.size and labels.min() < 0:
+                    raise ValueError(f"{f}: negative class label {labels.min()}")
+                if raw_names is not None and labels.size and labels.max() >= len(raw_names):
+                    raise ValueError(
+                        f"{f}: class label {labels.max()} out of range for the {len(raw_names)} names in {names_file}"
+                    )
+                orig = self._original_ids(f, len(labels))
+                rows += [(split, f, r, int(lab), orig[r] if orig else None) for r, lab in enumerate(labels)]
+
+        if raw_names is None:
+            n_cls = max(lab for *_, lab, _ in rows) + 1 if rows else 0
+            raw_names = [f"class_{i:02d}" for i in range(n_cls)]
+            logger.warning("%s: no shape_names.txt; naming classes class_00 .. class_%02d", self.root, n_cls - 1)
+        self.classes = sorted(raw_names)
+
+        self.held_out = not files["test"]
+        if self.held_out:
+            is_test = stratified_holdout(np.array([lab for *_, lab, _ in rows]), self.test_ratio, seed=self.seed)
+            rows = [("test" if t else s, f, r, lab, o) for (s, f, r, lab, o), t in zip(rows, is_test)]
+
+        ids, alts = [], []
+        for split, f, r, lab, orig in rows:
+            name = raw_names[lab]
+            stem = Path(orig).stem if orig else f"{f.stem}_{r:05d}"
+            ids.append(f"{name}/{split}/{stem}")
+            alts.append(f"{name}/{split}/{stem}__{f.stem}_{r:05d}")
+        ids = _unique_ids(ids, alts)
+        order = {s: i for i, s in enumerate(SPLIT_DIRS)}
+        self.items = [
+            Item(id=i, label=raw_names[lab], split=s, path=str(f), index=r)
+            for i, (s, f, r, lab, _) in sorted(zip(ids, rows), key=lambda t: order[t[1][0]])
+        ]
+        # labels of load_all() index self.classes (sorted), whatever the order of shape_names.txt
+        self._label_index = {n: i for i, n in enumerate(self.classes)}
+
+        counts = {s: sum(it.split == s for it in self.items) for s in SPLIT_DIRS}
+        self.description = (
+            f"ModelNet40 HDF5 points in {self.root}: {len(self.classes)} classes, {self.num_points} points, "
+            f"{counts['train']} train / {counts['test']} test"
+        )
+        if self.held_out:
+            self.description += (
+                f"; no test file: test is a stratified held-out {self.test_ratio:g} of the train files "
+                f"(seed {self.seed})"
+            )
+        self._handles: dict[str, object] = {}
+        self._blocks: dict[str, tuple[int, np.ndarray]] = {}
+        self._pid = os.getpid()
+
+    # ---------------------------------------------------------------- discovery helpers
+
+    def _split_files(self, split: str) -> list[Path]:
+        listing = self.root / f"{split}_files.txt"
+        present = sorted(
+            (p for p in self.root.glob(f"ply_data_{split}*.h5") if _H5_NAME.search(p.name)),
+            key=lambda p: _natural_key(p.name),
+        )
+        if not listing.is_file():
+            return present
+        out = []
+        for ln in listing.read_text().splitlines():
+            if not ln.strip():
+                continue
+            p = self.root / Path(ln.strip()).name  # listed relative to some other folder: keep the name
+            if not p.is_file():
+                raise FileNotFoundError(f"{listing} lists {ln.strip()!r} but {p} does not exist")
+            out.append(p)
+        unlisted = set(present) - set(out)
+        if unlisted:
+            logger.warning("%s: ignoring h5 files not listed there: %s", listing, sorted(p.name for p in unlisted))
+        return out
+
+    def _original_ids(self, h5_path: Path, n: int) -> Optional[list[str]]:
+        m = _H5_NAME.search(h5_path.name)
+        split, num = m.group(1), m.group(2)
+        for cand in (f"ply_data_{split}_{num}_id2file.json", f"ply_data_{split}{num}_id2file.json"):
+            p = self.root / cand
+            if p.is_file():
+                try:
+                    ids = json.loads(p.read_text())
+                except (OSError, ValueError) as exc:
+                    raise ValueError(f"{p}: unreadable id list ({exc})") from None
+                if not isinstance(ids, list) or len(ids) != n:
+                    logger.warning("%s: expected a list of %d ids; ignoring it", p, n)
+                    return None
+                return [str(i) for i in ids]
+        return None
+
+    # ---------------------------------------------------------------- reading
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"], state["_blocks"] = {}, {}  # h5py handles do not cross processes
+        return state
+
+    def _file(self, path: str):
+        if self._pid != os.getpid():  # forked: never share the parent's HDF5 handles
+            self._handles, self._blocks, self._pid = {}, {}, os.getpid()
+        h5 = self._handles.get(path)
+        if h5 is None:
+            h5py = require("h5py", "reading ModelNet40 HDF5 files")
+            try:
+                h5 = h5py.File(path, "r")
+            except OSError as exc:
+                raise MeshError(path, f"cannot open HDF5 file: {exc}") from exc
+            self._handles[path] = h5
+        return h5
+
+    def load(self, item: Item) -> PointCloud:
+        """Points of one row: ``points`` (P, 3) float32, ``point_labels`` None.
+
+        Rows are read one chunk-aligned block at a time (the release stores ``data`` in
+        gzip chunks of 128 rows, so a single row costs a whole chunk anyway); the last
+        block of each file is kept, which makes reading items in order cheap.
+        """
+        ds = self._file(item.path)["data"]
+        row = int(item.index)
+        if not 0 <= row < ds.shape[0]:
+            raise MeshError(item.path, f"row {row} out of range [0, {ds.shape[0]})")
+        step = ds.chunks[0] if ds.chunks else 1
+        start = row - row % step
+        cached = self._blocks.get(item.path)
+        if cached is None or cached[0] != start:
+            cached = (start, np.asarray(ds[start : start + step], dtype=np.float32))
+            self._blocks[item.path] = cached
+        pts = np.array(cached[1][row - start], dtype=np.float32)
+        if not np.isfinite(pts).all():
+            raise MeshError(item.path, f"row {row}: non-finite point coordinates")
+        return PointCloud(points=pts)
+
+    def load_all(self, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """All objects of ``split`` at once, reading each file whole.
+
+        Returns:
+            ``points`` (n, P, 3) float32, ``labels`` (n,) int64 indices into
+            :attr:`classes`, ``ids`` (n,) list of item ids – in the order of :attr:`items`.
+        """
+        items = [it for it in self.items if it.split == split]
+        if not items and split not in SPLIT_DIRS:
+            raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLIT_DIRS)}")
+        points = np.empty((len(items), self.num_points or 0, 3), dtype=np.float32)
+        by_file: dict[str, list[int]] = defaultdict(list)
+        for pos, it in enumerate(items):
+            by_file[it.path].append(pos)
+        for path, positions in by_file.items():
+            data = self._file(path)["data"][...]
+            points[positions] = data[[items[p].index for p in positions]]
+        labels = np.array([self._label_index[it.label] for it in items], dtype=np.int64)
+        return points, labels, [it.id for it in items]
+
+    def close(self) -> None:
+        """Close the HDF5 files this process opened."""
+        for h5 in self._handles.values():
+            try:
+                h5.close()
+            except Exception:  # already closed / interpreter shutting down
+                pass
+        self._handles, self._blocks = {}, {}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "root": str(self.root), "held_out": self.held_out,
+                "seed": self.seed, "test_ratio": self.test_ratio, "num_points": self.num_points}

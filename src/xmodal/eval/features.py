@@ -1,0 +1,255 @@
+"""Frozen features of a run's encoders on a dataset split, with a cache.
+
+Every evaluation task works on *global* features of the frozen encoders:
+
+* 3D: ``Fp(points)`` — one 512-d vector per object (:func:`point_features`);
+* 2D: ``Fimg(view)`` for ``v`` seeded-random distinct stored views per object
+  (:func:`view_features`), max-pooled over the views into one vector per object
+  (:func:`pool_views`, Sec. 4.3 of the paper: "each extracted feature for 2D
+  recognition task is max pooled from v extracted features of v random views").
+
+The views of object ``i`` are the first ``v`` entries of a permutation of its
+``V`` stored views drawn from ``numpy.random.default_rng((seed, i))``. Because
+the permutation does not depend on ``v``, the views for a smaller ``v`` are a
+prefix of those for a larger one: features computed once for the largest ``v``
+serve every smaller ``v`` (and each prefix is itself a uniformly random subset
+of ``v`` distinct views). ``v`` is capped at the dataset's ``V``.
+
+:class:`FeatureCache` memoises both per split so that the SVM, retrieval,
+few-shot, cross-modal and t-SNE tasks never run an encoder twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+__all__ = [
+    "view_indices",
+    "point_features",
+    "view_features",
+    "pool_views",
+    "effective_views",
+    "FeatureCache",
+]
+
+log = logging.getLogger(__name__)
+
+
+def effective_views(views: Sequence[int], available: int) -> list[int]:
+    """View counts actually usable on a dataset with ``available`` stored views.
+
+    Each requested ``v`` is capped at ``available`` and duplicates are removed,
+    so ``(1, 12, 36, 80)`` on a 20-view dataset gives ``[1, 12, 20]`` ("as many
+    views as the dataset has" stands in for the missing larger counts).
+    Returns ``[]`` when the dataset has no images.
+    """
+    if available <= 0:
+        return []
+    out: list[int] = []
+    for v in views:
+        v = int(v)
+        if v < 1:
+            raise ValueError(f"view counts must be >= 1, got {v}")
+        v = min(v, int(available))
+        if v not in out:
+            out.append(v)
+    return sorted(out)
+
+
+def view_indices(n: int, num_stored: int, v: int, *, seed: int = 0) -> np.ndarray:
+    """Seeded random distinct view indices per object: ``(n, v)`` int64.
+
+    Row ``i`` is the first ``v`` entries of a permutation of ``range(num_stored)``
+    drawn from ``default_rng((seed, i))``; rows for a smaller ``v`` are prefixes
+    of the rows for a larger one. ``v`` must not exceed ``num_stored``.
+    """
+    if not 1 <= v <= num_stored:
+        raise ValueError(f"need 1 <= v <= {num_stored} stored views, got v={v}")
+    out = np.empty((n, v), dtype=np.int64)
+    for i in range(n):
+        out[i] = np.random.default_rng((int(seed), i)).permutation(num_stored)[:v]
+    return out
+
+
+def _resolve_device(device: Any) -> Any:
+    if device is not None:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def point_features(run, split, *, batch_size: int = 32, device: Any = None, progress: bool = False) -> np.ndarray:
+    """Global point features of every object of ``split``: ``(n, 512)`` float32.
+
+    run: a :class:`xmodal.api.LoadedRun` (its ``point_encoder`` is used as is,
+    in eval mode); split: a :class:`xmodal.data.store.SplitView`.
+    """
+    from xmodal.api import extract_point_features
+
+    device = _resolve_device(device)
+    n = split.n
+    if n == 0:
+        raise ValueError(f"split '{split.name}' is empty: no features to compute")
+    feats = []
+    # encode in blocks of objects so that a progress bar can advance
+    block = max(batch_size, 1) * 16
+    it = range(0, n, block)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=f"3D features ({split.name})", leave=False, total=-(-n // block))
+    all_pts = split.all_points()
+    for s in it:
+        feats.append(
+            extract_point_features(run.point_encoder, all_pts[s : s + block], batch_size=batch_size, device=device)
+        )
+    return np.concatenate(feats).astype(np.float32, copy=False)
+
+
+def view_features(
+    run,
+    split,
+    views: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: Any = None,
+    num_stored: Optional[int] = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Image features of ``v`` seeded-random distinct views per object: ``(n, v, 512)`` float32.
+
+    ``v = min(views, V)`` where ``V`` is the number of stored views (``num_stored``,
+    read from the first object when not given); the views are
+    :func:`view_indices` ``(n, V, v, seed=seed)``. Images are streamed through
+    ``run.image_encoder`` in batches of ``batch_size``.
+    """
+    from xmodal.api import extract_image_features
+
+    device = _resolve_device(device)
+    n = split.n
+    if n == 0:
+        raise ValueError(f"split '{split.name}' is empty: no features to compute")
+    if not split.has_images:
+        raise ValueError(f"split '{split.name}' has no images (a points-only dataset): no 2D features")
+    if num_stored is None:
+        num_stored = int(split.images(0).shape[0])
+    v = min(int(views), int(num_stored))
+    if v < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    idx = view_indices(n, num_stored, v, seed=seed)
+    chunks: list[np.ndarray] = []
+    buf: list[np.ndarray] = []
+    buffered = 0
+    # objects per encoder call: whole objects, about batch_size*4 images at once
+    # (extract_image_features batches internally; this only bounds memory)
+    target = max(batch_size, 1) * 4
+    it = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=f"2D features ({split.name}, {v} views)", leave=False)
+    for i in it:
+        buf.append(split.images(i, idx[i]))
+        buffered += v
+        if buffered >= target or i == n - 1:
+            imgs = np.concatenate(buf)
+            chunks.append(extract_image_features(run.image_encoder, imgs, batch_size=batch_size, device=device))
+            buf, buffered = [], 0
+    feats = np.concatenate(chunks).astype(np.float32, copy=False)
+    return feats.reshape(n, v, -1)
+
+
+def pool_views(feats: np.ndarray, v: int) -> np.ndarray:
+    """Max-pool the first ``v`` views: feats ``(n, V', D)`` -> ``(n, D)``.
+
+    ``v = 1`` returns the single first view (no pooling). ``v`` must not exceed
+    ``V'``, the number of views in ``feats``.
+    """
+    feats = np.asarray(feats)
+    if feats.ndim != 3:
+        raise ValueError(f"feats must be (n, v, D), got shape {feats.shape}")
+    if not 1 <= v <= feats.shape[1]:
+        raise ValueError(f"cannot pool {v} views from features of {feats.shape[1]} views")
+    if v == 1:
+        return feats[:, 0].copy()
+    return feats[:, :v].max(axis=1)
+
+
+class FeatureCache:
+    """Memoised frozen features of one run on one dataset.
+
+    ``points(split_name) -> (n, 512)``; ``views(split_name, v) -> (n, v, 512)``.
+    View features are kept once per split at the largest ``v`` asked so far;
+    a smaller ``v`` is served as a prefix (see the module docstring), a larger
+    one recomputes and replaces the entry.
+    """
+
+    def __init__(
+        self,
+        run,
+        store,
+        *,
+        seed: int = 0,
+        device: Any = None,
+        point_batch_size: int = 32,
+        image_batch_size: int = 64,
+        progress: bool = False,
+    ):
+        self.run = run
+        self.store = store
+        self.seed = int(seed)
+        self.device = _resolve_device(device)
+        self.point_batch_size = point_batch_size
+        self.image_batch_size = image_batch_size
+        self.progress = progress
+        self._points: dict[str, np.ndarray] = {}
+        self._views: dict[str, np.ndarray] = {}
+
+    @property
+    def num_views(self) -> int:
+        """Stored views per object (0 on a points-only dataset)."""
+        return int(self.store.views) if self.store.has_images else 0
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.store.split(split).labels
+
+    def points(self, split: str) -> np.ndarray:
+        if split not in self._points:
+            log.info("computing 3D features of split '%s'", split)
+            self._points[split] = point_features(
+                self.run,
+                self.store.split(split),
+                batch_size=self.point_batch_size,
+                device=self.device,
+                progress=self.progress,
+            )
+        return self._points[split]
+
+    def views(self, split: str, v: int) -> np.ndarray:
+        if self.num_views == 0:
+            raise ValueError("this dataset has no images (points only): no 2D features")
+        v = min(int(v), self.num_views)
+        cached = self._views.get(split)
+        if cached is None or cached.shape[1] < v:
+            log.info("computing 2D features of split '%s' (%d views per object)", split, v)
+            cached = view_features(
+                self.run,
+                self.store.split(split),
+                v,
+                seed=self.seed,
+                batch_size=self.image_batch_size,
+                device=self.device,
+                num_stored=self.num_views,
+                progress=self.progress,
+            )
+            self._views[split] = cached
+        return cached[:, :v]
+
+    def pooled(self, split: str, v: int) -> np.ndarray:
+        """Max-pooled 2D features of ``v`` views: ``(n, 512)``."""
+        return pool_views(self.views(split, v), min(int(v), self.num_views))

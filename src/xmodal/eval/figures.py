@@ -1,0 +1,171 @@
+"""Figures of the evaluation: t-SNE of features (paper Fig. 3) and training curves.
+
+Drawn with matplotlib's object API on the Agg canvas (no pyplot global state,
+no display needed) and written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from xmodal.utils.io import atomic_path, read_jsonl
+
+__all__ = ["top_classes", "tsne_embed", "tsne_figure", "smooth", "training_curves_figure", "CURVE_KEYS"]
+
+log = logging.getLogger(__name__)
+
+#: the metrics.jsonl fields drawn by :func:`training_curves_figure`
+CURVE_KEYS = ("loss", "triplet", "cross", "cm_acc")
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    with atomic_path(path, suffix=path.suffix or ".png") as tmp:
+        fig.savefig(tmp, format=(path.suffix.lstrip(".") or "png"), bbox_inches="tight")
+    return path
+
+
+def top_classes(labels, k: int = 10) -> np.ndarray:
+    """The ``k`` most frequent class ids of ``labels`` (ties: smaller id first), sorted."""
+    classes, counts = np.unique(np.asarray(labels).reshape(-1), return_counts=True)
+    order = np.lexsort((classes, -counts))
+    return np.sort(classes[order[:k]])
+
+
+def tsne_embed(feats, *, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
+    """2-D t-SNE embedding (sklearn) of features ``(n, D)`` -> ``(n, 2)``.
+
+    The perplexity is lowered to ``(n - 1) / 3`` on small inputs (t-SNE needs
+    perplexity < n).
+    """
+    from sklearn.manifold import TSNE
+
+    feats = np.asarray(feats, dtype=np.float64)
+    n = feats.shape[0]
+    if n < 3:
+        raise ValueError(f"t-SNE needs at least 3 points, got {n}")
+    perp = float(min(perplexity, max(1.0, (n - 1) / 3.0)))
+    tsne = TSNE(n_components=2, perplexity=perp, init="pca", learning_rate="auto", random_state=seed)
+    return tsne.fit_transform(feats)
+
+
+def tsne_figure(
+    panels: Sequence[tuple[str, np.ndarray]],
+    labels,
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    top: int = 10,
+    seed: int = 0,
+    title: Optional[str] = None,
+) -> Path:
+    """One PNG with a t-SNE subplot per ``(title, feats (n, D))`` panel, like Fig. 3.
+
+    Only objects of the ``top`` largest classes of ``labels`` (n,) are drawn,
+    one colour per class, with a shared legend. Returns the written path.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if not panels:
+        raise ValueError("no t-SNE panels to draw")
+    keep_classes = top_classes(labels, top)
+    mask = np.isin(labels, keep_classes)
+    lab = labels[mask]
+    ncol = len(panels)
+    fig = _figure(3.2 * ncol, 3.6)
+    cmap = _colours(len(keep_classes))
+    handles = []
+    for j, (name, feats) in enumerate(panels):
+        feats = np.asarray(feats)
+        if feats.shape[0] != labels.shape[0]:
+            raise ValueError(f"panel '{name}': {feats.shape[0]} features for {labels.shape[0]} labels")
+        emb = tsne_embed(feats[mask], seed=seed)
+        ax = fig.add_subplot(1, ncol, j + 1)
+        for c_i, c in enumerate(keep_classes):
+            sel = lab == c
+            h = ax.scatter(emb[sel, 0], emb[sel, 1], s=6, color=cmap[c_i], label=str(class_names[int(c)]))
+            if j == 0:
+                handles.append(h)
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, markerscale=2, frameon=False)
+    fig.subplots_adjust(bottom=0.22, wspace=0.05)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def _colours(k: int):
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if k <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(k)]
+
+
+def smooth(values, window: int) -> np.ndarray:
+    """Trailing moving average over ``window`` points, NaN-aware: (n,) -> (n,)."""
+    v = np.asarray(values, dtype=np.float64)
+    if window <= 1 or v.size == 0:
+        return v.copy()
+    ok = np.isfinite(v)
+    csum = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])
+    ccount = np.concatenate([[0], np.cumsum(ok)])
+    idx = np.arange(1, v.size + 1)
+    lo = np.maximum(idx - window, 0)
+    cnt = ccount[idx] - ccount[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, (csum[idx] - csum[lo]) / np.maximum(cnt, 1), np.nan)
+
+
+def training_curves_figure(
+    metrics_jsonl: str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    keys: Sequence[str] = CURVE_KEYS,
+    window: Optional[int] = None,
+) -> Optional[Path]:
+    """Training curves (``keys`` vs ``step``) of a run's ``metrics.jsonl`` as one PNG.
+
+    Raw values are drawn faintly, a moving average (``window`` records, default
+    about 2% of the records, at least 1) on top. Returns None (and logs) when
+    the file has no record with a ``step`` and one of ``keys``.
+    """
+    metrics_jsonl = Path(metrics_jsonl)
+    records = [r for r in read_jsonl(metrics_jsonl) if "step" in r]
+    present = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]
+    if not records or not present:
+        log.warning("%s: no training records with %s; no curves drawn", metrics_jsonl, list(keys))
+        return None
+    if window is None:
+        window = max(1, len(records) // 50)
+    ncol = len(present)
+    fig = _figure(3.2 * ncol, 2.8)
+    for j, k in enumerate(present):
+        rs = [r for r in records if isinstance(r.get(k), (int, float))]
+        steps = np.asarray([r["step"] for r in rs], dtype=np.float64)
+        vals = np.asarray([r[k] for r in rs], dtype=np.float64)
+        ax = fig.add_subplot(1, ncol, j + 1)
+        ax.plot(steps, vals, color="tab:blue", alpha=0.25, linewidth=0.8)
+        ax.plot(steps, smooth(vals, window), color="tab:blue", linewidth=1.5)
+        ax.set_title(k, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if not math.isinf(vals.max()) and k != "cm_acc" and (vals > 0).all() and vals.max() / vals.min() > 100:
+            ax.set_yscale("log")
+    fig.tight_layout()
+    return _save(fig, path)

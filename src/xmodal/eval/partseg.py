@@ -1,0 +1,501 @@
+"""3D part segmentation transfer task (paper §4.5, Table 4).
+
+Three settings, each trained on seeded, category-stratified fractions of the ShapeNet-Part
+train split and evaluated once on the test split:
+
+* ``frozen``   — pre-trained Fp, frozen (parameters and BatchNorm statistics); only the new
+  layers of :class:`~xmodal.models.partseg.PartSegNet` are trained;
+* ``finetune`` — pre-trained Fp, every layer trained ("unfrozen" in Table 4);
+* ``scratch``  — the same architecture with a freshly initialised Fp, every layer trained
+  (the supervised baseline [37]).
+
+Optimisation follows §4.1: Adam, learning rate 0.003, multiplied by 0.1 every 20 epochs
+(``step_epochs``/``gamma``). Cross-entropy over all parts; at evaluation the prediction of a
+point is the arg-max over the parts of its object's category only (the benchmark protocol).
+The number of epochs is not given in the paper; it is an argument. The val split is never
+used to choose anything (it can be logged with ``val_every``).
+
+Metrics (:func:`partseg_metrics`, the standard ShapeNet-Part definitions): for each shape, the
+IoU of every part of *its* category (a part absent from both the prediction and the ground
+truth counts as IoU 1), averaged over those parts; *instance mIoU* is the mean over shapes,
+*class mIoU* the mean over the categories present of the mean over that category's shapes;
+*overall accuracy* is the fraction of points labelled correctly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from xmodal.data.shapenetpart import PartSegSplit, load_partseg, stratified_subset
+
+__all__ = [
+    "SETTINGS",
+    "FRACTIONS",
+    "shape_ious",
+    "partseg_metrics",
+    "restrict_predictions",
+    "reinitialize",
+    "train_partseg",
+    "predict_partseg",
+    "evaluate_partseg",
+    "run_partseg",
+    "percent_key",
+]
+
+log = logging.getLogger(__name__)
+
+SETTINGS = ("frozen", "finetune", "scratch")
+FRACTIONS = (0.02, 0.2, 1.0)
+_PRETRAINED_SETTINGS = ("frozen", "finetune")
+
+
+# ---------------------------------------------------------------------------------------
+# metrics (numpy)
+# ---------------------------------------------------------------------------------------
+
+
+def _check_arrays(pred, seg, category):
+    pred = np.asarray(pred)
+    seg = np.asarray(seg)
+    category = np.asarray(category).reshape(-1)
+    if pred.shape != seg.shape or pred.ndim != 2:
+        raise ValueError(f"pred and seg must both be (n, N), got {pred.shape} and {seg.shape}")
+    if category.shape[0] != pred.shape[0]:
+        raise ValueError(f"category has {category.shape[0]} entries for {pred.shape[0]} shapes")
+    return pred, seg, category
+
+
+def shape_ious(pred: np.ndarray, seg: np.ndarray, category: np.ndarray, category_parts: Sequence[Sequence[int]]) -> np.ndarray:
+    """Mean part IoU of every shape: ``(n,)`` float64.
+
+    pred, seg: (n, N) global part ids; category: (n,). For shape ``i`` the IoU is taken over
+    the parts of ``category_parts[category[i]]``; a part absent from both prediction and
+    ground truth has IoU 1.
+    """
+    pred, seg, category = _check_arrays(pred, seg, category)
+    out = np.zeros(pred.shape[0], dtype=np.float64)
+    for c in np.unique(category):
+        if not 0 <= c < len(category_parts):
+            raise ValueError(f"category id {c} has no entry in category_parts ({len(category_parts)} categories)")
+        rows = np.flatnonzero(category == c)
+        p, g = pred[rows], seg[rows]
+        ious = []
+        for part in category_parts[int(c)]:
+            pp, gg = p == part, g == part
+            inter = np.count_nonzero(pp & gg, axis=1)
+            union = np.count_nonzero(pp | gg, axis=1)
+            ious.append(np.where(union == 0, 1.0, inter / np.maximum(union, 1)))
+        out[rows] = np.mean(ious, axis=0)
+    return out
+
+
+def partseg_metrics(
+    pred: np.ndarray,
+    seg: np.ndarray,
+    category: np.ndarray,
+    category_parts: Sequence[Sequence[int]],
+    *,
+    category_names: Optional[Sequence[str]] = None,
+) -> dict:
+    """ShapeNet-Part metrics of predictions ``pred`` (n, N) against ``seg`` (n, N).
+
+    Returns ``{"oa", "class_miou", "instance_miou", "per_category": {name: mIoU}}`` (floats in
+    [0, 1]; ``per_category`` covers the categories present, keyed by ``category_names`` or the
+    category index as a string).
+    """
+    pred, seg, category = _check_arrays(pred, seg, category)
+    if pred.shape[0] == 0:
+        raise ValueError("no shapes to evaluate")
+    ious = shape_ious(pred, seg, category, category_parts)
+    per_cat = {}
+    for c in np.unique(category):
+        name = str(category_names[int(c)]) if category_names is not None else str(int(c))
+        per_cat[name] = float(ious[category == c].mean())
+    return {
+        "oa": float(np.mean(pred == seg)),
+        "class_miou": float(np.mean(list(per_cat.values()))),
+        "instance_miou": float(ious.mean()),
+        "per_category": per_cat,
+    }
+
+
+def restrict_predictions(logits: np.ndarray, category: np.ndarray, category_parts: Sequence[Sequence[int]]) -> np.ndarray:
+    """Arg-max over the parts of each shape's own category: logits (n, P, N) -> pred (n, N) int64."""
+    logits = np.asarray(logits)
+    category = np.asarray(category).reshape(-1)
+    if logits.ndim != 3 or logits.shape[0] != category.shape[0]:
+        raise ValueError(f"logits must be (n, P, N) with n = {category.shape[0]}, got {logits.shape}")
+    mask = np.zeros((len(category_parts), logits.shape[1]), dtype=bool)
+    for c, parts in enumerate(category_parts):
+        mask[c, list(parts)] = True
+    masked = np.where(mask[category][:, :, None], logits, -np.inf)
+    return masked.argmax(axis=1).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------
+# training / inference (torch)
+# ---------------------------------------------------------------------------------------
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _resolve_device(device: Any):
+    torch = _torch()
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _fork_rng(device):
+    """A context that restores the global torch RNG(s) afterwards (CPU + the CUDA device used)."""
+    torch = _torch()
+    devices = [device.index or 0] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def reinitialize(module, *, seed: int = 0):
+    """A copy of ``module`` with every parameter and buffer freshly initialised (seeded).
+
+    Calls ``reset_parameters`` of every sub-module that has one (PyTorch's own initialisers,
+    which also reset BatchNorm statistics); raises when a parameter is not covered by one.
+    """
+    torch = _torch()
+    fresh = copy.deepcopy(module)
+    covered = set()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in fresh.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+                covered.update(id(p) for p in m.parameters())
+    missing = [n for n, p in fresh.named_parameters() if id(p) not in covered]
+    if missing:
+        raise ValueError(f"cannot re-initialise parameters {missing[:5]} (no reset_parameters); pass encoder_factory")
+    return fresh
+
+
+def _augment(points, gen):
+    """DGCNN's ShapeNet-Part augmentation: anisotropic scaling U(2/3, 3/2) and translation U(-0.2, 0.2)."""
+    torch = _torch()
+    b = points.shape[0]
+    scale = torch.empty(b, 1, 3).uniform_(2.0 / 3.0, 1.5, generator=gen).to(points.device)
+    shift = torch.empty(b, 1, 3).uniform_(-0.2, 0.2, generator=gen).to(points.device)
+    return points * scale + shift
+
+
+def _category_mask(category_parts, num_parts: int, device):
+    torch = _torch()
+    mask = torch.zeros(len(category_parts), num_parts, dtype=torch.bool)
+    for c, parts in enumerate(category_parts):
+        mask[c, list(parts)] = True
+    return mask.to(device)
+
+
+def predict_partseg(model, split: PartSegSplit, category_parts: Sequence[Sequence[int]], *, batch_size: int = 32, device=None) -> np.ndarray:
+    """Predicted global part ids ``(n, N)`` int64 of ``split`` (arg-max over each shape's
+    category parts), with ``model`` in eval mode."""
+    torch = _torch()
+    device = _resolve_device(device)
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    mask = None
+    out = np.empty((split.n, split.num_points), dtype=np.int64)
+    try:
+        with torch.no_grad():
+            for a in range(0, split.n, batch_size):
+                pts = torch.from_numpy(split.points[a : a + batch_size]).to(device)
+                cat = torch.from_numpy(split.category[a : a + batch_size]).to(device)
+                logits = model(pts, cat)  # (B, P, N)
+                if mask is None:
+                    mask = _category_mask(category_parts, logits.shape[1], device)
+                logits = logits.masked_fill(~mask[cat].unsqueeze(-1), float("-inf"))
+                out[a : a + batch_size] = logits.argmax(dim=1).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def evaluate_partseg(model, split: PartSegSplit, category_parts, *, category_names=None, batch_size: int = 32, device=None) -> dict:
+    """:func:`partseg_metrics` of ``model`` on ``split``."""
+    pred = predict_partseg(model, split, category_parts, batch_size=batch_size, device=device)
+    return partseg_metrics(pred, split.seg, split.category, category_parts, category_names=category_names)
+
+
+def _epoch_batches(n: int, batch_size: int, gen) -> list:
+    """Shuffled index batches; a trailing batch of one shape is dropped (BatchNorm needs 2)."""
+    torch = _torch()
+    if n == 1:
+        return [torch.zeros(2, dtype=torch.long)]  # a single shape: a batch of it twice
+    perm = torch.randperm(n, generator=gen)
+    batches = list(perm.split(batch_size))
+    if batches[-1].numel() == 1:  # n >= 2, so there is an earlier batch
+        batches.pop()
+    return batches
+
+
+def train_partseg(
+    model,
+    train: PartSegSplit,
+    *,
+    epochs: int = 100,
+    batch_size: int = 16,
+    lr: float = 0.003,
+    step_epochs: int = 20,
+    gamma: float = 0.1,
+    weight_decay: float = 0.0,
+    augment: bool = True,
+    seed: int = 0,
+    device=None,
+    progress: bool = True,
+    desc: str = "partseg",
+    log_path: Optional[str | os.PathLike] = None,
+    val: Optional[PartSegSplit] = None,
+    val_every: int = 0,
+    category_parts: Optional[Sequence[Sequence[int]]] = None,
+) -> list[dict]:
+    """Train ``model`` (a :class:`~xmodal.models.partseg.PartSegNet`) on ``train``.
+
+    Adam on the parameters that require gradients, StepLR(``step_epochs``, ``gamma``) per epoch,
+    point-wise cross-entropy. Shuffling and augmentation are seeded; dropout draws from the
+    global torch RNG (callers fork and seed it, as :func:`run_partseg` does). With ``val`` and
+    ``val_every > 0`` the val metrics are logged every ``val_every`` epochs (logging only).
+    Returns the per-epoch records (also appended to ``log_path``, a JSON-lines file).
+    """
+    torch = _torch()
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from xmodal.utils.io import append_jsonl
+
+    if train.n == 0:
+        raise ValueError("empty training split")
+    device = _resolve_device(device)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(step_epochs)), gamma=gamma)
+    points = torch.from_numpy(train.points).to(device)
+    seg = torch.from_numpy(train.seg).to(device)
+    cat = torch.from_numpy(train.category).to(device)
+    gen = torch.Generator().manual_seed(int(seed))
+    history = []
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        t0 = time.perf_counter()
+        tot_loss = tot_correct = tot_points = 0.0
+        for idx in _epoch_batches(train.n, batch_size, gen):
+            idx = idx.to(device)
+            pts = points[idx]
+            if augment:
+                pts = _augment(pts, gen)
+            logits = model(pts, cat[idx])
+            target = seg[idx]
+            loss = F.cross_entropy(logits, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                tot_loss += float(loss) * target.numel()
+                tot_correct += float((logits.argmax(1) == target).sum())
+                tot_points += target.numel()
+        rec = {
+            "epoch": epoch + 1,
+            "loss": tot_loss / tot_points,
+            "acc": tot_correct / tot_points,
+            "lr": opt.param_groups[0]["lr"],
+            "n_train": train.n,
+            "time": time.perf_counter() - t0,
+        }
+        sched.step()
+        if val is not None and val.n and val_every > 0 and (epoch + 1) % val_every == 0:
+            if category_parts is None:
+                raise ValueError("val logging needs category_parts")
+            m = evaluate_partseg(model, val, category_parts, batch_size=max(batch_size, 16), device=device)
+            rec.update({f"val_{k}": v for k, v in m.items() if k != "per_category"})
+        history.append(rec)
+        if log_path is not None:
+            append_jsonl(log_path, rec)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}")
+    bar.close()
+    model.eval()
+    return history
+
+
+# ---------------------------------------------------------------------------------------
+# the Table 4 protocol
+# ---------------------------------------------------------------------------------------
+
+
+def percent_key(fraction: float) -> str:
+    """``0.02 -> "2"``, ``0.2 -> "20"``, ``1.0 -> "100"``, ``0.025 -> "2.5"``."""
+    return f"{round(float(fraction) * 100, 6):g}"
+
+
+def _pretrained_encoder(run: Any):
+    """(point encoder or None, LoadedRun or None) from a run dir / LoadedRun / module / None."""
+    torch = _torch()
+    if run is None:
+        return None, None
+    if isinstance(run, torch.nn.Module):
+        return run, None
+    if hasattr(run, "point_encoder"):
+        return run.point_encoder, run
+    if isinstance(run, (str, os.PathLike)):
+        from xmodal.api import load_run
+
+        loaded = load_run(run, device="cpu")
+        return loaded.point_encoder, loaded
+    raise TypeError(f"run must be a run directory, a LoadedRun, a point encoder module or None, not {type(run).__name__}")
+
+
+def _scratch_encoder(pretrained, loaded, encoder_factory, seed: int):
+    torch = _torch()
+    if encoder_factory is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return encoder_factory()
+    if loaded is not None and getattr(loaded, "config", None) is not None:
+        try:
+            from xmodal.api import random_init_run
+        except ImportError:
+            random_init_run = None
+        if random_init_run is not None:
+            return random_init_run(loaded, seed=seed, device="cpu").point_encoder
+    if pretrained is not None:
+        return reinitialize(pretrained, seed=seed)
+    from xmodal.models.registry import create_point_encoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_point_encoder("dgcnn")
+
+
+def run_partseg(
+    run: Any,
+    data: Any,
+    *,
+    settings: Sequence[str] = SETTINGS,
+    fractions: Sequence[float] = FRACTIONS,
+    epochs: int = 100,
+    batch_size: int = 16,
+    lr: float = 0.003,
+    step_epochs: int = 20,
+    gamma: float = 0.1,
+    num_points: Optional[int] = None,
+    seed: int = 0,
+    device=None,
+    progress: bool = True,
+    log_dir: Optional[str | os.PathLike] = None,
+    encoder_factory: Optional[Callable[[], Any]] = None,
+    weight_decay: float = 0.0,
+    augment: bool = True,
+    use_category: bool = True,
+    dropout: float = 0.5,
+    eval_batch_size: int = 32,
+    val_every: int = 0,
+) -> dict:
+    """Table 4: train and test :class:`~xmodal.models.partseg.PartSegNet` per setting and fraction.
+
+    Args:
+        run: a run directory (pre-trained Fp via :func:`xmodal.api.load_run`), a ``LoadedRun``,
+            a point-encoder module, or None (then only ``scratch`` runs; the others are skipped).
+        data: anything :func:`xmodal.data.shapenetpart.load_partseg` accepts; needs ``train``
+            and ``test`` splits.
+        settings: subset of ``("frozen", "finetune", "scratch")``.
+        fractions: fractions of the train split (seeded, stratified by category, >= 1 shape per
+            category; the same subset for every setting).
+        epochs, batch_size, lr, step_epochs, gamma, weight_decay: optimisation (§4.1 defaults).
+        num_points: resample every shape to this many points (seeded) before training and
+            testing; None keeps the data's.
+        seed: seeds the subsets, the head and scratch-encoder initialisation, shuffling,
+            augmentation and dropout.
+        log_dir: when given, per-epoch records go to ``partseg_<setting>_<percent>.jsonl``,
+            followed by one final ``{"split": "test", ...}`` record with per-category mIoU.
+        encoder_factory: no-argument callable building a fresh encoder for ``scratch``
+            (default: :func:`xmodal.api.random_init_run` of the run's config, else a
+            re-initialised copy of the pre-trained encoder, else the default DGCNN).
+
+    Returns:
+        ``{"partseg.<setting>.<percent>.<metric>": float}`` with metric in ``oa``,
+        ``class_miou``, ``instance_miou`` (fractions in [0, 1]) and percent ``2``, ``20``, ``100``.
+    """
+    torch = _torch()
+    from xmodal.models.partseg import PartSegNet
+    from xmodal.utils.io import append_jsonl
+
+    bad = [s for s in settings if s not in SETTINGS]
+    if bad:
+        raise ValueError(f"unknown part-segmentation settings {bad}; choose from {SETTINGS}")
+    device = _resolve_device(device)
+    data = load_partseg(data, num_points=num_points, seed=seed)
+    train_all, test = data.split("train"), data.split("test")
+    val = data.splits.get("val")
+    pretrained, loaded = _pretrained_encoder(run)
+    if pretrained is None:
+        skipped = [s for s in settings if s in _PRETRAINED_SETTINGS]
+        if skipped:
+            log.info("no pre-trained run: skipping part-segmentation settings %s", skipped)
+        settings = [s for s in settings if s not in _PRETRAINED_SETTINGS]
+    pretrained_state = None
+    if pretrained is not None:
+        pretrained_state = {k: v.detach().cpu().clone() for k, v in pretrained.state_dict().items()}
+    if log_dir is not None:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+
+    results: dict[str, float] = {}
+    for fraction in fractions:
+        pct = percent_key(fraction)
+        sub = train_all.subset(stratified_subset(train_all.category, fraction, seed=seed))
+        for setting in settings:
+            log_path = None
+            if log_dir is not None:
+                log_path = Path(log_dir) / f"partseg_{setting}_{pct}.jsonl"
+                log_path.unlink(missing_ok=True)
+            with _fork_rng(device):
+                torch.manual_seed(seed)
+                if setting == "scratch":
+                    encoder = _scratch_encoder(pretrained, loaded, encoder_factory, seed)
+                else:
+                    encoder = copy.deepcopy(pretrained).cpu()
+                    encoder.load_state_dict(pretrained_state)
+                torch.manual_seed(seed)
+                model = PartSegNet(
+                    encoder, data.num_parts, data.num_categories,
+                    use_category=use_category, dropout=dropout, freeze_encoder=(setting == "frozen"),
+                )
+                train_partseg(
+                    model, sub,
+                    epochs=epochs, batch_size=batch_size, lr=lr, step_epochs=step_epochs, gamma=gamma,
+                    weight_decay=weight_decay, augment=augment, seed=seed, device=device,
+                    progress=progress, desc=f"partseg {setting} {pct}%", log_path=log_path,
+                    val=val, val_every=val_every, category_parts=data.category_parts,
+                )
+            metrics = evaluate_partseg(
+                model, test, data.category_parts, category_names=data.category_names,
+                batch_size=eval_batch_size, device=device,
+            )
+            for k in ("oa", "class_miou", "instance_miou"):
+                results[f"partseg.{setting}.{pct}.{k}"] = metrics[k]
+            if log_path is not None:
+                append_jsonl(log_path, {"split": "test", "n_test": test.n, **metrics})
+            log.info(
+                "partseg %s %s%%: oa %.4f class mIoU %.4f instance mIoU %.4f (train %d, test %d)",
+                setting, pct, metrics["oa"], metrics["class_miou"], metrics["instance_miou"], sub.n, test.n,
+            )
+            del model, encoder
+    return results

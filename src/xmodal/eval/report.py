@@ -1,0 +1,459 @@
+"""Markdown report of an evaluation: the paper's Tables 1-4 with our numbers beside them.
+
+:func:`render_report` turns the flat ``metrics`` dict of
+:func:`xmodal.eval.runner.evaluate` (dotted keys, accuracies as fractions,
+``meta.*`` describing the setup) into Markdown; :func:`write_report` writes it
+atomically. Every table shows, per number: ours, the random-initialisation
+baseline (``baseline.random.<key>``) and the difference when the baseline was
+evaluated, and the paper's value (:mod:`xmodal.eval.paper_numbers`, in %)
+where the paper reports one. Missing numbers are shown as ``–``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from xmodal.eval import paper_numbers as P
+from xmodal.utils.io import atomic_write
+
+__all__ = ["TABLE_HEADERS", "render_report", "write_report"]
+
+#: section headers of the report (tests check that each is present)
+TABLE_HEADERS = (
+    "## Setup",
+    "## Table 1",
+    "## Table 2",
+    "## Table 3",
+    "## Table 4",
+    "## Few-shot",
+    "## Cross-modal retrieval",
+    "## Figures",
+)
+
+BASE = "baseline.random."
+DASH = "–"
+_PARTSEG_PAPER_ROW = {"frozen": "CM-CV-Frozen", "scratch": "Supervised", "finetune": "CM-CV-Unfrozen"}
+_PARTSEG_ORDER = ("frozen", "scratch", "finetune")
+
+
+def _num(x: Any) -> Optional[float]:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def _pct(x: Any, digits: int = 1) -> str:
+    v = _num(x)
+    return DASH if v is None else f"{100.0 * v:.{digits}f}"
+
+
+def _raw(x: Any, digits: int = 2) -> str:
+    v = _num(x)
+    return DASH if v is None else f"{v:.{digits}f}"
+
+
+def _paper(x: Any, digits: int = 1) -> str:
+    v = _num(x)
+    return DASH if v is None else f"{v:.{digits}f}"
+
+
+def _delta(a: Any, b: Any, *, pct: bool = True, digits: int = 1) -> str:
+    va, vb = _num(a), _num(b)
+    if va is None or vb is None:
+        return DASH
+    d = (va - vb) * (100.0 if pct else 1.0)
+    return f"{d:+.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return lines
+
+
+class _Metrics:
+    def __init__(self, metrics: Mapping[str, Any]):
+        self.m = dict(metrics)
+        self.has_base = any(k.startswith(BASE) for k in self.m)
+
+    def get(self, key: str) -> Any:
+        return self.m.get(key)
+
+    def base(self, key: str) -> Any:
+        return self.m.get(BASE + key)
+
+    def has(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self.m)
+
+    def cols(self, key: str, *, pct: bool = True, digits: int = 1) -> list[str]:
+        """ours [, random, delta] for one key."""
+        fmt = (lambda x: _pct(x, digits)) if pct else (lambda x: _raw(x, digits))
+        out = [fmt(self.get(key))]
+        if self.has_base:
+            out += [fmt(self.base(key)), _delta(self.get(key), self.base(key), pct=pct, digits=digits)]
+        return out
+
+    def head(self, name: str = "ours") -> list[str]:
+        return [name] + (["random init", "Δ"] if self.has_base else [])
+
+
+def _skipped(m: _Metrics, *tasks: str) -> Optional[str]:
+    sk = m.get("meta.tasks_skipped") or {}
+    reasons = [f"`{t}`: {sk[t]}" for t in tasks if t in sk]
+    return "; ".join(reasons) if reasons else None
+
+
+def _section_setup(m: _Metrics, figures: Mapping[str, str]) -> list[str]:
+    meta = {k[5:]: v for k, v in m.m.items() if k.startswith("meta.")}
+    lines = ["## Setup", ""]
+    ds = meta.get("dataset") or {}
+
+    def item(name, value):
+        if value not in (None, "", [], {}):
+            lines.append(f"- **{name}**: {value}")
+
+    item("run", f"`{meta.get('run')}`" if meta.get("run") else None)
+    item("dataset", f"`{meta.get('data')}`" if meta.get("data") else None)
+    if ds:
+        counts = ds.get("counts") or {}
+        item(
+            "splits",
+            ", ".join(f"{s} {n}" for s, n in counts.items())
+            + f" objects; {ds.get('classes', '?')} classes; {ds.get('views', 0)} stored views per object; "
+            f"{ds.get('points', '?')} points per cloud",
+        )
+    item("seed", meta.get("seed"))
+    item("device", meta.get("device"))
+    req, used = meta.get("views_requested"), meta.get("views_used")
+    if req is not None:
+        item("views v (2D tasks)", f"requested {list(req)}, used {list(used or [])} (capped at the dataset's stored views)")
+    item(
+        "2D features",
+        "each object's feature is the max-pool of the Fimg features of v seeded-random distinct stored views "
+        "(v = 1: a single view); the views for a smaller v are a subset of those for a larger v",
+    )
+    item(
+        "SVM (Table 2)",
+        "Pipeline(StandardScaler, LinearSVC) fitted on the train split; C chosen among "
+        f"{meta.get('svm_Cs', 'a log grid')} by stratified k-fold cross-validation on the train split only "
+        "(folds reduced when a class is small); the test split is scored once, with C fixed",
+    )
+    item(
+        "retrieval (Table 3)",
+        "every test object queries a gallery of the other test objects (itself excluded); Euclidean distance "
+        "of global features; a query scores at K when an object of its class is among its K nearest",
+    )
+    item(
+        "pretext (Table 1)",
+        f"{m.get('pretext.num_pairs') or '10 x n_test'} pairs of each kind from the test split, half positive, "
+        "half negative; views drawn from each object's cached random views",
+    )
+    item(
+        "few-shot",
+        "episodes drawn from the test split (as CrossPoint); support and query disjoint; "
+        f"{meta.get('fewshot_query', 20)} queries per class (fewer if unavailable), "
+        f"{meta.get('fewshot_episodes', 10)} episodes, linear SVM with C = 1",
+    )
+    if m.get("crossmodal.gallery_size") is not None:
+        item(
+            "cross-modal retrieval",
+            f"{m.get('crossmodal.gallery_size')} test objects as queries and gallery (one random view each), "
+            "ranked by Ff's 'same object' probability",
+        )
+    if m.has_base:
+        item("baseline", "`random init`: the same architecture at random initialisation (seeded), same protocol")
+    item("tasks run", ", ".join(meta.get("tasks_run") or []))
+    sk = meta.get("tasks_skipped") or {}
+    if sk:
+        lines.append("- **skipped**:")
+        lines += [f"  - `{t}`: {r}" for t, r in sk.items()]
+    lines.append(
+        "- Paper numbers are for ModelNet40 (Table 1 also ModelNet10) and ShapeNet-Part (Table 4); they are "
+        "comparable with ours only on the same data. Accuracies are in %."
+    )
+    return lines + [""]
+
+
+def _section_table1(m: _Metrics) -> list[str]:
+    lines = [
+        "## Table 1 — pretext task: cross-modality accuracy and cross-view pair distance",
+        "",
+    ]
+    why = _skipped(m, "pretext")
+    if not m.has("pretext."):
+        return lines + [f"_Not evaluated{': ' + why if why else ''}._", ""]
+    p40, p10 = P.TABLE1["ModelNet40"], P.TABLE1["ModelNet10"]
+    header = ["metric"] + m.head() + ["paper MN40 CM", "paper MN40 CM-CV", "paper MN10 CM", "paper MN10 CM-CV"]
+    rows = []
+    spec = [
+        ("cross-modality accuracy (%) (Fp, Ff)", "cm_accuracy", True, 1),
+        ("positive mPD (Fimg)", "cv_pos_mean", False, 2),
+        ("positive PD std", "cv_pos_std", False, 2),
+        ("negative mPD (Fimg)", "cv_neg_mean", False, 2),
+        ("negative PD std", "cv_neg_std", False, 2),
+    ]
+    for name, key, pct, d in spec:
+        paper = [_paper(t[net][key], 1 if pct else 2) for t in (p40, p10) for net in ("CM", "CM-CV")]
+        rows.append([name] + m.cols(f"pretext.{key}", pct=pct, digits=d) + paper)
+    lines += _table(header, rows)
+    lines += [
+        "",
+        f"Cross-modality accuracy on positive / negative pairs: {_pct(m.get('pretext.cm_accuracy_pos'))} / "
+        f"{_pct(m.get('pretext.cm_accuracy_neg'))} %.",
+        "",
+    ]
+    return lines
+
+
+def _views_in(m: _Metrics, prefix: str) -> list[int]:
+    vs = set()
+    pat = re.compile(re.escape(prefix) + r"(\d+)(\.|$)")
+    for k in m.m:
+        if k.startswith(BASE):
+            continue
+        mt = pat.match(k)
+        if mt:
+            vs.add(int(mt.group(1)))
+    return sorted(vs)
+
+
+def _section_table2(m: _Metrics) -> list[str]:
+    lines = ["## Table 2 — 2D and 3D shape recognition (linear SVM on frozen features)", ""]
+    if not (m.has("svm2d.") or m.has("svm3d.")):
+        why = _skipped(m, "svm")
+        return lines + [f"_Not evaluated{': ' + why if why else ''}._", ""]
+    header = ["task", "#views"] + m.head("ours (%)") + ["chosen C", "CV acc (%)", "paper CM", "paper CM-CV"]
+    rows = []
+    t2 = P.TABLE2
+    for v in _views_in(m, "svm2d.accuracy."):
+        rows.append(
+            ["2D (Fimg)", str(v)]
+            + m.cols(f"svm2d.accuracy.{v}")
+            + [_raw(m.get(f"svm2d.C.{v}"), 3), _pct(m.get(f"svm2d.cv_score.{v}"))]
+            + [_paper(t2["svm2d"]["CM"].get(v)), _paper(t2["svm2d"]["CM-CV"].get(v))]
+        )
+    if m.get("svm3d.accuracy") is not None:
+        rows.append(
+            ["3D (Fp)", "—"]
+            + m.cols("svm3d.accuracy")
+            + [_raw(m.get("svm3d.C"), 3), _pct(m.get("svm3d.cv_score"))]
+            + [_paper(t2["svm3d"]["CM"]), _paper(t2["svm3d"]["CM-CV"])]
+        )
+    lines += _table(header, rows)
+    why = _skipped(m, "svm2d", "svm3d")
+    if why:
+        lines += ["", f"Skipped: {why}."]
+    return lines + [""]
+
+
+def _section_table3(m: _Metrics) -> list[str]:
+    ks = P.TABLE3_KS
+    lines = ["## Table 3 — 2D and 3D shape retrieval (top-K accuracy, %)", ""]
+    if not (m.has("retrieval2d.") or m.has("retrieval3d.")):
+        why = _skipped(m, "retrieval")
+        return lines + [f"_Not evaluated{': ' + why if why else ''}._", ""]
+    header = ["network", "views"] + [f"Top{k}" for k in ks] + ["mAP"]
+    rows = []
+
+    def block(label: str, views: str, prefix: str, paper: Mapping[str, Sequence[float]]):
+        rows.append([f"{label} (ours)", views] + [_pct(m.get(f"{prefix}.top{k}")) for k in ks] + [_pct(m.get(f"{prefix}.map"))])
+        if m.has_base:
+            rows.append(
+                [f"{label} (random init)", views]
+                + [_pct(m.base(f"{prefix}.top{k}")) for k in ks]
+                + [_pct(m.base(f"{prefix}.map"))]
+            )
+            rows.append(
+                ["Δ ours − random", views]
+                + [_delta(m.get(f"{prefix}.top{k}"), m.base(f"{prefix}.top{k}")) for k in ks]
+                + [_delta(m.get(f"{prefix}.map"), m.base(f"{prefix}.map"))]
+            )
+        for name, vals in paper.items():
+            rows.append([f"paper {name}", views] + [_paper(x) for x in vals] + [DASH])
+
+    if m.has("retrieval3d."):
+        block("Fp", "—", "retrieval3d", {f"Fp-{k}": v for k, v in P.TABLE3["retrieval3d"].items()})
+    for v in _views_in(m, "retrieval2d."):
+        paper = P.TABLE3["retrieval2d"].get(v, {})
+        block("Fimg", str(v), f"retrieval2d.{v}", {(n if n == "ImageNet" else f"Fimg-{n}"): x for n, x in paper.items()})
+    lines += _table(header, rows)
+    why = _skipped(m, "retrieval2d", "retrieval3d")
+    if why:
+        lines += ["", f"Skipped: {why}."]
+    return lines + [""]
+
+
+def _percent_label(p: str) -> str:
+    try:
+        v = float(p)
+    except ValueError:
+        return p
+    return f"{v * 100:g}%" if v < 1 else f"{v:g}%"
+
+
+def _section_table4(m: _Metrics) -> list[str]:
+    lines = ["## Table 4 — 3D part segmentation (ShapeNet-Part protocol)", ""]
+    pat = re.compile(r"^partseg\.([^.]+)\.([^.]+)\.(oa|class_miou|instance_miou)$")
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for k, v in m.m.items():
+        mt = pat.match(k)
+        if mt:
+            found.setdefault((mt.group(1), mt.group(2)), {})[mt.group(3)] = v
+    if not found:
+        why = _skipped(m, "partseg")
+        return lines + [f"_Not evaluated{': ' + why if why else ''}._", ""]
+
+    def pct_key(p: str) -> float:
+        try:
+            return float(p)
+        except ValueError:
+            return float("inf")
+
+    def set_key(s: str) -> int:
+        return _PARTSEG_ORDER.index(s) if s in _PARTSEG_ORDER else len(_PARTSEG_ORDER)
+
+    header = [
+        "setting", "training data", "OA", "class mIoU", "instance mIoU",
+        "paper row", "paper OA", "paper class mIoU", "paper instance mIoU", "Δ inst. mIoU vs scratch",
+    ]
+    rows = []
+    for (setting, pct) in sorted(found, key=lambda sp: (-pct_key(sp[1]), set_key(sp[0]), sp[0])):
+        vals = found[(setting, pct)]
+        try:
+            pv = float(pct)
+            paper_pct = int(round(pv * 100)) if pv < 1 else int(round(pv))
+        except ValueError:
+            paper_pct = None
+        row_name = _PARTSEG_PAPER_ROW.get(setting)
+        paper = P.TABLE4.get(paper_pct, {}).get(row_name) if row_name else None
+        scratch = found.get(("scratch", pct), {}).get("instance_miou")
+        rows.append(
+            [setting, _percent_label(pct)]
+            + [_pct(vals.get(k)) for k in ("oa", "class_miou", "instance_miou")]
+            + [row_name or DASH]
+            + ([_paper(x) for x in paper] if paper else [DASH] * 3)
+            + [DASH if setting == "scratch" else _delta(vals.get("instance_miou"), scratch)]
+        )
+    lines += _table(header, rows)
+    lines += [
+        "",
+        "`frozen`: Fp frozen, only the new head trained; `scratch`: Fp and head randomly initialised and trained "
+        "(the paper's supervised baseline — the random-init baseline of this table); `finetune`: pre-trained Fp "
+        "and head all trained. Paper rows compared: the CM-CV (full method) networks and the supervised baseline.",
+        "",
+    ]
+    return lines
+
+
+def _section_fewshot(m: _Metrics) -> list[str]:
+    lines = ["## Few-shot linear evaluation (beyond the paper)", ""]
+    pat = re.compile(r"^fewshot(2d|3d)\.(\d+w\d+s)\.mean$")
+    settings: dict[str, set] = {}
+    for k in m.m:
+        mt = pat.match(k)
+        if mt:
+            settings.setdefault(mt.group(2), set()).add(mt.group(1))
+    if not settings:
+        why = _skipped(m, "fewshot")
+        return lines + [f"_Not evaluated{': ' + why if why else ''}._", ""]
+
+    def ms(key_prefix: str, base: bool = False) -> str:
+        get = m.base if base else m.get
+        mean, std = _num(get(f"{key_prefix}.mean")), _num(get(f"{key_prefix}.std"))
+        return DASH if mean is None else f"{100 * mean:.1f} ± {100 * (std or 0.0):.1f}"
+
+    dims = [d for d in ("3d", "2d") if any(d in s for s in settings.values())]
+    header = ["setting"]
+    for d in dims:
+        label = "3D (Fp)" if d == "3d" else f"2D (Fimg, {m.get('meta.fewshot2d_views') or '?'} views)"
+        header += [label] + ([f"{label} random init"] if m.has_base else [])
+    rows = []
+
+    def order(s: str):
+        n, k = s.rstrip("s").split("w")
+        return int(n), int(k)
+
+    for s in sorted(settings, key=order):
+        row = [s]
+        for d in dims:
+            row.append(ms(f"fewshot{d}.{s}"))
+            if m.has_base:
+                row.append(ms(f"fewshot{d}.{s}", base=True))
+        rows.append(row)
+    lines += _table(header, rows)
+    lines += ["", "Accuracy on the query objects, mean ± std over episodes (%).", ""]
+    why = _skipped(m, "fewshot2d")
+    if why:
+        lines.insert(-1, f"Skipped: {why}.")
+    return lines
+
+
+def _section_crossmodal(m: _Metrics) -> list[str]:
+    lines = ["## Cross-modal retrieval (beyond the paper)", ""]
+    if not m.has("crossmodal."):
+        why = _skipped(m, "crossmodal")
+        return lines + [f"_Not evaluated{': ' + why if why else ''}._", ""]
+    ks = sorted(
+        {int(k.rsplit("top", 1)[1]) for k in m.m if k.startswith("crossmodal.img2shape.top")}
+    )
+    cols = [f"top{k}" for k in ks] + ["exact1"]
+    header = ["direction"] + [f"{c} (%)" for c in cols]
+    rows = []
+    for d in ("img2shape", "shape2img"):
+        name = "image → shape" if d == "img2shape" else "shape → image"
+        rows.append([f"{name} (ours)"] + [_pct(m.get(f"crossmodal.{d}.{c}")) for c in cols])
+        if m.has_base:
+            rows.append([f"{name} (random init)"] + [_pct(m.base(f"crossmodal.{d}.{c}")) for c in cols])
+            rows.append(["Δ ours − random"] + [_delta(m.get(f"crossmodal.{d}.{c}"), m.base(f"crossmodal.{d}.{c}")) for c in cols])
+    lines += _table(header, rows)
+    lines += [
+        "",
+        "top-K: an item of the query's class among the K best-ranked; exact1: the best-ranked item is the "
+        f"query's own counterpart (chance: 1/{m.get('crossmodal.gallery_size') or 'n'}).",
+        "",
+    ]
+    return lines
+
+
+def _section_figures(figures: Mapping[str, str]) -> list[str]:
+    lines = ["## Figures", ""]
+    if not figures:
+        return lines + ["_No figures were drawn._", ""]
+    for title, rel in figures.items():
+        lines += [f"### {title}", "", f"![{title}]({rel})", ""]
+    return lines
+
+
+def render_report(metrics: Mapping[str, Any], *, figures: Optional[Mapping[str, str]] = None, title: str = "xmodal evaluation report") -> str:
+    """Markdown text of the report. figures: ``{caption: path relative to the report}``."""
+    m = _Metrics(metrics)
+    figures = dict(figures or {})
+    lines = [f"# {title}", ""]
+    lines += _section_setup(m, figures)
+    lines += _section_table1(m)
+    lines += _section_table2(m)
+    lines += _section_table3(m)
+    lines += _section_table4(m)
+    lines += _section_fewshot(m)
+    lines += _section_crossmodal(m)
+    lines += _section_figures(figures)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(
+    metrics: Mapping[str, Any],
+    path: str | os.PathLike,
+    *,
+    figures: Optional[Mapping[str, str]] = None,
+    title: str = "xmodal evaluation report",
+) -> Path:
+    """Render the report and write it atomically to ``path``."""
+    path = Path(path)
+    with atomic_write(path) as fh:
+        fh.write(render_report(metrics, figures=figures, title=title))
+    return path

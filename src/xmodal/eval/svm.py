@@ -1,0 +1,159 @@
+"""Linear-SVM evaluation of frozen features (paper Table 2: 2D and 3D shape recognition).
+
+The protocol: fit a linear SVM on the train-split features, report its accuracy
+on the test-split features. The regularisation ``C`` is chosen by stratified
+k-fold cross-validation **on the train split only**; the test split is used
+exactly once, after ``C`` is fixed (:func:`linear_svm_eval`).
+
+Classifier choice: ``Pipeline(StandardScaler, LinearSVC)``.
+
+* ``LinearSVC`` (liblinear) trains one-vs-rest linear SVMs in time linear in
+  the number of samples; ``SVC(kernel="linear")`` (libsvm) is quadratic-to-cubic
+  in n and one-vs-one, which on ModelNet40's 9,843 x 512 training features
+  multiplied by a C grid and k folds is minutes-to-hours instead of seconds.
+  One-vs-rest linear SVMs are also what the paper describes ("SVMs with one
+  class linear kernel").
+* ``StandardScaler`` (fitted inside each CV fold on that fold's training part
+  only) puts features of different runs (trained, random-init, ResNet vs DGCNN)
+  on one scale, so a single C grid is meaningful for all of them and liblinear
+  converges.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Optional, Sequence
+
+import numpy as np
+
+__all__ = ["DEFAULT_CS", "make_linear_svm", "cv_folds", "select_C", "linear_svm_eval"]
+
+log = logging.getLogger(__name__)
+
+#: the C grid searched by cross-validation
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 2, 6))
+
+
+def make_linear_svm(C: float = 1.0, *, seed: int = 0, max_iter: int = 5000):
+    """The classifier used everywhere: ``Pipeline(StandardScaler, LinearSVC(C))``."""
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    return Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("svm", LinearSVC(C=float(C), dual="auto", max_iter=max_iter, random_state=seed)),
+        ]
+    )
+
+
+def _check_xy(x, y, name: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y).reshape(-1)
+    if x.ndim != 2:
+        raise ValueError(f"{name} features must be (n, D), got shape {x.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{name}: {x.shape[0]} feature rows but {y.shape[0]} labels")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} split is empty")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} features contain NaN or infinity")
+    return x, y
+
+
+def cv_folds(labels: np.ndarray, folds: int = 5) -> int:
+    """Number of CV folds usable on ``labels``: ``min(folds, smallest class count)``, at least 2.
+
+    Stratified k-fold needs every class in every fold; with a class of fewer
+    than ``folds`` members the fold count is reduced to that size. Raises when a
+    class has a single member or there are fewer than 2 classes (no CV possible).
+    """
+    _, counts = np.unique(np.asarray(labels), return_counts=True)
+    if counts.size < 2:
+        raise ValueError(f"need at least 2 classes in the training split, got {counts.size}")
+    smallest = int(counts.min())
+    if smallest < 2:
+        raise ValueError(
+            "a class of the training split has a single sample: stratified cross-validation of C is impossible "
+            "(pass a fixed C instead)"
+        )
+    return int(max(2, min(int(folds), smallest)))
+
+
+def select_C(
+    train_x,
+    train_y,
+    *,
+    Cs: Sequence[float] = DEFAULT_CS,
+    folds: int = 5,
+    seed: int = 0,
+    n_jobs: Optional[int] = None,
+):
+    """Choose C by stratified k-fold CV on the training data only.
+
+    Returns the fitted ``GridSearchCV`` (refit on all of ``train_x`` with the
+    best C); ``.best_params_["svm__C"]``, ``.best_score_`` (mean CV accuracy)
+    and ``.n_splits_`` describe the choice.
+    """
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    x, y = _check_xy(train_x, train_y, "train")
+    k = cv_folds(y, folds)
+    search = GridSearchCV(
+        make_linear_svm(seed=seed),
+        {"svm__C": [float(c) for c in Cs]},
+        cv=StratifiedKFold(n_splits=k, shuffle=True, random_state=seed),
+        scoring="accuracy",
+        refit=True,
+        n_jobs=n_jobs,
+    )
+    with warnings.catch_warnings():
+        # liblinear's ConvergenceWarning at the largest C values is expected and
+        # harmless for the grid search: it only scores those candidates lower
+        warnings.filterwarnings("ignore", message=".*converge.*")
+        search.fit(x, y)
+    return search
+
+
+def linear_svm_eval(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    *,
+    Cs: Sequence[float] = DEFAULT_CS,
+    C: Optional[float] = None,
+    folds: int = 5,
+    seed: int = 0,
+    n_jobs: Optional[int] = None,
+) -> dict:
+    """Linear-SVM accuracy of features: fit on train, score on test.
+
+    train_x: (n, D), train_y: (n,), test_x: (m, D), test_y: (m,).
+    ``C=None`` chooses C among ``Cs`` by :func:`select_C` on the train split;
+    a given ``C`` is used as is (no CV). The test split is used once, after C is
+    fixed. Returns ``{"accuracy", "C", "cv_score", "folds"}`` (``cv_score``
+    and ``folds`` are None for a fixed C); accuracies are fractions in [0, 1].
+    """
+    x, y = _check_xy(train_x, train_y, "train")
+    tx, ty = _check_xy(test_x, test_y, "test")
+    if tx.shape[1] != x.shape[1]:
+        raise ValueError(f"train features are {x.shape[1]}-d but test features are {tx.shape[1]}-d")
+    if C is None:
+        search = select_C(x, y, Cs=Cs, folds=folds, seed=seed, n_jobs=n_jobs)
+        model = search.best_estimator_
+        chosen = float(search.best_params_["svm__C"])
+        cv_score: Optional[float] = float(search.best_score_)
+        k: Optional[int] = int(search.n_splits_)
+    else:
+        model = make_linear_svm(C, seed=seed)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*converge.*")
+            model.fit(x, y)
+        chosen, cv_score, k = float(C), None, None
+    # the only use of the test split
+    accuracy = float(np.mean(model.predict(tx) == ty))
+    log.info("linear SVM: C=%g (cv %s), test accuracy %.4f", chosen, cv_score, accuracy)
+    return {"accuracy": accuracy, "C": chosen, "cv_score": cv_score, "folds": k}

@@ -1,0 +1,157 @@
+"""Losses of the self-supervised objective (paper §3.3, Algorithm 1).
+
+* cross-view: the triplet loss of Eq. (1) on image features of two views of one object
+  (anchor, positive) and one view of another object (negative);
+* cross-modality: Eq. (2), the binary cross-entropy of the pair classifier Ff summed over
+  the three (image, point cloud) pairs of a sample;
+* the combination ``L_self = L_triplet + beta * L_cross`` of Eq. (3), averaged over the batch.
+
+Plain functions carry the maths; :class:`TripletLoss` and :class:`CrossModalLoss` wrap them as
+modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "triplet_loss",
+    "cross_modal_loss",
+    "pair_accuracy",
+    "self_supervised_loss",
+    "TripletLoss",
+    "CrossModalLoss",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def triplet_loss(anchor: Tensor, positive: Tensor, negative: Tensor, margin: float = 1.0,
+                 reduction: str = "mean") -> Tensor:
+    """Triplet loss with squared Euclidean distances (Eq. 1).
+
+    ``L = max(||a - p||^2 - ||a - n||^2 + margin, 0)`` per sample. The loss comes from
+    FaceNet [43]; like FaceNet, the paper writes the *squared* norm, so this is not
+    :func:`torch.nn.functional.triplet_margin_loss` (which uses the plain distance).
+
+    Args:
+        anchor, positive, negative: (B, D) features.
+        margin: the margin ``alpha``.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (returns (B,)).
+
+    Returns:
+        scalar, or (B,) with ``reduction="none"``.
+    """
+    if anchor.ndim != 2 or anchor.shape != positive.shape or anchor.shape != negative.shape:
+        raise ValueError(
+            "anchor, positive and negative must all be (B, D); got "
+            f"{tuple(anchor.shape)}, {tuple(positive.shape)}, {tuple(negative.shape)}"
+        )
+    d_pos = (anchor - positive).square().sum(dim=1)
+    d_neg = (anchor - negative).square().sum(dim=1)
+    return _reduce(F.relu(d_pos - d_neg + margin), reduction)
+
+
+def _check_pairs(logits: Tensor, labels: Tensor) -> None:
+    if logits.ndim != 3 or logits.shape[-1] != 2:
+        raise ValueError(f"logits must be (B, P, 2), got {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must be (B, P) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+
+
+def cross_modal_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-modality loss (Eq. 2): per sample, the SUM over its (image, point cloud) pairs of
+    the 2-way cross-entropy of Ff; then reduced over the batch.
+
+    Args:
+        logits: (B, 3, 2) Ff outputs for the pairs (img_j, p), j = 1..3 (any P works).
+        labels: (B, 3) int in {0, 1}; 1 = image and point cloud come from the same object.
+        reduction: ``"mean"`` over B (default, Algorithm 1), ``"sum"`` or ``"none"`` ((B,)).
+    """
+    _check_pairs(logits, labels)
+    b, p, _ = logits.shape
+    ce = F.cross_entropy(logits.reshape(b * p, 2), labels.reshape(b * p).long(), reduction="none")
+    return _reduce(ce.view(b, p).sum(dim=1), reduction)
+
+
+@torch.no_grad()
+def pair_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Fraction of pairs whose argmax prediction equals the label. logits (B, P, 2) or (M, 2);
+    labels (B, P) or (M,). Returns a 0-d float tensor."""
+    if logits.shape[:-1] != labels.shape or logits.shape[-1] != 2:
+        raise ValueError(f"logits (..., 2) and labels (...) disagree: {tuple(logits.shape)} vs {tuple(labels.shape)}")
+    return (logits.argmax(dim=-1) == labels.long()).float().mean()
+
+
+def self_supervised_loss(f1: Tensor, f2: Tensor, f3: Tensor, logits: Tensor, labels: Tensor, *,
+                         margin: float, beta: float, use_cross_view: bool = True,
+                         use_cross_modal: bool = True) -> dict[str, Tensor]:
+    """``L = L_triplet + beta * L_cross`` (Eq. 3, Algorithm 1), mean over the batch.
+
+    Args:
+        f1, f2, f3: (B, D) image features of view 1, view 2 (same object) and the negative image.
+        logits: (B, 3, 2) Ff outputs for (img_j, p); labels: (B, 3).
+        margin: triplet margin ``alpha``; beta: weight of the cross-modality term.
+        use_cross_view / use_cross_modal: ablation switches ("CM", "CV", "CM-CV" of the paper).
+            A disabled term is still reported (detached) but does not enter ``loss``.
+
+    Returns:
+        ``{"loss", "triplet", "cross"}`` scalars; only ``loss`` carries gradient.
+    """
+    if not (use_cross_view or use_cross_modal):
+        raise ValueError("at least one of use_cross_view / use_cross_modal must be enabled")
+    trip = triplet_loss(f1, f2, f3, margin=margin)
+    cross = cross_modal_loss(logits, labels)
+    loss = trip.new_zeros(())
+    if use_cross_view:
+        loss = loss + trip
+    if use_cross_modal:
+        loss = loss + beta * cross
+    return {"loss": loss, "triplet": trip.detach(), "cross": cross.detach()}
+
+
+class TripletLoss(nn.Module):
+    """Cross-view triplet loss of the paper (Eq. 1, squared Euclidean; FaceNet [43]).
+
+    ``forward(anchor (B,D), positive (B,D), negative (B,D)) -> scalar`` (see :func:`triplet_loss`).
+    """
+
+    def __init__(self, margin: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.margin, self.reduction = float(margin), reduction
+
+    def forward(self, anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+        return triplet_loss(anchor, positive, negative, self.margin, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, reduction={self.reduction!r}"
+
+
+class CrossModalLoss(nn.Module):
+    """Cross-modality correspondence loss of the paper (Eq. 2).
+
+    ``forward(logits (B,3,2), labels (B,3)) -> scalar`` (see :func:`cross_modal_loss`).
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return cross_modal_loss(logits, labels, self.reduction)

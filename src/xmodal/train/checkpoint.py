@@ -1,0 +1,336 @@
+"""Checkpoints and final encoder files of a pre-training run (safetensors + JSON, no pickle).
+
+Files in a run folder ``RUN``::
+
+    RUN/checkpoints/last.safetensors   # model weights + optimizer state tensors (flat names)
+    RUN/checkpoints/last.json          # step, scheduler/optimizer/scaler non-tensor state, config hash
+    RUN/encoders.safetensors           # final Fimg, Fp, Ff weights
+    RUN/encoders.json                  # their architecture (names + kwargs), image size, points, up axis
+
+Tensor names: ``model/<net>/<state-dict key>`` and ``optim/<param index>/<state key>``
+in checkpoints, ``<net>/<state-dict key>`` in the encoder file, where ``<net>`` is
+``image_encoder``, ``point_encoder`` or ``pair_classifier``.
+
+Torn pairs: each file is written atomically, the safetensors first, then the JSON,
+and the safetensors metadata carries a copy of the JSON state. A crash between the
+two writes leaves a JSON whose ``step`` disagrees with the weights'; :func:`load_checkpoint`
+detects it and trusts the state embedded in the (newer) weights file, so nothing is
+lost and weights are never paired with another step's optimizer state.
+
+Random state: the trainer derives every random number of step ``s`` from
+``(seed, s, rank)`` (data in :mod:`xmodal.train.sampler`, torch's RNG re-seeded per
+step), so a checkpoint needs no RNG state to resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from xmodal.utils.io import atomic_path, read_json, write_json
+
+__all__ = [
+    "NETS",
+    "CHECKPOINT_DIR",
+    "CheckpointError",
+    "Checkpoint",
+    "architecture_from_config",
+    "build_networks",
+    "checkpoint_paths",
+    "save_checkpoint",
+    "load_checkpoint",
+    "restore_checkpoint",
+    "save_encoders",
+    "read_encoders",
+    "state_tensors",
+]
+
+log = logging.getLogger(__name__)
+
+NETS = ("image_encoder", "point_encoder", "pair_classifier")
+CHECKPOINT_DIR = "checkpoints"
+ENCODERS_FORMAT = "xmodal-encoders"
+CHECKPOINT_FORMAT = "xmodal-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or encoder file that is missing, torn beyond repair, or inconsistent."""
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def _is_dgcnn(name: str) -> bool:
+    return name.lower().split(":")[-1].startswith("dgcnn")
+
+
+def architecture_from_config(cfg) -> dict:
+    """Names and constructor kwargs of Fimg, Fp and Ff for a :class:`PretrainConfig`.
+
+    Returns ``{"image_encoder": {"name", "kwargs"}, "point_encoder": {...},
+    "pair_classifier": {"kwargs"}}``; the pair classifier's feature sizes are filled in by
+    :func:`build_networks` from the encoders' ``out_dim``.
+    """
+    m = cfg.model
+    point_kw = {"k": int(m.k)} if _is_dgcnn(m.point_encoder) else {}
+    return {
+        "image_encoder": {"name": m.image_encoder, "kwargs": {}},
+        "point_encoder": {"name": m.point_encoder, "kwargs": point_kw},
+        "pair_classifier": {"kwargs": {"hidden": int(m.pair_hidden)}},
+    }
+
+
+def build_networks(arch: dict, *, seed: Optional[int] = None, point_overrides: Optional[dict] = None) -> dict[str, nn.Module]:
+    """Instantiate ``{"image_encoder", "point_encoder", "pair_classifier"}`` on the CPU.
+
+    arch: as returned by :func:`architecture_from_config` (or stored in ``encoders.json``);
+    its ``pair_classifier.kwargs`` gain ``img_dim``/``pts_dim`` (the encoders' ``out_dim``)
+    in place. seed: initialise under ``torch.manual_seed(seed)`` inside a forked RNG (the
+    caller's global RNG is left untouched); None: use the global RNG. point_overrides:
+    extra kwargs for the point encoder that do not change its weights (e.g. ``fast=False``).
+    """
+    from xmodal.models.heads import PairClassifier
+    from xmodal.models.registry import create_image_encoder, create_point_encoder
+
+    def _build():
+        img = create_image_encoder(arch["image_encoder"]["name"], **arch["image_encoder"].get("kwargs", {}))
+        pkw = dict(arch["point_encoder"].get("kwargs", {}))
+        pkw.update(point_overrides or {})
+        pts = create_point_encoder(arch["point_encoder"]["name"], **pkw)
+        ff_kw = dict(arch["pair_classifier"].get("kwargs", {}))
+        ff_kw.setdefault("img_dim", int(getattr(img, "out_dim", 512)))
+        ff_kw.setdefault("pts_dim", int(getattr(pts, "out_dim", 512)))
+        arch["pair_classifier"]["kwargs"] = ff_kw
+        return {"image_encoder": img, "point_encoder": pts, "pair_classifier": PairClassifier(**ff_kw)}
+
+    if seed is None:
+        return _build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return _build()
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+def state_tensors(nets: dict[str, nn.Module], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Flat ``{prefix<net>/<key>: tensor}`` (CPU, contiguous, unshared) of the nets' state dicts."""
+    out = {}
+    for name in NETS:
+        for k, v in _unwrap(nets[name]).state_dict().items():
+            out[f"{prefix}{name}/{k}"] = v.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def _load_nets(nets: dict[str, nn.Module], tensors: dict[str, torch.Tensor], prefix: str, source: Path) -> None:
+    for name in NETS:
+        pre = f"{prefix}{name}/"
+        sd = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+        try:
+            _unwrap(nets[name]).load_state_dict(sd, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{source}: weights of {name} do not fit the architecture: {exc}") from exc
+
+
+def _split_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict] = {}
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"optim/{idx}/{key}"] = val.detach().to("cpu", copy=True).contiguous()
+            else:
+                plain.setdefault(str(idx), {})[key] = val
+    return tensors, {"state": plain, "param_groups": sd["param_groups"]}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, val in tensors.items():
+        if key.startswith("optim/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = val
+    for idx, st in meta.get("state", {}).items():
+        state.setdefault(int(idx), {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_paths(run: str | Path) -> tuple[Path, Path]:
+    """``(RUN/checkpoints/last.safetensors, RUN/checkpoints/last.json)``."""
+    d = Path(run) / CHECKPOINT_DIR
+    return d / "last.safetensors", d / "last.json"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: ``step``, its JSON ``state`` and all ``tensors`` (CPU)."""
+
+    step: int
+    state: dict
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    path: Path = Path()
+
+
+def save_checkpoint(
+    run: str | Path,
+    *,
+    step: int,
+    nets: dict[str, nn.Module],
+    optimizer: torch.optim.Optimizer,
+    scheduler=None,
+    scaler=None,
+    extra: Optional[dict] = None,
+) -> Path:
+    """Write ``RUN/checkpoints/last.safetensors`` then ``last.json`` (each atomically).
+
+    ``extra``: JSON-serialisable entries stored in the state (config hash, architecture,
+    elapsed time, ...). Returns the JSON path.
+    """
+    from safetensors.torch import save_file
+
+    wpath, jpath = checkpoint_paths(run)
+    tensors = state_tensors(nets, prefix="model/")
+    otensors, ometa = _split_optimizer(optimizer)
+    tensors.update(otensors)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "weights": wpath.name,
+        "optimizer": ometa,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if (scaler is not None and scaler.is_enabled()) else None,
+        "rng": "stateless: step s draws from seeds derived from (seed, s, rank)",
+    }
+    state.update(extra or {})
+    blob = json.dumps(state, default=_jsonable)
+    with atomic_path(wpath, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "step": str(int(step)), "xmodal_state": blob})
+    write_json(jpath, json.loads(blob))
+    return jpath
+
+
+def _jsonable(o: Any):
+    if isinstance(o, torch.Tensor) and o.numel() == 1:
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON serialisable in checkpoint state: {type(o).__name__}")
+
+
+def load_checkpoint(run: str | Path) -> Optional[Checkpoint]:
+    """Read ``RUN/checkpoints/last.*``; None when the run has no checkpoint yet.
+
+    A torn pair (JSON from another step than the weights, or missing JSON) is repaired
+    from the state embedded in the weights file, with a warning.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    wpath, jpath = checkpoint_paths(run)
+    if not wpath.exists():
+        if jpath.exists():
+            raise CheckpointError(f"{jpath}: its weights file {wpath.name} is missing; the checkpoint cannot be used")
+        return None
+    try:
+        with safe_open(str(wpath), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(wpath))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{wpath}: not a readable safetensors file ({exc})") from exc
+    if "xmodal_state" not in meta:
+        raise CheckpointError(f"{wpath}: not an xmodal checkpoint (no embedded state)")
+    embedded = json.loads(meta["xmodal_state"])
+    state = embedded
+    if jpath.exists():
+        try:
+            js = read_json(jpath)
+        except ValueError as exc:
+            log.warning("%s; using the state embedded in %s", exc, wpath)
+            js = None
+        if js is not None and int(js.get("step", -1)) != int(embedded["step"]):
+            log.warning(
+                "%s says step %s but %s holds step %s (a torn checkpoint write); using the weights' own state",
+                jpath, js.get("step"), wpath, embedded["step"],
+            )
+        elif js is not None:
+            state = js
+    else:
+        log.warning("%s is missing; using the state embedded in %s", jpath, wpath)
+    return Checkpoint(step=int(state["step"]), state=state, tensors=tensors, path=wpath)
+
+
+def restore_checkpoint(ckpt: Checkpoint, *, nets, optimizer=None, scheduler=None, scaler=None, device=None) -> None:
+    """Load a :class:`Checkpoint` into networks, optimizer, scheduler and grad scaler."""
+    _load_nets(nets, ckpt.tensors, "model/", ckpt.path)
+    if optimizer is not None:
+        sd = _join_optimizer(ckpt.tensors, ckpt.state["optimizer"])
+        try:
+            optimizer.load_state_dict(sd)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{ckpt.path}: optimizer state does not fit: {exc}") from exc
+    if scheduler is not None and ckpt.state.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt.state["scheduler"])
+    if scaler is not None and scaler.is_enabled() and ckpt.state.get("scaler") is not None:
+        scaler.load_state_dict(ckpt.state["scaler"])
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+def save_encoders(run: str | Path, *, nets: dict[str, nn.Module], info: dict) -> tuple[Path, Path]:
+    """Write ``RUN/encoders.safetensors`` then ``RUN/encoders.json``.
+
+    info: JSON entries (``architecture``, ``image_size``, ``num_points``, ``up_axis``, ``step``,
+    ``config``...) stored in ``encoders.json``.
+    """
+    from safetensors.torch import save_file
+
+    run = Path(run)
+    wpath, jpath = run / "encoders.safetensors", run / "encoders.json"
+    meta = {"format": ENCODERS_FORMAT, "format_version": FORMAT_VERSION, "weights": wpath.name}
+    meta.update(info)
+    with atomic_path(wpath, suffix=".safetensors") as tmp:
+        save_file(state_tensors(nets), str(tmp), metadata={"format": "pt", "step": str(info.get("step", ""))})
+    write_json(jpath, json.loads(json.dumps(meta, default=_jsonable)))
+    return wpath, jpath
+
+
+def read_encoders(run: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(encoders.json content, tensors)`` of a finished run."""
+    from safetensors.torch import load_file
+
+    run = Path(run)
+    wpath, jpath = run / "encoders.safetensors", run / "encoders.json"
+    if not jpath.exists() or not wpath.exists():
+        raise CheckpointError(f"{run}: no encoders.json/encoders.safetensors (the run has not finished)")
+    meta = read_json(jpath)
+    if meta.get("format") != ENCODERS_FORMAT:
+        raise CheckpointError(f"{jpath}: not an xmodal encoders file (format={meta.get('format')!r})")
+    try:
+        tensors = load_file(str(wpath))
+    except Exception as exc:
+        raise CheckpointError(f"{wpath}: not a readable safetensors file ({exc})") from exc
+    return meta, tensors
+
+
+def load_networks(meta_arch: dict, tensors: dict[str, torch.Tensor], *, prefix: str = "", source: Path = Path()) -> dict[str, nn.Module]:
+    """Build the nets of an architecture dict and load their weights (strict)."""
+    nets = build_networks(json.loads(json.dumps(meta_arch)))
+    _load_nets(nets, tensors, prefix, source)
+    return nets

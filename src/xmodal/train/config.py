@@ -1,0 +1,310 @@
+"""Settings of self-supervised pre-training (:class:`PretrainConfig`).
+
+The schema is a tree of dataclasses resolved by :mod:`xmodal.config`:
+dataclass defaults <- a preset (``configs/pretrain/{paper,cpu,smoke}.yaml``) <-
+``key=value`` overrides (``optim.lr=0.01``). The defaults are the paper's §4.1
+schedule; the presets document why they differ.
+
+Choices the paper leaves open
+-----------------------------
+* ``loss.margin`` (α of Eq. 1) = 1.0. The triplet loss uses *squared* Euclidean
+  distances of un-normalised 512-d ResNet features. At initialisation
+  ``d(a,p) ≈ d(a,n)`` so the loss starts at ≈ α; α = 1 is the customary default
+  (``torch.nn.TripletMarginLoss``, FaceNet-style losses) and the pair distances
+  the paper reports for Fimg-CM-CV (Table 1: mPD 2.56 vs 4.33, i.e. squared
+  distances ≈ 6.6 vs 18.7) are well past it, so α = 1 does not saturate.
+* ``loss.beta`` (β of Eq. 3) = 1.0. Summed over the three pairs the
+  cross-entropy starts at 3·ln 2 ≈ 2.1 and the triplet term at ≈ α = 1, so
+  β = 1 keeps both terms of the same order; the paper gives no reason to favour
+  either.
+* Image crops: ``aug.crop_scale`` = (0.5, 1.0) of the image area with aspect
+  ratio in (3/4, 4/3), then resized back to ``data.image_size``. The renders are
+  object-centred, so crops much smaller than half the image would mostly cut
+  the object away (torchvision's ImageNet default of 0.08 is too aggressive).
+* Point jitter: Gaussian σ = 0.02 *without* clipping (``aug.jitter_clip: null``),
+  as §4.1 describes it; set ``aug.jitter_clip=0.05`` for DGCNN's clipped jitter.
+* Point/image sizes that differ from the stored ones: points are reduced to
+  ``data.num_points`` by a seeded random subset drawn per step
+  (``data.point_subsample: random``; ``fps`` takes a fixed farthest-point subset
+  per object instead), images are resized with antialiased bilinear
+  ``torch.nn.functional.interpolate``. Fewer stored points than asked is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from xmodal.config import ConfigError, apply_overrides, from_dict, load_preset, resolve, to_dict
+
+__all__ = [
+    "ModelConfig",
+    "DataConfig",
+    "LossConfig",
+    "OptimConfig",
+    "AugConfig",
+    "PretrainConfig",
+    "RESUME_MUTABLE_KEYS",
+    "config_hash",
+    "config_diff",
+    "resolve_pretrain_config",
+]
+
+log = logging.getLogger(__name__)
+
+#: loss modes = the paper's ablation rows: both correspondences, cross-modality only, cross-view only
+LOSS_MODES = ("cm-cv", "cm", "cv")
+
+#: dotted keys that may change between a run and its ``--resume`` (they do not change the result
+#: of a step, or, for ``iterations``, only extend the schedule)
+RESUME_MUTABLE_KEYS = frozenset(
+    {"iterations", "checkpoint_every", "device", "data.workers", "data.prefetch_factor"}
+)
+
+
+@dataclass
+class ModelConfig:
+    """Architectures (names from :mod:`xmodal.models.registry`)."""
+
+    image_encoder: str = "resnet18"
+    point_encoder: str = "dgcnn"
+    #: neighbours of DGCNN's k-NN graph (passed only to DGCNN-type point encoders)
+    k: int = 20
+    #: hidden width of the pair classifier Ff (paper: 256)
+    pair_hidden: int = 256
+
+    def validate(self) -> None:
+        if not self.image_encoder or not self.point_encoder:
+            raise ConfigError("model.image_encoder and model.point_encoder must be non-empty names")
+        if self.k < 1:
+            raise ConfigError(f"model.k must be >= 1, got {self.k}")
+        if self.pair_hidden < 1:
+            raise ConfigError(f"model.pair_hidden must be >= 1, got {self.pair_hidden}")
+
+
+@dataclass
+class DataConfig:
+    """What the networks see and how batches are loaded."""
+
+    #: side of the (square) images fed to Fimg; stored images of another size are resized
+    image_size: int = 224
+    #: points per cloud fed to Fp; must not exceed the stored number
+    num_points: int = 2048
+    #: how to reduce stored clouds to ``num_points``: fresh seeded random subset every step,
+    #: or a fixed farthest-point subset per object
+    point_subsample: Literal["random", "fps"] = "random"
+    #: the split trained on (never the test split)
+    split: str = "train"
+    #: DataLoader worker processes that prefetch whole batches (0: load in the training process)
+    workers: int = 2
+    #: batches each worker prepares ahead
+    prefetch_factor: int = 2
+
+    def validate(self) -> None:
+        if self.image_size < 8:
+            raise ConfigError(f"data.image_size must be >= 8, got {self.image_size}")
+        if self.num_points < 2:
+            raise ConfigError(f"data.num_points must be >= 2, got {self.num_points}")
+        if self.split == "test":
+            raise ConfigError("data.split must not be 'test': pre-training never looks at the test split")
+        if self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+
+
+@dataclass
+class LossConfig:
+    """L_self = L_triplet + β L_cross (Eq. 3); ``mode`` selects the paper's ablation rows."""
+
+    #: "cm-cv": both losses; "cm": cross-modality only; "cv": cross-view (triplet) only
+    mode: Literal["cm-cv", "cm", "cv"] = "cm-cv"
+    #: α, the triplet margin of Eq. 1 (on squared distances); see the module docstring
+    margin: float = 1.0
+    #: β, the weight of the cross-modality loss in Eq. 3; see the module docstring
+    beta: float = 1.0
+
+    def validate(self) -> None:
+        if self.mode not in LOSS_MODES:
+            raise ConfigError(f"loss.mode must be one of {list(LOSS_MODES)}, got {self.mode!r}")
+        if self.margin < 0:
+            raise ConfigError(f"loss.margin must be >= 0, got {self.margin}")
+        if self.beta < 0:
+            raise ConfigError(f"loss.beta must be >= 0, got {self.beta}")
+
+    @property
+    def use_cross_view(self) -> bool:
+        return self.mode in ("cm-cv", "cv")
+
+    @property
+    def use_cross_modal(self) -> bool:
+        return self.mode in ("cm-cv", "cm")
+
+
+@dataclass
+class OptimConfig:
+    """SGD with a step learning-rate schedule, stepped every iteration (paper §4.1)."""
+
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    #: multiply the learning rate by ``gamma`` every ``step_size`` iterations
+    step_size: int = 40_000
+    gamma: float = 0.1
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.step_size < 1:
+            raise ConfigError(f"optim.step_size must be >= 1, got {self.step_size}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"optim.gamma must be in (0, 1], got {self.gamma}")
+
+
+@dataclass
+class AugConfig:
+    """Data augmentation of §4.1 (see :mod:`xmodal.train.augment`)."""
+
+    enabled: bool = True
+    #: random resized crop: area fraction range of the crop window
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    #: random resized crop: aspect-ratio (width / height) range, sampled log-uniformly
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    #: probability of a horizontal flip of each image
+    hflip_p: float = 0.5
+    #: rotate each cloud by a uniform angle in [0, 2π) about the dataset's up axis
+    rotate: bool = True
+    #: σ of the Gaussian jitter added to every point coordinate (0 disables)
+    jitter_sigma: float = 0.02
+    #: clip the jitter to ±jitter_clip (None: no clipping, as §4.1 describes)
+    jitter_clip: Optional[float] = None
+
+    def validate(self) -> None:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"aug.crop_scale must satisfy 0 < lo <= hi <= 1, got {list(self.crop_scale)}")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            raise ConfigError(f"aug.crop_ratio must satisfy 0 < lo <= hi, got {list(self.crop_ratio)}")
+        if not 0 <= self.hflip_p <= 1:
+            raise ConfigError(f"aug.hflip_p must be in [0, 1], got {self.hflip_p}")
+        if self.jitter_sigma < 0:
+            raise ConfigError(f"aug.jitter_sigma must be >= 0, got {self.jitter_sigma}")
+        if self.jitter_clip is not None and self.jitter_clip <= 0:
+            raise ConfigError(f"aug.jitter_clip must be > 0 or null, got {self.jitter_clip}")
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that determines a pre-training run (defaults: paper §4.1)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    #: total optimisation steps
+    iterations: int = 120_000
+    #: global mini-batch size B (objects per step, split evenly over distributed processes)
+    batch_size: int = 32
+    #: write one metrics record (averaged over the window) every ``log_every`` steps
+    log_every: int = 1
+    #: save ``checkpoints/last.*`` every ``checkpoint_every`` steps (and at the end)
+    checkpoint_every: int = 1000
+    seed: int = 0
+    #: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N" (under torchrun: cuda:LOCAL_RANK)
+    device: str = "auto"
+    #: mixed precision: "auto" (bf16 on CUDA when supported, else fp16; off on CPU),
+    #: "bf16", "fp16" (with a gradient scaler) or "off"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+
+    def validate(self) -> None:
+        for sec in (self.model, self.data, self.loss, self.optim, self.aug):
+            sec.validate()
+        if self.iterations < 1:
+            raise ConfigError(f"iterations must be >= 1, got {self.iterations}")
+        if self.batch_size < 2:
+            raise ConfigError(f"batch_size must be >= 2, got {self.batch_size}")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every must be >= 1, got {self.log_every}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.checkpoint_every % self.log_every:
+            raise ConfigError(
+                f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every ({self.log_every}) "
+                "so that a resumed run continues the metrics log at a record boundary"
+            )
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ConfigError(f"amp must be one of auto, bf16, fp16, off; got {self.amp!r}")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_hash(cfg: PretrainConfig) -> str:
+    """SHA-256 (16 hex digits) of the settings that must not change on resume.
+
+    Keys in :data:`RESUME_MUTABLE_KEYS` are excluded.
+    """
+    flat = {k: v for k, v in _flatten(to_dict(cfg)).items() if k not in RESUME_MUTABLE_KEYS}
+    blob = json.dumps(flat, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def config_diff(old: PretrainConfig | dict, new: PretrainConfig | dict, *, ignore=RESUME_MUTABLE_KEYS) -> list[str]:
+    """Human-readable ``key: old -> new`` lines for the settings that differ."""
+    a = _flatten(old if isinstance(old, dict) else to_dict(old))
+    b = _flatten(new if isinstance(new, dict) else to_dict(new))
+    lines = []
+    for k in sorted(set(a) | set(b)):
+        if k in ignore:
+            continue
+        if a.get(k, "<missing>") != b.get(k, "<missing>"):
+            lines.append(f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}")
+    return lines
+
+
+def resolve_pretrain_config(
+    preset: str | None = None,
+    overrides=(),
+    *,
+    run: str | Path | None = None,
+    resume: bool = False,
+) -> PretrainConfig:
+    """The config of a ``pretrain`` invocation.
+
+    Fresh run: dataclass defaults <- ``preset`` (name or YAML path) <- ``overrides``.
+    With ``resume=True`` and an existing ``RUN/config.yaml``: the saved config is the
+    base and ``overrides`` are applied on top (typically ``iterations=...`` to extend a
+    run); a ``preset`` is then ignored (a warning is logged), since the run's settings
+    are fixed. Changes other than :data:`RESUME_MUTABLE_KEYS` are rejected later by the
+    trainer, with the list of differing keys.
+    """
+    if resume and run is not None and (Path(run) / "config.yaml").is_file():
+        path = Path(run) / "config.yaml"
+        if preset:
+            log.warning("resuming %s: using its saved config.yaml; preset %r is ignored", run, preset)
+        try:
+            base = from_dict(PretrainConfig, load_preset("pretrain", str(path)))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        return apply_overrides(base, overrides)
+    return resolve(PretrainConfig, preset, overrides, group="pretrain")

@@ -1,0 +1,241 @@
+"""Deterministic, step-indexed sampling of pre-training batches.
+
+Everything random about optimisation step ``s`` is drawn from
+``numpy.random.default_rng([seed, s])``, for the **global** batch of ``B`` samples,
+in this fixed order (:meth:`PretrainBatches.plan`):
+
+1. objects ``i`` (B,): without replacement when ``B <= n``, else with replacement;
+2. views ``v1`` (B,) uniform, ``v2 = (v1 + U{1..V-1}) mod V`` (so ``v2 != v1``);
+3. negatives ``j = (i + U{1..n-1}) mod n`` (uniform over the other objects, ``j != i``)
+   and their views ``v3`` (B,);
+4. the point subset (``data.point_subsample: random``: the first ``num_points`` of a
+   random permutation per sample; only when the store holds more points);
+5. the image crops/flips for img1, img2, img3 (3 x B), then the rotation angles and the
+   jitter noise of the clouds (see :mod:`xmodal.train.augment`).
+
+A batch therefore depends on ``(seed, s)`` only: not on what ran before, the number
+of DataLoader workers, or the number of processes. Process ``r`` of ``W`` takes the
+contiguous slice ``[r*B/W, (r+1)*B/W)`` of the global batch, so a distributed run
+sees exactly the batches of a single-process run, and a resumed run the batches of
+one that never stopped.
+
+:class:`PretrainBatches` is a ``torch.utils.data.Dataset`` whose item ``k`` is the
+whole (process-local) batch of step ``start + k``; use it with
+``DataLoader(ds, batch_size=None, num_workers=w)`` so workers prefetch whole batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from xmodal.train.augment import augment_points, resize_images, sample_crop_params, sample_point_params
+from xmodal.train.config import AugConfig
+
+__all__ = ["StepPlan", "PretrainBatches", "LABELS"]
+
+#: labels of the pairs (img1, p), (img2, p), (img3, p): same object, same object, other object
+LABELS = (1, 1, 0)
+
+
+@dataclass
+class StepPlan:
+    """The random choices of one step for the global batch of ``B`` samples.
+
+    objects (B,) int64 i; views (B, 3) int64 (v1, v2 of i; v3 of j); negatives (B,) int64 j;
+    point_index (B, num_points) int64 or None; boxes (3, B, 4) float32 crop windows of
+    img1..img3; flip (3, B) bool; angles (B,) float32; noise (B, num_points, 3) float32 or None.
+    """
+
+    step: int
+    objects: np.ndarray
+    views: np.ndarray
+    negatives: np.ndarray
+    point_index: Optional[np.ndarray]
+    boxes: np.ndarray
+    flip: np.ndarray
+    angles: np.ndarray
+    noise: Optional[np.ndarray]
+
+
+class PretrainBatches(torch.utils.data.Dataset):
+    """Step-indexed batches of (img1, img2, img3, points, labels) for one process.
+
+    Args:
+        split: a :class:`xmodal.data.store.SplitView` with images (the training split).
+        batch_size: the global batch size ``B``, divisible by ``world_size``.
+        seed: run seed.
+        num_points: points per cloud (<= stored points).
+        image_size: side of the returned images (stored images are resized when different).
+        up_axis: the dataset's up axis, for the point rotation.
+        aug: augmentation settings (None: no augmentation).
+        point_subsample: "random" (fresh subset each step) or "fps" (fixed farthest-point
+            subset per object, computed once per process).
+        start, stop: the steps covered: item ``k`` is step ``start + k``, ``len = stop - start``.
+        rank, world_size: this process's slice of the global batch.
+
+    Item ``k`` is a dict of tensors: ``step`` (int), ``images`` (3, b, S, S[, 3]) uint8
+    (img1, img2, img3; un-augmented), ``boxes`` (3, b, 4) float32 and ``flip`` (3, b) bool
+    (their crop/flip, applied on the training device by
+    :func:`xmodal.train.augment.crop_resize_flip`), ``points`` (b, num_points, 3) float32
+    (already rotated and jittered), ``labels`` (b, 3) int64 = (1, 1, 0), ``objects`` (b,),
+    ``negatives`` (b,), ``views`` (b, 3), with ``b = B / world_size``.
+    """
+
+    def __init__(
+        self,
+        split,
+        *,
+        batch_size: int,
+        seed: int,
+        num_points: int,
+        image_size: int,
+        up_axis: str = "z",
+        aug: Optional[AugConfig] = None,
+        point_subsample: str = "random",
+        start: int = 0,
+        stop: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        name = getattr(split, "name", "?")
+        self.split = split
+        self.n = int(split.n)
+        if self.n < 2:
+            raise ValueError(f"split '{name}' has {self.n} object(s); pre-training needs at least 2 (for negatives)")
+        if not getattr(split, "has_images", True):
+            raise ValueError(f"split '{name}' has no images: pre-training needs rendered views (prepare with views >= 2)")
+        first = split.images(0)
+        self.num_views = int(first.shape[0])
+        self.stored_size = int(first.shape[1])
+        if self.num_views < 2:
+            raise ValueError(f"split '{name}' has {self.num_views} view(s) per object; need >= 2 distinct views")
+        self.stored_points = int(split.points(0).shape[0])
+        if num_points > self.stored_points:
+            raise ValueError(
+                f"data.num_points={num_points} but the dataset stores {self.stored_points} points per object; "
+                f"set data.num_points <= {self.stored_points}"
+            )
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad rank/world_size {rank}/{world_size}")
+        if batch_size % world_size:
+            raise ValueError(
+                f"batch_size={batch_size} is not divisible by the number of processes ({world_size}); "
+                "choose a global batch size that is a multiple of it"
+            )
+        if point_subsample not in ("random", "fps"):
+            raise ValueError(f"point_subsample must be 'random' or 'fps', got {point_subsample!r}")
+        if stop < start:
+            raise ValueError(f"stop ({stop}) < start ({start})")
+        self.batch_size = int(batch_size)
+        self.local_batch = self.batch_size // world_size
+        self.seed = int(seed)
+        self.num_points = int(num_points)
+        self.image_size = int(image_size)
+        self.up_axis = up_axis
+        self.aug = aug if (aug is not None and aug.enabled) else None
+        self.point_subsample = point_subsample
+        self.start, self.stop = int(start), int(stop)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self._fps_cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    # ------------------------------------------------------------------ plan
+    def plan(self, step: int) -> StepPlan:
+        """The random choices of global step ``step`` for the whole global batch (see module doc)."""
+        rng = np.random.default_rng([self.seed, int(step)])
+        b, n, nv = self.batch_size, self.n, self.num_views
+        objects = rng.choice(n, size=b, replace=b > n).astype(np.int64)
+        v1 = rng.integers(0, nv, size=b)
+        v2 = (v1 + rng.integers(1, nv, size=b)) % nv
+        negatives = (objects + rng.integers(1, n, size=b)) % n
+        v3 = rng.integers(0, nv, size=b)
+        views = np.stack([v1, v2, v3], axis=1).astype(np.int64)
+        point_index = None
+        if self.point_subsample == "random" and self.num_points < self.stored_points:
+            point_index = np.argsort(rng.random((b, self.stored_points)), axis=1)[:, : self.num_points]
+        if self.aug is not None:
+            a = self.aug
+            boxes, flip = sample_crop_params(3 * b, scale=a.crop_scale, ratio=a.crop_ratio, hflip_p=a.hflip_p, seed=rng)
+            angles, noise = sample_point_params(
+                b, self.num_points, rotate=a.rotate, jitter_sigma=a.jitter_sigma, seed=rng
+            )
+        else:
+            boxes = np.tile(np.array([0, 0, 1, 1], np.float32), (3 * b, 1))
+            flip = np.zeros(3 * b, dtype=bool)
+            angles, noise = np.zeros(b, np.float32), None
+        return StepPlan(
+            step=int(step),
+            objects=objects,
+            views=views,
+            negatives=negatives.astype(np.int64),
+            point_index=point_index,
+            boxes=boxes.reshape(3, b, 4),
+            flip=flip.reshape(3, b),
+            angles=angles,
+            noise=noise,
+        )
+
+    # ------------------------------------------------------------------ loading
+    def _points(self, i: int, index: Optional[np.ndarray]) -> np.ndarray:
+        pts = np.asarray(self.split.points(i), dtype=np.float32)
+        if index is not None:
+            return pts[index]
+        if self.num_points == self.stored_points:
+            return pts
+        # point_subsample == "fps": a fixed farthest-point subset per object, cached per process
+        idx = self._fps_cache.get(i)
+        if idx is None:
+            from xmodal.data.sampling import farthest_point_sampling
+
+            idx = farthest_point_sampling(pts, self.num_points, start_idx=0)
+            self._fps_cache[i] = idx
+        return pts[idx]
+
+    def batch(self, step: int) -> dict:
+        """This process's slice of the batch of global step ``step`` (see the class doc)."""
+        p = self.plan(step)
+        sl = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+        objs, negs, views = p.objects[sl], p.negatives[sl], p.views[sl]
+        img12 = [self.split.images(int(i), v[:2]) for i, v in zip(objs, views)]  # each (2, S, S[, 3])
+        img3 = [self.split.image(int(j), int(v[2])) for j, v in zip(negs, views)]
+        images = np.stack(
+            [np.stack([x[0] for x in img12]), np.stack([x[1] for x in img12]), np.stack(img3)]
+        )  # (3, b, S, S[, 3])
+        if self.stored_size != self.image_size:
+            flat = images.reshape((-1,) + images.shape[2:])
+            images = resize_images(flat, self.image_size).reshape((3, len(objs)) + (self.image_size,) * 2 + images.shape[4:])
+        pidx = p.point_index[sl] if p.point_index is not None else [None] * len(objs)
+        points = torch.from_numpy(np.stack([self._points(int(i), ix) for i, ix in zip(objs, pidx)]))
+        if self.aug is not None:
+            noise = p.noise[sl] if p.noise is not None else None
+            points = augment_points(
+                points,
+                p.angles[sl],
+                noise,
+                up_axis=self.up_axis,
+                sigma=self.aug.jitter_sigma,
+                clip=self.aug.jitter_clip,
+            )
+        b = len(objs)
+        return {
+            "step": int(step),
+            "images": torch.from_numpy(np.ascontiguousarray(images)),
+            "boxes": torch.from_numpy(np.ascontiguousarray(p.boxes[:, sl])),
+            "flip": torch.from_numpy(np.ascontiguousarray(p.flip[:, sl])),
+            "points": points.contiguous(),
+            "labels": torch.tensor([LABELS] * b, dtype=torch.int64),
+            "objects": torch.from_numpy(objs.copy()),
+            "negatives": torch.from_numpy(negs.copy()),
+            "views": torch.from_numpy(views.copy()),
+        }
+
+    def __getitem__(self, k: int) -> dict:
+        if not 0 <= k < len(self):
+            raise IndexError(f"batch index {k} out of range [0, {len(self)})")
+        return self.batch(self.start + k)

@@ -1,0 +1,349 @@
+"""Tests of the ``prepare`` job: outputs, determinism, resumption, failures, sources."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+pytest.importorskip("xmodal.data.render")
+pytest.importorskip("xmodal.data.builtin")
+
+from xmodal.data.prepare import PrepareError, object_seeds, prepare  # noqa: E402
+from xmodal.data.store import ShapeStore, read_shard, shard_relpath  # noqa: E402
+
+SPEC = "builtin:shapes?train=2&test=1"
+TINY = dict(views=4, points=256, image_size=32, chunk_size=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny prepared built-in store, shared read-only by the tests of this module."""
+    out = tmp_path_factory.mktemp("prep") / "shapes"
+    prepare(SPEC, out, **TINY)
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _all_arrays(root: Path) -> dict:
+    store = ShapeStore(root)
+    out = {}
+    for split in store.splits:
+        sv = store.split(split)
+        out[split] = {
+            "ids": sv.ids,
+            "labels": sv.labels,
+            "points": sv.all_points(),
+            "images": np.stack([sv.images(i) for i in range(sv.n)]) if store.has_images and sv.n else None,
+            "point_labels": np.stack([sv.point_labels(i) for i in range(sv.n)]) if sv.has_point_labels else None,
+        }
+    return out
+
+
+def _assert_same_store(a: Path, b: Path) -> None:
+    x, y = _all_arrays(a), _all_arrays(b)
+    assert x.keys() == y.keys()
+    for split in x:
+        assert x[split]["ids"] == y[split]["ids"]
+        for key in ("labels", "points", "images", "point_labels"):
+            if x[split][key] is None:
+                assert y[split][key] is None
+            else:
+                np.testing.assert_array_equal(x[split][key], y[split][key], err_msg=f"{split}/{key}")
+
+
+# --------------------------------------------------------------------------- builtin shapes
+
+
+def test_tiny_builtin_store(tiny):
+    man = json.loads((tiny / "manifest.json").read_text())
+    store = ShapeStore(tiny)
+    n_cls = len(store.classes)
+    assert n_cls >= 10 and store.classes == sorted(store.classes)
+    assert man["counts"] == {"train": 2 * n_cls, "test": n_cls}
+    assert man["failed"] == []
+    assert (man["views"], man["points"], man["image_size"], man["up_axis"]) == (4, 256, 32, "z")
+    assert man["settings"]["seed"] == 0 and man["settings"]["oversample"] == 8 and man["settings"]["chunk_size"] == 4
+    assert man["source"]["spec"] == SPEC
+    assert len(man["shards"]["train"]) == -(-2 * n_cls // 4)
+    assert (tiny / "plan.json").is_file()
+    assert store.part_names and all("/" in p for p in store.part_names)
+    for split in ("train", "test"):
+        sv = store.split(split)
+        assert len(set(sv.ids)) == sv.n
+        assert np.bincount(sv.labels, minlength=n_cls).tolist() == [2 if split == "train" else 1] * n_cls
+        for i in range(sv.n):
+            assert store.classes[sv.labels[i]] == sv.ids[i].split("/")[0]
+            ims = sv.images(i)
+            assert ims.shape == (4, 32, 32) and ims.dtype == np.uint8
+            for im in ims:  # every view shows something, and is not a white-out
+                fg = im > 0
+                assert fg.sum() >= 5 and fg.mean() < 0.9, (sv.ids[i], fg.mean())
+                assert im.max() > 60, (sv.ids[i], im.max())  # lit, not black on black
+                assert (im == 255).mean() < 0.2
+            pts = sv.points(i)
+            assert pts.shape == (256, 3) and np.linalg.norm(pts, axis=1).max() <= 1.0 + 1e-5
+            assert np.linalg.norm(pts, axis=1).max() > 0.99  # normalised, not merely inside
+            pl = sv.point_labels(i)
+            assert pl.shape == (256,) and pl.min() >= 0 and pl.max() < len(store.part_names)
+            assert all(store.part_names[p].startswith(sv.ids[i].split("/")[0] + "/") for p in np.unique(pl))
+            cams = sv.cameras(i)
+            assert cams.shape == (4, 2)
+            assert ((cams[:, 0] >= 10) & (cams[:, 0] <= 340)).all() and ((cams[:, 1] >= 10) & (cams[:, 1] <= 165)).all()
+
+
+def test_object_seeds_stable():
+    assert object_seeds(0, "a/train/x") == object_seeds(0, "a/train/x")
+    assert object_seeds(0, "a/train/x") != object_seeds(1, "a/train/x")
+    assert object_seeds(0, "a/train/x") != object_seeds(0, "a/train/y")
+
+
+def test_rerun_same_settings_is_noop(tiny, tmp_path):
+    out = _copy(tiny, tmp_path / "ds")
+    before = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.h5")}
+    man = prepare(SPEC, out, **TINY)
+    assert man == json.loads((tiny / "manifest.json").read_text())
+    assert {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.h5")} == before
+
+
+def test_resume_after_deleting_a_shard(tiny, tmp_path):
+    out = _copy(tiny, tmp_path / "ds")
+    victim = out / shard_relpath("train", 2)
+    victim.unlink()
+    (out / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        ShapeStore(out)
+    before = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.h5")}
+    time.sleep(0.01)
+    man = prepare(SPEC, out, **TINY)
+    after = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.h5")}
+    assert set(after) == set(before) | {victim}
+    assert all(after[p] == t for p, t in before.items())  # untouched
+    assert man["counts"] == json.loads((tiny / "manifest.json").read_text())["counts"]
+    _assert_same_store(out, tiny)  # the rewritten shard equals the original, no duplicates
+
+
+def test_kill_mid_run_then_resume(tiny, tmp_path):
+    out = tmp_path / "ds"
+    script = textwrap.dedent(
+        f"""
+        import time, xmodal.data.prepare as P
+        orig = P._process_object
+        def slow(ctx, item):
+            time.sleep(0.15)
+            return orig(ctx, item)
+        P._process_object = slow
+        P.prepare({SPEC!r}, {str(out)!r}, **{TINY!r})
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = out / shard_relpath("train", 0)
+    try:
+        deadline = time.monotonic() + 60
+        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            pytest.skip(f"prepare finished or failed before it could be killed: {proc.stderr.read()[-500:]!r}")
+        assert first.exists(), "no shard appeared within 60 s"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert not (out / "manifest.json").exists()
+    assert (out / "plan.json").is_file()
+    done = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.h5")}
+    assert 0 < len(done) < 11
+    for p in done:  # every shard on disk is complete
+        assert len(read_shard(p)["ids"]) == 4
+    prepare(SPEC, out, **TINY)
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())
+    assert not [p for p in (out / "shards").rglob(".*") if p.is_file()]  # no stale temporaries
+    _assert_same_store(out, tiny)
+
+
+def test_different_settings_refused_unless_overwrite(tiny, tmp_path):
+    out = _copy(tiny, tmp_path / "ds")
+    with pytest.raises(PrepareError, match=r"points: 256 -> 128"):
+        prepare(SPEC, out, **{**TINY, "points": 128})
+    with pytest.raises(PrepareError, match="object list"):
+        prepare("builtin:shapes?train=1&test=1", out, **TINY)
+    assert ShapeStore(out).num_points == 256  # untouched
+    man = prepare("builtin:shapes?train=1&test=0", out, **{**TINY, "points": 128, "views": 2, "overwrite": True})
+    store = ShapeStore(out)
+    assert store.num_points == 128 and store.views == 2 and man["counts"]["train"] == len(store.classes)
+    assert "test" not in man["counts"]
+    assert sorted(p.name for p in (out / "shards" / "train").glob("*.h5")) == [
+        f"{c:05d}.h5" for c in range(len(man["shards"]["train"]))
+    ]
+
+
+def test_parallel_equals_serial(tmp_path, monkeypatch):
+    import xmodal.data.prepare as P
+
+    calls = []
+    real_pool = P._execute_pool
+    monkeypatch.setattr(P, "_execute_pool", lambda *a: calls.append(a[-2]) or real_pool(*a))
+    kw = dict(views=2, points=128, image_size=32, chunk_size=4, progress=False)
+    spec = "builtin:shapes?train=1&test=0"
+    serial = prepare(spec, tmp_path / "serial", workers=1, **kw)
+    assert calls == []
+    parallel = prepare(spec, tmp_path / "parallel", workers=2, **kw)
+    assert calls == [2]  # ran in a pool of 2 spawned processes
+    assert serial["counts"] == parallel["counts"]
+    _assert_same_store(tmp_path / "serial", tmp_path / "parallel")
+
+
+def test_colour_images(tmp_path):
+    from xmodal.data.show import show
+
+    man = prepare("builtin:shapes?train=1&test=0", tmp_path / "ds", views=2, points=64, image_size=32,
+                  chunk_size=16, grayscale=False, progress=False)
+    assert man["grayscale"] is False
+    sv = ShapeStore(tmp_path / "ds").split("train")
+    ims = sv.images(0, [1, 0])
+    assert ims.shape == (2, 32, 32, 3) and ims.dtype == np.uint8 and ims.max() > 60
+    np.testing.assert_array_equal(ims[0], sv.image(0, 1))
+    assert show(tmp_path / "ds", 0, tmp_path / "sheet.png").stat().st_size > 1000
+
+
+def test_unpicklable_source_with_workers(tmp_path):
+    from xmodal.data.builtin import BuiltinSource
+
+    src = BuiltinSource(1, 0)
+    src.hook = lambda: None  # a lambda cannot cross to spawned processes
+    src.items = src.items[:4]
+    src.classes = sorted({it.label for it in src.items})
+    with pytest.raises(PrepareError, match="workers=1"):
+        prepare(src, tmp_path / "ds", workers=2, **{**TINY, "chunk_size": 2})
+    man = prepare(src, tmp_path / "ds", workers=1, **{**TINY, "chunk_size": 2})  # serial needs no pickling
+    assert sum(man["counts"].values()) == 4
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"views": -1}, "views must be >= 0"),
+        ({"points": 0}, "points must be > 0"),
+        ({"image_size": 8}, "image_size"),
+        ({"workers": 0}, "workers"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"test_ratio": 1.0}, "test_ratio"),
+        ({"points": 2.5}, "integer"),
+    ],
+)
+def test_bad_arguments(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        prepare(SPEC, tmp_path / "x", **{**TINY, **kw})
+    assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- mesh folders
+
+CUBE_V = [(x, y, z) for x in (0, 1) for y in (0, 1) for z in (0, 1)]
+CUBE_F = [(0, 1, 3), (0, 3, 2), (4, 6, 7), (4, 7, 5), (0, 4, 5), (0, 5, 1),
+          (2, 3, 7), (2, 7, 6), (0, 2, 6), (0, 6, 4), (1, 5, 7), (1, 7, 3)]
+
+
+def _cube_off(glued: bool = False, scale: float = 1.0) -> str:
+    head = "OFF8 12 0\n" if glued else "OFF\n8 12 0\n"
+    verts = "".join(f"{x * scale} {y * scale} {z * 2 * scale}\n" for x, y, z in CUBE_V)
+    faces = "".join(f"3 {a} {b} {c}\n" for a, b, c in CUBE_F)
+    return head + verts + faces
+
+
+def test_corrupt_mesh_is_recorded_and_skipped(tmp_path, caplog):
+    root = tmp_path / "mn"
+    (root / "box" / "train").mkdir(parents=True)
+    (root / "box" / "test").mkdir(parents=True)
+    (root / "box" / "train" / "box_0001.off").write_text(_cube_off())
+    (root / "box" / "train" / "box_0002.off").write_text(_cube_off(glued=True, scale=30.0))
+    (root / "box" / "test" / "box_0003.off").write_text(_cube_off(scale=0.01))
+    bad = root / "box" / "train" / "box_0004.off"
+    bad.write_text("OFF\n8 12 0\n0 0 0\n1 1\n")  # truncated
+    with caplog.at_level("WARNING"):
+        man = prepare(root, tmp_path / "ds", views=2, points=64, image_size=32, chunk_size=2, progress=False)
+    assert man["counts"] == {"train": 2, "test": 1}
+    assert len(man["failed"]) == 1
+    rec = man["failed"][0]
+    assert rec["path"] == str(bad) and rec["id"] == "box/train/box_0004" and rec["reason"]
+    assert "box_0004" in caplog.text
+    store = ShapeStore(tmp_path / "ds")
+    assert store.split("train").ids == ["box/train/box_0001", "box/train/box_0002"]
+    assert store.part_names is None and not store.split("train").has_point_labels
+    assert (tmp_path / "ds" / "failed" / "train-00001.json").is_file()
+    for i in range(2):
+        pts = store.split("train").points(i)
+        # a 1 x 1 x 2 box whatever its scale: normalised into the unit sphere, shape kept
+        ext = np.ptp(pts, axis=0)
+        assert 1.8 < ext[2] / ext[0] < 2.2 and 0.9 < ext[1] / ext[0] < 1.1
+        assert abs(np.linalg.norm(pts, axis=1).max() - 1) < 1e-5
+        assert (store.split("train").images(i) > 0).mean() > 0.02
+
+
+def test_real_modelnet_meshes(modelnet_off_dir, tmp_path):
+    man = prepare(modelnet_off_dir, tmp_path / "ds", views=2, points=128, image_size=32, chunk_size=8, progress=False)
+    assert man["failed"] == [] and man["counts"]["train"] == 6
+    assert man["classes"] == ["bathtub", "bed"]
+
+
+# --------------------------------------------------------------------------- HDF5 points
+
+
+def _fake_h5(root: Path, n=6, npts=32, classes=("cup", "desk")) -> Path:
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    (root / "shape_names.txt").write_text("\n".join(classes) + "\n")
+    pts = rng.normal(size=(n, npts, 3)).astype(np.float32)
+    pts /= np.linalg.norm(pts, axis=2).max(axis=1)[:, None, None]
+    with h5py.File(root / "ply_data_train0.h5", "w") as f:
+        f["data"] = pts
+        f["label"] = (np.arange(n) % len(classes)).astype(np.uint8)[:, None]
+    return root
+
+
+@pytest.mark.parametrize("views", [0, 2])
+def test_points_source(tmp_path, views):
+    src = _fake_h5(tmp_path / "h5")
+    man = prepare(src, tmp_path / "ds", views=views, points=16, image_size=32, chunk_size=2,
+                  test_ratio=0.34, progress=False)
+    assert man["counts"]["train"] + man["counts"]["test"] == 6 and man["counts"]["test"] == 2
+    assert man["up_axis"] == "y" and man["views"] == views and man["failed"] == []
+    assert "held" in json.dumps(man["source"])
+    store = ShapeStore(tmp_path / "ds")
+    sv = store.split("train")
+    pts = sv.all_points()
+    assert pts.shape == (sv.n, 16, 3)
+    np.testing.assert_allclose(np.linalg.norm(pts, axis=2).max(axis=1), 1.0, atol=1e-5)
+    # FPS picks a subset of the (re-normalised) source points: pairwise distances stay spread
+    d = np.linalg.norm(pts[0][:, None] - pts[0][None], axis=2) + np.eye(16) * 9
+    assert d.min() > 0.05
+    if views:
+        ims = sv.images(0)
+        assert ims.shape == (2, 32, 32) and (ims > 0).mean() > 0.01
+    else:
+        assert not store.has_images
+
+
+def test_points_source_too_few_points_fails_objects(tmp_path):
+    src = _fake_h5(tmp_path / "h5")
+    man = prepare(src, tmp_path / "ds", views=0, points=64, image_size=32, chunk_size=4, progress=False)
+    assert sum(man["counts"].values()) == 0 and len(man["failed"]) == 6
+    assert all("fewer" in r["reason"] for r in man["failed"])
+    store = ShapeStore(tmp_path / "ds")
+    assert store.split("train").all_points().shape == (0, 64, 3)

@@ -1,0 +1,231 @@
+"""Part-segmentation metrics (hand-computed) and the Table 4 protocol on a tiny dataset."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from xmodal.data.shapenetpart import PartSegData, PartSegSplit
+from xmodal.eval.partseg import (
+    evaluate_partseg,
+    partseg_metrics,
+    percent_key,
+    reinitialize,
+    restrict_predictions,
+    run_partseg,
+    shape_ious,
+    train_partseg,
+)
+from xmodal.models.dgcnn import DGCNN
+from xmodal.models.partseg import PartSegNet
+
+# two categories: A owns parts 0, 1; B owns parts 2, 3, 4
+PARTS = [[0, 1], [2, 3, 4]]
+
+
+def test_perfect_prediction():
+    seg = np.array([[0, 1, 1, 0], [2, 3, 4, 2]])
+    m = partseg_metrics(seg, seg, np.array([0, 1]), PARTS, category_names=["A", "B"])
+    assert m["oa"] == m["class_miou"] == m["instance_miou"] == 1.0
+    assert m["per_category"] == {"A": 1.0, "B": 1.0}
+
+
+def test_hand_computed_ious():
+    # shape 0 (A): gt 0 0 1 1, pred 0 1 1 1 -> IoU0 = 1/2, IoU1 = 2/3
+    # shape 1 (B): gt 2 2 3 3, pred 2 3 3 3 -> IoU2 = 1/2, IoU3 = 2/3, part 4 absent from both -> 1
+    seg = np.array([[0, 0, 1, 1], [2, 2, 3, 3]])
+    pred = np.array([[0, 1, 1, 1], [2, 3, 3, 3]])
+    ious = shape_ious(pred, seg, np.array([0, 1]), PARTS)
+    np.testing.assert_allclose(ious, [(1 / 2 + 2 / 3) / 2, (1 / 2 + 2 / 3 + 1) / 3])
+    m = partseg_metrics(pred, seg, np.array([0, 1]), PARTS)
+    assert m["oa"] == pytest.approx(6 / 8)
+    # a prediction outside the shape's category (part 4 on an A shape) has no IoU of its own;
+    # it only costs the ground-truth part it replaced: part 0 -> 1, part 1 -> 1/2
+    pred2 = np.array([[0, 0, 1, 4], [2, 2, 3, 3]])
+    np.testing.assert_allclose(shape_ious(pred2, seg, np.array([0, 1]), PARTS)[0], (1 + 1 / 2) / 2)
+
+
+def test_absent_part_counts_one():
+    seg = np.array([[2, 2, 2, 2]])
+    pred = np.array([[2, 2, 2, 3]])
+    # part 2: 3/4, part 3: 0/1, part 4 absent from both: 1
+    np.testing.assert_allclose(shape_ious(pred, seg, np.array([1]), PARTS), [(3 / 4 + 0 + 1) / 3])
+
+
+def test_class_vs_instance_miou_unbalanced():
+    # three perfect shapes of A, one shape of B with mIoU 1/3 (everything predicted as part 3)
+    seg = np.array([[0, 1, 0, 1]] * 3 + [[2, 2, 2, 2]])
+    pred = seg.copy()
+    pred[3] = 3
+    m = partseg_metrics(pred, seg, np.array([0, 0, 0, 1]), PARTS)
+    b = (0 + 0 + 1) / 3  # part 2: 0/4, part 3: 0/4, part 4 absent -> 1
+    assert m["per_category"]["1"] == pytest.approx(b)
+    assert m["instance_miou"] == pytest.approx((3 + b) / 4)
+    assert m["class_miou"] == pytest.approx((1 + b) / 2)
+    assert m["class_miou"] != pytest.approx(m["instance_miou"])
+
+
+def test_category_restriction():
+    # logits (n=2, P=5, N=3): the global arg-max is part 4 everywhere, but shape 0 is of category A
+    logits = np.zeros((2, 5, 3))
+    logits[:, 4] = 10.0
+    logits[0, 1, :] = 1.0
+    logits[1, 3, :] = 1.0
+    pred = restrict_predictions(logits, np.array([0, 1]), PARTS)
+    np.testing.assert_array_equal(pred, [[1, 1, 1], [4, 4, 4]])
+
+
+def test_percent_key():
+    assert [percent_key(f) for f in (0.02, 0.2, 1.0, 0.025)] == ["2", "20", "100", "2.5"]
+
+
+# ---------------------------------------------------------------------------------------
+# tiny synthetic dataset: category A = two blobs along x (part by sign of x),
+# category B = three slabs along z
+# ---------------------------------------------------------------------------------------
+
+
+def _tiny_split(n_per_cat: int, n_points: int, seed: int) -> PartSegSplit:
+    rng = np.random.default_rng(seed)
+    pts, seg, cat = [], [], []
+    for c in (0, 1):
+        for _ in range(n_per_cat):
+            p = rng.uniform(-1, 1, size=(n_points, 3)).astype(np.float32)
+            s = (p[:, 0] > 0).astype(np.int64) if c == 0 else 2 + np.digitize(p[:, 2], [-1 / 3, 1 / 3])
+            pts.append(p)
+            seg.append(s)
+            cat.append(c)
+    return PartSegSplit(np.stack(pts), np.stack(seg), np.array(cat))
+
+
+def _tiny_data(n_points: int = 64) -> PartSegData:
+    splits = {"train": _tiny_split(6, n_points, 0), "test": _tiny_split(2, n_points, 1)}
+    return PartSegData(splits, ["A", "B"], ["A/l", "A/r", "B/lo", "B/mid", "B/hi"], PARTS)
+
+
+def _tiny_dgcnn() -> DGCNN:
+    return DGCNN(k=4, channels=(8, 8, 8, 16), emb_dims=32)
+
+
+def test_partsegnet_shapes_and_modes():
+    torch.manual_seed(0)
+    net = PartSegNet(_tiny_dgcnn(), 5, 2)
+    assert net.block_channels == [8, 8, 8, 16] and net.global_dim == 32
+    out = net(torch.randn(3, 32, 3), torch.tensor([0, 1, 1]))
+    assert out.shape == (3, 5, 32)
+    with pytest.raises(ValueError, match="category"):
+        net(torch.randn(2, 32, 3))
+    frozen = PartSegNet(_tiny_dgcnn(), 5, 2, freeze_encoder=True, use_category=False)
+    frozen.train()
+    assert frozen.training and not frozen.encoder.training and frozen.head.training
+    assert not any(p.requires_grad for p in frozen.encoder.parameters())
+    assert all(p.requires_grad for p in frozen.head_parameters())
+    assert frozen(torch.randn(2, 32, 3)).shape == (2, 5, 32)
+
+
+def test_frozen_training_keeps_encoder_and_bn_stats():
+    data = _tiny_data(32)
+    torch.manual_seed(0)
+    enc = _tiny_dgcnn()
+    before = copy.deepcopy(enc.state_dict())
+    net = PartSegNet(enc, 5, 2, freeze_encoder=True)
+    head_before = copy.deepcopy(net.head.state_dict())
+    train_partseg(net, data.split("train"), epochs=1, batch_size=4, device="cpu", progress=False)
+    after = net.encoder.state_dict()
+    assert any("running_mean" in k for k in before)
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    assert any(not torch.equal(v, net.head.state_dict()[k]) for k, v in head_before.items())
+    # the unfrozen model does move the encoder (weights and BN statistics)
+    net2 = PartSegNet(copy.deepcopy(enc), 5, 2)
+    train_partseg(net2, data.split("train"), epochs=1, batch_size=4, device="cpu", progress=False)
+    changed = [k for k, v in before.items() if not torch.equal(v, net2.encoder.state_dict()[k])]
+    assert any("running_mean" in k for k in changed) and any("weight" in k for k in changed)
+
+
+def test_reinitialize_is_seeded_and_fresh():
+    torch.manual_seed(0)
+    enc = _tiny_dgcnn()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(1.0)
+    a, b = reinitialize(enc, seed=5), reinitialize(enc, seed=5)
+    for (k, va), vb, v0 in zip(a.state_dict().items(), b.state_dict().values(), enc.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert not torch.equal(a.conv_out.weight, enc.conv_out.weight)
+    assert torch.equal(a.bn_out.weight, torch.ones_like(a.bn_out.weight))
+
+
+def test_run_partseg_end_to_end(tmp_path):
+    data = _tiny_data(64)
+    torch.manual_seed(0)
+    pretrained = _tiny_dgcnn()
+    state = copy.deepcopy(pretrained.state_dict())
+    res = run_partseg(
+        pretrained, data, epochs=1, batch_size=4, device="cpu", progress=False,
+        log_dir=tmp_path / "logs", encoder_factory=_tiny_dgcnn, seed=0, fractions=(0.02, 0.2, 1.0),
+    )
+    keys = {f"partseg.{s}.{p}.{m}" for s in ("frozen", "finetune", "scratch") for p in ("2", "20", "100")
+            for m in ("oa", "class_miou", "instance_miou")}
+    assert set(res) == keys
+    assert all(0.0 <= v <= 1.0 for v in res.values())
+    # the caller's pre-trained encoder is left untouched
+    for k, v in state.items():
+        assert torch.equal(v, pretrained.state_dict()[k])
+    lines = (tmp_path / "logs" / "partseg_frozen_20.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert len(recs) == 2 and recs[0]["epoch"] == 1 and recs[-1]["split"] == "test"
+    assert recs[0]["n_train"] == 2  # 20% of 6 per category -> 1 each
+    assert set(recs[-1]["per_category"]) == {"A", "B"}
+    # seeded: the same call gives the same numbers
+    again = run_partseg(
+        pretrained, data, settings=("finetune",), fractions=(0.2,), epochs=1, batch_size=4, device="cpu",
+        progress=False, encoder_factory=_tiny_dgcnn, seed=0,
+    )
+    assert again["partseg.finetune.20.instance_miou"] == res["partseg.finetune.20.instance_miou"]
+
+
+def test_run_partseg_without_run_only_scratch():
+    data = _tiny_data(32)
+    res = run_partseg(None, data, fractions=(1.0,), epochs=1, batch_size=6, device="cpu", progress=False,
+                      encoder_factory=_tiny_dgcnn)
+    assert set(res) == {f"partseg.scratch.100.{m}" for m in ("oa", "class_miou", "instance_miou")}
+    with pytest.raises(ValueError, match="unknown"):
+        run_partseg(None, data, settings=("bogus",), encoder_factory=_tiny_dgcnn, progress=False)
+
+
+def test_training_learns_tiny_task():
+    """A few epochs on the separable tiny task beat the chance level of the restricted arg-max."""
+    data = _tiny_data(32)
+    torch.manual_seed(0)
+    net = PartSegNet(_tiny_dgcnn(), 5, 2, dropout=0.0)
+    train_partseg(net, data.split("train"), epochs=8, batch_size=4, lr=0.01, augment=False, device="cpu",
+                  progress=False)
+    m = evaluate_partseg(net, data.split("test"), PARTS, device="cpu")
+    assert m["oa"] > 0.7  # chance: 1/2 for A, 1/3 for B
+
+
+def test_run_partseg_from_run_dir(tmp_path):
+    """A run folder written like `xmodal pretrain` does: Fp is read with xmodal.api.load_run."""
+    pytest.importorskip("xmodal.api")
+    from xmodal.config import apply_overrides, to_dict
+    from xmodal.train.checkpoint import architecture_from_config, build_networks, save_encoders
+    from xmodal.train.config import PretrainConfig
+
+    cfg = apply_overrides(PretrainConfig(), ["model.k=4"])
+    arch = architecture_from_config(cfg)
+    nets = build_networks(arch, seed=0)
+    save_encoders(tmp_path / "run", nets=nets, info={
+        "architecture": arch, "image_size": 32, "num_points": 32, "up_axis": "z", "step": 0, "config": to_dict(cfg),
+    })
+    data = PartSegData({"train": _tiny_split(2, 32, 0), "test": _tiny_split(1, 32, 1)}, ["A", "B"],
+                       ["A/l", "A/r", "B/lo", "B/mid", "B/hi"], PARTS)
+    res = run_partseg(tmp_path / "run", data, fractions=(1.0,), epochs=1, batch_size=4, device="cpu",
+                      progress=False)
+    assert set(res) == {f"partseg.{s}.100.{m}" for s in ("frozen", "finetune", "scratch")
+                        for m in ("oa", "class_miou", "instance_miou")}
+    assert all(0.0 <= v <= 1.0 for v in res.values())

@@ -1,0 +1,234 @@
+"""The evaluate job end to end on a tiny synthetic store, and the Markdown report."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from xmodal.data.store import write_store
+from xmodal.eval.report import TABLE_HEADERS, render_report
+from xmodal.eval.runner import evaluate, resolve_tasks
+from xmodal.transforms import images_to_tensor, points_to_tensor
+
+CLASSES = ["cone", "cube", "ring", "rod"]
+V, S, N = 6, 32, 64
+
+
+def _split(n_per: int, seed: int, *, images: bool) -> dict:
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(len(CLASSES)), n_per)
+    dirs = rng.normal(size=(y.size, N, 3))
+    dirs /= np.linalg.norm(dirs, axis=2, keepdims=True)
+    # class = radius and elongation of a noisy ellipsoid
+    pts = dirs * (0.3 + 0.2 * y)[:, None, None] * np.array([1.0, 1.0, 1.0])
+    pts[..., 2] *= 1.0 + y[:, None]
+    pts += 0.01 * rng.normal(size=pts.shape)
+    out = {"ids": [f"{CLASSES[c]}/{seed}_{i:03d}" for i, c in enumerate(y)], "labels": y, "points": pts.astype(np.float32)}
+    if images:
+        im = rng.integers(0, 30, size=(y.size, V, S, S)).astype(np.uint8)
+        for i, c in enumerate(y):
+            for v in range(V):
+                o = 2 + 6 * c + rng.integers(0, 3)
+                im[i, v, o : o + 6, 4 + v : 20 + v] = 220  # class-dependent bright bar
+        out["images"] = im
+        out["cameras"] = rng.uniform(0, 180, size=(y.size, V, 2)).astype(np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    write_store(root, classes=CLASSES, splits={"train": _split(8, 0, images=True), "test": _split(5, 1, images=True)})
+    return root
+
+
+@pytest.fixture(scope="module")
+def points_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pstore")
+    write_store(root, classes=CLASSES, splits={"train": _split(8, 2, images=False), "test": _split(5, 3, images=False)})
+    return root
+
+
+# ------------------------------------------------------------------ a run: real api when present, else a fake
+
+
+class _PointNetish(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.ReLU(), torch.nn.Linear(64, 512))
+
+    def forward(self, x):  # (B, N, 3) -> (B, 512)
+        return self.mlp(x).max(dim=1).values
+
+
+class _Pair(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(1024, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+
+    def forward(self, fi, fp):
+        return self.mlp(torch.cat([fi, fp], dim=1))
+
+
+class _FakeRun:
+    def __init__(self, seed: int = 0):
+        torch.manual_seed(seed)
+        self.image_encoder = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveMaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(64, 512),
+        ).eval()
+        self.point_encoder = _PointNetish().eval()
+        self.pair_classifier = _Pair().eval()
+        self.config = {"fake": True}
+        self.image_size, self.num_points = S, N
+
+
+def _fake_api() -> types.ModuleType:
+    mod = types.ModuleType("xmodal.api")
+
+    def _extract(encoder, x, batch_size, device):
+        outs = []
+        with torch.no_grad():
+            for s in range(0, len(x), batch_size):
+                outs.append(encoder(x[s : s + batch_size]).numpy())
+        return np.concatenate(outs)
+
+    mod.load_run = lambda run, device="cpu": _FakeRun(0)
+    mod.random_init_run = lambda config, seed=0, device="cpu": _FakeRun(seed + 1)
+    mod.extract_image_features = lambda enc, images, *, batch_size=64, device=None: _extract(
+        enc, images_to_tensor(images), batch_size, device
+    )
+    mod.extract_point_features = lambda enc, points, *, batch_size=32, device=None: _extract(
+        enc, points_to_tensor(points), batch_size, device
+    )
+    return mod
+
+
+@pytest.fixture
+def loaded(monkeypatch):
+    """A LoadedRun: ``random_init_run`` of the default config when xmodal.api exists, else a fake."""
+    try:
+        api = importlib.import_module("xmodal.api")
+        from xmodal.train.config import PretrainConfig
+
+        return api.random_init_run(PretrainConfig(), seed=0, device="cpu")
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "xmodal.api", _fake_api())
+        return _FakeRun(0)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "metrics.jsonl", "w") as fh:
+        for step in range(0, 50, 5):
+            fh.write(json.dumps({"step": step, "loss": 3.0 / (1 + step), "triplet": 1.0, "cross": 2.0, "cm_acc": 0.5}) + "\n")
+    return run
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_evaluate_end_to_end_with_baseline(image_store, run_dir, tmp_path, loaded):
+    out = tmp_path / "report"
+    m = evaluate(
+        run_dir, image_store, out=out, baseline="random", views=(1, 3, 80), loaded=loaded, device="cpu",
+        progress=False, fewshot_settings=((2, 3), (4, 2)), fewshot_episodes=3,
+    )
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert set(on_disk) == set(m)
+    assert m["meta.views_used"] == [1, 3, V]
+    assert m["meta.tasks_run"] == ["pretext", "svm", "retrieval", "fewshot", "crossmodal", "tsne", "partseg"]
+    assert "partseg" in m["meta.tasks_skipped"] and "part labels" in m["meta.tasks_skipped"]["partseg"]
+    expected = [
+        "pretext.cm_accuracy", "pretext.cv_pos_mean", "pretext.cv_pos_std", "pretext.cv_neg_mean", "pretext.cv_neg_std",
+        "svm3d.accuracy", "svm3d.C", "svm3d.cv_score",
+        *(f"svm2d.{k}.{v}" for k in ("accuracy", "C") for v in (1, 3, V)),
+        *(f"retrieval3d.top{k}" for k in (1, 5, 10, 20, 50)), "retrieval3d.map",
+        *(f"retrieval2d.{v}.top{k}" for v in (1, 3, V) for k in (1, 5, 10, 20, 50)),
+        "fewshot3d.2w3s.mean", "fewshot3d.4w2s.std", "fewshot2d.2w3s.mean",
+        *(f"crossmodal.{d}.top{k}" for d in ("img2shape", "shape2img") for k in (1, 5, 10)),
+        "crossmodal.img2shape.exact1",
+    ]
+    for key in expected:
+        assert key in m, key
+        assert "baseline.random." + key in m, key
+    assert m["pretext.num_pairs"] == 10 * 5 * len(CLASSES)
+    for key in expected:
+        if "accuracy" in key or ".top" in key:
+            assert 0.0 <= m[key] <= 1.0, key
+    assert m["retrieval3d.top50"] == 1.0  # the gallery (19 others) holds every class
+    assert m["svm3d.accuracy"] > 0.5  # classes differ in size and shape (chance 0.25)
+    report = (out / "report.md").read_text()
+    for header in TABLE_HEADERS:
+        assert header in report, header
+    assert "random init" in report and "89.8" in report  # baseline column and a paper number
+    for png in ("tsne.png", "tsne_random_init.png", "training_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"]({png})" in report
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_points_only_dataset_skips_image_tasks(points_store, run_dir, tmp_path, loaded):
+    out = tmp_path / "r"
+    m = evaluate(
+        run_dir, points_store, tasks=["pretext", "svm", "retrieval", "crossmodal"], out=out, loaded=loaded,
+        device="cpu", progress=False,
+    )
+    sk = m["meta.tasks_skipped"]
+    for task in ("pretext", "svm2d", "retrieval2d", "crossmodal"):
+        assert "no images" in sk[task], task
+    assert "svm3d.accuracy" in m and "retrieval3d.top1" in m
+    assert not any(k.startswith(("svm2d.", "retrieval2d.", "pretext.", "crossmodal.")) for k in m)
+    assert m["meta.views_used"] == []
+    report = (out / "report.md").read_text()
+    assert "no images" in report
+
+
+def test_tasks_run_one_at_a_time_are_merged(points_store, run_dir, tmp_path, loaded):
+    out = tmp_path / "r"
+    evaluate(run_dir, points_store, tasks=["svm"], out=out, loaded=loaded, device="cpu", progress=False)
+    m = evaluate(run_dir, points_store, tasks=["retrieval"], out=out, loaded=loaded, device="cpu", progress=False)
+    assert "svm3d.accuracy" in m and "retrieval3d.top1" in m
+    assert m["meta.tasks_run"] == ["svm", "retrieval"]
+    # another seed is another evaluation: it replaces the file
+    m = evaluate(run_dir, points_store, tasks=["retrieval"], out=out, loaded=loaded, device="cpu", progress=False, seed=1)
+    assert "svm3d.accuracy" not in m
+
+
+def test_resolve_tasks():
+    assert resolve_tasks(["svm", "pretext"]) == ["pretext", "svm"]
+    assert len(resolve_tasks(("all",))) == 7
+    with pytest.raises(ValueError, match="unknown evaluation task 'svn'"):
+        resolve_tasks(["svn"])
+
+
+def test_report_lays_out_paper_tables():
+    metrics = {
+        "svm3d.accuracy": 0.9, "svm3d.C": 0.1, "baseline.random.svm3d.accuracy": 0.7,
+        "svm2d.accuracy.12": 0.8, "svm2d.C.12": 1.0,
+        "retrieval3d.top1": 0.85, "retrieval3d.top50": 0.99,
+        "partseg.frozen.100.oa": 0.91, "partseg.frozen.100.class_miou": 0.7, "partseg.frozen.100.instance_miou": 0.8,
+        "partseg.scratch.2.oa": 0.85, "partseg.scratch.2.class_miou": 0.5, "partseg.scratch.2.instance_miou": 0.6,
+        "partseg.finetune.2.oa": 0.86, "partseg.finetune.2.class_miou": 0.55, "partseg.finetune.2.instance_miou": 0.65,
+        "meta.tasks_skipped": {"pretext": "the dataset has no images"},
+    }
+    text = render_report(metrics, figures={"Fig": "f.png"})
+    for header in TABLE_HEADERS:
+        assert header in text
+    lines = text.splitlines()
+    row3d = next(line for line in lines if line.startswith("| 3D (Fp)"))
+    assert "| 90.0 | 70.0 | +20.0 |" in row3d and "87.5" in row3d and "89.8" in row3d
+    row = next(line for line in lines if line.startswith("| frozen | 100%"))
+    assert "| 91.0 | 70.0 | 80.0 | CM-CV-Frozen | 92.1 | 74.7 | 80.8 |" in row
+    row = next(line for line in lines if line.startswith("| finetune | 2%"))
+    assert "88.3" in row and row.rstrip(" |").endswith("+5.0")  # Δ instance mIoU vs scratch
+    assert "the dataset has no images" in text
+    assert "![Fig](f.png)" in text

@@ -1,0 +1,67 @@
+"""Tests for the command line: parsing, help, and clear errors without tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from xmodal.cli import EVAL_TASKS, build_parser, main
+
+
+def test_help_lists_every_command():
+    text = build_parser().format_help()
+    for cmd in ("prepare", "show", "pretrain", "evaluate", "demo"):
+        assert cmd in text
+
+
+def test_module_entry_point_version():
+    r = subprocess.run([sys.executable, "-m", "xmodal", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("xmodal ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["prepare", "--out", "x"],  # --source missing
+        ["prepare", "--source", "s", "--out", "x", "--points", "0"],
+        ["prepare", "--source", "s", "--out", "x", "--views", "-1"],
+        ["evaluate", "--run", "r", "--data", "d", "--out", "o", "--task", "nope"],
+    ],
+)
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+
+
+def test_evaluate_accepts_repeated_tasks():
+    args = build_parser().parse_args(
+        ["evaluate", "--run", "r", "--data", "d", "--out", "o", "--task", "svm", "--task", "retrieval"]
+    )
+    assert args.task == ["svm", "retrieval"] and set(args.task) <= set(EVAL_TASKS)
+
+
+def test_pretrain_collects_overrides():
+    args = build_parser().parse_args(["pretrain", "--data", "d", "--out", "r", "--preset", "smoke", "optim.lr=0.1", "iterations=3"])
+    assert args.overrides == ["optim.lr=0.1", "iterations=3"] and args.preset == "smoke"
+
+
+def test_missing_source_is_a_clear_error(tmp_path, capsys):
+    code = main(["-q", "prepare", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "nowhere" in err and "Traceback" not in err
+
+
+def test_pretrain_bad_override_is_a_clear_error(tmp_path, capsys):
+    code = main(["-q", "pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--preset", "smoke", "optim.lrr=1", "--print-config"])
+    err = capsys.readouterr().err
+    assert code == 2 and "optim.lrr" in err
+
+
+def test_print_config_shows_resolved_values(tmp_path, capsys):
+    code = main(["-q", "pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--preset", "smoke", "optim.lr=0.125", "--print-config"])
+    out = capsys.readouterr().out
+    assert code == 0 and "lr: 0.125" in out

@@ -1,0 +1,106 @@
+"""Tests for xmodal.config: defaults <- preset <- key=value overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from xmodal.config import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    list_presets,
+    load_config,
+    load_preset,
+    parse_overrides,
+    resolve,
+    save_config,
+    to_dict,
+)
+
+
+@dataclass
+class Optim:
+    lr: float = 0.1
+    momentum: float = 0.9
+
+
+@dataclass
+class Cfg:
+    name: str = "x"
+    steps: int = 10
+    mode: Literal["a", "b"] = "a"
+    sizes: list[int] = field(default_factory=lambda: [1, 2])
+    device: Optional[str] = None
+    flag: bool = False
+    optim: Optim = field(default_factory=Optim)
+
+    def validate(self):
+        if self.steps <= 0:
+            raise ConfigError(f"steps must be > 0, got {self.steps}")
+
+
+def test_parse_overrides_nested_and_yaml_values():
+    d = parse_overrides(["optim.lr=1e-3", "sizes=[3, 4]", "flag=true", "name=abc"])
+    assert d == {"optim": {"lr": 1e-3}, "sizes": [3, 4], "flag": True, "name": "abc"}
+
+
+def test_parse_overrides_rejects_missing_equals():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["optim.lr"])
+
+
+def test_apply_overrides_and_types():
+    cfg = apply_overrides(Cfg(), ["optim.lr=0.5", "steps=3", "mode=b", "device=cuda"])
+    assert cfg.optim.lr == 0.5 and cfg.steps == 3 and cfg.mode == "b" and cfg.device == "cuda"
+    assert cfg.optim.momentum == 0.9  # untouched sibling keeps its value
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown config key"),
+        ("steps=abc", "expected an integer"),
+        ("mode=c", "is not one of"),
+        ("flag=3", "expected true/false"),
+        ("steps=0", "steps must be > 0"),
+    ],
+)
+def test_bad_overrides_fail_clearly(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(Cfg(), [override])
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as exc:
+        from_dict(Cfg, {"optim": {"lrr": 1}})
+    assert "optim.lr" in str(exc.value)
+
+
+def test_save_load_roundtrip(tmp_path):
+    cfg = apply_overrides(Cfg(), ["optim.lr=0.25", "sizes=[7]"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(Cfg, tmp_path / "c.yaml") == cfg
+    assert to_dict(cfg)["optim"]["lr"] == 0.25
+
+
+def test_resolve_from_yaml_file_then_overrides(tmp_path):
+    p = tmp_path / "preset.yaml"
+    p.write_text("steps: 5\noptim:\n  lr: 0.01\n")
+    cfg = resolve(Cfg, str(p), ["optim.lr=0.02"])
+    assert cfg.steps == 5 and cfg.optim.lr == 0.02
+
+
+def test_unknown_preset_names_available(tmp_path):
+    with pytest.raises(ConfigError, match="unknown pretrain preset"):
+        load_preset("pretrain", "does-not-exist")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_preset("pretrain", str(bad))
+
+
+def test_shipped_pretrain_presets_present():
+    assert {"paper", "cpu", "smoke"} <= set(list_presets("pretrain"))

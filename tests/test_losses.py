@@ -1,0 +1,108 @@
+"""Tests of the self-supervised losses (Eq. 1-3 of the paper)."""
+
+import pytest
+import torch
+
+from xmodal.losses import (
+    CrossModalLoss,
+    TripletLoss,
+    cross_modal_loss,
+    pair_accuracy,
+    self_supervised_loss,
+    triplet_loss,
+)
+
+
+def _feats(seed, b=6, d=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, d, generator=g) for _ in range(3)]
+
+
+def test_triplet_zero_when_negative_is_far():
+    a, p, _ = _feats(0)
+    n = a + 100.0
+    assert triplet_loss(a, p, n, margin=1.0).item() == 0.0
+    assert torch.all(triplet_loss(a, p, n, reduction="none") == 0)
+
+
+def test_triplet_equals_margin_when_all_equal():
+    a = torch.randn(4, 3)
+    out = triplet_loss(a, a.clone(), a.clone(), margin=0.7, reduction="none")
+    torch.testing.assert_close(out, torch.full((4,), 0.7))
+    assert triplet_loss(a, a, a, margin=0.7, reduction="sum").item() == pytest.approx(2.8)
+
+
+def test_triplet_matches_python_loop_with_squared_distance():
+    a, p, n = _feats(1)
+    expected = []
+    for i in range(a.shape[0]):
+        dp = sum((float(a[i, j]) - float(p[i, j])) ** 2 for j in range(a.shape[1]))
+        dn = sum((float(a[i, j]) - float(n[i, j])) ** 2 for j in range(a.shape[1]))
+        expected.append(max(dp - dn + 2.0, 0.0))
+    got = triplet_loss(a, p, n, margin=2.0, reduction="none")
+    torch.testing.assert_close(got, torch.tensor(expected))
+    assert TripletLoss(margin=2.0)(a, p, n).item() == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+
+
+def test_triplet_rejects_bad_input():
+    a, p, n = _feats(2)
+    with pytest.raises(ValueError, match="anchor"):
+        triplet_loss(a, p[:3], n)
+    with pytest.raises(ValueError, match="reduction"):
+        triplet_loss(a, p, n, reduction="max")
+
+
+def test_cross_modal_is_sum_over_pairs_of_log_softmax():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 3, 2, generator=g)
+    labels = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 1], [1, 1, 0]])
+    logp = torch.log_softmax(logits, dim=-1)
+    per_sample = torch.stack([-sum(logp[b, j, labels[b, j]] for j in range(3)) for b in range(4)])
+    torch.testing.assert_close(cross_modal_loss(logits, labels, reduction="none"), per_sample)
+    torch.testing.assert_close(cross_modal_loss(logits, labels), per_sample.mean())
+    torch.testing.assert_close(CrossModalLoss(reduction="sum")(logits, labels), per_sample.sum())
+
+
+def test_cross_modal_matches_binary_cross_entropy_of_eq2():
+    # with p = softmax(logits)[..., 1], Eq. 2 is -sum_j y log p + (1 - y) log(1 - p)
+    logits = torch.randn(3, 3, 2, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([[1, 1, 0]] * 3)
+    p = torch.softmax(logits, -1)[..., 1]
+    y = labels.float()
+    eq2 = -(y * p.log() + (1 - y) * (1 - p).log()).sum(1).mean()
+    torch.testing.assert_close(cross_modal_loss(logits, labels), eq2)
+
+
+def test_cross_modal_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="logits"):
+        cross_modal_loss(torch.randn(4, 3), torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="labels"):
+        cross_modal_loss(torch.randn(4, 3, 2), torch.zeros(4, 2))
+
+
+def test_pair_accuracy():
+    logits = torch.tensor([[[0.0, 1.0], [2.0, 0.0], [0.0, 3.0]]])
+    assert pair_accuracy(logits, torch.tensor([[1, 0, 0]])).item() == pytest.approx(2 / 3)
+
+
+def test_self_supervised_loss_combination_ablations_and_gradients():
+    f1, f2, f3 = (t.requires_grad_() for t in _feats(5))
+    logits = torch.randn(6, 3, 2, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    labels = torch.tensor([[1, 1, 0]] * 6)
+    trip = triplet_loss(f1, f2, f3, margin=0.5)
+    cross = cross_modal_loss(logits, labels)
+    both = self_supervised_loss(f1, f2, f3, logits, labels, margin=0.5, beta=2.0)
+    torch.testing.assert_close(both["loss"], trip + 2.0 * cross)
+    torch.testing.assert_close(both["triplet"], trip.detach())
+    cv = self_supervised_loss(f1, f2, f3, logits, labels, margin=0.5, beta=2.0, use_cross_modal=False)
+    cm = self_supervised_loss(f1, f2, f3, logits, labels, margin=0.5, beta=2.0, use_cross_view=False)
+    torch.testing.assert_close(cv["loss"], trip)
+    torch.testing.assert_close(cm["loss"], 2.0 * cross)
+    both["loss"].backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (f1, f2, f3, logits))
+    f1.grad = None
+    cm["loss"].backward()
+    assert f1.grad is None  # the cross-view term is off, images reach the loss only through Ff
+    with pytest.raises(ValueError, match="at least one"):
+        self_supervised_loss(f1, f2, f3, logits, labels, margin=0.5, beta=1.0, use_cross_view=False,
+                             use_cross_modal=False)

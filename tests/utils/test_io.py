@@ -1,0 +1,63 @@
+"""Tests for xmodal.utils.io: atomic writes leave no partial files."""
+
+from __future__ import annotations
+
+import pytest
+
+from xmodal.utils.io import append_jsonl, atomic_path, atomic_write, read_json, read_jsonl, write_json
+
+
+def test_write_read_json(tmp_path):
+    import numpy as np
+
+    write_json(tmp_path / "a.json", {"x": np.int64(3), "y": np.arange(2)})
+    assert read_json(tmp_path / "a.json") == {"x": 3, "y": [0, 1]}
+
+
+def test_atomic_write_keeps_old_content_on_error(tmp_path):
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as fh:
+            fh.write("new partial")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temp file left
+
+
+def test_atomic_path_replaces_on_success(tmp_path):
+    target = tmp_path / "sub" / "g.bin"
+    with atomic_path(target) as tmp:
+        assert tmp != target and tmp.parent == target.parent
+        tmp.write_bytes(b"abc")
+        assert not target.exists()
+    assert target.read_bytes() == b"abc"
+
+
+def test_read_json_names_file_when_corrupt(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        read_json(p)
+
+
+def test_jsonl_ignores_torn_last_line(tmp_path):
+    p = tmp_path / "m.jsonl"
+    append_jsonl(p, {"step": 1})
+    append_jsonl(p, {"step": 2})
+    with open(p, "a") as fh:
+        fh.write('{"step": 3, "lo')  # a write cut short by a kill
+    assert [r["step"] for r in read_jsonl(p)] == [1, 2]
+    with open(p, "w") as fh:
+        fh.write('{"a": 1}\n{broken\n{"a": 2}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_jsonl(p)
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+
+    write_json(tmp_path / "p.json", {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "p.json").stat().st_mode & 0o777 == 0o666 & ~mask
