@@ -112,12 +112,13 @@ def _fake_api() -> types.ModuleType:
 
 @pytest.fixture
 def loaded(monkeypatch):
-    """A LoadedRun: ``random_init_run`` of the default config when xmodal.api exists, else a fake."""
+    """A LoadedRun: ``random_init_run`` of the smoke config when xmodal.api exists, else a fake."""
     try:
         api = importlib.import_module("xmodal.api")
-        from xmodal.train.config import PretrainConfig
+        from xmodal.train.config import resolve_pretrain_config
 
-        return api.random_init_run(PretrainConfig(), seed=0, device="cpu")
+        cfg = resolve_pretrain_config("smoke", ["data.num_points=48"])  # 32 px images, k = 8
+        return api.random_init_run(cfg, seed=0, device="cpu")
     except ImportError:
         monkeypatch.setitem(sys.modules, "xmodal.api", _fake_api())
         return _FakeRun(0)

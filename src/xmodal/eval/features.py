@@ -28,6 +28,7 @@ import numpy as np
 
 __all__ = [
     "view_indices",
+    "subsample_points",
     "point_features",
     "view_features",
     "pool_views",
@@ -82,11 +83,37 @@ def _resolve_device(device: Any) -> Any:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def point_features(run, split, *, batch_size: int = 32, device: Any = None, progress: bool = False) -> np.ndarray:
+def subsample_points(points: np.ndarray, num_points: int, *, seed: int = 0) -> np.ndarray:
+    """Seeded random subset of ``num_points`` points per cloud: (n, N, 3) -> (n, num_points, 3).
+
+    Object ``i`` keeps the points ``default_rng((seed, i)).permutation(N)[:num_points]``
+    (in increasing order); clouds with ``N <= num_points`` are returned unchanged.
+    """
+    n, total = points.shape[:2]
+    if num_points >= total:
+        return points
+    keep = np.stack([np.sort(np.random.default_rng((int(seed), i)).permutation(total)[:num_points]) for i in range(n)])
+    return np.take_along_axis(points, keep[:, :, None], axis=1)
+
+
+def point_features(
+    run,
+    split,
+    *,
+    batch_size: int = 32,
+    device: Any = None,
+    num_points: Optional[int] = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
     """Global point features of every object of ``split``: ``(n, 512)`` float32.
 
     run: a :class:`xmodal.api.LoadedRun` (its ``point_encoder`` is used as is,
     in eval mode); split: a :class:`xmodal.data.store.SplitView`.
+    ``num_points`` (default: ``run.num_points``, the size trained on): clouds
+    with more stored points are reduced to a seeded random subset of that size
+    (:func:`subsample_points`), so that DGCNN's k-NN graph has the density it
+    was trained with; clouds with fewer points are used as stored.
     """
     from xmodal.api import extract_point_features
 
@@ -94,6 +121,8 @@ def point_features(run, split, *, batch_size: int = 32, device: Any = None, prog
     n = split.n
     if n == 0:
         raise ValueError(f"split '{split.name}' is empty: no features to compute")
+    if num_points is None:
+        num_points = getattr(run, "num_points", None)
     feats = []
     # encode in blocks of objects so that a progress bar can advance
     block = max(batch_size, 1) * 16
@@ -103,6 +132,8 @@ def point_features(run, split, *, batch_size: int = 32, device: Any = None, prog
 
         it = tqdm(it, desc=f"3D features ({split.name})", leave=False, total=-(-n // block))
     all_pts = split.all_points()
+    if num_points is not None and num_points < all_pts.shape[1]:
+        all_pts = subsample_points(all_pts, int(num_points), seed=seed)
     for s in it:
         feats.append(
             extract_point_features(run.point_encoder, all_pts[s : s + block], batch_size=batch_size, device=device)
@@ -226,6 +257,7 @@ class FeatureCache:
                 self.store.split(split),
                 batch_size=self.point_batch_size,
                 device=self.device,
+                seed=self.seed,
                 progress=self.progress,
             )
         return self._points[split]

@@ -305,15 +305,15 @@ class EdgeConv(_EdgeConvBase):
         # conv1 per point: W [x_j - x_i, x_i] = W_a x_j + (W_b - W_a) x_i
         w1 = self.conv1.weight.view(co, 2 * c)
         wa, wb = w1[:, :c], w1[:, c:]
-        ac = F.linear(xt.reshape(b * n, c), torch.cat([wa, wb - wa], 0))  # (B*N, 2*C_out)
-        a, cc = ac[:, :co], ac[:, co:]
+        xf = xt.reshape(b * n, c)
+        a, cc = F.linear(xf, wa), F.linear(xf, wb - wa)  # (B*N, C_out) each, per point
         # sign of the BN2 scale folded into conv2 so that max commutes with BN2 + LeakyReLU
         bn1, bn2 = self.bn1, self.bn2
         sign = torch.where(bn2.weight.detach() >= 0, 1.0, -1.0).to(xt.dtype)
         w2 = self.conv2.weight.view(co, co) * sign[:, None]
         if self.fused:
             h, m1, v1 = _GatherBNLeaky.apply(
-                a.contiguous(), cc.contiguous(), flat, k, bn1.weight, bn1.bias,
+                a, cc, flat, k, bn1.weight, bn1.bias,
                 bn1.running_mean, bn1.running_var, _uses_batch_stats(bn1), bn1.eps,
             )
             z = F.linear(h, w2)  # (B*N, k, C_out)
