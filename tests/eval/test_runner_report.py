@@ -233,3 +233,21 @@ def test_report_lays_out_paper_tables():
     assert "88.3" in row and row.rstrip(" |").endswith("+5.0")  # Δ instance mIoU vs scratch
     assert "the dataset has no images" in text
     assert "![Fig](f.png)" in text
+
+
+def test_partseg_runs_on_a_part_labelled_store(tmp_path, run_dir, loaded):
+    pytest.importorskip("xmodal.eval.partseg")
+    splits = {"train": _split(3, 4, images=False), "test": _split(2, 5, images=False)}
+    for sp in splits.values():  # two parts per class: the upper and lower half of each cloud
+        sp["point_labels"] = (2 * sp["labels"][:, None] + (sp["points"][..., 2] > 0)).astype(np.int16)
+    parts = [f"{c}/{p}" for c in CLASSES for p in ("bottom", "top")]
+    root = tmp_path / "parts"
+    write_store(root, classes=CLASSES, splits=splits, part_names=parts)
+    m = evaluate(
+        run_dir, root, tasks=["partseg"], out=tmp_path / "r", loaded=loaded, device="cpu", progress=False,
+        partseg_kwargs={"settings": ("frozen",), "fractions": (1.0,), "epochs": 1, "batch_size": 4},
+    )
+    for k in ("oa", "class_miou", "instance_miou"):
+        assert 0.0 <= m[f"partseg.frozen.100.{k}"] <= 1.0
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "| frozen | 100% |" in report and "CM-CV-Frozen" in report

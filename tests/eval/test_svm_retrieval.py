@@ -205,3 +205,17 @@ def test_select_gallery_caps_and_stratifies():
     assert np.bincount(lab[keep]).tolist() == [10, 10, 10, 10]
     assert np.array_equal(select_gallery(lab, 40, seed=0), keep)
     assert np.array_equal(select_gallery(lab, None), np.arange(100))
+
+
+def test_subsample_points_seeded_subset():
+    from xmodal.eval.features import subsample_points
+
+    pts = np.random.default_rng(0).normal(size=(3, 20, 3)).astype(np.float32)
+    sub = subsample_points(pts, 8, seed=0)
+    assert sub.shape == (3, 8, 3)
+    for i in range(3):  # every kept point is one of the object's own points, no repeats
+        rows = {tuple(p) for p in pts[i]}
+        assert {tuple(p) for p in sub[i]} <= rows and len({tuple(p) for p in sub[i]}) == 8
+    assert np.array_equal(subsample_points(pts, 8, seed=0), sub)
+    assert not np.array_equal(subsample_points(pts, 8, seed=1), sub)
+    assert subsample_points(pts, 20, seed=0) is pts

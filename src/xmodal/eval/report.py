@@ -127,6 +127,13 @@ def _section_setup(m: _Metrics, figures: Mapping[str, str]) -> list[str]:
             + f" objects; {ds.get('classes', '?')} classes; {ds.get('views', 0)} stored views per object; "
             f"{ds.get('points', '?')} points per cloud",
         )
+    mode = meta.get("loss_mode")
+    if mode:
+        paper_row = {"cm-cv": "CM-CV", "cm": "CM"}.get(str(mode).lower())
+        item(
+            "run trained with",
+            f"`{mode}` losses" + (f" — compare with the paper's {paper_row} rows" if paper_row else " (no paper row)"),
+        )
     item("seed", meta.get("seed"))
     item("device", meta.get("device"))
     req, used = meta.get("views_requested"), meta.get("views_used")
@@ -386,11 +393,12 @@ def _section_fewshot(m: _Metrics) -> list[str]:
                 row.append(ms(f"fewshot{d}.{s}", base=True))
         rows.append(row)
     lines += _table(header, rows)
-    lines += ["", "Accuracy on the query objects, mean ± std over episodes (%).", ""]
-    why = _skipped(m, "fewshot2d")
-    if why:
-        lines.insert(-1, f"Skipped: {why}.")
-    return lines
+    lines += ["", "Accuracy on the query objects, mean ± std over episodes (%)."]
+    sk = m.get("meta.tasks_skipped") or {}
+    notes = [f"`{k}`: {r}" for k, r in sk.items() if k.startswith("fewshot")]
+    if notes:
+        lines += ["", "Skipped: " + "; ".join(notes) + "."]
+    return lines + [""]
 
 
 def _section_crossmodal(m: _Metrics) -> list[str]:

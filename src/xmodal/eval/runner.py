@@ -409,7 +409,8 @@ def evaluate(
     if baseline == "random":
         from xmodal.api import random_init_run
 
-        networks.append(("random init", random_init_run(loaded.config, seed=seed, device=device), "baseline.random."))
+        # the LoadedRun carries the run's config and up axis
+        networks.append(("random init", random_init_run(loaded, seed=seed, device=device), "baseline.random."))
     for label, net, prefix in networks:
         cache = FeatureCache(net, store, seed=seed, device=device, progress=progress)
         ctx = _Ctx(net, store, cache, prefix, views_used, seed, device)
