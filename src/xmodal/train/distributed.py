@@ -38,6 +38,7 @@ __all__ = [
     "GlobalBatchNorm",
     "convert_batchnorm",
     "all_reduce_mean",
+    "all_reduce_sum",
     "barrier",
     "main",
 ]
@@ -132,12 +133,37 @@ def all_reduce_mean(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t / ctx.world_size
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over processes: the gradient of a sum is the sum of the gradients.
+
+    Written here because ``torch.distributed.nn.functional.all_reduce`` (the same thing) is
+    deprecated in favour of a private module.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        g = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """``sum over processes of x``, differentiable (backward: sum of the gradients)."""
+    return _AllReduceSum.apply(x)
+
+
 class GlobalBatchNorm(_BatchNorm):
     """BatchNorm over the union of the batches of all processes, for any device/backend.
 
     In training, the per-channel mean and (biased) variance are computed over every
     dimension but 1 of the inputs of *all* processes: two differentiable all-reduces
-    (``torch.distributed.nn.functional.all_reduce``: sum and count, then the sum of
+    (:func:`all_reduce_sum`: sum and count, then the sum of
     squared deviations), so gradients flow back to every process's inputs exactly as in
     one process with the concatenated batch. Running statistics are updated like
     ``nn.BatchNorm`` (unbiased variance, ``momentum`` or cumulative average). In
@@ -154,18 +180,16 @@ class GlobalBatchNorm(_BatchNorm):
         use_batch = self.training or not self.track_running_stats
         if not (use_batch and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         c = x.shape[1]
         dims = [d for d in range(x.dim()) if d != 1]
         xf = x.float()
         count = torch.tensor([x.numel() / max(c, 1)], device=x.device, dtype=torch.float32)
-        stats = all_reduce(torch.cat([xf.sum(dims), count]))
+        stats = all_reduce_sum(torch.cat([xf.sum(dims), count]))
         total = stats[-1]
         mean = stats[:-1] / total
         shape = [1, c] + [1] * (x.dim() - 2)
         centred = xf - mean.view(shape)
-        var = all_reduce(centred.pow(2).sum(dims)) / total
+        var = all_reduce_sum(centred.pow(2).sum(dims)) / total
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -1,0 +1,163 @@
+"""End-to-end pre-training on tiny synthetic stores (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import xmodal.losses
+from xmodal.config import ConfigError, resolve
+from xmodal.data.store import write_store
+from xmodal.train.checkpoint import checkpoint_paths, load_checkpoint
+from xmodal.train.config import PretrainConfig
+from xmodal.train.trainer import TrainingDiverged, pretrain
+from xmodal.utils.io import read_json, read_jsonl
+
+
+def _store(root, n=6, views=4, size=32, points=128, seed=0):
+    """Objects with a per-object image pattern (shifted per view) and a per-object blob shape."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    imgs = np.empty((n, views, size, size), np.uint8)
+    for i in range(n):
+        fx, fy = rng.uniform(1, 4, 2)
+        for v in range(views):
+            base = 0.5 + 0.5 * np.sin(2 * np.pi * (fx * xx + fy * yy + rng.uniform(0, 0.5)))
+            imgs[i, v] = np.clip(base * 255 + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
+    pts = (rng.normal(size=(n, points, 3)) * rng.uniform(0.2, 1.0, size=(n, 1, 3))).astype(np.float32)
+    train = {"ids": [f"o{i}" for i in range(n)], "labels": np.arange(n) % 2, "points": pts, "images": imgs}
+    return write_store(root, classes=["a", "b"], splits={"train": train}, up_axis="y")
+
+
+def _cfg(*overrides) -> PretrainConfig:
+    return resolve(PretrainConfig, "smoke", list(overrides), group="pretrain")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    _store(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory):
+    """6 smoke steps, checkpoint every 3."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    summary = pretrain(data, out, _cfg(), progress=False)
+    return out, summary
+
+
+def _losses(run):
+    return np.array([[r["loss"], r["triplet"], r["cross"]] for r in read_jsonl(run / "metrics.jsonl")])
+
+
+def test_run_folder_contents(full_run, data):
+    out, summary = full_run
+    assert summary["steps"] == 6 and summary["world_size"] == 1 and summary["final"]["step"] == 6
+    recs = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    for r in recs:
+        assert {"loss", "triplet", "cross", "cm_acc", "lr", "time", "samples_per_s"} <= set(r)
+        assert math.isfinite(r["loss"]) and 0 <= r["cm_acc"] <= 1 and r["lr"] == pytest.approx(0.001)
+        assert r["loss"] == pytest.approx(r["triplet"] + 1.0 * r["cross"], rel=1e-5)
+    run = read_json(out / "run.json")
+    assert run["world_size"] == 1 and run["manifest"]["up_axis"] == "y" and "torch_version" in run
+    assert run["manifest"]["counts"] == {"train": 6}
+    assert (out / "config.yaml").read_text().count("image_size: 32") == 1
+    ckpt = load_checkpoint(out)
+    assert ckpt.step == 6 and any(k.startswith("optim/") for k in ckpt.tensors)
+    assert ckpt.state["scheduler"]["last_epoch"] == 6
+    enc = read_json(out / "encoders.json")
+    assert enc["step"] == 6 and enc["up_axis"] == "y" and enc["num_points"] == 128 and enc["image_size"] == 32
+    assert enc["architecture"]["point_encoder"] == {"name": "dgcnn", "kwargs": {"k": 8}}
+
+
+def test_exact_resume(full_run, data, tmp_path):
+    ref = _losses(full_run[0])
+    out = tmp_path / "resumed"
+    pretrain(data, out, _cfg("iterations=3"), progress=False)
+    assert load_checkpoint(out).step == 3
+    # as if the first run had logged step 4 and died before its next checkpoint
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": 4, "loss": 123.0, "triplet": 0, "cross": 0}) + "\n")
+    s = pretrain(data, out, _cfg("iterations=6"), resume=True, progress=False)
+    assert s["start_step"] == 3 and s["steps"] == 6
+    recs = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(_losses(out), ref, rtol=1e-6, atol=1e-7)
+    assert read_json(out / "run.json")["resumed"][0]["from_step"] == 3
+    # resuming a finished run is a no-op that keeps its files
+    s2 = pretrain(data, out, _cfg("iterations=6"), resume=True, progress=False)
+    assert s2["start_step"] == 6 and len(read_jsonl(out / "metrics.jsonl")) == 6
+
+
+def test_refuses_to_overwrite_or_change_config(full_run, data, tmp_path):
+    out = full_run[0]
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain(data, out, _cfg(), progress=False)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        pretrain(data, out, _cfg("optim.lr=0.5"), resume=True, progress=False)
+    with pytest.raises(ConfigError, match="already at step 6"):
+        pretrain(data, out, _cfg("iterations=4"), resume=True, progress=False)
+    with pytest.raises(FileNotFoundError):
+        pretrain(data, tmp_path / "nothing", _cfg(), resume=True, progress=False)
+
+
+def test_loss_falls_when_overfitting(tmp_path):
+    data = tmp_path / "data"
+    _store(data, n=4, views=2)
+    out = tmp_path / "run"
+    pretrain(data, out, _cfg("iterations=12", "checkpoint_every=12", "aug.enabled=false"), progress=False)
+    loss = _losses(out)[:, 0]
+    assert np.isfinite(loss).all()
+    assert loss[-4:].mean() < 0.5 * loss[:4].mean(), loss
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(data, tmp_path, monkeypatch):
+    real = xmodal.losses.self_supervised_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            out = dict(out, loss=out["loss"] * float("nan"), cross=out["cross"] * float("nan"))
+        return out
+
+    monkeypatch.setattr(xmodal.losses, "self_supervised_loss", flaky)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="step 5: the cross loss is nan") as info:
+        pretrain(data, out, _cfg(), progress=False)
+    assert info.value.step == 5 and info.value.checkpoint == checkpoint_paths(out)[1]
+    ckpt = load_checkpoint(out)
+    assert ckpt.step == 3
+    assert all(torch.isfinite(t.float()).all() for t in ckpt.tensors.values())
+    assert not (out / "encoders.json").exists()
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_cross_view_only_mode(data, tmp_path):
+    out = tmp_path / "cv"
+    s = pretrain(data, out, _cfg("iterations=2", "checkpoint_every=2", "loss.mode=cv"), progress=False)
+    rec = s["final"]
+    assert rec["cross"] is None and rec["cm_acc"] is None and rec["loss"] == pytest.approx(rec["triplet"])
+
+
+def test_torn_checkpoint_pair_uses_the_weights_state(full_run, tmp_path, caplog):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(full_run[0] / "checkpoints", out / "checkpoints")
+    wpath, jpath = checkpoint_paths(out)
+    state = read_json(jpath)
+    state["step"] = 3  # an older JSON beside newer weights: a crash between the two writes
+    jpath.write_text(json.dumps(state))
+    ckpt = load_checkpoint(out)
+    assert ckpt.step == 6 and "torn" in caplog.text
+    jpath.unlink()
+    assert load_checkpoint(out).step == 6
