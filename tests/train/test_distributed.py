@@ -69,13 +69,16 @@ def _store(root, n=6, views=4, size=32, points=128, seed=0):
 def test_two_processes_match_one(tmp_path):
     data = tmp_path / "data"
     _store(data)
-    overrides = ["iterations=4", "checkpoint_every=4", "batch_size=4"]
+    # With random-noise images the early triplet loss is chaotic: on one process, 1 vs 2 threads
+    # already changes step 3's loss by ~3% (DGCNN's k-NN / max choices flip with the float summation
+    # order and the updates amplify it). A tiny learning rate keeps the weights (nearly) fixed, so the
+    # per-step losses test the data slicing and the global BatchNorm at every step, and the optimizer's
+    # momentum buffers (sums of gradients, independent of lr) test the gradient averaging.
+    overrides = ["iterations=4", "checkpoint_every=4", "batch_size=4", "optim.lr=1e-6"]
     one = tmp_path / "one"
     pretrain(data, one, resolve(PretrainConfig, "smoke", overrides, group="pretrain"), progress=False)
 
     two = tmp_path / "two"
-    # same intra-op thread count as this process: DGCNN's k-NN and max-pooling make discrete choices
-    # that a different float summation order can flip, which the chaotic early training then amplifies
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -92,10 +95,24 @@ def test_two_processes_match_one(tmp_path):
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for key in ("loss", "triplet", "cross", "cm_acc"):
         np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-4, atol=1e-5, err_msg=key)
-    # the final weights agree too (global BatchNorm running statistics included)
-    from safetensors.torch import load_file
+    # gradients were averaged over the processes (momentum buffers), BatchNorm statistics are global
+    from xmodal.train.checkpoint import load_checkpoint
 
-    wa, wb = load_file(str(one / "encoders.safetensors")), load_file(str(two / "encoders.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wb[k].float(), wa[k].float(), rtol=1e-3, atol=1e-4, msg=k)
+    ca, cb = load_checkpoint(one).tensors, load_checkpoint(two).tensors
+    assert ca.keys() == cb.keys()
+    grads = [k for k in ca if k.startswith("optim/")]
+    ga = torch.cat([ca[k].flatten() for k in grads])
+    gb = torch.cat([cb[k].flatten() for k in grads])
+    rel = float((gb - ga).norm() / ga.norm())
+    assert rel < 1e-3
+    for k in [k for k in ca if "running_" in k]:
+        torch.testing.assert_close(cb[k], ca[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_convert_batchnorm_refuses_the_fused_edgeconv():
+    from xmodal.models.dgcnn import DGCNN
+
+    with pytest.raises(ValueError, match="fast=False"):
+        convert_batchnorm(DGCNN(k=4), "cpu", world_size=2)
+    ref = convert_batchnorm(DGCNN(k=4, fast=False), "cpu", world_size=2)
+    assert sum(isinstance(m, GlobalBatchNorm) for m in ref.modules()) == 9  # 4 x 2 EdgeConv BN2d + 1 BN1d

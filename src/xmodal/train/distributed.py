@@ -235,6 +235,16 @@ def convert_batchnorm(module: nn.Module, device, world_size: Optional[int] = Non
         world_size = dist.get_world_size() if (dist.is_available() and dist.is_initialized()) else 1
     if world_size <= 1:
         return module
+    try:
+        from xmodal.models.dgcnn import EdgeConv
+    except ImportError:  # pragma: no cover - the models package is part of xmodal
+        EdgeConv = ()
+    fused = [name for name, m in module.named_modules() if isinstance(m, EdgeConv)]
+    if fused:
+        raise ValueError(
+            f"{fused[0]}: the fast EdgeConv computes its BatchNorm statistics inside fused kernels, which "
+            "cannot be synchronised across processes; build the DGCNN with fast=False (same weights)"
+        )
     if torch.device(device).type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return _to_global_bn(module)

@@ -31,7 +31,7 @@ import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from xmodal.train.checkpoint import (
     save_checkpoint,
     save_encoders,
 )
-from xmodal.train.config import PretrainConfig, config_diff, config_hash
+from xmodal.train.config import RESUME_MUTABLE_KEYS, PretrainConfig, config_diff, config_hash
 from xmodal.train.distributed import (
     DistContext,
     all_reduce_mean,
@@ -182,8 +182,8 @@ def _check_run_dir(out: Path, cfg: PretrainConfig, resume: bool):
         diff = config_diff(saved, cfg)
         if diff:
             raise ConfigError(
-                f"{saved_cfg}: cannot resume with a different config (only iterations, checkpoint_every, device "
-                "and data.workers may change):\n  " + "\n  ".join(diff)
+                f"{saved_cfg}: cannot resume with a different config (only {', '.join(sorted(RESUME_MUTABLE_KEYS))} "
+                "may change):\n  " + "\n  ".join(diff)
             )
     ckpt = load_checkpoint(out)
     if ckpt is not None:
@@ -267,6 +267,7 @@ def _pretrain(data, out: Path, cfg: PretrainConfig, ctx: DistContext, *, resume:
             raise ValueError(f"{getattr(store, 'root', data)}: no split '{split_name}' (has {store.splits})")
         split = store.split(split_name)
         ckpt = _check_run_dir(out, cfg, resume)
+        barrier(ctx)  # every process has checked the folder before rank 0 writes into it
         fingerprint = _data_fingerprint(store, split_name)
         if ckpt is not None and ckpt.state.get("data") not in (None, fingerprint):
             raise ConfigError(
@@ -390,11 +391,11 @@ def _pretrain(data, out: Path, cfg: PretrainConfig, ctx: DistContext, *, resume:
                     window.append(parts)
                     done = s + 1
                     if bar is not None:
-                        bar.update(1)
                         bar.set_postfix(
                             loss=f"{parts[0]:.4f}", trip=f"{parts[1]:.4f}", cross=f"{parts[2]:.4f}" if use_cm else "-",
                             acc=f"{parts[3]:.2f}" if use_cm else "-", lr=f"{lr:.1e}", refresh=False,
                         )
+                        bar.update(1)
                     if done % cfg.log_every == 0 or done == cfg.iterations:
                         now = time.perf_counter()
                         mean = np.mean(np.asarray(window, dtype=np.float64), axis=0)

@@ -1,0 +1,162 @@
+"""Feature API: load_run / random_init_run / extraction helpers."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import xmodal
+from xmodal.api import (
+    LoadedRun,
+    extract_image_features,
+    extract_point_features,
+    load_encoders,
+    load_run,
+    random_init_run,
+)
+from xmodal.config import resolve, save_config
+from xmodal.data.store import write_store
+from xmodal.train.checkpoint import CheckpointError, save_encoders
+from xmodal.train.config import PretrainConfig
+from xmodal.train.trainer import pretrain
+
+
+def _cfg(*ov):
+    return resolve(PretrainConfig, "smoke", list(ov), group="pretrain")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    rng = np.random.default_rng(0)
+    n = 6
+    write_store(
+        root / "data",
+        classes=["a", "b"],
+        splits={
+            "train": {
+                "ids": [f"o{i}" for i in range(n)],
+                "labels": np.arange(n) % 2,
+                "points": rng.normal(size=(n, 128, 3)).astype(np.float32),
+                "images": rng.integers(0, 256, size=(n, 4, 32, 32), dtype=np.uint8),
+            }
+        },
+        up_axis="y",
+    )
+    pretrain(root / "data", root / "run", _cfg("iterations=2", "checkpoint_every=2"), progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 256, size=(5, 32, 32), dtype=np.uint8), rng.normal(size=(5, 128, 3)).astype(np.float32)
+
+
+def test_round_trip_gives_the_in_memory_features(tmp_path, inputs):
+    imgs, pts = inputs
+    cfg = _cfg()
+    mem = random_init_run(cfg, seed=3)
+    assert mem.source == "random" and not mem.image_encoder.training
+    # write these in-memory weights as a run's final encoders, then load them back from disk
+    run = tmp_path / "run"
+    arch = {
+        "image_encoder": {"name": "resnet18", "kwargs": {}},
+        "point_encoder": {"name": "dgcnn", "kwargs": {"k": cfg.model.k}},
+        "pair_classifier": {"kwargs": {"hidden": cfg.model.pair_hidden}},
+    }
+    nets = {"image_encoder": mem.image_encoder, "point_encoder": mem.point_encoder, "pair_classifier": mem.pair_classifier}
+    info = {"architecture": arch, "image_size": 32, "num_points": 128, "up_axis": "z", "step": 0}
+    save_encoders(run, nets=nets, info={**info, "config": xmodal.config.to_dict(cfg)})
+    loaded = load_run(run)
+    assert isinstance(loaded, LoadedRun) and loaded.source == "final" and loaded.image_size == 32
+    np.testing.assert_array_equal(
+        extract_image_features(loaded.image_encoder, imgs), extract_image_features(mem.image_encoder, imgs)
+    )
+    np.testing.assert_array_equal(
+        extract_point_features(loaded.point_encoder, pts), extract_point_features(mem.point_encoder, pts)
+    )
+    fi = torch.randn(2, 512)
+    torch.testing.assert_close(loaded.pair_classifier(fi, fi), mem.pair_classifier(fi, fi))
+
+
+def test_trained_run_loads_and_differs_from_random(trained, inputs):
+    imgs, pts = inputs
+    run = load_run(trained)
+    assert run.step == 2 and run.up_axis == "y" and run.num_points == 128 and run.config.data.image_size == 32
+    assert all(not m.training for m in (run.image_encoder, run.point_encoder, run.pair_classifier))
+    f2 = extract_image_features(run.image_encoder, imgs)
+    f3 = extract_point_features(run.point_encoder, pts)
+    assert f2.shape == (5, 512) and f3.shape == (5, 512) and f2.dtype == f3.dtype == np.float32
+    rnd = random_init_run(run)
+    assert rnd.up_axis == "y"
+    assert not np.allclose(extract_image_features(rnd.image_encoder, imgs), f2)
+    assert not np.allclose(extract_point_features(rnd.point_encoder, pts), f3)
+    # the same seed gives the same random weights; another seed other weights
+    again, other = random_init_run(run.config, seed=0), random_init_run(run.config, seed=1)
+    np.testing.assert_array_equal(
+        extract_point_features(again.point_encoder, pts), extract_point_features(rnd.point_encoder, pts)
+    )
+    assert not np.allclose(extract_point_features(other.point_encoder, pts), f3)
+
+
+def test_last_checkpoint_equals_final(trained, inputs, tmp_path):
+    imgs, _ = inputs
+    last = load_run(trained, prefer="last")
+    assert last.source == "last" and last.step == 2
+    final = load_run(trained)
+    np.testing.assert_array_equal(
+        extract_image_features(last.image_encoder, imgs), extract_image_features(final.image_encoder, imgs)
+    )
+    # an unfinished run (no encoders.*) falls back to its checkpoint
+    partial = tmp_path / "partial"
+    shutil.copytree(trained, partial)
+    (partial / "encoders.json").unlink()
+    assert load_run(partial).source == "last"
+    img_enc, pts_enc = load_encoders(partial)
+    assert xmodal.load_encoders(partial)[0].__class__ is img_enc.__class__
+
+
+def test_extraction_batching_resizing_and_train_flag(trained, inputs):
+    imgs, pts = inputs
+    enc = load_run(trained).image_encoder
+    enc.train()
+    a = extract_image_features(enc, imgs, batch_size=2)
+    assert enc.training  # the caller's mode is restored
+    b = extract_image_features(enc, imgs, batch_size=64)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # eval mode: independent of batching
+    # larger images are resized to the run's 32 px first
+    big = np.repeat(np.repeat(imgs, 2, axis=1), 2, axis=2)
+    from xmodal.train.augment import resize_images
+
+    np.testing.assert_allclose(
+        extract_image_features(enc, big), extract_image_features(enc, resize_images(big, 32)), rtol=1e-6, atol=1e-6
+    )
+    penc = load_run(trained).point_encoder
+    np.testing.assert_allclose(
+        extract_point_features(penc, pts, batch_size=1), extract_point_features(penc, pts), rtol=1e-4, atol=1e-5
+    )
+    assert extract_point_features(penc, pts[:0]).shape == (0, 512)
+    with pytest.raises(TypeError, match="uint8"):
+        extract_image_features(enc, imgs.astype(np.float32))
+    with pytest.raises(ValueError, match="points"):
+        extract_point_features(penc, pts[..., :2])
+
+
+def test_load_errors(tmp_path, trained):
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        load_run(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="xmodal pretrain"):
+        load_run(empty)
+    bad = tmp_path / "bad"
+    shutil.copytree(trained, bad)
+    (bad / "encoders.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="encoders.safetensors"):
+        load_run(bad)
+    with pytest.raises(ValueError, match="prefer"):
+        load_run(trained, prefer="best")
