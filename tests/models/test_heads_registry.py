@@ -1,10 +1,10 @@
-"""Tests of the heads (PairClassifier, PartSegHead) and the encoder registry."""
+"""Tests of the heads (PairClassifier) and the encoder registry."""
 
 import pytest
 import torch
 
 from xmodal.models.dgcnn import DGCNN
-from xmodal.models.heads import PairClassifier, PartSegHead
+from xmodal.models.heads import PairClassifier
 from xmodal.models.registry import (
     IMAGE_ENCODERS,
     POINT_ENCODERS,
@@ -32,13 +32,6 @@ def test_pair_classifier_rejects_bad_shapes():
         ff(torch.randn(2, 4), torch.randn(2, 4))
     with pytest.raises(ValueError, match="batch sizes"):
         ff(torch.randn(2, 8), torch.randn(3, 4))
-
-
-def test_part_seg_head_shapes():
-    head = PartSegHead(in_dim=20, num_classes=7, hidden=(16, 8))
-    assert head(torch.randn(2, 20, 30)).shape == (2, 7, 30)
-    with pytest.raises(ValueError, match=r"\(B, 20, N\)"):
-        head(torch.randn(2, 19, 30))
 
 
 def test_registry_builds_encoders_with_out_dim():

@@ -146,7 +146,7 @@ def _section_setup(m: _Metrics, figures: Mapping[str, str]) -> list[str]:
     )
     item(
         "SVM (Table 2)",
-        "Pipeline(StandardScaler, LinearSVC) fitted on the train split; C chosen among "
+        "Pipeline(StandardScaler, linear SVM: one-vs-rest squared hinge, liblinear's LinearSVC objective) fitted on the train split; C chosen among "
         f"{meta.get('svm_Cs', 'a log grid')} by stratified k-fold cross-validation on the train split only "
         "(folds reduced when a class is small); the test split is scored once, with C fixed",
     )

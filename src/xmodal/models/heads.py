@@ -2,18 +2,16 @@
 
 * :class:`PairClassifier` – Ff of the paper (§3.2): a two-layer MLP on the concatenated image
   and point-cloud features predicting whether both come from the same object.
-* :class:`PartSegHead` – a per-point MLP (1x1 convolutions) for the part-segmentation
-  transfer task, in the style of the DGCNN segmentation head.
+
+The part-segmentation head lives in :mod:`xmodal.models.partseg` (``PartSegNet``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PairClassifier", "PartSegHead"]
+__all__ = ["PairClassifier"]
 
 
 class PairClassifier(nn.Module):
@@ -38,34 +36,3 @@ class PairClassifier(nn.Module):
         if f_img.shape[0] != f_pts.shape[0]:
             raise ValueError(f"batch sizes differ: f_img {f_img.shape[0]} vs f_pts {f_pts.shape[0]}")
         return self.fc2(self.relu(self.fc1(torch.cat([f_img, f_pts], dim=1))))
-
-
-class PartSegHead(nn.Module):
-    """Per-point classifier: ``[Conv1d(1x1) -> BN -> LeakyReLU(0.2) -> Dropout] * len(hidden)``
-    followed by ``Conv1d(hidden[-1] -> num_classes)``.
-
-    ``forward(x (B, in_dim, N)) -> logits (B, num_classes, N)``. Build ``x`` by concatenating
-    per-point features (e.g. DGCNN's ``blocks``/``point``) with the global feature repeated
-    over the points and, optionally, a one-hot object category.
-    """
-
-    def __init__(self, in_dim: int, num_classes: int, hidden: Sequence[int] = (256, 256, 128),
-                 dropout: float = 0.5) -> None:
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.in_dim, self.num_classes = int(in_dim), int(num_classes)
-        layers: list[nn.Module] = []
-        prev = in_dim
-        for i, h in enumerate(hidden):
-            layers += [nn.Conv1d(prev, h, 1, bias=False), nn.BatchNorm1d(h), nn.LeakyReLU(0.2, inplace=True)]
-            if dropout > 0 and i < len(hidden) - 1:
-                layers.append(nn.Dropout(dropout))
-            prev = h
-        layers.append(nn.Conv1d(prev, num_classes, 1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 3 or x.shape[1] != self.in_dim:
-            raise ValueError(f"PartSegHead expects (B, {self.in_dim}, N), got {tuple(x.shape)}")
-        return self.net(x)
