@@ -21,7 +21,7 @@ def _data(n=300, d=20, k=4, seed=0):
 @pytest.mark.parametrize("C", [0.01, 0.1, 1.0])
 def test_matches_liblinear_objective_and_predictions(C):
     x, y = _data()
-    ours = SquaredHingeSVC(C=C, fit_intercept=False).fit(x, y)
+    ours = SquaredHingeSVC(C=C, fit_intercept=False, dtype="float64", tol=1e-9, max_iter=2000).fit(x, y)
     ref = LinearSVC(C=C, fit_intercept=False, dual=True, tol=1e-10, max_iter=200_000).fit(x, y)
     y_pm = -np.ones((len(y), 4))
     y_pm[np.arange(len(y)), y] = 1

@@ -40,8 +40,8 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
         dtype: ``"float64"`` (default, exact enough to match liblinear) or ``"float32"``.
     """
 
-    def __init__(self, C: float = 1.0, fit_intercept: bool = True, max_iter: int = 500, tol: float = 1e-6,
-                 dtype: str = "float64"):
+    def __init__(self, C: float = 1.0, fit_intercept: bool = True, max_iter: int = 300, tol: float = 1e-6,
+                 dtype: str = "float32"):
         self.C = C
         self.fit_intercept = fit_intercept
         self.max_iter = max_iter
@@ -65,12 +65,13 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
         b = torch.zeros(k, dtype=dt, requires_grad=self.fit_intercept)
         params = [w, b] if self.fit_intercept else [w]
         opt = torch.optim.LBFGS(params, lr=1.0, max_iter=int(self.max_iter), tolerance_grad=float(self.tol),
-                                tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+                                tolerance_change=1e-12, history_size=10, line_search_fn="strong_wolfe")
         C = float(self.C)
+        scale = 1.0 / (C * x.shape[0])  # same minimiser; tolerances independent of C and n
 
         def closure():
             opt.zero_grad()
-            loss = squared_hinge_objective(x, y_pm, w, b, C)
+            loss = squared_hinge_objective(x, y_pm, w, b, C) * scale
             loss.backward()
             return loss
 
