@@ -30,8 +30,9 @@ __all__ = ["DEFAULT_CS", "make_linear_svm", "cv_folds", "select_C", "linear_svm_
 
 log = logging.getLogger(__name__)
 
-#: the C grid searched by cross-validation
-DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 2, 6))
+#: the C grid searched by cross-validation. On standardised 512-d features of ~8k ModelNet40
+#: objects CV picked C = 1e-3, the edge of an earlier 1e-3..1e2 grid, so the grid reaches 1e-5.
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-5, 1, 7))
 
 
 def make_linear_svm(C: float = 1.0, *, seed: int = 0, max_iter: int = 500):
