@@ -23,6 +23,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from xmodal.utils.device import module_device
+
 __all__ = [
     "DEFAULT_KS",
     "MAX_GALLERY",
@@ -53,10 +55,7 @@ def pair_score_matrix(
     if img.ndim != 2 or pts.ndim != 2:
         raise ValueError(f"features must be (n, D) and (m, D), got {tuple(img.shape)} and {tuple(pts.shape)}")
     if device is None:
-        try:
-            device = next(pair_classifier.parameters()).device
-        except StopIteration:
-            device = "cpu"
+        device = module_device(pair_classifier)
     n, m = img.shape[0], pts.shape[0]
     out = np.empty((n, m), dtype=np.float32)
     rows = max(1, int(batch_size) // max(m, 1))

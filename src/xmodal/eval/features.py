@@ -26,6 +26,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from xmodal.utils.device import default_device
+
 __all__ = [
     "view_indices",
     "subsample_points",
@@ -75,14 +77,6 @@ def view_indices(n: int, num_stored: int, v: int, *, seed: int = 0) -> np.ndarra
     return out
 
 
-def _resolve_device(device: Any) -> Any:
-    if device is not None:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def subsample_points(points: np.ndarray, num_points: int, *, seed: int = 0) -> np.ndarray:
     """Seeded random subset of ``num_points`` points per cloud: (n, N, 3) -> (n, num_points, 3).
 
@@ -117,7 +111,7 @@ def point_features(
     """
     from xmodal.api import extract_point_features
 
-    device = _resolve_device(device)
+    device = default_device(device)
     n = split.n
     if n == 0:
         raise ValueError(f"split '{split.name}' is empty: no features to compute")
@@ -161,7 +155,7 @@ def view_features(
     """
     from xmodal.api import extract_image_features
 
-    device = _resolve_device(device)
+    device = default_device(device)
     n = split.n
     if n == 0:
         raise ValueError(f"split '{split.name}' is empty: no features to compute")
@@ -234,7 +228,7 @@ class FeatureCache:
         self.run = run
         self.store = store
         self.seed = int(seed)
-        self.device = _resolve_device(device)
+        self.device = default_device(device)
         self.point_batch_size = point_batch_size
         self.image_batch_size = image_batch_size
         self.progress = progress

@@ -35,6 +35,8 @@ import numpy as np
 
 from xmodal.data.shapenetpart import PartSegSplit, load_partseg, stratified_subset
 
+from xmodal.utils.device import default_device
+
 __all__ = [
     "SETTINGS",
     "FRACTIONS",
@@ -150,13 +152,6 @@ def _torch():
     return torch
 
 
-def _resolve_device(device: Any):
-    torch = _torch()
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _fork_rng(device):
     """A context that restores the global torch RNG(s) afterwards (CPU + the CUDA device used)."""
     torch = _torch()
@@ -206,7 +201,7 @@ def predict_partseg(model, split: PartSegSplit, category_parts: Sequence[Sequenc
     """Predicted global part ids ``(n, N)`` int64 of ``split`` (arg-max over each shape's
     category parts), with ``model`` in eval mode."""
     torch = _torch()
-    device = _resolve_device(device)
+    device = default_device(device)
     model.to(device)
     was_training = model.training
     model.eval()
@@ -281,7 +276,7 @@ def train_partseg(
 
     if train.n == 0:
         raise ValueError("empty training split")
-    device = _resolve_device(device)
+    device = default_device(device)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -441,7 +436,7 @@ def run_partseg(
     bad = [s for s in settings if s not in SETTINGS]
     if bad:
         raise ValueError(f"unknown part-segmentation settings {bad}; choose from {SETTINGS}")
-    device = _resolve_device(device)
+    device = default_device(device)
     data = load_partseg(data, num_points=num_points, seed=seed)
     train_all, test = data.split("train"), data.split("test")
     val = data.splits.get("val")

@@ -26,6 +26,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from xmodal.utils.device import module_device
+
 __all__ = [
     "PAIR_FACTOR",
     "sample_pairs",
@@ -73,10 +75,7 @@ def pair_logits(pair_classifier, img_feats, pts_feats, *, batch_size: int = 4096
     if img_feats.shape[0] != pts_feats.shape[0]:
         raise ValueError(f"{img_feats.shape[0]} image features but {pts_feats.shape[0]} point features")
     if device is None:
-        try:
-            device = next(pair_classifier.parameters()).device
-        except StopIteration:
-            device = "cpu"
+        device = module_device(pair_classifier)
     out = []
     with torch.no_grad():
         for s in range(0, img_feats.shape[0], batch_size):

@@ -34,7 +34,9 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from xmodal.eval.features import FeatureCache, effective_views, pool_views
+from xmodal.utils.device import default_device
 from xmodal.utils.io import read_json, write_json
+
 
 __all__ = ["TASKS", "DEFAULT_VIEWS", "TSNE_VIEWS", "resolve_tasks", "evaluate"]
 
@@ -65,14 +67,6 @@ def resolve_tasks(tasks: Iterable[str]) -> list[str]:
     if not asked:
         raise ValueError("no evaluation task given")
     return [t for t in TASKS if t in asked]
-
-
-def _resolve_device(device: Any) -> str:
-    if device is not None:
-        return str(device)
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class _Ctx:
@@ -376,7 +370,7 @@ def evaluate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run_dir = Path(run)
-    device = _resolve_device(device)
+    device = str(default_device(device))  # a string: it is also written to metrics.json
 
     if loaded is None:
         from xmodal.api import load_run
