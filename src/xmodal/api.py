@@ -35,6 +35,7 @@ from xmodal.train.checkpoint import (
 )
 from xmodal.train.config import PretrainConfig
 from xmodal.transforms import images_to_tensor, points_to_tensor
+from xmodal.utils.device import module_device
 
 __all__ = [
     "LoadedRun",
@@ -75,7 +76,7 @@ class LoadedRun:
 
     @property
     def device(self) -> torch.device:
-        return _module_device(self.image_encoder)
+        return module_device(self.image_encoder)
 
     def to(self, device) -> "LoadedRun":
         """Move the three networks to ``device`` (in place); returns self."""
@@ -191,19 +192,11 @@ def load_encoders(run, device="cpu", **kwargs) -> tuple[nn.Module, nn.Module]:
 # --------------------------------------------------------------------------- extraction
 
 
-def _module_device(m: nn.Module) -> torch.device:
-    for p in m.parameters():
-        return p.device
-    for b in m.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
 @contextlib.contextmanager
 def _eval_on(encoder: nn.Module, device):
     """Put ``encoder`` in eval mode on ``device`` for the block; restore its train flag after."""
     was_training = encoder.training
-    dev = torch.device(device) if device is not None else _module_device(encoder)
+    dev = torch.device(device) if device is not None else module_device(encoder)
     encoder.to(dev)
     encoder.eval()
     try:

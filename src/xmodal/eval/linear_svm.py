@@ -37,7 +37,8 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
         C: inverse regularisation strength (as in ``LinearSVC``).
         fit_intercept: learn an (unpenalised) bias per class.
         max_iter: L-BFGS iterations; tol: gradient-norm tolerance (relative to the first step).
-        dtype: ``"float64"`` (default, exact enough to match liblinear) or ``"float32"``.
+        dtype: ``"float32"`` (default; about 1-2 s per fit on 6k x 512 features) or ``"float64"``
+            (exact enough to match liblinear's objective to many digits).
     """
 
     def __init__(self, C: float = 1.0, fit_intercept: bool = True, max_iter: int = 300, tol: float = 1e-6,

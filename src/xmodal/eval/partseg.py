@@ -34,7 +34,6 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from xmodal.data.shapenetpart import PartSegSplit, load_partseg, stratified_subset
-
 from xmodal.utils.device import default_device
 
 __all__ = [

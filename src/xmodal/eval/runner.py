@@ -37,7 +37,6 @@ from xmodal.eval.features import FeatureCache, effective_views, pool_views
 from xmodal.utils.device import default_device
 from xmodal.utils.io import read_json, write_json
 
-
 __all__ = ["TASKS", "DEFAULT_VIEWS", "TSNE_VIEWS", "resolve_tasks", "evaluate"]
 
 log = logging.getLogger(__name__)

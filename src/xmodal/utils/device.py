@@ -17,10 +17,10 @@ def default_device(device: Any = None):
 
 
 def module_device(module, default: Any = "cpu"):
-    """The device of ``module``'s first parameter (``default`` for a module without parameters)."""
+    """The device of ``module``'s first parameter, else of its first buffer (``default`` for a
+    module with neither)."""
     import torch
 
-    try:
-        return next(module.parameters()).device
-    except StopIteration:
-        return torch.device(default)
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device(default)
