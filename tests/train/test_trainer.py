@@ -161,3 +161,43 @@ def test_torn_checkpoint_pair_uses_the_weights_state(full_run, tmp_path, caplog)
     assert ckpt.step == 6 and "torn" in caplog.text
     jpath.unlink()
     assert load_checkpoint(out).step == 6
+
+
+def test_xmodalnet_freeze_point_bn_keeps_only_fp_batchnorm_in_eval_mode():
+    from torch import nn
+
+    from xmodal.train.trainer import XModalNet
+
+    def bn_net():
+        return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+
+    for freeze in (False, True):
+        net = XModalNet(bn_net(), bn_net(), bn_net(), freeze_point_bn=freeze)
+        for _ in range(2):  # train() after eval() must freeze again
+            net.eval()
+            assert not any(m.training for m in net.modules())
+            net.train()
+            assert net.image_encoder[1].training and net.pair_classifier[1].training
+            assert net.point_encoder[1].training is (not freeze)
+            assert net.point_encoder[0].training  # only BatchNorm layers are held in eval mode
+
+
+def test_freeze_point_bn_run_keeps_fp_statistics_and_trains_its_affine(data, tmp_path):
+    from torch import nn
+
+    from xmodal.api import load_run
+
+    out = tmp_path / "frozen"
+    pretrain(data, out, _cfg("iterations=3", "checkpoint_every=3", "model.freeze_point_bn=true"), progress=False)
+    run = load_run(out)
+    fp_bns = [m for m in run.point_encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    img_bns = [m for m in run.image_encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert fp_bns and img_bns
+    for m in fp_bns:  # statistics untouched: still the initial mean 0 / variance 1
+        torch.testing.assert_close(m.running_mean, torch.zeros_like(m.running_mean))
+        torch.testing.assert_close(m.running_var, torch.ones_like(m.running_var))
+        assert int(m.num_batches_tracked) == 0
+    # ... while their scale/shift and the other networks' statistics did learn
+    assert any(not torch.equal(m.weight, torch.ones_like(m.weight)) for m in fp_bns)
+    assert any(not torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in img_bns)
+    assert np.isfinite(_losses(out)).all()

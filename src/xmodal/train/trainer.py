@@ -89,13 +89,34 @@ class XModalNet(nn.Module):
     ``(f_img (3B, D_img), f_pts (B, D_pts) or None, logits (B, 3, 2) or None)``; the
     image rows are ``[img1 batch, img2 batch, img3 batch]``. ``points=None`` skips Fp and
     Ff (cross-view-only training).
+
+    ``freeze_point_bn=True`` keeps every BatchNorm layer of Fp in eval mode even when the
+    module is put in train mode (``model.freeze_point_bn``): their running statistics are
+    neither used from the batch nor updated; their affine parameters still train.
     """
 
-    def __init__(self, image_encoder: nn.Module, point_encoder: nn.Module, pair_classifier: nn.Module):
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        point_encoder: nn.Module,
+        pair_classifier: nn.Module,
+        *,
+        freeze_point_bn: bool = False,
+    ):
         super().__init__()
         self.image_encoder = image_encoder
         self.point_encoder = point_encoder
         self.pair_classifier = pair_classifier
+        self.freeze_point_bn = bool(freeze_point_bn)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_point_bn:
+            for m in self.point_encoder.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def forward(self, images: torch.Tensor, points: Optional[torch.Tensor] = None):
         f_img = self.image_encoder(images)
@@ -281,7 +302,12 @@ def _pretrain(data, out: Path, cfg: PretrainConfig, ctx: DistContext, *, resume:
         # run needs the reference EdgeConv (same weights) so its BatchNorm layers can be made global
         point_over = {"fast": False} if (ctx.distributed and "k" in arch["point_encoder"]["kwargs"]) else None
         nets = build_networks(arch, seed=cfg.seed, point_overrides=point_over)
-        net = XModalNet(nets["image_encoder"], nets["point_encoder"], nets["pair_classifier"])
+        net = XModalNet(
+            nets["image_encoder"],
+            nets["point_encoder"],
+            nets["pair_classifier"],
+            freeze_point_bn=cfg.model.freeze_point_bn,
+        )
         net = convert_batchnorm(net, device, ctx.world_size).to(device)
         net.train()
         opt = torch.optim.SGD(
