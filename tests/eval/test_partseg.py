@@ -209,14 +209,24 @@ def test_training_learns_tiny_task():
     assert m["oa"] > 0.7  # chance: 1/2 for A, 1/3 for B
 
 
-def test_run_partseg_from_run_dir(tmp_path):
-    """A run folder written like `xmodal pretrain` does: Fp is read with xmodal.api.load_run."""
+@pytest.mark.parametrize("held_bn", [False, True])
+def test_run_partseg_from_run_dir(tmp_path, monkeypatch, held_bn):
+    """A run folder written like `xmodal pretrain` does: Fp is read with xmodal.api.load_run.
+    A run pre-trained with frozen Fp BatchNorm statistics is fine-tuned with them frozen too."""
     pytest.importorskip("xmodal.api")
+    import xmodal.models.partseg as partseg_mod
     from xmodal.config import apply_overrides, to_dict
     from xmodal.train.checkpoint import architecture_from_config, build_networks, save_encoders
     from xmodal.train.config import PretrainConfig
 
-    cfg = apply_overrides(PretrainConfig(), ["model.k=4"])
+    built = []
+
+    def recording_net(*args, **kwargs):
+        built.append((kwargs["freeze_encoder"], kwargs["freeze_encoder_bn"]))
+        return PartSegNet(*args, **kwargs)
+
+    monkeypatch.setattr(partseg_mod, "PartSegNet", recording_net)
+    cfg = apply_overrides(PretrainConfig(), ["model.k=4", f"model.freeze_point_bn={str(held_bn).lower()}"])
     arch = architecture_from_config(cfg)
     nets = build_networks(arch, seed=0)
     save_encoders(tmp_path / "run", nets=nets, info={
@@ -229,3 +239,23 @@ def test_run_partseg_from_run_dir(tmp_path):
     assert set(res) == {f"partseg.{s}.100.{m}" for s in ("frozen", "finetune", "scratch")
                         for m in ("oa", "class_miou", "instance_miou")}
     assert all(0.0 <= v <= 1.0 for v in res.values())
+    # settings run in the order frozen, finetune, scratch; only finetune holds Fp's BatchNorm
+    # statistics, and only for a run pre-trained that way
+    assert built == [(True, False), (False, held_bn), (False, False)]
+
+
+def test_finetune_with_held_batchnorm_trains_weights_but_keeps_statistics():
+    data = _tiny_data(32)
+    torch.manual_seed(0)
+    enc = _tiny_dgcnn()
+    before = copy.deepcopy(enc.state_dict())
+    net = PartSegNet(enc, 5, 2, freeze_encoder_bn=True)
+    net.train()
+    assert net.encoder.training and not any(m.training for m in net.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    head_stats = copy.deepcopy({k: v for k, v in net.head.state_dict().items() if "running_mean" in k})
+    train_partseg(net, data.split("train"), epochs=1, batch_size=4, device="cpu", progress=False)
+    after = net.encoder.state_dict()
+    stats = [k for k in before if "running_" in k or "num_batches" in k]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    assert all(not torch.equal(v, net.head.state_dict()[k]) for k, v in head_stats.items())

@@ -445,6 +445,8 @@ def run_partseg(
         if skipped:
             log.info("no pre-trained run: skipping part-segmentation settings %s", skipped)
         settings = [s for s in settings if s not in _PRETRAINED_SETTINGS]
+    # an Fp pre-trained with frozen BatchNorm statistics is fine-tuned the same way
+    held_bn = bool(getattr(getattr(getattr(loaded, "config", None), "model", None), "freeze_point_bn", False))
     pretrained_state = None
     if pretrained is not None:
         pretrained_state = {k: v.detach().cpu().clone() for k, v in pretrained.state_dict().items()}
@@ -471,6 +473,7 @@ def run_partseg(
                 model = PartSegNet(
                     encoder, data.num_parts, data.num_categories,
                     use_category=use_category, dropout=dropout, freeze_encoder=(setting == "frozen"),
+                    freeze_encoder_bn=(setting == "finetune" and held_bn),
                 )
                 train_partseg(
                     model, sub,

@@ -20,6 +20,9 @@ dropout after the first two (DGCNN's segmentation head layout).
 ``freeze_encoder=True`` gives the *frozen* setting of Table 4: the encoder's parameters do not
 require gradients, the encoder stays in eval mode even while the network trains (so its
 BatchNorm running statistics are not updated), and its features are computed without a graph.
+``freeze_encoder_bn=True`` (for fine-tuning an encoder pre-trained with
+``model.freeze_point_bn``) trains the encoder's parameters but keeps its BatchNorm layers at their
+statistics, as in its pre-training.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from xmodal.models.batchnorm import hold_batchnorm_stats
 
 __all__ = ["PartSegNet", "encoder_feature_dims"]
 
@@ -76,6 +81,8 @@ class PartSegNet(nn.Module):
         use_category: add the 64-d one-hot category embedding to every point's feature.
         dropout: dropout probability after the first two fully connected layers.
         freeze_encoder: frozen setting (see the module docstring).
+        freeze_encoder_bn: keep only the encoder's BatchNorm layers in eval mode (see the
+            module docstring); implied by ``freeze_encoder``.
         hidden: widths of the three hidden fully connected layers.
         category_dim: size of the category embedding.
     """
@@ -89,6 +96,7 @@ class PartSegNet(nn.Module):
         use_category: bool = True,
         dropout: float = 0.5,
         freeze_encoder: bool = False,
+        freeze_encoder_bn: bool = False,
         hidden: Sequence[int] = (256, 256, 128),
         category_dim: int = 64,
     ) -> None:
@@ -120,6 +128,7 @@ class PartSegNet(nn.Module):
             nn.Conv1d(h3, num_parts, 1),
         )
         self.freeze_encoder = False
+        self.freeze_encoder_bn = bool(freeze_encoder_bn)
         self.set_frozen(freeze_encoder)
 
     def set_frozen(self, frozen: bool) -> "PartSegNet":
@@ -134,6 +143,8 @@ class PartSegNet(nn.Module):
         super().train(mode)
         if self.freeze_encoder:
             self.encoder.eval()
+        elif self.freeze_encoder_bn:
+            hold_batchnorm_stats(self.encoder)
         return self
 
     def head_parameters(self) -> list[nn.Parameter]:

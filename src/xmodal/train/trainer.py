@@ -39,6 +39,7 @@ from torch import nn
 
 import xmodal
 from xmodal.config import ConfigError, load_config, save_config, to_dict
+from xmodal.models.batchnorm import hold_batchnorm_stats
 from xmodal.train.augment import crop_resize_flip
 from xmodal.train.checkpoint import (
     NETS,
@@ -113,9 +114,7 @@ class XModalNet(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         if self.freeze_point_bn:
-            for m in self.point_encoder.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            hold_batchnorm_stats(self.point_encoder)
         return self
 
     def forward(self, images: torch.Tensor, points: Optional[torch.Tensor] = None):
