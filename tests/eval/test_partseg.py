@@ -21,6 +21,7 @@ from xmodal.eval.partseg import (
     train_partseg,
 )
 from xmodal.models.dgcnn import DGCNN
+from xmodal.models.batchnorm import batchnorm_layers
 from xmodal.models.partseg import PartSegNet
 
 # two categories: A owns parts 0, 1; B owns parts 2, 3, 4
@@ -251,7 +252,7 @@ def test_finetune_with_held_batchnorm_trains_weights_but_keeps_statistics():
     before = copy.deepcopy(enc.state_dict())
     net = PartSegNet(enc, 5, 2, freeze_encoder_bn=True)
     net.train()
-    assert net.encoder.training and not any(m.training for m in net.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert net.encoder.training and not any(m.training for m in batchnorm_layers(net.encoder))
     head_stats = copy.deepcopy({k: v for k, v in net.head.state_dict().items() if "running_mean" in k})
     train_partseg(net, data.split("train"), epochs=1, batch_size=4, device="cpu", progress=False)
     after = net.encoder.state_dict()

@@ -446,7 +446,8 @@ def run_partseg(
             log.info("no pre-trained run: skipping part-segmentation settings %s", skipped)
         settings = [s for s in settings if s not in _PRETRAINED_SETTINGS]
     # an Fp pre-trained with frozen BatchNorm statistics is fine-tuned the same way
-    held_bn = bool(getattr(getattr(getattr(loaded, "config", None), "model", None), "freeze_point_bn", False))
+    run_cfg = getattr(loaded, "config", None)
+    held_bn = run_cfg is not None and run_cfg.model.freeze_point_bn
     pretrained_state = None
     if pretrained is not None:
         pretrained_state = {k: v.detach().cpu().clone() for k, v in pretrained.state_dict().items()}
