@@ -19,14 +19,11 @@ import sys
 from pathlib import Path
 
 from xmodal import __version__
+from xmodal.errors import Interrupted, TrainingDiverged, XmodalError
 
 log = logging.getLogger("xmodal")
 
 EVAL_TASKS = ("pretext", "svm", "retrieval", "partseg", "tsne", "fewshot", "crossmodal", "all")
-
-
-class CLIError(Exception):
-    """An error the user can fix; printed without a traceback."""
 
 
 def _positive_int(text: str) -> int:
@@ -232,6 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_line(command: str, exc: BaseException) -> str:
+    """``xmodal <command>: error: <where>: <problem>`` plus the hint on a second line, if any."""
+    text = str(exc)
+    if isinstance(exc, OSError) and not isinstance(exc, XmodalError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    line = f"xmodal {command}: error: {text}"
+    hint = getattr(exc, "hint", None)
+    return line + (f"\n  hint: {hint}" if hint else "")
+
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, Interrupted):
+        return 128 + exc.signum
+    if isinstance(exc, TrainingDiverged):
+        return 3
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -245,20 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command (with --resume for pretrain) to continue", file=sys.stderr)
         return 130
-    except Exception as exc:  # user-facing errors without a traceback; --verbose shows it
-        from xmodal.config import ConfigError
-
-        known = (CLIError, ConfigError, FileNotFoundError, FileExistsError, ValueError)
-        try:
-            from xmodal.train.trainer import TrainingDiverged
-
-            known = known + (TrainingDiverged,)
-        except Exception:
-            pass
-        if isinstance(exc, known) and not args.verbose:
-            print(f"xmodal {args.command}: error: {exc}", file=sys.stderr)
-            return 3 if type(exc).__name__ == "TrainingDiverged" else 2
-        raise
+    except (XmodalError, OSError, ValueError) as exc:
+        # the user's input or environment (a bad file, a setting, a full disk): one line, no
+        # traceback unless --verbose; anything else is a bug and keeps its traceback
+        if args.verbose:
+            raise
+        print(_error_line(args.command, exc), file=sys.stderr)
+        return _exit_code(exc)
 
 
 if __name__ == "__main__":

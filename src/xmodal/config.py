@@ -27,6 +27,7 @@ from typing import Any, Iterable, TypeVar
 
 import yaml
 
+from xmodal.errors import ConfigError
 from xmodal.utils.io import atomic_write
 
 T = TypeVar("T")
@@ -46,10 +47,6 @@ __all__ = [
 
 
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid."""
 
 
 def to_dict(cfg: Any) -> dict:

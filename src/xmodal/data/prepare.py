@@ -45,6 +45,7 @@ from xmodal.data.store import (
     write_shard,
 )
 from xmodal.data.types import Item, Mesh, MeshError, PointCloud, Source
+from xmodal.errors import PrepareError
 from xmodal.utils.io import read_json, write_json
 
 __all__ = ["prepare", "object_seeds", "PrepareError"]
@@ -52,10 +53,6 @@ __all__ = ["prepare", "object_seeds", "PrepareError"]
 log = logging.getLogger(__name__)
 
 _SPLIT_ORDER = {"train": 0, "test": 1}
-
-
-class PrepareError(ValueError):
-    """``prepare`` cannot run as asked (conflicting existing output, bad settings)."""
 
 
 def object_seeds(seed: int, object_id: str) -> tuple[int, int]:

@@ -35,6 +35,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from xmodal.errors import PartSegError
+
 __all__ = [
     "SHAPENETPART_CATEGORIES",
     "SHAPENETPART_PARTS",
@@ -90,10 +92,6 @@ SHAPENETPART_PARTS: dict[str, list[int]] = _standard_parts()
 _NUM_STANDARD_PARTS = 50
 
 SPLITS = ("train", "val", "test")
-
-
-class PartSegError(ValueError):
-    """A part-segmentation dataset folder or file that cannot be used."""
 
 
 @dataclass

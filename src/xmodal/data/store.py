@@ -39,6 +39,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from xmodal.errors import StoreError
 from xmodal.utils.io import atomic_path, read_json, write_json
 
 __all__ = [
@@ -88,10 +89,6 @@ _REQUIRED_KEYS = (
     "shards",
 )
 _SHARD_KEYS = ("ids", "labels", "points", "point_labels", "images", "cameras")
-
-
-class StoreError(ValueError):
-    """A dataset folder or shard that cannot be read (the message names the file)."""
 
 
 def _h5py():

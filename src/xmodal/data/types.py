@@ -8,16 +8,9 @@ from typing import Optional
 
 import numpy as np
 
+from xmodal.errors import MeshError
+
 __all__ = ["MeshError", "Mesh", "PointCloud", "Item", "Source"]
-
-
-class MeshError(ValueError):
-    """A shape file that cannot be used. ``str(err)`` is ``"<path>: <reason>"``."""
-
-    def __init__(self, path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 @dataclass

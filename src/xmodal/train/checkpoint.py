@@ -33,6 +33,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from xmodal.errors import CheckpointError
 from xmodal.utils.io import atomic_path, read_json, write_json
 
 __all__ = [
@@ -58,10 +59,6 @@ CHECKPOINT_DIR = "checkpoints"
 ENCODERS_FORMAT = "xmodal-encoders"
 CHECKPOINT_FORMAT = "xmodal-checkpoint"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or encoder file that is missing, torn beyond repair, or inconsistent."""
 
 
 # --------------------------------------------------------------------------- architecture

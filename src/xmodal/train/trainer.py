@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 import xmodal
-from xmodal.config import ConfigError, load_config, save_config, to_dict
+from xmodal.config import load_config, save_config, to_dict
+from xmodal.errors import ConfigError, TrainingDiverged
 from xmodal.models.batchnorm import hold_batchnorm_stats
 from xmodal.train.augment import crop_resize_flip
 from xmodal.train.checkpoint import (
@@ -69,18 +70,6 @@ __all__ = ["TrainingDiverged", "XModalNet", "pretrain", "step_seed"]
 log = logging.getLogger(__name__)
 
 _RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "checkpoints", "encoders.json", "encoders.safetensors")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is left untouched."""
-
-    def __init__(self, step: int, part: str, value: float, checkpoint: Optional[Path] = None):
-        self.step, self.part, self.value, self.checkpoint = step, part, value, checkpoint
-        where = f"; the last good checkpoint is {checkpoint}" if checkpoint else "; no checkpoint was written yet"
-        super().__init__(
-            f"training diverged at step {step}: the {part} loss is {value} "
-            f"(try a lower optim.lr or amp=off){where}"
-        )
 
 
 class XModalNet(nn.Module):
