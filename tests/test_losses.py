@@ -1,5 +1,7 @@
 """Tests of the self-supervised losses (Eq. 1-3 of the paper)."""
 
+import math
+
 import pytest
 import torch
 
@@ -106,3 +108,84 @@ def test_self_supervised_loss_combination_ablations_and_gradients():
     with pytest.raises(ValueError, match="at least one"):
         self_supervised_loss(f1, f2, f3, logits, labels, margin=0.5, beta=1.0, use_cross_view=False,
                              use_cross_modal=False)
+
+
+# --------------------------------------------------------------------------- batch forms (beyond the paper)
+from xmodal.losses import BatchCrossModalLoss, batch_cross_modal_loss, batch_pair_bce, pair_scores  # noqa: E402
+
+
+def _slow_batch_nce(scores, positive):
+    """Per-anchor loops: clouds over images (multi-positive), images over clouds."""
+    m, b = scores.shape
+    cloud_terms, image_terms = [], []
+    for j in range(b):
+        col = [float(scores[i, j]) for i in range(m)]
+        z = sum(math.exp(c) for c in col)
+        p = sum(math.exp(col[i]) for i in range(m) if positive[i, j])
+        cloud_terms.append(-math.log(p / z))
+    for i in range(m):
+        if not any(bool(positive[i, j]) for j in range(b)):
+            continue
+        row = [float(scores[i, j]) for j in range(b)]
+        z = sum(math.exp(r) for r in row)
+        p = sum(math.exp(row[j]) for j in range(b) if positive[i, j])
+        image_terms.append(-math.log(p / z))
+    return 0.5 * (sum(cloud_terms) / len(cloud_terms) + sum(image_terms) / len(image_terms))
+
+
+def _batch_case(seed, b=4):
+    g = torch.Generator().manual_seed(seed)
+    objects = torch.arange(b)
+    negatives = torch.tensor([(i + 1 + int(torch.randint(0, 2 * b, (1,), generator=g))) % (2 * b) for i in range(b)])
+    negatives[negatives == objects] = b  # never the sample's own object
+    img_obj = torch.cat([objects, objects, negatives])
+    return torch.randn(3 * b, b, generator=g, dtype=torch.float64), img_obj[:, None] == objects[None, :]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_cross_modal_loss_matches_loops(seed):
+    scores, positive = _batch_case(seed)
+    got = batch_cross_modal_loss(scores, positive)
+    assert got.item() == pytest.approx(_slow_batch_nce(scores, positive), rel=1e-12)
+    assert BatchCrossModalLoss()(scores, positive).item() == pytest.approx(got.item())
+
+
+def test_batch_cross_modal_loss_limits():
+    b = 3
+    positive = torch.cat([torch.eye(b, dtype=torch.bool)] * 2 + [torch.zeros(b, b, dtype=torch.bool)])
+    perfect = torch.where(positive, 50.0, -50.0).double()
+    assert batch_cross_modal_loss(perfect, positive).item() < 1e-12
+    uniform = torch.zeros(3 * b, b, dtype=torch.float64)
+    # each cloud: 2 positives out of 3b images -> -log(2/9); each positive image: -log(1/3)
+    expected = 0.5 * (-math.log(2 / (3 * b)) - math.log(1 / b))
+    assert batch_cross_modal_loss(uniform, positive).item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="every cloud"):
+        batch_cross_modal_loss(uniform, torch.zeros_like(positive))
+
+
+def test_batch_cross_modal_loss_gradient_pushes_positives_up():
+    scores, positive = _batch_case(3)
+    scores.requires_grad_(True)
+    batch_cross_modal_loss(scores, positive).backward()
+    assert (scores.grad[positive] < 0).all() and (scores.grad[~positive] >= 0).all()
+
+
+def test_batch_pair_bce_is_balanced_binary_cross_entropy():
+    scores, positive = _batch_case(4)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = 0.5 * (bce(scores[positive], torch.ones(int(positive.sum()), dtype=scores.dtype))
+                      + bce(scores[~positive], torch.zeros(int((~positive).sum()), dtype=scores.dtype)))
+    assert batch_pair_bce(scores, positive).item() == pytest.approx(expected.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="both positive and negative"):
+        batch_pair_bce(scores, torch.ones_like(positive))
+
+
+def test_pair_scores_is_the_log_odds_of_the_two_way_softmax():
+    logits = torch.randn(5, 2, dtype=torch.float64)
+    p_same = torch.softmax(logits, dim=-1)[:, 1]
+    torch.testing.assert_close(torch.sigmoid(pair_scores(logits)), p_same)
+    # the 2-way cross-entropy of Eq. 2 is the binary cross-entropy of the score
+    labels = torch.tensor([1, 0, 1, 1, 0])
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(pair_scores(logits), labels.double(), reduction="none")
+    torch.testing.assert_close(ce, bce)

@@ -20,6 +20,8 @@ class                  raised when
 ``PartSegError``       part-segmentation data cannot be used
 ``CheckpointError``    a run folder, checkpoint or encoder file is unusable
 ``TrainingDiverged``   the loss became NaN/inf (the last good checkpoint stays)
+``OutputExistsError``  the output already holds something that would be overwritten
+``MissingInputError``  a file or folder the user named does not exist
 ``OutputLockedError``  another live process is writing the same output folder
 ``WriteError``         a file could not be written (disk full, permission, I/O error)
 ``Interrupted``        a job stopped on SIGTERM/SIGINT after saving its state
@@ -42,6 +44,8 @@ __all__ = [
     "PartSegError",
     "CheckpointError",
     "TrainingDiverged",
+    "OutputExistsError",
+    "MissingInputError",
     "OutputLockedError",
     "WriteError",
     "Interrupted",
@@ -111,6 +115,14 @@ class TrainingDiverged(XmodalError, RuntimeError):
             f"training diverged at step {step}: the {part} loss is {value}{where}",
             hint="try a lower optim.lr or amp=off",
         )
+
+
+class OutputExistsError(XmodalError, FileExistsError):
+    """The output path already holds something (another run, a file) that would be overwritten."""
+
+
+class MissingInputError(XmodalError, FileNotFoundError):
+    """A file or folder the user named (a dataset, a run, a source) does not exist."""
 
 
 class OutputLockedError(XmodalError, RuntimeError):

@@ -4,7 +4,13 @@
   (anchor, positive) and one view of another object (negative);
 * cross-modality: Eq. (2), the binary cross-entropy of the pair classifier Ff summed over
   the three (image, point cloud) pairs of a sample;
-* the combination ``L_self = L_triplet + beta * L_cross`` of Eq. (3), averaged over the batch.
+* the combination ``L_self = L_triplet + beta * L_cross`` of Eq. (3), averaged over the batch;
+* beyond the paper, two batch-level forms of the cross-modality loss, where Ff scores *every*
+  (image, cloud) pair of a batch rather than the three pairs of each sample:
+  :func:`batch_cross_modal_loss` (softmax cross-entropy over the batch, the InfoNCE form of
+  van den Oord et al., "Representation Learning with Contrastive Predictive Coding", 2018, with
+  Ff's log-odds as the critic) and :func:`batch_pair_bce` (binary cross-entropy on every pair,
+  positives and negatives weighted equally).
 
 Plain functions carry the maths; :class:`TripletLoss` and :class:`CrossModalLoss` wrap them as
 modules.
@@ -21,8 +27,12 @@ __all__ = [
     "cross_modal_loss",
     "pair_accuracy",
     "self_supervised_loss",
+    "pair_scores",
+    "batch_cross_modal_loss",
+    "batch_pair_bce",
     "TripletLoss",
     "CrossModalLoss",
+    "BatchCrossModalLoss",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -122,6 +132,81 @@ def self_supervised_loss(f1: Tensor, f2: Tensor, f3: Tensor, logits: Tensor, lab
     return {"loss": loss, "triplet": trip.detach(), "cross": cross.detach()}
 
 
+def pair_scores(logits: Tensor) -> Tensor:
+    """Ff's log-odds of "same object" from its two logits: ``(..., 2) -> (...)``.
+
+    ``softmax(l)[1] = sigmoid(l1 - l0)``, so the 2-way cross-entropy of Eq. 2 is the binary
+    cross-entropy of this score.
+    """
+    if logits.shape[-1] != 2:
+        raise ValueError(f"logits must end in 2 classes, got {tuple(logits.shape)}")
+    return logits[..., 1] - logits[..., 0]
+
+
+def _check_matrix(scores: Tensor, positive: Tensor) -> None:
+    if scores.ndim != 2 or positive.shape != scores.shape:
+        raise ValueError(
+            f"scores and positive must both be (M, B); got {tuple(scores.shape)} and {tuple(positive.shape)}"
+        )
+    if positive.dtype != torch.bool:
+        raise ValueError(f"positive must be a bool mask, got {positive.dtype}")
+
+
+def _multi_positive_nce(scores: Tensor, positive: Tensor) -> Tensor:
+    """Per row: ``-log(sum_{pos} softmax(row))``, for rows with at least one positive: (R,)."""
+    has_pos = positive.any(dim=1)
+    scores, positive = scores[has_pos], positive[has_pos]
+    pos_scores = scores.masked_fill(~positive, float("-inf"))
+    return torch.logsumexp(scores, dim=1) - torch.logsumexp(pos_scores, dim=1)
+
+
+def batch_cross_modal_loss(scores: Tensor, positive: Tensor) -> Tensor:
+    """Cross-modality loss over every (image, cloud) pair of a batch (InfoNCE form).
+
+    Each cloud must pick the images of its object among all ``M`` images of the batch, and
+    each image its object's cloud among the ``B`` clouds: a softmax cross-entropy per cloud
+    (over the images; several positives are summed inside the log, "multi-positive" NCE) and
+    per image (over the clouds), each averaged over its anchors, then the two directions
+    averaged. Images whose object has no cloud in the batch (a negative image of the paper's
+    sampling) serve as negatives only.
+
+    Args:
+        scores: (M, B) Ff's log-odds (:func:`pair_scores`) for image ``m`` and cloud ``b``.
+        positive: (M, B) bool, image ``m`` shows the object of cloud ``b``; every cloud needs
+            at least one positive image.
+
+    Returns:
+        scalar.
+    """
+    _check_matrix(scores, positive)
+    if not bool(positive.any(dim=0).all()):
+        raise ValueError("every cloud needs at least one image of its object in the batch")
+    per_cloud = _multi_positive_nce(scores.t(), positive.t())
+    per_image = _multi_positive_nce(scores, positive)
+    return 0.5 * (per_cloud.mean() + per_image.mean())
+
+
+def batch_pair_bce(scores: Tensor, positive: Tensor) -> Tensor:
+    """Binary cross-entropy of Ff on every (image, cloud) pair, classes weighted equally.
+
+    ``0.5 * (mean over positive pairs of -log sigmoid(s) + mean over negative pairs of
+    -log(1 - sigmoid(s)))``: each positive faces many negatives (``B - 1`` clouds per image)
+    without the negatives swamping the loss.
+
+    Args:
+        scores: (M, B) Ff's log-odds; positive: (M, B) bool (at least one of each class).
+
+    Returns:
+        scalar.
+    """
+    _check_matrix(scores, positive)
+    if bool(positive.all()) or not bool(positive.any()):
+        raise ValueError("batch_pair_bce needs both positive and negative pairs")
+    pos = F.softplus(-scores[positive]).mean()
+    neg = F.softplus(scores[~positive]).mean()
+    return 0.5 * (pos + neg)
+
+
 class TripletLoss(nn.Module):
     """Cross-view triplet loss of the paper (Eq. 1, squared Euclidean; FaceNet [43]).
 
@@ -155,3 +240,14 @@ class CrossModalLoss(nn.Module):
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         return cross_modal_loss(logits, labels, self.reduction)
+
+
+class BatchCrossModalLoss(nn.Module):
+    """Cross-modality loss over every (image, cloud) pair of a batch (beyond the paper).
+
+    ``forward(scores (M, B), positive (M, B) bool) -> scalar`` (see
+    :func:`batch_cross_modal_loss`; InfoNCE, van den Oord et al. 2018).
+    """
+
+    def forward(self, scores: Tensor, positive: Tensor) -> Tensor:
+        return batch_cross_modal_loss(scores, positive)

@@ -136,3 +136,21 @@ def test_plugin_path_names_the_extra_when_unusable(name, module):
     else:
         with pytest.raises(ImportError, match=r"xmodal\[vision\]"):
             create_image_encoder(name)
+
+
+@pytest.mark.parametrize("norm", ["none", "batch", "layer"])
+@pytest.mark.parametrize("training", [True, False])
+def test_pair_logits_equal_forward_on_every_pair(norm, training):
+    torch.manual_seed(0)
+    ff = PairClassifier(img_dim=6, pts_dim=4, hidden=5, input_norm=norm).double().train(training)
+    if norm == "batch" and not training:
+        ff.norm_img.running_mean.uniform_(-1, 1)
+        ff.norm_pts.running_var.uniform_(0.5, 2)
+    f_img, f_pts = torch.randn(7, 6, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    got = ff.pair_logits(f_img, f_pts)
+    assert got.shape == (7, 3, 2)
+    ff2 = PairClassifier(img_dim=6, pts_dim=4, hidden=5, input_norm=norm).double().train(training)
+    ff2.load_state_dict(ff.state_dict())
+    # forward on all 21 pairs: image m with cloud b at row m*3 + b
+    expected = ff2(f_img.repeat_interleave(3, 0), f_pts.repeat(7, 1)).view(7, 3, 2)
+    torch.testing.assert_close(got, expected)

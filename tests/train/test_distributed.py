@@ -89,7 +89,7 @@ def test_two_processes_match_one(tmp_path, extra):
         env.pop(key, None)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-        "-m", "xmodal.train.distributed", "--data", str(data), "--out", str(two), "--preset", "smoke", "--quiet",
+        "-m", "xmodal", "--quiet", "pretrain", "--data", str(data), "--out", str(two), "--preset", "smoke",
         *overrides,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)

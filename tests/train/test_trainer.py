@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import xmodal.losses
+import xmodal.train.step
 from xmodal.config import ConfigError, resolve
 from xmodal.data.store import write_store
 from xmodal.train.checkpoint import checkpoint_paths, load_checkpoint
@@ -98,8 +98,9 @@ def test_exact_resume(full_run, data, tmp_path):
 
 def test_refuses_to_overwrite_or_change_config(full_run, data, tmp_path):
     out = full_run[0]
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match="already holds a run") as info:
         pretrain(data, out, _cfg(), progress=False)
+    assert "--resume" in info.value.hint
     with pytest.raises(ConfigError, match="optim.lr"):
         pretrain(data, out, _cfg("optim.lr=0.5"), resume=True, progress=False)
     with pytest.raises(ConfigError, match="already at step 6"):
@@ -118,18 +119,30 @@ def test_loss_falls_when_overfitting(tmp_path):
     assert loss[-4:].mean() < 0.5 * loss[:4].mean(), loss
 
 
+@pytest.mark.parametrize("pairs", ["batch", "batch-bce"])
+def test_batch_cross_modal_loss_falls_when_overfitting(tmp_path, pairs):
+    """Ff scored on every pair of the batch: the cross-modality term itself must fall."""
+    data = tmp_path / "data"
+    _store(data, n=4, views=2)
+    out = tmp_path / "run"
+    cfg = _cfg("iterations=30", "checkpoint_every=30", "aug.enabled=false", "loss.mode=cm",
+               f"loss.cross_pairs={pairs}", "optim.lr=0.01", "model.pair_input_norm=batch")
+    pretrain(data, out, cfg, progress=False)
+    cross = _losses(out)[:, 2]
+    assert np.isfinite(cross).all()
+    assert cross[-5:].mean() < 0.7 * cross[:5].mean(), cross
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(data, tmp_path, monkeypatch):
-    real = xmodal.losses.self_supervised_loss
+    real = xmodal.train.step.cross_modal_loss
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
         out = real(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 5:
-            out = dict(out, loss=out["loss"] * float("nan"), cross=out["cross"] * float("nan"))
-        return out
+        return out * float("nan") if calls["n"] == 5 else out
 
-    monkeypatch.setattr(xmodal.losses, "self_supervised_loss", flaky)
+    monkeypatch.setattr(xmodal.train.step, "cross_modal_loss", flaky)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="step 5: the cross loss is nan") as info:
         pretrain(data, out, _cfg(), progress=False)
@@ -166,7 +179,7 @@ def test_torn_checkpoint_pair_uses_the_weights_state(full_run, tmp_path, caplog)
 def test_xmodalnet_freeze_point_bn_keeps_only_fp_batchnorm_in_eval_mode():
     from torch import nn
 
-    from xmodal.train.trainer import XModalNet
+    from xmodal.train.model import XModalNet
 
     def bn_net():
         return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))

@@ -69,5 +69,22 @@ class PairClassifier(nn.Module):
         x = torch.cat([self.norm_img(f_img), self.norm_pts(f_pts)], dim=1)
         return self.fc2(self.relu(self.fc1(x)))
 
+    def pair_logits(self, f_img: Tensor, f_pts: Tensor) -> Tensor:
+        """Ff on every (image, cloud) pair: ``f_img (M, img_dim), f_pts (B, pts_dim) -> (M, B, 2)``.
+
+        Entry ``[m, b]`` equals ``forward`` on the pair ``(f_img[m], f_pts[b])`` (with the
+        input normalisation taken over the M images and the B clouds). ``fc1`` of a
+        concatenation is the sum of its image and cloud column blocks, so fc1 runs on
+        ``M + B`` rows instead of ``M * B``.
+        """
+        if f_img.ndim != 2 or f_img.shape[1] != self.img_dim:
+            raise ValueError(f"f_img must be (M, {self.img_dim}), got {tuple(f_img.shape)}")
+        if f_pts.ndim != 2 or f_pts.shape[1] != self.pts_dim:
+            raise ValueError(f"f_pts must be (B, {self.pts_dim}), got {tuple(f_pts.shape)}")
+        w_img, w_pts = self.fc1.weight.split([self.img_dim, self.pts_dim], dim=1)
+        h_img = self.norm_img(f_img) @ w_img.t()  # (M, hidden)
+        h_pts = torch.addmm(self.fc1.bias, self.norm_pts(f_pts), w_pts.t())  # (B, hidden)
+        return self.fc2(self.relu(h_img[:, None, :] + h_pts[None, :, :]))
+
     def extra_repr(self) -> str:
         return f"input_norm={self.input_norm!r}"

@@ -68,6 +68,7 @@ __all__ = [
     "LossConfig",
     "OptimConfig",
     "AugConfig",
+    "ValConfig",
     "PretrainConfig",
     "RESUME_MUTABLE_KEYS",
     "config_hash",
@@ -79,6 +80,8 @@ log = logging.getLogger(__name__)
 
 #: loss modes = the paper's ablation rows: both correspondences, cross-modality only, cross-view only
 LOSS_MODES = ("cm-cv", "cm", "cv")
+#: pair sets of the cross-modality loss (``loss.cross_pairs``)
+CROSS_PAIRS = ("sample", "batch", "batch-bce")
 
 #: dotted keys that may change between a run and its ``--resume`` (they do not change the result
 #: of a step, or, for ``iterations``, only extend the schedule)
@@ -161,10 +164,19 @@ class LossConfig:
     margin: float = 1.0
     #: β, the weight of the cross-modality loss in Eq. 3; see the module docstring
     beta: float = 1.0
+    #: which (image, cloud) pairs Ff is trained on: "sample" = the three pairs of each sample
+    #: with the binary cross-entropy of Eq. 2 (the paper); "batch" = every pair of the batch,
+    #: scored by Ff and trained with a softmax cross-entropy over the other clouds of the batch
+    #: for each image and over the other images for each cloud (B-1 negatives per positive;
+    #: :func:`xmodal.losses.batch_cross_modal_loss`); "batch-bce" = every pair of the batch with
+    #: the binary cross-entropy, positives and negatives weighted equally
+    cross_pairs: Literal["sample", "batch", "batch-bce"] = "sample"
 
     def validate(self) -> None:
         if self.mode not in LOSS_MODES:
             raise ConfigError(f"loss.mode must be one of {list(LOSS_MODES)}, got {self.mode!r}")
+        if self.cross_pairs not in CROSS_PAIRS:
+            raise ConfigError(f"loss.cross_pairs must be one of {list(CROSS_PAIRS)}, got {self.cross_pairs!r}")
         if self.margin < 0:
             raise ConfigError(f"loss.margin must be >= 0, got {self.margin}")
         if self.beta < 0:
@@ -237,6 +249,43 @@ class AugConfig:
 
 
 @dataclass
+class ValConfig:
+    """A learning curve on held-out training objects (off unless ``every`` > 0).
+
+    A seeded, class-stratified ``fraction`` of the training split is set aside and never
+    trained on. Every ``every`` steps (and before the first) the frozen encoders embed it and
+    :mod:`xmodal.train.validation` records a cross-validated linear-SVM accuracy and
+    leave-one-out retrieval (top-1, top-5, mAP) for the point features and for image features
+    max-pooled over ``views`` views, as ``val.*`` keys in ``metrics.jsonl``. The class labels are
+    read only to score the curve; nothing in training depends on them, and no checkpoint is
+    chosen by it. The test split is never touched.
+    """
+
+    #: steps between two validations; 0 = off
+    every: int = 0
+    #: fraction of each class of the training split held out (and excluded from training)
+    fraction: float = 0.1
+    #: views per object pooled for the image curve (capped at the stored views); 0 = points only
+    views: int = 12
+    #: folds of the cross-validated SVM accuracy (reduced for classes with fewer members)
+    folds: int = 5
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"val.every must be >= 0 (0 = off), got {self.every}")
+        if not 0 < self.fraction < 1:
+            raise ConfigError(f"val.fraction must be in (0, 1), got {self.fraction}")
+        if self.views < 0:
+            raise ConfigError(f"val.views must be >= 0, got {self.views}")
+        if self.folds < 2:
+            raise ConfigError(f"val.folds must be >= 2, got {self.folds}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0
+
+
+@dataclass
 class PretrainConfig:
     """Everything that determines a pre-training run (defaults: paper §4.1)."""
 
@@ -245,6 +294,7 @@ class PretrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+    val: ValConfig = field(default_factory=ValConfig)
     #: total optimisation steps
     iterations: int = 120_000
     #: global mini-batch size B (objects per step, split evenly over distributed processes)
@@ -261,7 +311,7 @@ class PretrainConfig:
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
 
     def validate(self) -> None:
-        for sec in (self.model, self.data, self.loss, self.optim, self.aug):
+        for sec in (self.model, self.data, self.loss, self.optim, self.aug, self.val):
             sec.validate()
         if self.iterations < 1:
             raise ConfigError(f"iterations must be >= 1, got {self.iterations}")

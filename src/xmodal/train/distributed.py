@@ -1,9 +1,8 @@
 """Distributed data-parallel helpers (``torchrun``) for pre-training.
 
-Launch the ordinary ``xmodal pretrain`` command (or ``python -m xmodal.train.distributed``,
-which takes the same arguments) under ``torchrun``::
+Launch the ordinary ``xmodal pretrain`` command under ``torchrun``::
 
-    torchrun --nproc_per_node 4 -m xmodal.train.distributed --data DATA --out RUN --preset paper
+    torchrun --nproc_per_node 4 -m xmodal pretrain --data DATA --out RUN --preset paper
 
 Each process reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` from the environment,
 joins the process group (NCCL on CUDA, Gloo on CPU), takes its contiguous slice of
@@ -40,7 +39,6 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
-    "main",
 ]
 
 log = logging.getLogger(__name__)
@@ -248,32 +246,3 @@ def convert_batchnorm(module: nn.Module, device, world_size: Optional[int] = Non
     if torch.device(device).type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return _to_global_bn(module)
-
-
-def main(argv=None) -> int:
-    """``python -m xmodal.train.distributed --data D --out RUN [--preset P] [--resume] [key=value ...]``.
-
-    The ``pretrain`` entry point for ``torchrun`` (also works as a single process).
-    """
-    import argparse
-
-    from xmodal.train.config import resolve_pretrain_config
-    from xmodal.train.trainer import pretrain
-
-    p = argparse.ArgumentParser(prog="python -m xmodal.train.distributed", description=main.__doc__)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--preset", default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    preset = args.preset if (args.preset or args.resume) else "paper"
-    cfg = resolve_pretrain_config(preset, args.overrides, run=args.out, resume=args.resume)
-    pretrain(args.data, args.out, cfg, resume=args.resume, progress=not args.quiet)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover - exercised through torchrun in the tests
-    raise SystemExit(main())

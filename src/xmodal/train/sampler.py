@@ -76,6 +76,9 @@ class PretrainBatches(torch.utils.data.Dataset):
             subset per object, computed once per process).
         start, stop: the steps covered: item ``k`` is step ``start + k``, ``len = stop - start``.
         rank, world_size: this process's slice of the global batch.
+        indices: (n,) the object indices of ``split`` to sample from (default: all); the
+            plan draws positions among them (``objects`` and ``negatives`` are then
+            ``indices[position]``), so with all objects the batches are those of ``None``.
 
     Item ``k`` is a dict of tensors: ``step`` (int), ``images`` (3, b, S, S[, 3]) uint8
     (img1, img2, img3; un-augmented), ``boxes`` (3, b, 4) float32 and ``flip`` (3, b) bool
@@ -100,12 +103,14 @@ class PretrainBatches(torch.utils.data.Dataset):
         stop: int = 1,
         rank: int = 0,
         world_size: int = 1,
+        indices: Optional[np.ndarray] = None,
     ) -> None:
         name = getattr(split, "name", "?")
         self.split = split
-        self.n = int(split.n)
+        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+        self.n = int(split.n) if self.indices is None else len(self.indices)
         if self.n < 2:
-            raise ValueError(f"split '{name}' has {self.n} object(s); pre-training needs at least 2 (for negatives)")
+            raise ValueError(f"split '{name}' has {self.n} object(s) to train on; pre-training needs at least 2 (for negatives)")
         if not getattr(split, "has_images", True):
             raise ValueError(f"split '{name}' has no images: pre-training needs rendered views (prepare with views >= 2)")
         first = split.images(0)
@@ -155,6 +160,8 @@ class PretrainBatches(torch.utils.data.Dataset):
         v2 = (v1 + rng.integers(1, nv, size=b)) % nv
         negatives = (objects + rng.integers(1, n, size=b)) % n
         v3 = rng.integers(0, nv, size=b)
+        if self.indices is not None:
+            objects, negatives = self.indices[objects], self.indices[negatives]
         views = np.stack([v1, v2, v3], axis=1).astype(np.int64)
         point_index = None
         if self.point_subsample == "random" and self.num_points < self.stored_points:

@@ -1,239 +1,56 @@
-"""Self-supervised pre-training (paper §3.3, Algorithm 1).
+"""Self-supervised pre-training (paper §3.3, Algorithm 1): the ``pretrain`` job.
 
-Each step takes a batch of ``B`` samples ``(p, img1, img2, img3, y = (1, 1, 0))``
-(:mod:`xmodal.train.sampler`), and
+The pieces, each in its own module:
 
-1. encodes the ``3B`` images in one forward pass of Fimg -> ``f1, f2, f3`` (B, 512) each
-   (BatchNorm sees all three sets together) and the clouds with Fp -> ``fp`` (B, 512);
-2. classifies the three (image, cloud) pairs with Ff -> logits (B, 3, 2);
-3. minimises ``L = L_triplet(f1, f2, f3) + β L_cross(logits, y)`` (Eq. 1-3; ``loss.mode``
-   drops either term for the paper's ablations) with SGD and a step LR schedule.
+* :mod:`xmodal.train.rundir` – the run folder: checks, resume, ``run.json``;
+* :mod:`xmodal.train.model` – networks, optimiser, mixed precision;
+* :mod:`xmodal.train.sampler` – the batch of every step, a pure function of ``(seed, step)``;
+* :mod:`xmodal.train.step` – one optimisation step;
+* :mod:`xmodal.train.runlog` – ``metrics.jsonl``, TensorBoard, progress;
+* :mod:`xmodal.train.validation` – the optional learning curve on held-out training objects;
+* :mod:`xmodal.train.checkpoint` – checkpoints and the final encoders.
 
-Everything is written to the run folder (see ``docs/ARCHITECTURE.md``): ``config.yaml``,
-``run.json``, ``metrics.jsonl``, ``checkpoints/last.*``, ``encoders.*`` (and TensorBoard
-events under ``tb/`` when ``torch.utils.tensorboard`` imports).
-
-Exactness: the batch of step ``s`` depends only on ``(seed, s)``, torch's RNG is
-re-seeded from ``(seed, s, rank)`` at each step (inside a forked RNG, so the caller's RNG
-is untouched), and checkpoints hold the optimizer/scheduler state, so on the CPU a run
-resumed from step ``s`` reproduces the losses of one that never stopped, and a
-``torchrun`` run on ``W`` processes (global BatchNorm, see
-:mod:`xmodal.train.distributed`) reproduces a single-process run up to float rounding.
+Exactness: the batch of step ``s`` depends only on ``(seed, s)``, torch's RNG is re-seeded
+from ``(seed, s, rank)`` at each step (inside a forked RNG, so the caller's RNG is
+untouched), and checkpoints hold the optimizer/scheduler state, so on the CPU a run resumed
+from step ``s`` reproduces the losses of one that never stopped, and a ``torchrun`` run on
+``W`` processes (global BatchNorm, see :mod:`xmodal.train.distributed`) reproduces a
+single-process run up to float rounding (with ``loss.cross_pairs: sample``; the batch forms
+pair images and clouds within each process's share of the batch).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import math
-import platform
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-import xmodal
-from xmodal.config import load_config, save_config, to_dict
-from xmodal.errors import ConfigError, TrainingDiverged
-from xmodal.models.batchnorm import hold_batchnorm_stats
-from xmodal.train.augment import crop_resize_flip
-from xmodal.train.checkpoint import (
-    NETS,
-    architecture_from_config,
-    build_networks,
-    checkpoint_paths,
-    load_checkpoint,
-    restore_checkpoint,
-    save_checkpoint,
-    save_encoders,
-)
-from xmodal.train.config import RESUME_MUTABLE_KEYS, PretrainConfig, config_diff, config_hash
-from xmodal.train.distributed import (
-    DistContext,
-    all_reduce_mean,
-    barrier,
-    cleanup_distributed,
-    convert_batchnorm,
-    init_distributed,
-)
+from xmodal.config import to_dict
+from xmodal.data.store import ShapeStore, open_dataset
+from xmodal.errors import DataError, TrainingDiverged
+from xmodal.train.checkpoint import architecture_from_config, checkpoint_paths, restore_checkpoint, save_checkpoint, save_encoders
+from xmodal.train.config import PretrainConfig, config_hash
+from xmodal.train.distributed import DistContext, barrier, cleanup_distributed, init_distributed
+from xmodal.train.model import XModalNet, autocast_dtype, build_optimizer, build_training_model
+from xmodal.train.rundir import check_resume_data, check_run_dir, data_fingerprint, manifest_summary, truncate_metrics, write_run_info
+from xmodal.train.runlog import RunLog
 from xmodal.train.sampler import PretrainBatches
-from xmodal.transforms import images_to_tensor
-from xmodal.utils.io import append_jsonl, atomic_write, read_json, read_jsonl, write_json
+from xmodal.train.step import StepDiverged, Stepper
+from xmodal.train.validation import Validator, holdout_split
 
 __all__ = ["TrainingDiverged", "XModalNet", "pretrain", "step_seed"]
 
 log = logging.getLogger(__name__)
 
-_RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "checkpoints", "encoders.json", "encoders.safetensors")
-
-
-class XModalNet(nn.Module):
-    """Fimg, Fp and Ff in one module (one DDP wrapper for the three networks).
-
-    ``forward(images (3B, C, S, S), points (B, N, 3) or None)`` ->
-    ``(f_img (3B, D_img), f_pts (B, D_pts) or None, logits (B, 3, 2) or None)``; the
-    image rows are ``[img1 batch, img2 batch, img3 batch]``. ``points=None`` skips Fp and
-    Ff (cross-view-only training).
-
-    ``freeze_point_bn=True`` keeps every BatchNorm layer of Fp in eval mode even when the
-    module is put in train mode (``model.freeze_point_bn``): their running statistics are
-    neither used from the batch nor updated; their affine parameters still train.
-    """
-
-    def __init__(
-        self,
-        image_encoder: nn.Module,
-        point_encoder: nn.Module,
-        pair_classifier: nn.Module,
-        *,
-        freeze_point_bn: bool = False,
-    ):
-        super().__init__()
-        self.image_encoder = image_encoder
-        self.point_encoder = point_encoder
-        self.pair_classifier = pair_classifier
-        self.freeze_point_bn = bool(freeze_point_bn)
-        self.train(self.training)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.freeze_point_bn:
-            hold_batchnorm_stats(self.point_encoder)
-        return self
-
-    def forward(self, images: torch.Tensor, points: Optional[torch.Tensor] = None):
-        f_img = self.image_encoder(images)
-        if points is None:
-            return f_img, None, None
-        b = points.shape[0]
-        f_pts = self.point_encoder(points)
-        logits = self.pair_classifier(f_img, f_pts.repeat(3, 1))  # rows j*B + i pair img_j(i) with p(i)
-        return f_img, f_pts, logits.view(3, b, -1).transpose(0, 1)
-
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """The torch seed of step ``step`` on process ``rank`` (dropout etc.), from ``(seed, step, rank)``."""
     return int(np.random.SeedSequence([int(seed), 0x7874, int(step), int(rank)]).generate_state(1)[0])
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _amp_dtype(cfg: PretrainConfig, device: torch.device) -> Optional[torch.dtype]:
-    if device.type != "cuda":
-        if cfg.amp in ("bf16", "fp16"):
-            log.warning("amp=%s is ignored on %s: the CPU path runs in float32", cfg.amp, device)
-        return None
-    if cfg.amp == "off":
-        return None
-    if cfg.amp == "fp16":
-        return torch.float16
-    if cfg.amp == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
-def _open_store(data):
-    from xmodal.data.store import ShapeStore, open_dataset
-
-    if isinstance(data, ShapeStore):
-        return data, False
-    return open_dataset(data), True
-
-
-def _manifest_summary(store) -> dict:
-    man = store.manifest
-    return {
-        "classes": len(man.get("classes", [])),
-        "counts": man.get("counts"),
-        "views": man.get("views"),
-        "points": man.get("points"),
-        "image_size": man.get("image_size"),
-        "grayscale": man.get("grayscale"),
-        "up_axis": man.get("up_axis"),
-        "source": man.get("source"),
-    }
-
-
-def _data_fingerprint(store, split: str) -> dict:
-    return {
-        "split": split,
-        "n": int(store.split(split).n),
-        "views": int(store.views),
-        "points": int(store.num_points),
-        "image_size": store.image_size,
-        "up_axis": store.up_axis,
-    }
-
-
-def _check_run_dir(out: Path, cfg: PretrainConfig, resume: bool):
-    """Validate the run folder; return the checkpoint to resume from (or None)."""
-    if not resume:
-        if out.exists() and not out.is_dir():
-            raise NotADirectoryError(f"{out}: exists and is not a folder")
-        present = [f for f in _RUN_FILES if (out / f).exists()]
-        if present:
-            raise FileExistsError(
-                f"{out}: already holds a run ({', '.join(present)}); pass --resume (resume=True) to continue it, "
-                "or choose another --out"
-            )
-        return None
-    if not out.is_dir():
-        raise FileNotFoundError(f"{out}: no run folder to resume")
-    saved_cfg = out / "config.yaml"
-    if saved_cfg.is_file():
-        saved = load_config(PretrainConfig, saved_cfg)
-        diff = config_diff(saved, cfg)
-        if diff:
-            raise ConfigError(
-                f"{saved_cfg}: cannot resume with a different config (only {', '.join(sorted(RESUME_MUTABLE_KEYS))} "
-                "may change):\n  " + "\n  ".join(diff)
-            )
-    ckpt = load_checkpoint(out)
-    if ckpt is not None:
-        h = ckpt.state.get("config_hash")
-        if h is not None and h != config_hash(cfg):
-            raise ConfigError(f"{ckpt.path}: was written with another config (hash {h} != {config_hash(cfg)})")
-        if ckpt.step > cfg.iterations:
-            raise ConfigError(
-                f"{ckpt.path}: the run is already at step {ckpt.step} > iterations={cfg.iterations}; "
-                "resuming can only extend a run"
-            )
-    return ckpt
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    recs = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= step]
-    with atomic_write(path) as fh:
-        for r in recs:
-            fh.write(json.dumps(r) + "\n")
-
-
-def _make_tb_writer(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception as exc:  # tensorboard is optional: never required
-        log.debug("TensorBoard logging off (%s)", exc)
-        return None
-    return SummaryWriter(log_dir=str(out / "tb"))
-
-
-def _first_nonfinite(values: dict[str, float]) -> Optional[str]:
-    for part in ("triplet", "cross", "loss"):
-        v = values.get(part)
-        if v is not None and not math.isfinite(v):
-            return part
-    return None
-
-
-# --------------------------------------------------------------------------- main entry
 
 
 def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = False, progress: bool = True) -> dict:
@@ -252,282 +69,175 @@ def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = 
 
     Raises:
         TrainingDiverged: a NaN/inf loss (the checkpoint on disk is the last good one).
-        FileExistsError: ``out`` holds a run and ``resume`` is False.
-        ConfigError: resuming with changed settings.
+        OutputExistsError: ``out`` holds a run and ``resume`` is False.
+        ConfigError: resuming with changed settings or on other data.
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process calls this; rank 0 writes.
     """
     cfg = cfg if cfg is not None else PretrainConfig()
     cfg.validate()
     ctx = init_distributed(cfg.device)
+    store = data if isinstance(data, ShapeStore) else open_dataset(data)
     try:
-        return _pretrain(data, Path(out), cfg, ctx, resume=resume, progress=progress)
+        return _Trainer(store, data, Path(out), cfg, ctx, resume=resume).run(progress=progress)
     finally:
+        if store is not data:
+            store.close()
         cleanup_distributed(ctx)
 
 
-def _pretrain(data, out: Path, cfg: PretrainConfig, ctx: DistContext, *, resume: bool, progress: bool) -> dict:
-    from xmodal.losses import pair_accuracy, self_supervised_loss
+class _Trainer:
+    """One call of :func:`pretrain`: set-up in ``__init__``, then :meth:`run`."""
 
-    device = ctx.device
-    store, owns_store = _open_store(data)
-    try:
-        split_name = cfg.data.split
-        if split_name not in store.splits:
-            raise ValueError(f"{getattr(store, 'root', data)}: no split '{split_name}' (has {store.splits})")
-        split = store.split(split_name)
-        ckpt = _check_run_dir(out, cfg, resume)
+    def __init__(self, store, data, out: Path, cfg: PretrainConfig, ctx: DistContext, *, resume: bool) -> None:
+        self.store, self.out, self.cfg, self.ctx = store, out, cfg, ctx
+        if cfg.data.split not in store.splits:
+            raise DataError(f"no split '{cfg.data.split}' (has {store.splits})", path=getattr(store, "root", data))
+        self.split = store.split(cfg.data.split)
+        self.train_idx, val_idx = None, None
+        if cfg.val.enabled:
+            self.train_idx, val_idx = holdout_split(self.split.labels, cfg.val.fraction, seed=cfg.seed)
+        n_train = self.split.n if self.train_idx is None else len(self.train_idx)
+        self.ckpt = check_run_dir(out, cfg, resume)
         barrier(ctx)  # every process has checked the folder before rank 0 writes into it
-        fingerprint = _data_fingerprint(store, split_name)
-        if ckpt is not None and ckpt.state.get("data") not in (None, fingerprint):
-            raise ConfigError(
-                f"{ckpt.path}: the run was trained on other data ({ckpt.state['data']}) than {data} ({fingerprint})"
-            )
-        start = ckpt.step if ckpt is not None else 0
+        self.fingerprint = data_fingerprint(store, cfg.data.split, n_train)
+        check_resume_data(self.ckpt, self.fingerprint, data)
+        self.start = self.ckpt.step if self.ckpt is not None else 0
+        self.net = build_training_model(cfg, ctx)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.net)
+        self.amp_dtype = autocast_dtype(cfg.amp, ctx.device)
+        cuda_fp16 = ctx.device.type == "cuda" and self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda_fp16) if ctx.device.type == "cuda" else None
+        if self.ckpt is not None:
+            restore_checkpoint(self.ckpt, nets=self.net.networks(), optimizer=self.optimizer,
+                               scheduler=self.scheduler, scaler=self.scaler)
+            log.info("resuming %s from step %d", out, self.start)
+        self.validator = None
+        if val_idx is not None and ctx.is_main:
+            self.validator = Validator(self.split, val_idx, cfg.val, num_points=cfg.data.num_points, seed=cfg.seed)
+        self._write_run_info(data, n_val=0 if val_idx is None else len(val_idx))
 
-        # ---------------------------------------------------------------- networks
-        arch = architecture_from_config(cfg)
-        # the fast DGCNN EdgeConv computes BatchNorm statistics inside fused kernels; a distributed
-        # run needs the reference EdgeConv (same weights) so its BatchNorm layers can be made global
-        point_over = {"fast": False} if (ctx.distributed and "k" in arch["point_encoder"]["kwargs"]) else None
-        nets = build_networks(arch, seed=cfg.seed, point_overrides=point_over)
-        net = XModalNet(
-            nets["image_encoder"],
-            nets["point_encoder"],
-            nets["pair_classifier"],
-            freeze_point_bn=cfg.model.freeze_point_bn,
-        )
-        net = convert_batchnorm(net, device, ctx.world_size).to(device)
-        net.train()
-        opt = torch.optim.SGD(
-            net.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
-        )
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.optim.step_size, gamma=cfg.optim.gamma)
-        amp_dtype = _amp_dtype(cfg, device)
-        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16) if device.type == "cuda" else None
-        named = {n: getattr(net, n) for n in NETS}
-        if ckpt is not None:
-            restore_checkpoint(ckpt, nets=named, optimizer=opt, scheduler=sched, scaler=scaler)
-            log.info("resuming %s from step %d", out, start)
-        use_cm = cfg.loss.use_cross_modal
-        model: nn.Module = net
-        if ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+    def _write_run_info(self, data, *, n_val: int) -> None:
+        if self.ctx.is_main:
+            root = getattr(self.store, "root", None) or data
+            info = {
+                "dataset": str(Path(root).resolve()),
+                "split": self.cfg.data.split,
+                "manifest": manifest_summary(self.store),
+                "objects_trained_on": self.fingerprint["n"],
+                "objects_held_out": n_val,
+                "world_size": self.ctx.world_size,
+                "device": str(self.ctx.device),
+                "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
+            }
+            write_run_info(self.out, self.cfg, info, resumed_from=self.start if self.ckpt is not None else None)
+            truncate_metrics(self.out / "metrics.jsonl", self.start)
+        barrier(self.ctx)
 
-            model = DDP(
-                net,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=not use_cm,
-            )
+    def _model(self) -> nn.Module:
+        if not self.ctx.distributed:
+            return self.net
+        dev = self.ctx.device
+        return DistributedDataParallel(self.net, device_ids=[dev.index] if dev.type == "cuda" else None,
+                   find_unused_parameters=not self.cfg.loss.use_cross_modal)
 
-        # ---------------------------------------------------------------- run folder
-        metrics_path = out / "metrics.jsonl"
-        info_common = {
-            "architecture": arch,
-            "image_size": cfg.data.image_size,
-            "num_points": cfg.data.num_points,
-            "up_axis": store.up_axis,
-        }
-        prior_elapsed = float(ckpt.state.get("elapsed", 0.0)) if ckpt is not None else 0.0
-        if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
-            run_info = read_json(out / "run.json") if (resume and (out / "run.json").exists()) else {}
-            run_info.update(
-                {
-                    "dataset": str(Path(getattr(store, "root", data) or data).resolve()),
-                    "split": split_name,
-                    "manifest": _manifest_summary(store),
-                    "xmodal_version": xmodal.__version__,
-                    "torch_version": torch.__version__,
-                    "python_version": platform.python_version(),
-                    "world_size": ctx.world_size,
-                    "device": str(device),
-                    "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-                    "config_hash": config_hash(cfg),
-                }
-            )
-            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            run_info.setdefault("started", now)
-            if ckpt is not None:
-                run_info.setdefault("resumed", []).append({"from_step": start, "time": now})
-            write_json(out / "run.json", run_info)
-            _truncate_metrics(metrics_path, start)
-        barrier(ctx)
-
-        # ---------------------------------------------------------------- data
+    def _loader(self):
+        cfg, ctx = self.cfg, self.ctx
         ds = PretrainBatches(
-            split,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            num_points=cfg.data.num_points,
-            image_size=cfg.data.image_size,
-            up_axis=store.up_axis,
-            aug=cfg.aug,
-            point_subsample=cfg.data.point_subsample,
-            start=start,
-            stop=cfg.iterations,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
+            self.split, batch_size=cfg.batch_size, seed=cfg.seed, num_points=cfg.data.num_points,
+            image_size=cfg.data.image_size, up_axis=self.store.up_axis, aug=cfg.aug,
+            point_subsample=cfg.data.point_subsample, start=self.start, stop=cfg.iterations,
+            rank=ctx.rank, world_size=ctx.world_size, indices=self.train_idx,
         )
-        loader = torch.utils.data.DataLoader(
-            ds,
-            batch_size=None,
-            shuffle=False,
-            num_workers=cfg.data.workers,
+        return torch.utils.data.DataLoader(
+            ds, batch_size=None, shuffle=False, num_workers=cfg.data.workers,
             prefetch_factor=cfg.data.prefetch_factor if cfg.data.workers > 0 else None,
-            pin_memory=device.type == "cuda",
+            pin_memory=ctx.device.type == "cuda",
         )
 
-        # ---------------------------------------------------------------- loop
-        tb = _make_tb_writer(out) if ctx.is_main and start < cfg.iterations else None
-        bar = None
-        if ctx.is_main and progress:
-            from tqdm.auto import tqdm
+    def _extra_state(self, runlog: RunLog) -> dict:
+        return {
+            "config_hash": config_hash(self.cfg),
+            "data": self.fingerprint,
+            "elapsed": runlog.elapsed(),
+            **self._encoder_info(),
+        }
 
-            bar = tqdm(total=cfg.iterations, initial=start, desc="pretrain", unit="it", dynamic_ncols=True)
-        last_ckpt = checkpoint_paths(out)[1] if ckpt is not None else None
-        extra_state = {"config_hash": config_hash(cfg), "data": fingerprint, **info_common}
-        window: list[list[float]] = []
-        last_record: Optional[dict] = None
-        t0 = time.perf_counter()
-        t_window = t0
-        fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    def _encoder_info(self) -> dict:
+        return {
+            "architecture": architecture_from_config(self.cfg),
+            "image_size": self.cfg.data.image_size,
+            "num_points": self.cfg.data.num_points,
+            "up_axis": self.store.up_axis,
+        }
+
+    def _validate(self, step: int, runlog: RunLog) -> None:
+        if self.validator is not None:
+            values = self.validator(self.net, self.ctx.device, image_size=self.cfg.data.image_size)
+            runlog.validation(step, values)
+            runlog.pause(values["val_seconds"])
+        barrier(self.ctx)
+
+    def _after_step(self, done: int, runlog: RunLog, lr: float) -> Optional[Path]:
+        cfg, last = self.cfg, done == self.cfg.iterations
+        if done % cfg.log_every == 0 or last:
+            runlog.flush(done, lr)
+        if cfg.val.enabled and (done % cfg.val.every == 0 or last):
+            self._validate(done, runlog)
+        saved = None
+        if done % cfg.checkpoint_every == 0 or last:
+            if self.ctx.is_main:
+                saved = save_checkpoint(self.out, step=done, nets=self.net.networks(), optimizer=self.optimizer,
+                                        scheduler=self.scheduler, scaler=self.scaler, extra=self._extra_state(runlog))
+            barrier(self.ctx)
+        return saved
+
+    def _loop(self, runlog: RunLog) -> Optional[Path]:
+        """Run the steps ``start+1 .. iterations``; returns the last checkpoint written (or None)."""
+        stepper = Stepper(self._model(), self.cfg, self.ctx, self.optimizer, self.scheduler, self.amp_dtype, self.scaler)
+        last_ckpt = checkpoint_paths(self.out)[1] if self.ckpt is not None else None
+        dev = self.ctx.device
+        fork = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork):
+            for batch in self._loader():
+                s = int(batch["step"])
+                torch.manual_seed(step_seed(self.cfg.seed, s, self.ctx.rank))
+                lr = self.optimizer.param_groups[0]["lr"]
+                try:
+                    parts = stepper(batch, s + 1)
+                except StepDiverged as d:
+                    raise TrainingDiverged(d.step, d.part, d.value, last_ckpt) from None
+                runlog.step(parts, lr)
+                last_ckpt = self._after_step(s + 1, runlog, lr) or last_ckpt
+        return last_ckpt
+
+    def run(self, *, progress: bool) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        prior = float(self.ckpt.state.get("elapsed", 0.0)) if self.ckpt is not None else 0.0
+        runlog = RunLog(self.out, batch_size=cfg.batch_size, use_cross_modal=cfg.loss.use_cross_modal,
+                        prior_elapsed=prior, writer=ctx.is_main, progress=progress,
+                        start=self.start, total=cfg.iterations)
         try:
-            with torch.random.fork_rng(devices=fork_devices):
-                for batch in loader:
-                    s = int(batch["step"])
-                    torch.manual_seed(step_seed(cfg.seed, s, ctx.rank))
-                    lr = opt.param_groups[0]["lr"]
-                    parts = _train_step(
-                        model, batch, cfg, device, opt, sched, scaler, amp_dtype, use_cm,
-                        self_supervised_loss, pair_accuracy, ctx, s + 1,
-                    )
-                    window.append(parts)
-                    done = s + 1
-                    if bar is not None:
-                        bar.set_postfix(
-                            loss=f"{parts[0]:.4f}", trip=f"{parts[1]:.4f}", cross=f"{parts[2]:.4f}" if use_cm else "-",
-                            acc=f"{parts[3]:.2f}" if use_cm else "-", lr=f"{lr:.1e}", refresh=False,
-                        )
-                        bar.update(1)
-                    if done % cfg.log_every == 0 or done == cfg.iterations:
-                        now = time.perf_counter()
-                        mean = np.mean(np.asarray(window, dtype=np.float64), axis=0)
-                        last_record = {
-                            "step": done,
-                            "loss": float(mean[0]),
-                            "triplet": float(mean[1]),
-                            "cross": float(mean[2]) if use_cm else None,
-                            "cm_acc": float(mean[3]) if use_cm else None,
-                            "lr": float(lr),
-                            "time": round(prior_elapsed + now - t0, 4),
-                            "samples_per_s": round(cfg.batch_size * len(window) / max(now - t_window, 1e-9), 3),
-                        }
-                        window, t_window = [], now
-                        if ctx.is_main:
-                            append_jsonl(metrics_path, last_record)
-                            if tb is not None:
-                                for key in ("loss", "triplet", "cross", "cm_acc", "lr", "samples_per_s"):
-                                    if last_record[key] is not None:
-                                        tb.add_scalar(f"pretrain/{key}", last_record[key], done)
-                    if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-                        if ctx.is_main:
-                            extra_state["elapsed"] = prior_elapsed + time.perf_counter() - t0
-                            last_ckpt = save_checkpoint(
-                                out, step=done, nets=named, optimizer=opt, scheduler=sched, scaler=scaler,
-                                extra=extra_state,
-                            )
-                        barrier(ctx)
-        except _Diverged as d:
-            raise TrainingDiverged(d.step, d.part, d.value, last_ckpt) from None
+            if cfg.val.enabled and self.ckpt is None:
+                self._validate(0, runlog)  # the curve starts at the random initialisation
+            last_ckpt = self._loop(runlog)
         finally:
-            if bar is not None:
-                bar.close()
-            if tb is not None:
-                tb.close()
-
-        # ---------------------------------------------------------------- final files
-        steps = max(start, cfg.iterations)
-        enc_paths = (out / "encoders.safetensors", out / "encoders.json")
+            runlog.close()
+        steps = max(self.start, cfg.iterations)
+        if self.start >= cfg.iterations and self.ckpt is not None:
+            last_ckpt = checkpoint_paths(self.out)[1]
         if ctx.is_main:
-            if start >= cfg.iterations and ckpt is not None:
-                last_ckpt = checkpoint_paths(out)[1]
-            enc_info = {**info_common, "step": steps, "config_hash": config_hash(cfg), "config": to_dict(cfg)}
-            save_encoders(out, nets=named, info=enc_info)
-            if last_record is None and metrics_path.exists():
-                recs = read_jsonl(metrics_path)
-                last_record = recs[-1] if recs else None
+            info = {**self._encoder_info(), "step": steps, "config_hash": config_hash(cfg), "config": to_dict(cfg)}
+            save_encoders(self.out, nets=self.net.networks(), info=info)
+        final = runlog.final_record() if ctx.is_main else runlog.last
         barrier(ctx)
         return {
             "steps": steps,
-            "start_step": start,
-            "final": last_record,
-            "run": str(out),
-            "metrics": str(metrics_path),
+            "start_step": self.start,
+            "final": final,
+            "run": str(self.out),
+            "metrics": str(self.out / "metrics.jsonl"),
             "checkpoint": str(last_ckpt) if last_ckpt else None,
-            "encoders": str(enc_paths[0]),
+            "encoders": str(self.out / "encoders.safetensors"),
             "world_size": ctx.world_size,
-            "elapsed": round(prior_elapsed + time.perf_counter() - t0, 3),
+            "elapsed": round(runlog.elapsed(), 3),
         }
-    finally:
-        if owns_store:
-            store.close()
-
-
-class _Diverged(Exception):
-    def __init__(self, step: int, part: str, value: float):
-        self.step, self.part, self.value = step, part, value
-
-
-def _train_step(model, batch, cfg, device, opt, sched, scaler, amp_dtype, use_cm, loss_fn, acc_fn, ctx, step) -> list[float]:
-    """One optimisation step; returns ``[loss, triplet, cross, cm_acc]`` averaged over processes."""
-    nb = device.type == "cuda"
-    images = batch["images"].to(device, non_blocking=nb)  # (3, b, S, S[, 3]) uint8
-    b = images.shape[1]
-    x = images_to_tensor(images.reshape((3 * b,) + tuple(images.shape[2:])))  # (3b, C, S, S)
-    if cfg.aug.enabled:
-        x = crop_resize_flip(
-            x, batch["boxes"].reshape(3 * b, 4).to(device), batch["flip"].reshape(3 * b).to(device), cfg.data.image_size
-        )
-    points = batch["points"].to(device, non_blocking=nb) if use_cm else None
-    labels = batch["labels"].to(device, non_blocking=nb)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    )
-    with autocast:
-        f_img, _f_pts, logits = model(x, points)
-    f_img = f_img.float()
-    f1, f2, f3 = f_img[:b], f_img[b : 2 * b], f_img[2 * b :]
-    logits = logits.float() if logits is not None else None
-    if use_cm:
-        out = loss_fn(
-            f1, f2, f3, logits, labels,
-            margin=cfg.loss.margin, beta=cfg.loss.beta,
-            use_cross_view=cfg.loss.use_cross_view, use_cross_modal=True,
-        )
-        cross, acc = out["cross"].detach(), acc_fn(logits, labels)
-    else:  # cross-view only: Fp and Ff are not run, so there is no cross-modality term to report
-        from xmodal.losses import triplet_loss
-
-        trip = triplet_loss(f1, f2, f3, margin=cfg.loss.margin)
-        out = {"loss": trip, "triplet": trip.detach()}
-        cross = acc = torch.zeros((), device=device)
-    loss = out["loss"]
-    with torch.no_grad():
-        vec = torch.stack([loss.detach().float(), out["triplet"].float(), cross.float(), acc.float()])
-        vec = all_reduce_mean(vec, ctx)
-    parts = [float(v) for v in vec.cpu()]
-    values = {"loss": parts[0], "triplet": parts[1], "cross": parts[2]}
-    bad = _first_nonfinite(values)
-    if bad is not None:
-        raise _Diverged(step, bad, values[bad])
-    opt.zero_grad(set_to_none=True)
-    if scaler is not None and scaler.is_enabled():
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
-    sched.step()
-    return parts

@@ -1,0 +1,139 @@
+"""The networks of pre-training in one module, with their optimiser and precision settings.
+
+* :class:`XModalNet` – Fimg, Fp and Ff as one ``nn.Module`` (one DDP wrapper for the three);
+* :func:`build_training_model` – the module of a :class:`PretrainConfig`, global BatchNorm
+  under ``torchrun``, on its device;
+* :func:`build_optimizer` – SGD with the step schedule of §4.1;
+* :func:`autocast_dtype` – the mixed-precision dtype a config asks for on a device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from xmodal.models.batchnorm import hold_batchnorm_stats
+from xmodal.train.checkpoint import NETS, architecture_from_config, build_networks
+from xmodal.train.config import PretrainConfig
+from xmodal.train.distributed import DistContext, convert_batchnorm
+
+__all__ = ["XModalNet", "build_training_model", "build_optimizer", "autocast_dtype", "autocast"]
+
+log = logging.getLogger(__name__)
+
+
+class XModalNet(nn.Module):
+    """Fimg, Fp and Ff in one module.
+
+    ``forward(images (3B, C, S, S), points (B, N, 3) or None)`` ->
+    ``(f_img (3B, D_img), f_pts (B, D_pts) or None, logits or None)``; the image rows are
+    ``[img1 batch, img2 batch, img3 batch]``. ``logits`` are Ff's outputs:
+
+    * ``cross_pairs="sample"`` (the paper): ``(B, 3, 2)``, the pairs ``(img_j(i), p(i))``;
+    * ``"batch"`` / ``"batch-bce"``: ``(3B, B, 2)``, every pair ``(image m, cloud b)``
+      (:meth:`xmodal.models.heads.PairClassifier.pair_logits`).
+
+    ``points=None`` skips Fp and Ff (cross-view-only training).
+
+    ``freeze_point_bn=True`` keeps every BatchNorm layer of Fp in eval mode even when the
+    module is put in train mode (``model.freeze_point_bn``): their running statistics are
+    neither used from the batch nor updated; their affine parameters still train.
+    """
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        point_encoder: nn.Module,
+        pair_classifier: nn.Module,
+        *,
+        freeze_point_bn: bool = False,
+        cross_pairs: str = "sample",
+    ):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.point_encoder = point_encoder
+        self.pair_classifier = pair_classifier
+        self.freeze_point_bn = bool(freeze_point_bn)
+        self.all_pairs = cross_pairs != "sample"
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_point_bn:
+            hold_batchnorm_stats(self.point_encoder)
+        return self
+
+    def forward(self, images: torch.Tensor, points: Optional[torch.Tensor] = None):
+        f_img = self.image_encoder(images)
+        if points is None:
+            return f_img, None, None
+        b = points.shape[0]
+        f_pts = self.point_encoder(points)
+        if self.all_pairs:
+            return f_img, f_pts, self.pair_classifier.pair_logits(f_img, f_pts)
+        logits = self.pair_classifier(f_img, f_pts.repeat(3, 1))  # rows j*B + i pair img_j(i) with p(i)
+        return f_img, f_pts, logits.view(3, b, -1).transpose(0, 1)
+
+    def networks(self) -> dict[str, nn.Module]:
+        """``{"image_encoder", "point_encoder", "pair_classifier"}`` (the modules themselves)."""
+        return {name: getattr(self, name) for name in NETS}
+
+
+def build_training_model(cfg: PretrainConfig, ctx: DistContext) -> XModalNet:
+    """The :class:`XModalNet` of ``cfg``, seeded with ``cfg.seed``, in train mode on ``ctx.device``.
+
+    Under ``torchrun`` every BatchNorm layer is made global (:func:`convert_batchnorm`).
+    """
+    arch = architecture_from_config(cfg)
+    # the fused EdgeConv keeps its BatchNorm statistics inside its kernels; under torchrun the
+    # reference EdgeConv (same weights) lets convert_batchnorm make them global
+    point_over = {"fast": False} if (ctx.distributed and "k" in arch["point_encoder"]["kwargs"]) else None
+    nets = build_networks(arch, seed=cfg.seed, point_overrides=point_over)
+    net = XModalNet(
+        nets["image_encoder"],
+        nets["point_encoder"],
+        nets["pair_classifier"],
+        freeze_point_bn=cfg.model.freeze_point_bn,
+        cross_pairs=cfg.loss.cross_pairs,
+    )
+    net = convert_batchnorm(net, ctx.device, ctx.world_size).to(ctx.device)
+    return net.train()
+
+
+def build_optimizer(cfg: PretrainConfig, net: nn.Module):
+    """``(SGD, StepLR)`` of §4.1 with ``cfg.optim``'s values; the schedule steps every iteration."""
+    o = cfg.optim
+    opt = torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=o.step_size, gamma=o.gamma)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``amp`` ("auto", "bf16", "fp16", "off") on ``device``; None = float32.
+
+    On CUDA "auto" is bf16 where supported, else fp16. On the CPU "auto" is float32 and "bf16"
+    runs CPU autocast in bfloat16; "fp16" is not offered there (a warning, then float32).
+    """
+    if amp == "off":
+        return None
+    if device.type != "cuda":
+        if amp == "bf16":
+            return torch.bfloat16
+        if amp == "fp16":
+            log.warning("amp=fp16 is ignored on %s: use amp=bf16 for mixed precision on the CPU", device)
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(dtype: Optional[torch.dtype], device: torch.device):
+    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,142 @@
+"""One optimisation step of pre-training (Algorithm 1 of the paper).
+
+A step takes a batch of ``B`` samples ``(p, img1, img2, img3, y = (1, 1, 0))``
+(:mod:`xmodal.train.sampler`), and
+
+1. encodes the ``3B`` images in one forward pass of Fimg -> ``f1, f2, f3`` (B, 512) each
+   (BatchNorm sees all three sets together) and the clouds with Fp -> ``fp`` (B, 512);
+2. scores (image, cloud) pairs with Ff: the three pairs of each sample (``loss.cross_pairs:
+   sample``, the paper) or every pair of the batch (``batch``, ``batch-bce``);
+3. minimises ``L = L_triplet(f1, f2, f3) + β L_cross`` (Eq. 1-3; ``loss.mode`` drops either
+   term for the paper's ablations) with SGD and a step LR schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from xmodal.losses import (
+    batch_cross_modal_loss,
+    batch_pair_bce,
+    cross_modal_loss,
+    pair_accuracy,
+    pair_scores,
+    triplet_loss,
+)
+from xmodal.train.augment import crop_resize_flip
+from xmodal.train.config import PretrainConfig
+from xmodal.train.distributed import DistContext, all_reduce_mean
+from xmodal.train.model import autocast
+from xmodal.transforms import images_to_tensor
+
+__all__ = ["LOSS_PARTS", "StepDiverged", "Stepper", "sample_logits", "batch_positives"]
+
+#: what a step reports, in this order (means over the processes)
+LOSS_PARTS = ("loss", "triplet", "cross", "cm_acc")
+
+
+class StepDiverged(Exception):
+    """A loss part of step ``step`` is NaN/inf (raised before the optimiser step)."""
+
+    def __init__(self, step: int, part: str, value: float):
+        super().__init__(f"step {step}: {part} = {value}")
+        self.step, self.part, self.value = step, part, value
+
+
+def sample_logits(all_logits: Tensor) -> Tensor:
+    """The paper's three pairs of each sample out of all-pairs logits: ``(3B, B, 2) -> (B, 3, 2)``.
+
+    Image row ``j*B + i`` is view ``j`` of sample ``i``; its pair with cloud ``i`` is the
+    pair ``(img_j(i), p(i))`` of Eq. 2.
+    """
+    m, b, _ = all_logits.shape
+    i = torch.arange(b, device=all_logits.device)
+    rows = torch.arange(m // b, device=all_logits.device)[:, None] * b + i[None, :]  # (3, B)
+    return all_logits[rows, i[None, :].expand_as(rows)].transpose(0, 1)
+
+
+def batch_positives(objects: Tensor, negatives: Tensor) -> Tensor:
+    """``(3B, B)`` bool: image row ``m`` (img1, img2 of ``objects``, img3 of ``negatives``) shows cloud ``b``'s object."""
+    image_objects = torch.cat([objects, objects, negatives])
+    return image_objects[:, None] == objects[None, :]
+
+
+@dataclass
+class Stepper:
+    """Runs training steps of ``model`` (an :class:`XModalNet`, possibly inside DDP).
+
+    ``amp_dtype``: the autocast dtype (None: float32); ``scaler``: a CUDA grad scaler for fp16.
+    Calling it with a batch and its 1-based step number returns the :data:`LOSS_PARTS`
+    values (floats, averaged over processes) or raises :class:`StepDiverged`.
+    """
+
+    model: nn.Module
+    cfg: PretrainConfig
+    ctx: DistContext
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    amp_dtype: Optional[torch.dtype] = None
+    scaler: Any = None
+
+    def _inputs(self, batch: dict) -> tuple[Tensor, Optional[Tensor]]:
+        device, nb = self.ctx.device, self.ctx.device.type == "cuda"
+        images = batch["images"].to(device, non_blocking=nb)  # (3, b, S, S[, 3]) uint8
+        b = images.shape[1]
+        x = images_to_tensor(images.reshape((3 * b,) + tuple(images.shape[2:])))  # (3b, C, S, S)
+        if self.cfg.aug.enabled:
+            boxes = batch["boxes"].reshape(3 * b, 4).to(device)
+            x = crop_resize_flip(x, boxes, batch["flip"].reshape(3 * b).to(device), self.cfg.data.image_size)
+        points = batch["points"].to(device, non_blocking=nb) if self.cfg.loss.use_cross_modal else None
+        return x, points
+
+    def _losses(self, batch: dict, f_img: Tensor, logits: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(loss, triplet, cross, cm_acc)``; only ``loss`` carries gradient."""
+        loss_cfg = self.cfg.loss
+        b = f_img.shape[0] // 3
+        f1, f2, f3 = f_img[:b], f_img[b : 2 * b], f_img[2 * b :]
+        trip = triplet_loss(f1, f2, f3, margin=loss_cfg.margin)
+        zero = trip.new_zeros(())
+        if logits is None:  # cross-view only: Fp and Ff are not run
+            return trip, trip.detach(), zero, zero
+        labels = batch["labels"].to(self.ctx.device)
+        if loss_cfg.cross_pairs == "sample":
+            per_sample = logits
+            cross = cross_modal_loss(logits, labels)
+        else:
+            per_sample = sample_logits(logits)
+            scores = pair_scores(logits)
+            pos = batch_positives(batch["objects"], batch["negatives"]).to(self.ctx.device)
+            cross = batch_cross_modal_loss(scores, pos) if loss_cfg.cross_pairs == "batch" else batch_pair_bce(scores, pos)
+        loss = (trip if loss_cfg.use_cross_view else zero) + loss_cfg.beta * cross
+        return loss, trip.detach(), cross.detach(), pair_accuracy(per_sample, labels)
+
+    def _backward(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None and self.scaler.is_enabled():
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.scheduler.step()
+
+    def __call__(self, batch: dict, step: int) -> list[float]:
+        x, points = self._inputs(batch)
+        with autocast(self.amp_dtype, self.ctx.device):
+            f_img, _f_pts, logits = self.model(x, points)
+        loss, trip, cross, acc = self._losses(batch, f_img.float(), None if logits is None else logits.float())
+        with torch.no_grad():
+            vec = all_reduce_mean(torch.stack([loss.detach(), trip, cross, acc]).float(), self.ctx)
+        parts = [float(v) for v in vec.cpu()]
+        for name in ("triplet", "cross", "loss"):  # the part that went bad first, then the total
+            value = parts[LOSS_PARTS.index(name)]
+            if not math.isfinite(value):
+                raise StepDiverged(step, name, value)
+        self._backward(loss)
+        return parts

@@ -1,0 +1,41 @@
+"""Tests of the pieces of one pre-training step (xmodal.train.step)."""
+
+import torch
+
+from xmodal.losses import cross_modal_loss, pair_scores
+from xmodal.train.step import batch_positives, sample_logits
+
+
+def test_sample_logits_pick_the_papers_three_pairs():
+    b = 4
+    all_logits = torch.randn(3 * b, b, 2)
+    got = sample_logits(all_logits)
+    assert got.shape == (b, 3, 2)
+    for i in range(b):
+        for j in range(3):
+            torch.testing.assert_close(got[i, j], all_logits[j * b + i, i])
+
+
+def test_batch_positives_follow_object_identity():
+    objects = torch.tensor([5, 2, 9])
+    negatives = torch.tensor([2, 7, 5])  # img3 of sample 0 shows object 2 = the cloud of sample 1
+    pos = batch_positives(objects, negatives)
+    assert pos.shape == (9, 3)
+    expected = torch.zeros(9, 3, dtype=torch.bool)
+    for j in range(2):
+        expected[j * 3 + torch.arange(3), torch.arange(3)] = True
+    expected[6, 1] = True  # img3(0) shows object 2
+    expected[8, 0] = True  # img3(2) shows object 5
+    assert torch.equal(pos, expected)
+
+
+def test_sample_form_of_all_pairs_gives_the_papers_loss():
+    """Cross-entropy on the diagonal pairs of the all-pairs logits = Eq. 2 on the sample pairs."""
+    b = 3
+    all_logits = torch.randn(3 * b, b, 2, dtype=torch.float64)
+    labels = torch.tensor([[1, 1, 0]] * b)
+    per_sample = sample_logits(all_logits)
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(
+        pair_scores(per_sample), labels.double(), reduction="none"
+    ).sum(1).mean()
+    torch.testing.assert_close(cross_modal_loss(per_sample, labels), ce)
