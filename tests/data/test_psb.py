@@ -92,6 +92,7 @@ GOOD = cla_text([("a", "0", [1, 2]), ("b", "a", [3])])
         (GOOD.replace("b a 1\n3\n", "b a 2\n3\n"), r"line 8: class 'b' lists 2 models but the file ends after 1"),
         (GOOD.replace("a 0 2\n", "a 0 1\n"), r"line 6: expected a class line .* got '2' \(more model ids"),
         (GOOD.replace("\n2\n", "\n2x\n"), r"line 6: model id '2x' of class 'a' is not an integer"),
+        (GOOD.replace("\n2\n", "\n2_0\n"), r"line 6: model id '2_0' of class 'a' is not an integer"),
         (GOOD.replace("\n3\n", "\n1\n"), r"line 9: model 1 is listed in class 'a' and again in 'b'"),
         (GOOD.replace("b a 1", "a 0 1"), r"line 8: class 'a' is already defined on line 4"),
         (GOOD.replace("b a 1", "b c 1"), r"line 8: parent 'c' of class 'b' is not a class defined above"),

@@ -32,6 +32,7 @@ PSB models are not aligned; most are y-up, so the source says ``up_axis = "y"``.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,10 +112,8 @@ class _Lines:
 
 
 def _int(token: str):
-    try:
-        return int(token)
-    except ValueError:
-        return None
+    """The integer a token spells in plain ASCII digits (optionally signed), else None."""
+    return int(token) if re.fullmatch(r"[+-]?[0-9]+", token) else None
 
 
 def _read_text(path: Path) -> str:
