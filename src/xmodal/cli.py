@@ -46,10 +46,20 @@ def _add_prepare(sub) -> None:
         "prepare",
         help="render views and sample point clouds from a mesh collection",
         description="Turn a mesh folder (ModelNet layout <root>/<class>/<split>/*.off, or class sub-folders), "
-        "a ModelNet40 HDF5 point-cloud folder, or builtin:shapes into an xmodal dataset. "
+        "a Princeton Shape Benchmark folder (<root>/db/<id/100>/m<id>/m<id>.off or .ply, with "
+        "<root>/classification/v1/<granularity>/ holding train.cla / *Train.cla and test.cla / *Test.cla: "
+        "split from the .cla file listing a model, class from the base classification or from "
+        "<root>?classification=coarse1|coarse2|coarse3), a ModelNet40 HDF5 point-cloud folder, or builtin:shapes "
+        "into an xmodal dataset. Objects that cannot be loaded (a model listed in a .cla but missing on disk, a "
+        "broken mesh) are skipped and listed under 'failed' in manifest.json. "
         "Resumable: re-run the same command after an interruption.",
     )
-    p.add_argument("--source", required=True, help="mesh folder, ModelNet40 HDF5 folder, or builtin:shapes[?train=32&test=8]")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="mesh folder, Princeton Shape Benchmark folder (optionally DIR?classification=coarse1), "
+        "ModelNet40 HDF5 folder, or builtin:shapes[?train=32&test=8]",
+    )
     p.add_argument("--out", required=True, type=Path, help="dataset folder to write")
     p.add_argument("--views", type=_nonneg_int, default=12, help="rendered views per object, V (default 12; the paper uses 180)")
     p.add_argument("--points", type=_positive_int, default=2048, help="points per cloud, N (default 2048)")

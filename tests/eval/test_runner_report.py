@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from xmodal.data.store import write_store
+from xmodal.data.store import ShapeStore, write_store
+from xmodal.eval.descriptors import d2_descriptor
 from xmodal.eval.report import TABLE_HEADERS, render_report
+from xmodal.eval.retrieval import PSB_STATS, psb_statistics, retrieval_metrics
 from xmodal.eval.runner import evaluate, resolve_tasks
 from xmodal.transforms import images_to_tensor, points_to_tensor
 
@@ -154,6 +156,7 @@ def test_evaluate_end_to_end_with_baseline(image_store, run_dir, tmp_path, loade
         *(f"svm2d.{k}.{v}" for k in ("accuracy", "C") for v in (1, 3, V)),
         *(f"retrieval3d.top{k}" for k in (1, 5, 10, 20, 50)), "retrieval3d.map",
         *(f"retrieval2d.{v}.top{k}" for v in (1, 3, V) for k in (1, 5, 10, 20, 50)),
+        *(f"retrieval3d.{k}" for k in PSB_STATS), *(f"retrieval2d.{v}.{k}" for v in (1, 3, V) for k in PSB_STATS),
         "fewshot3d.2w3s.mean", "fewshot3d.4w2s.std", "fewshot2d.2w3s.mean",
         *(f"crossmodal.{d}.top{k}" for d in ("img2shape", "shape2img") for k in (1, 5, 10)),
         "crossmodal.img2shape.exact1",
@@ -163,14 +166,21 @@ def test_evaluate_end_to_end_with_baseline(image_store, run_dir, tmp_path, loade
         assert "baseline.random." + key in m, key
     assert m["pretext.num_pairs"] == 10 * 5 * len(CLASSES)
     for key in expected:
-        if "accuracy" in key or ".top" in key:
+        if "accuracy" in key or ".top" in key or key.startswith("retrieval"):
             assert 0.0 <= m[key] <= 1.0, key
     assert m["retrieval3d.top50"] == 1.0  # the gallery (19 others) holds every class
+    # the D2 reference: computed once from the stored test clouds, not a network (no baseline copy)
+    test = ShapeStore(image_store).split("test")
+    d2 = d2_descriptor(test.all_points(), seed=0)
+    want = {**retrieval_metrics(d2, test.labels), **psb_statistics(d2, test.labels, class_names=CLASSES)}
+    assert {k: m[f"reference.d2.retrieval3d.{k}"] for k in want} == pytest.approx(want)
+    assert not any(k.startswith("baseline.random.reference.") for k in m)
     assert m["svm3d.accuracy"] > 0.5  # classes differ in size and shape (chance 0.25)
     report = (out / "report.md").read_text()
     for header in TABLE_HEADERS:
         assert header in report, header
     assert "random init" in report and "89.8" in report  # baseline column and a paper number
+    assert "### Princeton Shape Benchmark statistics" in report and "| D2 (no learning) |" in report
     for png in ("tsne.png", "tsne_random_init.png", "training_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"]({png})" in report
@@ -186,7 +196,8 @@ def test_points_only_dataset_skips_image_tasks(points_store, run_dir, tmp_path, 
     sk = m["meta.tasks_skipped"]
     for task in ("pretext", "svm2d", "retrieval2d", "crossmodal"):
         assert "no images" in sk[task], task
-    assert "svm3d.accuracy" in m and "retrieval3d.top1" in m
+    assert "svm3d.accuracy" in m and "retrieval3d.top1" in m and "retrieval3d.dcg" in m
+    assert "reference.d2.retrieval3d.nn" in m
     assert not any(k.startswith(("svm2d.", "retrieval2d.", "pretext.", "crossmodal.")) for k in m)
     assert m["meta.views_used"] == []
     report = (out / "report.md").read_text()
@@ -216,6 +227,9 @@ def test_report_lays_out_paper_tables():
         "svm3d.accuracy": 0.9, "svm3d.C": 0.1, "baseline.random.svm3d.accuracy": 0.7,
         "svm2d.accuracy.12": 0.8, "svm2d.C.12": 1.0,
         "retrieval3d.top1": 0.85, "retrieval3d.top50": 0.99,
+        **{f"retrieval3d.{k}": 0.5 + 0.1 * i for i, k in enumerate(PSB_STATS)},
+        **{f"baseline.random.retrieval3d.{k}": 0.25 for k in PSB_STATS},
+        **{f"reference.d2.retrieval3d.{k}": 0.125 for k in PSB_STATS}, "reference.d2.retrieval3d.top1": 0.375,
         "partseg.frozen.100.oa": 0.91, "partseg.frozen.100.class_miou": 0.7, "partseg.frozen.100.instance_miou": 0.8,
         "partseg.scratch.2.oa": 0.85, "partseg.scratch.2.class_miou": 0.5, "partseg.scratch.2.instance_miou": 0.6,
         "partseg.finetune.2.oa": 0.86, "partseg.finetune.2.class_miou": 0.55, "partseg.finetune.2.instance_miou": 0.65,
@@ -227,6 +241,14 @@ def test_report_lays_out_paper_tables():
     lines = text.splitlines()
     row3d = next(line for line in lines if line.startswith("| 3D (Fp)"))
     assert "| 90.0 | 70.0 | +20.0 |" in row3d and "87.5" in row3d and "89.8" in row3d
+    psb = lines[lines.index("### Princeton Shape Benchmark statistics (%)") + 2:]
+    assert psb[0] == "| network | views | NN | FT | ST | E | DCG |"
+    assert psb[2:5] == [
+        "| Fp (ours) | — | 50.0 | 60.0 | 70.0 | 80.0 | 90.0 |",
+        "| Fp (random init) | — | 25.0 | 25.0 | 25.0 | 25.0 | 25.0 |",
+        "| D2 (no learning) | — | 12.5 | 12.5 | 12.5 | 12.5 | 12.5 |",
+    ]
+    assert next(line for line in lines if line.startswith("| D2 (no learning) | — | 37.5 |"))  # beside top-K
     row = next(line for line in lines if line.startswith("| frozen | 100%"))
     assert "| 91.0 | 70.0 | 80.0 | CM-CV-Frozen | 92.1 | 74.7 | 80.8 |" in row
     row = next(line for line in lines if line.startswith("| finetune | 2%"))

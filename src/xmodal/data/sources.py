@@ -6,6 +6,9 @@
   :class:`xmodal.data.builtin.BuiltinSource`;
 * a folder holding ``ply_data_*.h5`` files (the ModelNet40 HDF5 point-cloud release):
   :class:`ModelNetH5Source`;
+* a Princeton Shape Benchmark folder (``DIR/db/`` and ``DIR/classification/v1/``;
+  ``DIR?classification=coarse1`` picks a granularity, ``base`` by default):
+  :class:`xmodal.data.psb.PsbSource`;
 * a folder in the Princeton ModelNet layout ``<root>/<class>/<split>/*.off``, or a folder
   of class sub-folders with meshes in any of :data:`~xmodal.data.mesh_io.MESH_EXTENSIONS`:
   :class:`MeshFolderSource`.
@@ -27,10 +30,12 @@ from urllib.parse import parse_qs
 import numpy as np
 
 from xmodal.data.mesh_io import MESH_EXTENSIONS, is_mesh_file, load_mesh
+from xmodal.data.psb import PsbSource, is_psb_root
 from xmodal.data.types import Item, Mesh, MeshError, PointCloud, Source
+from xmodal.errors import DataError
 from xmodal.utils.optional import require
 
-__all__ = ["open_source", "MeshFolderSource", "ModelNetH5Source", "stratified_holdout", "BUILTIN_PARAMS"]
+__all__ = ["open_source", "MeshFolderSource", "ModelNetH5Source", "stratified_holdout", "BUILTIN_PARAMS", "PSB_PARAMS"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +43,13 @@ SPLIT_DIRS = ("train", "test")
 
 #: query keys of ``builtin:shapes?…`` -> keyword of ``BuiltinSource``
 BUILTIN_PARAMS = {"train": "train_per_class", "test": "test_per_class", "seed": "seed"}
+#: query keys of ``<PSB folder>?…`` -> keyword of ``PsbSource``
+PSB_PARAMS = {"classification": "classification"}
 
 ACCEPTED_FORMS = (
     "accepted sources: 'builtin:shapes' (optionally 'builtin:shapes?train=32&test=8&seed=0'); "
-    "a folder with ModelNet40 HDF5 files 'ply_data_*.h5'; a folder in ModelNet layout "
+    "a folder with ModelNet40 HDF5 files 'ply_data_*.h5'; a Princeton Shape Benchmark folder "
+    "'<root>/db/' + '<root>/classification/v1/' (optionally '<root>?classification=coarse1'); a folder in ModelNet layout "
     "'<root>/<class>/<train|test>/*.off'; a folder of class sub-folders '<root>/<class>/**/*"
     f"{{{','.join(MESH_EXTENSIONS)}}}'"
 )
@@ -51,7 +59,8 @@ def open_source(spec: "str | os.PathLike", *, seed: int = 0, test_ratio: float =
     """Open the objects named by ``spec``.
 
     Args:
-        spec: ``"builtin:shapes[?train=N&test=M&seed=S]"`` or a folder path (see module doc).
+        spec: ``"builtin:shapes[?train=N&test=M&seed=S]"``, a folder path, or a PSB folder
+            path with options ``"DIR?classification=coarse1"`` (see module doc).
         seed: seed of the train/test split of folders without one (and default seed of
             the built-in shapes).
         test_ratio: fraction of each class held out as ``test`` where the data has no split.
@@ -67,14 +76,39 @@ def open_source(spec: "str | os.PathLike", *, seed: int = 0, test_ratio: float =
         text = os.fsdecode(text)
     if text.startswith("builtin:"):
         return _open_builtin(text, seed=seed)
+    query = ""
+    if "?" in text and not Path(text).expanduser().exists():
+        text, _, query = text.partition("?")
     path = Path(text).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"source {text!r} does not exist; {ACCEPTED_FORMS}")
     if not path.is_dir():
         raise ValueError(f"source {text!r} is a file, not a folder; {ACCEPTED_FORMS}")
+    if is_psb_root(path):
+        return PsbSource(path, **_parse_options(os.fspath(spec), query, PSB_PARAMS))
+    if query:
+        raise DataError(f"options '?{query}' are only understood for builtin:shapes and Princeton Shape Benchmark "
+                        f"folders, and {text!r} is neither; {ACCEPTED_FORMS}")
     if any(path.glob("ply_data_*.h5")):
         return ModelNetH5Source(path, seed=seed, test_ratio=test_ratio)
     return MeshFolderSource(path, seed=seed, test_ratio=test_ratio)
+
+
+def _parse_options(spec: str, query: str, valid: dict[str, str]) -> dict[str, str]:
+    """``{keyword: value}`` of the ``key=value&…`` options of ``spec``; keys from ``valid``
+    (query key -> keyword), each at most once."""
+    try:
+        params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError as exc:
+        raise DataError(f"malformed query in {spec!r}: {exc}") from None
+    out = {}
+    for key, values in params.items():
+        if key not in valid:
+            raise DataError(f"unknown parameter {key!r} in {spec!r}; valid parameters: {', '.join(valid)}")
+        if len(values) != 1:
+            raise DataError(f"parameter {key!r} given {len(values)} times in {spec!r}")
+        out[valid[key]] = values[0]
+    return out
 
 
 def _open_builtin(spec: str, *, seed: int) -> Source:
@@ -82,19 +116,12 @@ def _open_builtin(spec: str, *, seed: int) -> Source:
     if name != "shapes":
         raise ValueError(f"unknown built-in source {spec!r}: the only one is 'builtin:shapes'; {ACCEPTED_FORMS}")
     kwargs: dict[str, int] = {"seed": int(seed)}
-    try:
-        params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
-    except ValueError as exc:
-        raise ValueError(f"malformed query in {spec!r}: {exc}") from None
-    for key, values in params.items():
-        if key not in BUILTIN_PARAMS:
-            raise ValueError(f"unknown parameter {key!r} in {spec!r}; valid parameters: {', '.join(BUILTIN_PARAMS)}")
-        if len(values) != 1:
-            raise ValueError(f"parameter {key!r} given {len(values)} times in {spec!r}")
+    keys = {kw: key for key, kw in BUILTIN_PARAMS.items()}
+    for kw, value in _parse_options(spec, query, BUILTIN_PARAMS).items():
         try:
-            kwargs[BUILTIN_PARAMS[key]] = int(values[0])
+            kwargs[kw] = int(value)
         except ValueError:
-            raise ValueError(f"parameter {key!r} in {spec!r} must be an integer, got {values[0]!r}") from None
+            raise DataError(f"parameter {keys[kw]!r} in {spec!r} must be an integer, got {value!r}") from None
     builtin = importlib.import_module("xmodal.data.builtin")
     return builtin.BuiltinSource(**kwargs)
 

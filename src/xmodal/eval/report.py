@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from xmodal.eval import paper_numbers as P
+from xmodal.eval.descriptors import D2_BINS, D2_PAIRS
+from xmodal.eval.retrieval import PSB_STATS
+from xmodal.eval.runner import D2_PREFIX
 from xmodal.utils.io import atomic_write
 
 __all__ = ["TABLE_HEADERS", "render_report", "write_report"]
@@ -35,6 +38,7 @@ TABLE_HEADERS = (
 )
 
 BASE = "baseline.random."
+_PSB_HEADER = {"nn": "NN", "ft": "FT", "st": "ST", "e": "E", "dcg": "DCG"}
 DASH = "–"
 _PARTSEG_PAPER_ROW = {"frozen": "CM-CV-Frozen", "scratch": "Supervised", "finetune": "CM-CV-Unfrozen"}
 _PARTSEG_ORDER = ("frozen", "scratch", "finetune")
@@ -150,11 +154,7 @@ def _section_setup(m: _Metrics, figures: Mapping[str, str]) -> list[str]:
         f"{meta.get('svm_Cs', 'a log grid')} by stratified k-fold cross-validation on the train split only "
         "(folds reduced when a class is small); the test split is scored once, with C fixed",
     )
-    item(
-        "retrieval (Table 3)",
-        "every test object queries a gallery of the other test objects (itself excluded); Euclidean distance "
-        "of global features; a query scores at K when an object of its class is among its K nearest",
-    )
+    lines += _setup_retrieval(m)
     item(
         "pretext (Table 1)",
         f"{m.get('pretext.num_pairs') or '10 x n_test'} pairs of each kind from the test split, half positive, "
@@ -189,6 +189,28 @@ def _section_setup(m: _Metrics, figures: Mapping[str, str]) -> list[str]:
         "comparable with ours only on the same data. Accuracies are in %."
     )
     return lines + [""]
+
+
+def _setup_retrieval(m: _Metrics) -> list[str]:
+    """Setup lines describing the retrieval protocol, its PSB statistics and the D2 reference."""
+    lines = [
+        "- **retrieval (Table 3)**: every test object queries a gallery of the other test objects (itself "
+        "excluded); Euclidean distance of global features; a query scores at K when an object of its class is "
+        "among its K nearest"
+    ]
+    if m.has("retrieval3d.nn") or m.has("retrieval2d."):
+        lines.append(
+            "- **PSB retrieval statistics**: NN, first tier, second tier, E-measure (top 32) and DCG as the Princeton "
+            "Shape Benchmark's psbTable computes them, averaged over queries; objects of classes with fewer than 3 "
+            "test objects, or of the miscellaneous class '-1', are not queries (they stay in the galleries)"
+        )
+    if m.has(D2_PREFIX):
+        lines.append(
+            f"- **D2 reference**: a non-learned 3D descriptor, the D2 shape distribution (Osada et al. 2002): a "
+            f"{D2_BINS}-bin histogram over [0, 2] of the distances of {D2_PAIRS} seeded random pairs of each stored "
+            "(unit-sphere) test cloud's points, retrieved with the same protocol"
+        )
+    return lines
 
 
 def _section_table1(m: _Metrics) -> list[str]:
@@ -272,7 +294,7 @@ def _section_table3(m: _Metrics) -> list[str]:
     header = ["network", "views"] + [f"Top{k}" for k in ks] + ["mAP"]
     rows = []
 
-    def block(label: str, views: str, prefix: str, paper: Mapping[str, Sequence[float]]):
+    def block(label: str, views: str, prefix: str, paper: Mapping[str, Sequence[float]], extra=()):
         rows.append([f"{label} (ours)", views] + [_pct(m.get(f"{prefix}.top{k}")) for k in ks] + [_pct(m.get(f"{prefix}.map"))])
         if m.has_base:
             rows.append(
@@ -285,11 +307,15 @@ def _section_table3(m: _Metrics) -> list[str]:
                 + [_delta(m.get(f"{prefix}.top{k}"), m.base(f"{prefix}.top{k}")) for k in ks]
                 + [_delta(m.get(f"{prefix}.map"), m.base(f"{prefix}.map"))]
             )
+        rows.extend(extra)
         for name, vals in paper.items():
             rows.append([f"paper {name}", views] + [_paper(x) for x in vals] + [DASH])
 
+    d2 = f"{D2_PREFIX}retrieval3d"
+    d2_row = [["D2 (no learning)", "—"] + [_pct(m.get(f"{d2}.top{k}")) for k in ks] + [_pct(m.get(f"{d2}.map"))]]
     if m.has("retrieval3d."):
-        block("Fp", "—", "retrieval3d", {f"Fp-{k}": v for k, v in P.TABLE3["retrieval3d"].items()})
+        paper3d = {f"Fp-{k}": v for k, v in P.TABLE3["retrieval3d"].items()}
+        block("Fp", "—", "retrieval3d", paper3d, extra=d2_row if m.has(d2 + ".") else ())
     for v in _views_in(m, "retrieval2d."):
         paper = P.TABLE3["retrieval2d"].get(v, {})
         block("Fimg", str(v), f"retrieval2d.{v}", {(n if n == "ImageNet" else f"Fimg-{n}"): x for n, x in paper.items()})
@@ -297,7 +323,29 @@ def _section_table3(m: _Metrics) -> list[str]:
     why = _skipped(m, "retrieval2d", "retrieval3d")
     if why:
         lines += ["", f"Skipped: {why}."]
-    return lines + [""]
+    return lines + [""] + _psb_table(m)
+
+
+def _psb_table(m: _Metrics) -> list[str]:
+    """The PSB statistics (NN, FT, ST, E, DCG) of 3D, the D2 reference and each 2D view count."""
+    sets = [("Fp", "—", "retrieval3d")] + [("Fimg", str(v), f"retrieval2d.{v}") for v in _views_in(m, "retrieval2d.")]
+    rows = []
+    for label, views, prefix in sets:
+        if m.get(f"{prefix}.nn") is None:
+            continue
+        rows.append([f"{label} (ours)", views] + [_pct(m.get(f"{prefix}.{k}")) for k in PSB_STATS])
+        if m.has_base:
+            rows.append([f"{label} (random init)", views] + [_pct(m.base(f"{prefix}.{k}")) for k in PSB_STATS])
+        if prefix == "retrieval3d" and m.get(f"{D2_PREFIX}{prefix}.nn") is not None:
+            rows.append(["D2 (no learning)", views] + [_pct(m.get(f"{D2_PREFIX}{prefix}.{k}")) for k in PSB_STATS])
+    if not rows:
+        return []
+    header = ["network", "views"] + [_PSB_HEADER[k] for k in PSB_STATS]
+    return (
+        ["### Princeton Shape Benchmark statistics (%)", ""]
+        + _table(header, rows)
+        + ["", "As the benchmark's psbTable tool computes them (see Setup); the paper reports none of them.", ""]
+    )
 
 
 def _percent_label(p: str) -> str:

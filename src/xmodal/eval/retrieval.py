@@ -12,17 +12,51 @@ index (stable sort), so results are deterministic.
 * mAP (an extra): the mean over queries of the average precision of the
   ranking with "same class" as relevant; queries without any relevant gallery
   item are left out of the mean.
+
+:func:`psb_statistics` gives the five statistics of the 3D-retrieval literature
+exactly as the Princeton Shape Benchmark's ``psbTable`` tool defines them
+(micro-averaged over queries; C = the query's class size, the query included):
+
+* NN: the nearest gallery item is of the query's class;
+* FT (first tier): same-class items among the first C-1, divided by C-1;
+* ST (second tier): same-class items among the first min(2(C-1), n-1), divided by C-1;
+* E: 2 / (1/P + 1/R) with P = hits / k and R = hits / (C-1) among the first
+  k = min(32, n-1) items; 0 without a hit;
+* DCG: sum over gallery ranks i (1-based) of rel_i * w_i with w_1 = 1 and
+  w_i = 1 / log2(i) for i >= 2, divided by its ideal value (the C-1 same-class
+  items ranked first).
+
+Objects of classes with fewer than 3 objects, and of the benchmark's
+miscellaneous class (:data:`PSB_SKIP_CLASSES`), are not queries; they stay in
+every gallery.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["DEFAULT_KS", "pairwise_sq_distances", "rank_gallery", "rank_gallery_rows", "retrieval_metrics"]
+from xmodal.data.psb import MISC_CLASS
+
+__all__ = [
+    "DEFAULT_KS",
+    "PSB_STATS",
+    "PSB_SKIP_CLASSES",
+    "pairwise_sq_distances",
+    "rank_gallery",
+    "rank_gallery_rows",
+    "retrieval_metrics",
+    "psb_query_mask",
+    "psb_statistics",
+]
 
 DEFAULT_KS = (1, 5, 10, 20, 50)
+#: keys of :func:`psb_statistics`, in psbTable's column order
+PSB_STATS = ("nn", "ft", "st", "e", "dcg")
+#: class names never used as queries by default: the PSB's miscellaneous class ("-1",
+#: as in the benchmark's coarse2 classification and its psbTable tool)
+PSB_SKIP_CLASSES = (MISC_CLASS,)
 
 
 def pairwise_sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -72,19 +106,11 @@ def retrieval_metrics(feats, labels, *, ks: Sequence[int] = DEFAULT_KS, chunk: i
     feats: (n, D) global features; labels: (n,) class ids.
     Returns ``{"top<K>": float for K in ks, "map": float}`` (fractions in [0, 1]).
     """
-    feats = np.asarray(feats)
-    labels = np.asarray(labels).reshape(-1)
-    if feats.ndim != 2 or feats.shape[0] != labels.shape[0]:
-        raise ValueError(f"features {feats.shape} and labels {labels.shape} do not match")
-    if not np.isfinite(feats).all():
-        raise ValueError("features contain NaN or infinity")
-    n = feats.shape[0]
-    if n < 2:
-        raise ValueError(f"retrieval needs at least 2 objects, got {n}")
+    f64, labels = _check_features(feats, labels)
+    n = f64.shape[0]
     g = n - 1
     first = np.empty(n, dtype=np.int64)  # rank (0-based) of the first same-class item; g if none
     ap = np.full(n, np.nan)
-    f64 = np.asarray(feats, dtype=np.float64)
     for s in range(0, n, chunk):
         # rank one chunk of queries at a time: memory O(chunk * n)
         order = rank_gallery_rows(f64, s, min(s + chunk, n))
@@ -100,3 +126,91 @@ def retrieval_metrics(feats, labels, *, ks: Sequence[int] = DEFAULT_KS, chunk: i
     valid = ~np.isnan(ap)
     out["map"] = float(ap[valid].mean()) if valid.any() else float("nan")
     return out
+
+
+def _check_features(feats, labels) -> tuple[np.ndarray, np.ndarray]:
+    feats = np.asarray(feats, dtype=np.float64)
+    labels = np.asarray(labels).reshape(-1)
+    if feats.ndim != 2 or feats.shape[0] != labels.shape[0]:
+        raise ValueError(f"features {feats.shape} and labels {labels.shape} do not match")
+    if not np.isfinite(feats).all():
+        raise ValueError("features contain NaN or infinity")
+    if feats.shape[0] < 2:
+        raise ValueError(f"retrieval needs at least 2 objects, got {feats.shape[0]}")
+    return feats, labels
+
+
+def psb_query_mask(
+    labels, *, class_names: Optional[Sequence[str]] = None, skip_classes: Iterable[str] = PSB_SKIP_CLASSES,
+    min_class_size: int = 3,
+) -> np.ndarray:
+    """Which objects are queries of :func:`psb_statistics`: ``(n,)`` bool.
+
+    labels: (n,) class ids. An object is a query when its class has at least
+    ``min_class_size`` objects and its class name is not in ``skip_classes``; the
+    name of label ``l`` is ``class_names[l]`` (``str(l)`` when ``class_names`` is None).
+    """
+    labels = np.asarray(labels).reshape(-1)
+    uniq, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if class_names is not None and uniq.size and not (0 <= uniq.min() and uniq.max() < len(class_names)):
+        raise ValueError(f"labels range over [{uniq.min()}, {uniq.max()}] but there are {len(class_names)} class names")
+    names = [str(class_names[u]) if class_names is not None else str(u) for u in uniq]
+    skip = set(skip_classes)
+    keep = np.array([name not in skip for name in names], dtype=bool) & (counts >= min_class_size)
+    return keep[inverse.reshape(-1)]
+
+
+def psb_statistics(
+    feats,
+    labels,
+    *,
+    class_names: Optional[Sequence[str]] = None,
+    skip_classes: Iterable[str] = PSB_SKIP_CLASSES,
+    min_class_size: int = 3,
+    e_top: int = 32,
+    chunk: int = 1024,
+) -> dict:
+    """NN, first tier, second tier, E-measure and DCG of leave-one-out retrieval (module doc).
+
+    Args:
+        feats: (n, D) global features, ranked by Euclidean distance (ties by index).
+        labels: (n,) class ids.
+        class_names: name of each class id, for ``skip_classes``.
+        skip_classes: class names whose objects are not queries (default: PSB's "-1").
+        min_class_size: smallest class whose objects are queries (psbTable: 3).
+        e_top: the E-measure's cut-off (psbTable: 32).
+        chunk: queries ranked at once (memory O(chunk * n)).
+
+    Returns:
+        ``{"nn", "ft", "st", "e", "dcg"}``: fractions in [0, 1], averaged over the queries
+        (NaN when no object is a query).
+    """
+    feats, labels = _check_features(feats, labels)
+    if int(min_class_size) < 2 or int(e_top) < 1:
+        raise ValueError(f"min_class_size must be >= 2 and e_top >= 1, got {min_class_size} and {e_top}")
+    n = feats.shape[0]
+    g = n - 1
+    is_query = psb_query_mask(labels, class_names=class_names, skip_classes=skip_classes, min_class_size=min_class_size)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    size = counts[inverse.reshape(-1)]  # class size of each object, itself included
+    weight = np.ones(g)
+    weight[1:] = 1.0 / np.log2(np.arange(2, g + 1))  # gallery rank i (1-based): 1 for i = 1, 1 / log2(i) after
+    ideal = np.cumsum(weight)  # ideal[c - 1]: DCG of c relevant items ranked first
+    k_e = min(int(e_top), g)
+    sums = dict.fromkeys(PSB_STATS, 0.0)
+    for s in range(0, n, chunk):
+        rows = np.arange(s, min(s + chunk, n))[is_query[s : s + chunk]]
+        if rows.size == 0:
+            continue
+        order = rank_gallery_rows(feats, s, min(s + chunk, n))[rows - s]
+        rel = labels[order] == labels[rows, None]  # (q, g)
+        hits = np.cumsum(rel, axis=1)
+        c1 = size[rows] - 1  # relevant items in each gallery, >= 1
+        at = np.arange(rows.size)
+        sums["nn"] += rel[:, 0].sum()
+        sums["ft"] += (hits[at, c1 - 1] / c1).sum()
+        sums["st"] += (hits[at, np.minimum(2 * c1, g) - 1] / c1).sum()
+        sums["e"] += (2.0 * hits[:, k_e - 1] / (k_e + c1)).sum()  # = 2 / (1/P + 1/R), 0 without a hit
+        sums["dcg"] += ((rel @ weight) / ideal[c1 - 1]).sum()
+    n_queries = int(is_query.sum())
+    return {k: float(v / n_queries) if n_queries else float("nan") for k, v in sums.items()}

@@ -8,7 +8,9 @@ Tasks (``tasks=`` any of them, or ``"all"``):
 =============  =====================================================================
 ``pretext``    Table 1: cross-modality accuracy of Ff, cross-view pair distances
 ``svm``        Table 2: linear SVM on frozen 3D features and on v-view 2D features
-``retrieval``  Table 3: leave-one-out top-K retrieval on the test split (3D and 2D)
+``retrieval``  Table 3: leave-one-out top-K retrieval on the test split (3D and 2D), the
+               PSB statistics (NN, FT, ST, E, DCG), and the D2 shape distribution as a
+               non-learned 3D reference (``reference.d2.retrieval3d.*``, run only once)
 ``partseg``    Table 4: part segmentation via :func:`xmodal.eval.partseg.run_partseg`
 ``tsne``       Fig. 3: t-SNE of 2D (v = 1, 4, 8, 80) and 3D test features
 ``fewshot``    N-way K-shot linear evaluation (beyond the paper)
@@ -33,7 +35,9 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from xmodal.eval.descriptors import d2_descriptor
 from xmodal.eval.features import FeatureCache, effective_views, pool_views
+from xmodal.eval.retrieval import psb_statistics, retrieval_metrics
 from xmodal.utils.device import default_device
 from xmodal.utils.io import read_json, write_json
 
@@ -49,6 +53,8 @@ DEFAULT_VIEWS = (1, 12, 36, 80)
 TSNE_VIEWS = (1, 4, 8, 80)
 
 _TRAIN, _TEST = "train", "test"
+#: metric-key prefix of the non-learned D2 reference (not a network: never under baseline.random.)
+D2_PREFIX = "reference.d2."
 
 
 def resolve_tasks(tasks: Iterable[str]) -> list[str]:
@@ -151,21 +157,29 @@ def _task_svm(ctx: _Ctx, Cs: Sequence[float]) -> None:
         ctx.put(f"svm2d.folds.{v}", r["folds"])
 
 
-def _task_retrieval(ctx: _Ctx, ks: Sequence[int]) -> None:
-    from xmodal.eval.retrieval import retrieval_metrics
+def _retrieval_scores(feats: np.ndarray, y: np.ndarray, ks: Sequence[int], class_names: Sequence[str]) -> dict:
+    """Top-K, mAP and the PSB statistics of one feature set: ``{name: value}``."""
+    return {**retrieval_metrics(feats, y, ks=ks), **psb_statistics(feats, y, class_names=class_names)}
 
+
+def _task_retrieval(ctx: _Ctx, ks: Sequence[int]) -> None:
     y = ctx.test_labels()
     if y.shape[0] < 2:
         ctx.skip("retrieval", "the test split has fewer than 2 objects")
         return
-    for k, v in retrieval_metrics(ctx.cache.points(_TEST), y, ks=ks).items():
+    names = ctx.store.classes
+    for k, v in _retrieval_scores(ctx.cache.points(_TEST), y, ks, names).items():
         ctx.put(f"retrieval3d.{k}", v)
+    if not ctx.prefix:  # the reference does not depend on the network: once, beside the run's keys
+        d2 = d2_descriptor(ctx.store.split(_TEST).all_points(), seed=ctx.seed)
+        for k, v in _retrieval_scores(d2, y, ks, names).items():
+            ctx.put(f"{D2_PREFIX}retrieval3d.{k}", v)
     if not ctx.has_images:
         ctx.skip("retrieval2d", _NO_IMAGES)
         return
     feats = ctx.cache.views(_TEST, max(ctx.views))
     for v in ctx.views:
-        for k, val in retrieval_metrics(pool_views(feats, v), y, ks=ks).items():
+        for k, val in _retrieval_scores(pool_views(feats, v), y, ks, names).items():
             ctx.put(f"retrieval2d.{v}.{k}", val)
 
 
@@ -452,7 +466,7 @@ def evaluate(
 _TASK_PREFIXES = {
     "pretext": ("pretext.",),
     "svm": ("svm2d.", "svm3d."),
-    "retrieval": ("retrieval2d.", "retrieval3d."),
+    "retrieval": ("retrieval2d.", "retrieval3d.", D2_PREFIX),
     "fewshot": ("fewshot2d.", "fewshot3d."),
     "crossmodal": ("crossmodal.",),
     "tsne": (),
