@@ -6,6 +6,8 @@
   :class:`xmodal.data.builtin.BuiltinSource`;
 * a folder holding ``ply_data_*.h5`` files (the ModelNet40 HDF5 point-cloud release):
   :class:`ModelNetH5Source`;
+* a folder of category sub-folders whose meshes each have a ``<stem>_labels.txt`` (Labeled
+  PSB, per-face part labels): :class:`xmodal.data.labeled_psb.LabeledPSBSource`;
 * a folder in the Princeton ModelNet layout ``<root>/<class>/<split>/*.off``, or a folder
   of class sub-folders with meshes in any of :data:`~xmodal.data.mesh_io.MESH_EXTENSIONS`:
   :class:`MeshFolderSource`.
@@ -42,7 +44,8 @@ BUILTIN_PARAMS = {"train": "train_per_class", "test": "test_per_class", "seed": 
 ACCEPTED_FORMS = (
     "accepted sources: 'builtin:shapes' (optionally 'builtin:shapes?train=32&test=8&seed=0'); "
     "a folder with ModelNet40 HDF5 files 'ply_data_*.h5'; a folder in ModelNet layout "
-    "'<root>/<class>/<train|test>/*.off'; a folder of class sub-folders '<root>/<class>/**/*"
+    "'<root>/<class>/<train|test>/*.off'; a Labeled PSB folder '<root>/<category>/<stem>.{off,ply,obj}' "
+    "with '<stem>_labels.txt' beside each mesh; a folder of class sub-folders '<root>/<class>/**/*"
     f"{{{','.join(MESH_EXTENSIONS)}}}'"
 )
 
@@ -74,6 +77,9 @@ def open_source(spec: "str | os.PathLike", *, seed: int = 0, test_ratio: float =
         raise ValueError(f"source {text!r} is a file, not a folder; {ACCEPTED_FORMS}")
     if any(path.glob("ply_data_*.h5")):
         return ModelNetH5Source(path, seed=seed, test_ratio=test_ratio)
+    labeled = importlib.import_module("xmodal.data.labeled_psb")  # imports this module
+    if labeled.is_labeled_mesh_folder(path):
+        return labeled.LabeledPSBSource(path, seed=seed, test_ratio=test_ratio)
     return MeshFolderSource(path, seed=seed, test_ratio=test_ratio)
 
 
