@@ -167,7 +167,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="report folder to write")
     p.add_argument("--baseline", choices=("random",), default=None, help="also evaluate the same networks at random initialisation")
     p.add_argument("--views", type=_positive_int, nargs="+", default=[1, 12, 36, 80], help="view counts v for the 2D tasks (capped at the dataset's V)")
-    p.add_argument("--partseg-data", type=Path, default=None, help="part-segmentation data (ShapeNet-Part folder or an xmodal dataset with part labels; default: --data)")
+    p.add_argument("--partseg-data", type=Path, default=None, help="part-segmentation data (ShapeNet-Part folder, Labeled PSB folder, or an xmodal dataset with part labels; default: --data)")
     p.add_argument("--partseg-epochs", type=_positive_int, default=None, help="epochs per part-segmentation setting")
     p.add_argument("--partseg-points", type=_positive_int, default=None, help="points per shape for part segmentation")
     p.add_argument("--seed", type=int, default=0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from xmodal.data.mesh_io import MESH_EXTENSIONS, load_mesh, read_off, validate_mesh
+from xmodal.data.mesh_io import MESH_EXTENSIONS, load_mesh, read_mesh_arrays, read_off, validate_mesh
 from xmodal.data.types import MeshError
 
 TETRA_V = "0 0 0\n1 0 0\n0 1 0\n0 0 1\n"
@@ -199,3 +199,17 @@ def test_glb_scene_is_concatenated(tmp_path):
 def test_extensions_constant():
     assert MESH_EXTENSIONS == (".off", ".obj", ".ply", ".stl", ".glb", ".gltf")
     assert all(e == e.lower() and e.startswith(".") for e in MESH_EXTENSIONS)
+
+
+def test_read_mesh_arrays_keeps_every_face_in_file_order(tmp_path):
+    # face 1 repeats a vertex: load_mesh drops it, read_mesh_arrays keeps it (labels files index it)
+    text = "OFF\n4 5 0\n" + TETRA_V + "3 0 1 2\n3 0 0 1\n3 0 1 3\n3 0 2 3\n3 1 2 3\n"
+    off = _write(tmp_path, "t.off", text)
+    v, f = read_mesh_arrays(off)
+    assert v.shape == (4, 3) and f.tolist() == [[0, 1, 2], [0, 0, 1], [0, 1, 3], [0, 2, 3], [1, 2, 3]]
+    assert load_mesh(off).faces.shape == (4, 3)
+    ply = tmp_path / "t.ply"
+    trimesh.Trimesh(v, f, process=False).export(ply)
+    np.testing.assert_array_equal(read_mesh_arrays(ply)[1], f)
+    with pytest.raises(MeshError, match="file does not exist"):
+        read_mesh_arrays(tmp_path / "none.ply")

@@ -9,6 +9,7 @@ from xmodal.data.sampling import (
     farthest_point_sampling,
     farthest_point_sampling_reference,
     normalize_unit_sphere,
+    sample_mesh_points,
     sample_point_cloud,
     sample_surface,
 )
@@ -220,3 +221,13 @@ def test_sample_point_cloud_fps_spreads_points():
         return np.sqrt(((dense[:, None] - sub[None]) ** 2).sum(-1).min(1)).max()
 
     assert cover(fps) < 0.8 * cover(rnd)
+
+
+def test_sample_mesh_points_is_the_cloud_before_normalisation():
+    mesh = _box(offset=(10.0, -3.0, 5.0))
+    raw, face_index = sample_mesh_points(mesh.vertices, mesh.faces, 64, oversample=4, seed=7)
+    pc = sample_point_cloud(mesh, 64, oversample=4, seed=7)
+    np.testing.assert_array_equal(pc.points, normalize_unit_sphere(raw)[0].astype(np.float32))
+    np.testing.assert_array_equal(pc.point_labels, mesh.face_labels[face_index])
+    # raw points are in the mesh's coordinates, on the box surface
+    assert raw.min(0) == pytest.approx([10.0, -3.0, 5.0], abs=0.5) and (raw >= [10, -3, 5]).all()

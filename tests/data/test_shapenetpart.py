@@ -17,6 +17,7 @@ from xmodal.data.shapenetpart import (
     load_shapenetpart_h5,
     load_shapenetpart_txt,
     normalize_batch,
+    sample_labelled_mesh,
     stratified_subset,
 )
 
@@ -225,3 +226,28 @@ def test_from_builtin_source():
         assert set(np.unique(tr.seg[tr.category == c])) <= set(parts)
     again = load_partseg("builtin:shapes?train=1&test=1", num_points=48, seed=0)
     np.testing.assert_array_equal(again.split("test").points, data.split("test").points)
+
+
+def test_sample_labelled_mesh_keeps_faces_in_the_points_frame():
+    from xmodal.data.sampling import sample_point_cloud
+    from xmodal.data.types import Mesh
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(4, 3)) * 5 + 20  # a tetrahedron far from the origin
+    f = np.array([[0, 1, 2], [0, 1, 3], [0, 2, 3], [1, 2, 3]])
+    mesh = Mesh(v, f, face_labels=np.array([4, 4, 7, 9]))
+    points, seg, faces = sample_labelled_mesh(mesh, 64, seed=3)
+    pc = sample_point_cloud(mesh, 64, seed=3)
+    np.testing.assert_array_equal(points, pc.points)
+    np.testing.assert_array_equal(seg, pc.point_labels)
+    np.testing.assert_array_equal(faces.labels, [4, 4, 7, 9])
+    # the same similarity maps the mesh onto the points: recover it from the vertices' images
+    # (the centroids) and check the areas scale by its square
+    raw_centroids = v[f].mean(axis=1)
+    scale = np.linalg.norm(raw_centroids[1] - raw_centroids[0]) / np.linalg.norm(faces.centroids[1] - faces.centroids[0])
+    offset = raw_centroids - scale * faces.centroids
+    np.testing.assert_allclose(offset, offset[:1].repeat(4, 0), atol=1e-4)
+    tri = v[f]
+    raw_areas = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    np.testing.assert_allclose(faces.areas * scale**2, raw_areas, rtol=1e-5)
+    assert np.linalg.norm(faces.centroids, axis=1).max() < 1.0  # inside the cloud's unit sphere

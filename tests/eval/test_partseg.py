@@ -9,15 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from xmodal.data.shapenetpart import PartSegData, PartSegSplit
+from xmodal.data.shapenetpart import PartSegData, PartSegSplit, ShapeFaces, load_partseg, stratified_subset
 from xmodal.eval.partseg import (
     evaluate_partseg,
+    face_labelling_accuracy,
+    mean_face_accuracy,
     partseg_metrics,
     percent_key,
     reinitialize,
     restrict_predictions,
     run_partseg,
     shape_ious,
+    short_categories,
     train_partseg,
 )
 from xmodal.models.dgcnn import DGCNN
@@ -172,8 +175,13 @@ def test_run_partseg_end_to_end(tmp_path):
     )
     keys = {f"partseg.{s}.{p}.{m}" for s in ("frozen", "finetune", "scratch") for p in ("2", "20", "100")
             for m in ("oa", "class_miou", "instance_miou")}
-    assert set(res) == keys
-    assert all(0.0 <= v <= 1.0 for v in res.values())
+    flags = {f"partseg.{p}.{k}" for p in ("2", "20", "100") for k in ("n_train", "one_per_category")}
+    assert set(res) == keys | flags  # no face_accuracy: these clouds have no meshes
+    assert all(0.0 <= res[k] <= 1.0 for k in keys)
+    # 2% of 6 shapes per category rounds to none: each category takes one; 20% rounds to one
+    assert (res["partseg.2.one_per_category"], res["partseg.2.n_train"]) == (True, 2)
+    assert (res["partseg.20.one_per_category"], res["partseg.20.n_train"]) == (False, 2)
+    assert (res["partseg.100.one_per_category"], res["partseg.100.n_train"]) == (False, 12)
     # the caller's pre-trained encoder is left untouched
     for k, v in state.items():
         assert torch.equal(v, pretrained.state_dict()[k])
@@ -194,7 +202,8 @@ def test_run_partseg_without_run_only_scratch():
     data = _tiny_data(32)
     res = run_partseg(None, data, fractions=(1.0,), epochs=1, batch_size=6, device="cpu", progress=False,
                       encoder_factory=_tiny_dgcnn)
-    assert set(res) == {f"partseg.scratch.100.{m}" for m in ("oa", "class_miou", "instance_miou")}
+    assert set(res) == {f"partseg.scratch.100.{m}" for m in ("oa", "class_miou", "instance_miou")} | {
+        "partseg.100.n_train", "partseg.100.one_per_category"}
     with pytest.raises(ValueError, match="unknown"):
         run_partseg(None, data, settings=("bogus",), encoder_factory=_tiny_dgcnn, progress=False)
 
@@ -237,9 +246,9 @@ def test_run_partseg_from_run_dir(tmp_path, monkeypatch, held_bn):
                        ["A/l", "A/r", "B/lo", "B/mid", "B/hi"], PARTS)
     res = run_partseg(tmp_path / "run", data, fractions=(1.0,), epochs=1, batch_size=4, device="cpu",
                       progress=False)
-    assert set(res) == {f"partseg.{s}.100.{m}" for s in ("frozen", "finetune", "scratch")
-                        for m in ("oa", "class_miou", "instance_miou")}
-    assert all(0.0 <= v <= 1.0 for v in res.values())
+    keys = {f"partseg.{s}.100.{m}" for s in ("frozen", "finetune", "scratch") for m in ("oa", "class_miou", "instance_miou")}
+    assert set(res) == keys | {"partseg.100.n_train", "partseg.100.one_per_category"}
+    assert all(0.0 <= res[k] <= 1.0 for k in keys)
     # settings run in the order frozen, finetune, scratch; only finetune holds Fp's BatchNorm
     # statistics, and only for a run pre-trained that way
     assert built == [(True, False), (False, held_bn), (False, False)]
@@ -260,3 +269,89 @@ def test_finetune_with_held_batchnorm_trains_weights_but_keeps_statistics():
     assert stats and all(torch.equal(before[k], after[k]) for k in stats)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
     assert all(not torch.equal(v, net.head.state_dict()[k]) for k, v in head_stats.items())
+
+
+# --------------------------------------------------------------------------------------- face accuracy
+
+
+def test_face_accuracy_two_triangles_of_different_area():
+    # triangle 0: area 0.5 around x ~ 0.3; triangle 1: area 1.5 (3x) around x ~ 5
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [4, 0, 0], [7, 0, 0], [4, 1, 0]], float)
+    f = np.array([[0, 1, 2], [3, 4, 5]])
+    tri = v[f]
+    areas = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    np.testing.assert_allclose(areas, [0.5, 1.5])
+    centroids = tri.mean(axis=1)
+    labels = np.array([3, 7])
+    points = np.array([[0.2, 0.2, 0], [5.0, 0.3, 0], [9.0, 0, 0]])  # one near each centroid, one far
+    assert face_labelling_accuracy(points, np.array([3, 7, 3]), centroids, areas, labels) == 1.0
+    assert face_labelling_accuracy(points, np.array([3, 3, 7]), centroids, areas, labels) == 0.25  # small face right
+    assert face_labelling_accuracy(points, np.array([7, 7, 3]), centroids, areas, labels) == 0.75  # big face right
+    assert face_labelling_accuracy(points, np.array([7, 3, 7]), centroids, areas, labels) == 0.0
+
+
+def test_face_accuracy_nearest_point_decides_per_face():
+    # four unit-area faces along x (centroids at 0, 1, 2, 3), two points at 0.4 and 2.6:
+    # faces 0, 1 take point 0's prediction, faces 2, 3 point 1's
+    centroids = np.array([[x, 0, 0] for x in range(4)], float)
+    areas = np.array([1.0, 1.0, 2.0, 4.0])
+    labels = np.array([0, 1, 1, 1])
+    points = np.array([[0.4, 0, 0], [2.6, 0, 0]])
+    assert face_labelling_accuracy(points, np.array([1, 1]), centroids, areas, labels) == pytest.approx(7 / 8)
+    assert face_labelling_accuracy(points, np.array([0, 0]), centroids, areas, labels) == pytest.approx(1 / 8)
+    with pytest.raises(ValueError, match="no area"):
+        face_labelling_accuracy(points, np.array([0, 0]), centroids, np.zeros(4), labels)
+    with pytest.raises(ValueError, match="must agree"):
+        face_labelling_accuracy(points, np.array([0, 0]), centroids, areas[:3], labels)
+
+
+def test_mean_face_accuracy_averages_shapes():
+    centroids = np.array([[0, 0, 0], [1, 0, 0]], float)
+    faces = [ShapeFaces(centroids, np.array([1.0, 3.0]), np.array([0, 1])),
+             ShapeFaces(centroids, np.array([1.0, 1.0]), np.array([0, 0]))]
+    points = np.array([[[0, 0, 0], [1, 0, 0]], [[0, 0, 0], [1, 0, 0]]], float)
+    pred = np.array([[0, 0], [0, 0]])
+    assert mean_face_accuracy(points, pred, faces) == pytest.approx((0.25 + 1.0) / 2)
+
+
+def test_short_categories_take_one_shape_each():
+    category = np.repeat([0, 1, 2], [5, 5, 40])
+    short = short_categories(category, 0.02)  # 0.1, 0.1 -> none; 0.8 -> one
+    np.testing.assert_array_equal(short, [0, 1])
+    sub = stratified_subset(category, 0.02, seed=0)
+    assert np.bincount(category[sub]).tolist() == [1, 1, 1]
+    assert short_categories(category, 0.2).size == 0 and short_categories(category, 1.0).size == 0
+
+
+def test_run_partseg_on_a_labeled_psb_tree(tmp_path, labeled_tree):
+    """The raw Labeled PSB folder (train/test levels) through the Table 4 runner: every setting
+    gets OA, class / instance mIoU and the face labelling accuracy; 10% takes one shape per category."""
+    root = labeled_tree(tmp_path / "lpsb", per_category=4, split_levels=True, test_per_category=1)
+    data = load_partseg(root, num_points=32, seed=0)
+    assert data.category_names == ["Cup", "Table"] and data.category_parts == [[0, 1], [2, 3]]
+    test = data.split("test")
+    assert test.n == 2 and len(test.faces) == 2 and test.faces[0].centroids.shape == (24, 3)
+    # the faces are in the frame of the points: every centroid lies within the unit sphere's reach
+    assert max(np.linalg.norm(f.centroids, axis=1).max() for f in test.faces) <= 1.0 + 1e-6
+    torch.manual_seed(0)
+    res = run_partseg(
+        _tiny_dgcnn(), root, fractions=(0.1, 1.0), epochs=2, batch_size=4, num_points=32, device="cpu",
+        progress=False, encoder_factory=_tiny_dgcnn, seed=0,
+    )
+    metrics = ("oa", "class_miou", "instance_miou", "face_accuracy")
+    keys = {f"partseg.{s}.{p}.{m}" for s in ("frozen", "finetune", "scratch") for p in ("10", "100") for m in metrics}
+    assert set(res) - keys == {f"partseg.{p}.{k}" for p in ("10", "100") for k in ("n_train", "one_per_category")}
+    assert keys <= set(res) and all(0.0 <= res[k] <= 1.0 for k in keys)
+    assert (res["partseg.10.one_per_category"], res["partseg.10.n_train"]) == (True, 2)
+    assert (res["partseg.100.one_per_category"], res["partseg.100.n_train"]) == (False, 6)
+
+
+def test_face_accuracy_of_true_point_labels_is_high(tmp_path, labeled_tree):
+    """Predicting every point's own (true) label, faces inherit it from their nearest point: on
+    the two-box meshes (parts 0.5 apart) every face is then right."""
+    root = labeled_tree(tmp_path / "lpsb", per_category=2)
+    data = load_partseg(root, num_points=64, seed=1)
+    for split in data.splits.values():
+        assert mean_face_accuracy(split.points, split.seg, split.faces) == 1.0
+        wrong = np.where(split.seg % 2 == 0, split.seg + 1, split.seg - 1)  # the other part of the category
+        assert mean_face_accuracy(split.points, wrong, split.faces) == 0.0

@@ -257,6 +257,28 @@ def test_report_lays_out_paper_tables():
     assert "![Fig](f.png)" in text
 
 
+def test_report_table4_face_accuracy_and_one_shape_per_category():
+    metrics = {
+        "partseg.scratch.2.oa": 0.5, "partseg.scratch.2.class_miou": 0.4, "partseg.scratch.2.instance_miou": 0.45,
+        "partseg.scratch.2.face_accuracy": 0.612,
+        "partseg.scratch.100.oa": 0.8, "partseg.scratch.100.class_miou": 0.7, "partseg.scratch.100.instance_miou": 0.75,
+        "partseg.scratch.100.face_accuracy": 0.834,
+        "partseg.2.n_train": 19, "partseg.2.one_per_category": True,
+        "partseg.100.n_train": 95, "partseg.100.one_per_category": False,
+    }
+    lines = render_report(metrics).splitlines()
+    header = next(line for line in lines if line.startswith("| setting | training data"))
+    assert "| instance mIoU | face acc. | paper row |" in header
+    assert "| scratch | 2% † | 50.0 | 40.0 | 45.0 | 61.2 | Supervised |" in "\n".join(lines)
+    assert "| scratch | 100% | 80.0 | 70.0 | 75.0 | 83.4 | Supervised |" in "\n".join(lines)
+    note = next(line for line in lines if line.startswith("† 2%"))
+    assert "one shape" in note and "19 training shapes" in note
+    assert not any(line.startswith("† 100%") for line in lines)
+    # data without meshes: no face column
+    plain = {k: v for k, v in metrics.items() if not k.endswith("face_accuracy")}
+    assert "face acc." not in render_report(plain)
+
+
 def test_partseg_runs_on_a_part_labelled_store(tmp_path, run_dir, loaded):
     pytest.importorskip("xmodal.eval.partseg")
     splits = {"train": _split(3, 4, images=False), "test": _split(2, 5, images=False)}

@@ -24,7 +24,7 @@ import numpy as np
 from xmodal.data.types import Mesh, MeshError
 from xmodal.utils.optional import require
 
-__all__ = ["MESH_EXTENSIONS", "read_off", "load_mesh", "validate_mesh", "is_mesh_file"]
+__all__ = ["MESH_EXTENSIONS", "read_off", "read_mesh_arrays", "load_mesh", "validate_mesh", "is_mesh_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,11 +206,33 @@ def _fan_triangulate(flat: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return np.stack([flat[s], flat[s + k], flat[s + k + 1]], axis=1)
 
 
-def load_mesh(path: "str | os.PathLike") -> Mesh:
-    """Load and validate a triangle mesh.
+def read_mesh_arrays(path: "str | os.PathLike") -> tuple[np.ndarray, np.ndarray]:
+    """Read a mesh file's arrays as stored, without validation.
 
     OFF files are read by :func:`read_off`; OBJ, PLY, STL, GLB and GLTF by ``trimesh``
-    (``process=False``: vertices are kept as stored, scenes are flattened into one mesh).
+    (``process=False``: vertices and faces are kept as stored and in file order, scenes
+    are flattened into one mesh). Nothing is dropped, so face ``i`` is the file's
+    ``i``-th triangle (what per-face label files index).
+
+    Returns:
+        ``vertices`` (V, 3) float64 and ``faces`` (F, 3) int64.
+
+    Raises:
+        MeshError: unknown extension, missing/unreadable file, parse error.
+    """
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in MESH_EXTENSIONS:
+        raise MeshError(path, f"unknown mesh extension {ext or '(none)'!r}; supported: {', '.join(MESH_EXTENSIONS)}")
+    if not path.is_file():
+        raise MeshError(path, "file does not exist" if not path.exists() else "not a regular file")
+    if ext == ".off":
+        return read_off(path)
+    return _load_with_trimesh(path)
+
+
+def load_mesh(path: "str | os.PathLike") -> Mesh:
+    """Load and validate a triangle mesh (:func:`read_mesh_arrays`, then :func:`validate_mesh`).
 
     Returns:
         :class:`Mesh` with ``vertices`` (V, 3) float64 and ``faces`` (F, 3) int64,
@@ -220,17 +242,8 @@ def load_mesh(path: "str | os.PathLike") -> Mesh:
         MeshError: unknown extension, missing/unreadable file, parse error, no faces,
             NaN/inf coordinates, face index out of range, zero total surface area.
     """
-    path = Path(path)
-    ext = path.suffix.lower()
-    if ext not in MESH_EXTENSIONS:
-        raise MeshError(path, f"unknown mesh extension {ext or '(none)'!r}; supported: {', '.join(MESH_EXTENSIONS)}")
-    if not path.is_file():
-        raise MeshError(path, "file does not exist" if not path.exists() else "not a regular file")
-    if ext == ".off":
-        vertices, faces = read_off(path)
-    else:
-        vertices, faces = _load_with_trimesh(path)
-    return validate_mesh(vertices, faces, path=path)
+    vertices, faces = read_mesh_arrays(path)
+    return validate_mesh(vertices, faces, path=Path(path))
 
 
 def _load_with_trimesh(path: Path) -> tuple[np.ndarray, np.ndarray]:

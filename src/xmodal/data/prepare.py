@@ -155,6 +155,14 @@ def _process_object(ctx: _Context, item: Item) -> dict[str, np.ndarray]:
     return out
 
 
+def _failure_reason(exc: Exception, item: Item) -> str:
+    """The ``reason`` recorded for a skipped object; it names the file at fault when that is
+    not the object's own (e.g. a mesh's labels file)."""
+    if not isinstance(exc, MeshError):
+        return f"{type(exc).__name__}: {exc}"
+    return exc.reason if exc.path in (item.path, item.id) else str(exc)
+
+
 def _run_chunk(ctx: _Context, split: str, chunk: int, items: list[Item], report=None) -> tuple[int, int]:
     """Prepare one chunk and write its failures and (last) its shard. Returns (ok, failed)."""
     s = ctx.settings
@@ -167,7 +175,7 @@ def _run_chunk(ctx: _Context, split: str, chunk: int, items: list[Item], report=
             ok_items.append(item)
             bad = 0
         except Exception as exc:  # any problem with one object skips that object only
-            reason = exc.reason if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
+            reason = _failure_reason(exc, item)
             failures.append({"path": item.path, "id": item.id, "reason": reason})
             log.warning("skipping %s (%s): %s", item.id, item.path or "generated", reason)
             bad = 1

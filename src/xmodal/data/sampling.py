@@ -23,6 +23,7 @@ __all__ = [
     "farthest_point_sampling",
     "farthest_point_sampling_reference",
     "normalize_unit_sphere",
+    "sample_mesh_points",
     "sample_point_cloud",
 ]
 
@@ -236,12 +237,43 @@ def normalize_unit_sphere(points) -> tuple[np.ndarray, np.ndarray, float]:
     return p.astype(out_dtype, copy=False), center, scale
 
 
+def sample_mesh_points(vertices, faces, n_points: int, *, oversample: int = 8, seed=None) -> tuple[np.ndarray, np.ndarray]:
+    """Surface samples -> FPS, in the mesh's own coordinates (not normalised).
+
+    Draws ``oversample * n_points`` area-weighted surface samples and picks ``n_points``
+    of them by farthest point sampling from a random start (``oversample == 1`` skips FPS).
+
+    Args:
+        vertices: ``(V, 3)`` coordinates.
+        faces: ``(F, 3)`` vertex indices.
+        n_points: N, points to return.
+        oversample: candidates per output point (``>= 1``).
+        seed: seed of the surface sampling and the FPS start.
+
+    Returns:
+        ``points (N, 3)`` float64 and ``face_index (N,)`` int64, the face each point lies on.
+    """
+    if n_points < 1:
+        raise ValueError(f"n_points must be >= 1, got {n_points}")
+    if oversample < 1:
+        raise ValueError(f"oversample must be >= 1, got {oversample}")
+    if isinstance(seed, np.random.Generator):
+        seed_surface = seed_fps = seed
+    else:
+        ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+        seed_surface, seed_fps = ss.spawn(2)
+    pts, face_index = sample_surface(vertices, faces, int(n_points) * int(oversample), seed=seed_surface)
+    if oversample > 1:
+        idx = farthest_point_sampling(pts, n_points, seed=seed_fps)
+        pts, face_index = pts[idx], face_index[idx]
+    return pts, face_index
+
+
 def sample_point_cloud(mesh: Mesh, n_points: int = 2048, *, oversample: int = 8, seed=None) -> PointCloud:
     """Sample a mesh into a normalised point cloud: surface samples -> FPS -> unit sphere.
 
-    Draws ``oversample * n_points`` area-weighted surface samples, picks ``n_points`` of
-    them by farthest point sampling from a random start, and normalises them into the
-    unit sphere.  Part labels follow the faces the points lie on.
+    :func:`sample_mesh_points`, then :func:`normalize_unit_sphere`. Part labels follow the
+    faces the points lie on.
 
     Args:
         mesh: a :class:`~xmodal.data.types.Mesh` (``face_labels`` optional).
@@ -253,19 +285,7 @@ def sample_point_cloud(mesh: Mesh, n_points: int = 2048, *, oversample: int = 8,
         :class:`~xmodal.data.types.PointCloud` with ``points (N, 3)`` float32 (max norm 1)
         and ``point_labels (N,)`` int64 when the mesh has ``face_labels``.
     """
-    if n_points < 1:
-        raise ValueError(f"n_points must be >= 1, got {n_points}")
-    if oversample < 1:
-        raise ValueError(f"oversample must be >= 1, got {oversample}")
-    if isinstance(seed, np.random.Generator):
-        seed_surface = seed_fps = seed
-    else:
-        ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
-        seed_surface, seed_fps = ss.spawn(2)
-    pts, face_index = sample_surface(mesh.vertices, mesh.faces, int(n_points) * int(oversample), seed=seed_surface)
-    if oversample > 1:
-        idx = farthest_point_sampling(pts, n_points, seed=seed_fps)
-        pts, face_index = pts[idx], face_index[idx]
+    pts, face_index = sample_mesh_points(mesh.vertices, mesh.faces, n_points, oversample=oversample, seed=seed)
     pts, _, _ = normalize_unit_sphere(pts)
     labels = None
     if mesh.face_labels is not None:

@@ -17,7 +17,9 @@ Readers:
   ``data`` (n, 2048, 3), ``label`` (n, 1), ``pid`` (n, 2048));
 * :func:`from_store` — an xmodal dataset store with per-point labels (e.g. a prepared
   ``builtin:shapes``);
-* :func:`from_source` — a part-labelled mesh source (``builtin:shapes``), sampled on the fly;
+* :func:`from_source` — a part-labelled mesh source (``builtin:shapes``, a Labeled PSB
+  folder), sampled on the fly; each shape keeps its faces (:class:`ShapeFaces`) for the
+  face labelling accuracy;
 * :func:`load_partseg` — dispatch on what a path (or object) is.
 
 :func:`stratified_subset` draws the seeded, per-category training fractions of Table 4.
@@ -35,12 +37,16 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from xmodal.data.labeled_psb import LabeledPSBSource, is_labeled_mesh_folder
+from xmodal.data.sampling import normalize_unit_sphere, sample_mesh_points
+from xmodal.data.sources import open_source
 from xmodal.errors import PartSegError
 
 __all__ = [
     "SHAPENETPART_CATEGORIES",
     "SHAPENETPART_PARTS",
     "PartSegError",
+    "ShapeFaces",
     "PartSegSplit",
     "PartSegData",
     "standard_category_parts",
@@ -50,6 +56,7 @@ __all__ = [
     "load_shapenetpart_txt",
     "load_shapenetpart_h5",
     "from_store",
+    "sample_labelled_mesh",
     "from_source",
     "load_partseg",
 ]
@@ -95,17 +102,32 @@ SPLITS = ("train", "val", "test")
 
 
 @dataclass
+class ShapeFaces:
+    """What the face labelling accuracy needs of one mesh, in the frame of its point cloud.
+
+    ``centroids`` (F, 3) float32 face centres (normalised like the shape's points),
+    ``areas`` (F,) float64 face areas (same frame), ``labels`` (F,) int64 global part ids.
+    """
+
+    centroids: np.ndarray
+    areas: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
 class PartSegSplit:
     """One split held in memory.
 
     ``points`` (n, N, 3) float32, ``seg`` (n, N) int64 global part ids, ``category`` (n,)
-    int64, ``ids`` (n,) stable shape ids (``"<category>/<shape>"`` or a row reference).
+    int64, ``ids`` (n,) stable shape ids (``"<category>/<shape>"`` or a row reference),
+    ``faces`` (n,) :class:`ShapeFaces` for data sampled from meshes, else None.
     """
 
     points: np.ndarray
     seg: np.ndarray
     category: np.ndarray
     ids: list[str] = field(default_factory=list)
+    faces: Optional[list[ShapeFaces]] = None
 
     def __post_init__(self):
         self.points = np.ascontiguousarray(self.points, dtype=np.float32)
@@ -122,6 +144,8 @@ class PartSegSplit:
             self.ids = [str(i) for i in range(n)]
         if len(self.ids) != n:
             raise ValueError(f"ids has {len(self.ids)} entries for {n} shapes")
+        if self.faces is not None and len(self.faces) != n:
+            raise ValueError(f"faces has {len(self.faces)} entries for {n} shapes")
 
     @property
     def n(self) -> int:
@@ -134,7 +158,8 @@ class PartSegSplit:
     def subset(self, index: Sequence[int] | np.ndarray) -> "PartSegSplit":
         """The shapes ``index`` (a copy)."""
         index = np.asarray(index, dtype=np.int64)
-        return PartSegSplit(self.points[index], self.seg[index], self.category[index], [self.ids[i] for i in index])
+        faces = None if self.faces is None else [self.faces[i] for i in index]
+        return PartSegSplit(self.points[index], self.seg[index], self.category[index], [self.ids[i] for i in index], faces)
 
     def resampled(self, num_points: int, *, seed: int = 0) -> "PartSegSplit":
         """Every shape resampled to ``num_points`` points (seeded; see :func:`resample_points`)."""
@@ -146,7 +171,7 @@ class PartSegSplit:
         for i in range(self.n):
             idx = resample_points(self.num_points, num_points, rng=rng)
             pts[i], seg[i] = self.points[i, idx], self.seg[i, idx]
-        return PartSegSplit(pts, seg, self.category.copy(), list(self.ids))
+        return PartSegSplit(pts, seg, self.category.copy(), list(self.ids), self.faces)
 
 
 @dataclass
@@ -596,20 +621,39 @@ def _category_parts_from_names(classes, part_names, splits, *, where: str) -> li
     return parts
 
 
+def sample_labelled_mesh(mesh: Any, num_points: int, *, seed=None) -> tuple[np.ndarray, np.ndarray, ShapeFaces]:
+    """Points of a part-labelled mesh, as :func:`xmodal.data.sampling.sample_point_cloud` makes
+    them (area-weighted samples -> FPS -> unit sphere), with the mesh's faces in the same frame.
+
+    Args:
+        mesh: a :class:`~xmodal.data.types.Mesh` with ``face_labels`` (F,).
+        num_points: N.
+        seed: seed of the sampling.
+
+    Returns:
+        ``points`` (N, 3) float32, ``seg`` (N,) int64 (the label of the face each point lies
+        on) and the mesh's :class:`ShapeFaces`.
+    """
+    raw, face_index = sample_mesh_points(mesh.vertices, mesh.faces, num_points, seed=seed)
+    points, center, scale = normalize_unit_sphere(raw)
+    labels = np.asarray(mesh.face_labels, dtype=np.int64)
+    tri = (np.asarray(mesh.vertices, np.float64)[mesh.faces] - center) / scale  # (F, 3, 3)
+    areas = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    faces = ShapeFaces(centroids=tri.mean(axis=1).astype(np.float32), areas=areas, labels=labels)
+    return points.astype(np.float32), labels[face_index], faces
+
+
 def from_source(
     source: Any, *, num_points: int = 2048, seed: int = 0, splits: Sequence[str] = ("train", "test"), progress: bool = False
 ) -> PartSegData:
-    """Part-segmentation data sampled from a part-labelled mesh source (``builtin:shapes``).
+    """Part-segmentation data sampled from a part-labelled mesh source (``builtin:shapes``, Labeled PSB).
 
     ``source`` is a :class:`xmodal.data.types.Source` (or a spec for
     :func:`xmodal.data.sources.open_source`) whose meshes carry ``face_labels``; each mesh is
-    sampled with :func:`xmodal.data.sampling.sample_point_cloud` (seed ``(seed, item index)``).
+    sampled with :func:`sample_labelled_mesh` (seed ``(seed, item index, split index)``) and
+    keeps its :class:`ShapeFaces`. A mesh that cannot be loaded raises its ``MeshError``.
     """
-    from xmodal.data.sampling import sample_point_cloud
-
     if isinstance(source, (str, os.PathLike)):
-        from xmodal.data.sources import open_source
-
         source = open_source(source, seed=seed)
     where = str(getattr(source, "root", None) or type(source).__name__)
     part_names = list(source.part_names or [])
@@ -623,13 +667,15 @@ def from_source(
             continue
         pts = np.empty((len(items), num_points, 3), np.float32)
         seg = np.empty((len(items), num_points), np.int64)
+        faces = []
         for i, it in enumerate(_progress(items, len(items), f"sampling {split}", progress)):
-            pc = sample_point_cloud(source.load(it), num_points, seed=(int(seed), i, len(out)))
-            if pc.point_labels is None:
+            mesh = source.load(it)
+            if mesh.face_labels is None:
                 raise PartSegError(f"{where}: object '{it.id}' has no face labels")
-            pts[i], seg[i] = pc.points, pc.point_labels
+            pts[i], seg[i], shape_faces = sample_labelled_mesh(mesh, num_points, seed=(int(seed), i, len(out)))
+            faces.append(shape_faces)
         cat = np.array([classes.index(it.label) for it in items], np.int64)
-        out[split] = PartSegSplit(pts, seg, cat, [it.id for it in items])
+        out[split] = PartSegSplit(pts, seg, cat, [it.id for it in items], faces)
     if not out:
         raise PartSegError(f"{where}: no objects in splits {list(splits)}")
     parts = _category_parts_from_names(classes, part_names, out, where=where)
@@ -648,6 +694,8 @@ def _layout(path: Path) -> Optional[str]:
         return "h5"
     if (path / "manifest.json").is_file():
         return "store"
+    if is_labeled_mesh_folder(path):
+        return "labeled"
     return None
 
 
@@ -658,6 +706,7 @@ def load_partseg(
     seed: int = 0,
     categories: Optional[Iterable[str]] = None,
     progress: bool = False,
+    test_ratio: float = 0.2,
 ) -> PartSegData:
     """Load part-segmentation data from whatever ``path_or_store`` is.
 
@@ -669,6 +718,10 @@ def load_partseg(
       (``num_points`` defaults to 2048 there);
     * a folder with ``ply_data_*.h5`` -> :func:`load_shapenetpart_h5`;
     * a folder with ``manifest.json`` (an xmodal store) -> :func:`from_store`;
+    * a Labeled PSB folder (category folders of meshes with ``<stem>_labels.txt``) ->
+      :func:`from_source` of a :class:`~xmodal.data.labeled_psb.LabeledPSBSource` (split
+      from ``train``/``test`` folders, else seeded with ``test_ratio``; ``num_points``
+      defaults to 2048);
     * a folder holding exactly one sub-folder of those kinds (e.g. the unpacked archive).
     """
     if isinstance(path_or_store, PartSegData):
@@ -694,7 +747,7 @@ def load_partseg(
     if not path.exists():
         raise PartSegError(f"{path}: no such folder")
     if not path.is_dir():
-        raise PartSegError(f"{path}: expected a folder (ShapeNet-Part txt or HDF5 layout, or an xmodal store)")
+        raise PartSegError(f"{path}: expected a folder (ShapeNet-Part txt or HDF5 layout, an xmodal store or Labeled PSB)")
     kind = _layout(path)
     if kind is None:
         subs = [(p, _layout(p)) for p in sorted(path.iterdir()) if p.is_dir()]
@@ -709,8 +762,12 @@ def load_partseg(
         return load_shapenetpart_h5(path, num_points=num_points, seed=seed, categories=categories)
     if kind == "store":
         return from_store(path, num_points=num_points, seed=seed)
+    if kind == "labeled":
+        source = LabeledPSBSource(path, seed=seed, test_ratio=test_ratio)
+        return from_source(source, num_points=2048 if num_points is None else num_points, seed=seed, progress=progress)
     raise PartSegError(
         f"{path}: not a part-segmentation dataset; expected synsetoffset2category.txt + <synset>/*.txt + "
         "train_test_split/ (ShapeNet-Part txt layout), ply_data_{train,test}*.h5 with 'pid' (HDF5 layout), "
-        "or an xmodal store (manifest.json) with point labels"
+        "an xmodal store (manifest.json) with point labels, or a Labeled PSB folder "
+        "(<category>/<stem>.{off,ply,obj} with <stem>_labels.txt)"
     )

@@ -9,6 +9,8 @@
 * a Princeton Shape Benchmark folder (``DIR/db/`` and ``DIR/classification/v1/``;
   ``DIR?classification=coarse1`` picks a granularity, ``base`` by default):
   :class:`xmodal.data.psb.PsbSource`;
+* a folder of category sub-folders whose meshes each have a ``<stem>_labels.txt`` (Labeled
+  PSB, per-face part labels): :class:`xmodal.data.labeled_psb.LabeledPSBSource`;
 * a folder in the Princeton ModelNet layout ``<root>/<class>/<split>/*.off``, or a folder
   of class sub-folders with meshes in any of :data:`~xmodal.data.mesh_io.MESH_EXTENSIONS`:
   :class:`MeshFolderSource`.
@@ -50,7 +52,8 @@ ACCEPTED_FORMS = (
     "accepted sources: 'builtin:shapes' (optionally 'builtin:shapes?train=32&test=8&seed=0'); "
     "a folder with ModelNet40 HDF5 files 'ply_data_*.h5'; a Princeton Shape Benchmark folder "
     "'<root>/db/' + '<root>/classification/v1/' (optionally '<root>?classification=coarse1'); a folder in ModelNet layout "
-    "'<root>/<class>/<train|test>/*.off'; a folder of class sub-folders '<root>/<class>/**/*"
+    "'<root>/<class>/<train|test>/*.off'; a Labeled PSB folder '<root>/<category>/<stem>.{off,ply,obj}' "
+    "with '<stem>_labels.txt' beside each mesh; a folder of class sub-folders '<root>/<class>/**/*"
     f"{{{','.join(MESH_EXTENSIONS)}}}'"
 )
 
@@ -91,6 +94,9 @@ def open_source(spec: "str | os.PathLike", *, seed: int = 0, test_ratio: float =
                         f"folders, and {text!r} is neither; {ACCEPTED_FORMS}")
     if any(path.glob("ply_data_*.h5")):
         return ModelNetH5Source(path, seed=seed, test_ratio=test_ratio)
+    labeled = importlib.import_module("xmodal.data.labeled_psb")  # imports this module
+    if labeled.is_labeled_mesh_folder(path):
+        return labeled.LabeledPSBSource(path, seed=seed, test_ratio=test_ratio)
     return MeshFolderSource(path, seed=seed, test_ratio=test_ratio)
 
 

@@ -19,7 +19,11 @@ Metrics (:func:`partseg_metrics`, the standard ShapeNet-Part definitions): for e
 IoU of every part of *its* category (a part absent from both the prediction and the ground
 truth counts as IoU 1), averaged over those parts; *instance mIoU* is the mean over shapes,
 *class mIoU* the mean over the categories present of the mean over that category's shapes;
-*overall accuracy* is the fraction of points labelled correctly.
+*overall accuracy* is the fraction of points labelled correctly. For data sampled from
+meshes (Labeled PSB, ``builtin:shapes``) also the mesh-segmentation literature's *face
+labelling accuracy* (:func:`face_labelling_accuracy`): each face takes the prediction of the
+sampled point nearest its centroid, and the correctly labelled fraction of the surface area is
+averaged over the test shapes.
 """
 
 from __future__ import annotations
@@ -32,15 +36,20 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+from scipy.spatial import cKDTree
 
-from xmodal.data.shapenetpart import PartSegSplit, load_partseg, stratified_subset
+from xmodal.data.shapenetpart import PartSegSplit, ShapeFaces, load_partseg, stratified_subset
 from xmodal.utils.device import default_device
 
 __all__ = [
     "SETTINGS",
+    "METRICS",
     "FRACTIONS",
     "shape_ious",
     "partseg_metrics",
+    "face_labelling_accuracy",
+    "mean_face_accuracy",
+    "short_categories",
     "restrict_predictions",
     "reinitialize",
     "train_partseg",
@@ -53,6 +62,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SETTINGS = ("frozen", "finetune", "scratch")
+#: metric keys of each setting and fraction (``face_accuracy`` only for data sampled from meshes)
+METRICS = ("oa", "class_miou", "instance_miou", "face_accuracy")
 FRACTIONS = (0.02, 0.2, 1.0)
 _PRETRAINED_SETTINGS = ("frozen", "finetune")
 
@@ -125,6 +136,61 @@ def partseg_metrics(
         "instance_miou": float(ious.mean()),
         "per_category": per_cat,
     }
+
+
+def face_labelling_accuracy(
+    points: np.ndarray, pred: np.ndarray, centroids: np.ndarray, areas: np.ndarray, face_labels: np.ndarray
+) -> float:
+    """Area-weighted face labelling accuracy of one shape from its point predictions.
+
+    Each face takes the prediction of the point nearest its centroid (Euclidean); the result
+    is ``sum(area_f * [pred_f == label_f]) / sum(area_f)``.
+
+    Args:
+        points: (N, 3) the sampled points.
+        pred: (N,) predicted part of each point.
+        centroids: (F, 3) face centroids, in the frame of ``points``.
+        areas: (F,) face areas (any common unit), not all zero.
+        face_labels: (F,) true part of each face.
+
+    Returns:
+        The accuracy in [0, 1].
+    """
+    points = np.asarray(points, dtype=np.float64)
+    pred = np.asarray(pred).reshape(-1)
+    centroids = np.asarray(centroids, dtype=np.float64)
+    areas = np.asarray(areas, dtype=np.float64).reshape(-1)
+    face_labels = np.asarray(face_labels).reshape(-1)
+    if points.ndim != 2 or points.shape[1] != 3 or pred.shape[0] != points.shape[0] or points.shape[0] == 0:
+        raise ValueError(f"points must be (N, 3) with N >= 1 and pred (N,), got {points.shape} and {pred.shape}")
+    if centroids.ndim != 2 or centroids.shape[1] != 3 or areas.shape[0] != centroids.shape[0] \
+            or face_labels.shape[0] != centroids.shape[0]:
+        raise ValueError(
+            f"centroids (F, 3), areas (F,) and face_labels (F,) must agree, got {centroids.shape}, "
+            f"{areas.shape}, {face_labels.shape}"
+        )
+    total = areas.sum()
+    if not total > 0:
+        raise ValueError("the faces have no area")
+    _, nearest = cKDTree(points).query(centroids, k=1)
+    return float(areas[pred[nearest] == face_labels].sum() / total)
+
+
+def mean_face_accuracy(points: np.ndarray, pred: np.ndarray, faces: Sequence[ShapeFaces]) -> float:
+    """:func:`face_labelling_accuracy` averaged over shapes: points (n, N, 3), pred (n, N), ``faces`` (n,)."""
+    if len(faces) != len(pred) or len(faces) == 0:
+        raise ValueError(f"need one ShapeFaces per shape: {len(faces)} for {len(pred)} shapes")
+    return float(np.mean([
+        face_labelling_accuracy(p, q, f.centroids, f.areas, f.labels) for p, q, f in zip(points, pred, faces)
+    ]))
+
+
+def short_categories(category: np.ndarray, fraction: float) -> np.ndarray:
+    """Categories that ``fraction`` would leave without a training shape (``round(fraction * n_c) == 0``);
+    :func:`~xmodal.data.shapenetpart.stratified_subset` gives each of them one. category: (n,) ->
+    sorted (k,) int64."""
+    cats, counts = np.unique(np.asarray(category).reshape(-1), return_counts=True)
+    return cats[np.round(fraction * counts) < 1].astype(np.int64)
 
 
 def restrict_predictions(logits: np.ndarray, category: np.ndarray, category_parts: Sequence[Sequence[int]]) -> np.ndarray:
@@ -222,9 +288,13 @@ def predict_partseg(model, split: PartSegSplit, category_parts: Sequence[Sequenc
 
 
 def evaluate_partseg(model, split: PartSegSplit, category_parts, *, category_names=None, batch_size: int = 32, device=None) -> dict:
-    """:func:`partseg_metrics` of ``model`` on ``split``."""
+    """:func:`partseg_metrics` of ``model`` on ``split``, plus ``face_accuracy``
+    (:func:`mean_face_accuracy`) when the split keeps its meshes' faces."""
     pred = predict_partseg(model, split, category_parts, batch_size=batch_size, device=device)
-    return partseg_metrics(pred, split.seg, split.category, category_parts, category_names=category_names)
+    metrics = partseg_metrics(pred, split.seg, split.category, category_parts, category_names=category_names)
+    if split.faces is not None:
+        metrics["face_accuracy"] = mean_face_accuracy(split.points, pred, split.faces)
+    return metrics
 
 
 def _epoch_batches(n: int, batch_size: int, gen) -> list:
@@ -379,6 +449,28 @@ def _scratch_encoder(pretrained, loaded, encoder_factory, seed: int):
         return create_point_encoder("dgcnn")
 
 
+def _setting_encoder(setting: str, pretrained, pretrained_state, loaded, encoder_factory, seed: int):
+    """A fresh Fp for ``setting``: the scratch encoder, or a copy of the pre-trained one."""
+    if setting == "scratch":
+        return _scratch_encoder(pretrained, loaded, encoder_factory, seed)
+    encoder = copy.deepcopy(pretrained).cpu()
+    encoder.load_state_dict(pretrained_state)
+    return encoder
+
+
+def _subset_record(pct: str, fraction: float, train_all: PartSegSplit, n_train: int, category_names) -> dict:
+    """``partseg.<pct>.n_train`` and ``partseg.<pct>.one_per_category`` of one training fraction."""
+    short = short_categories(train_all.category, fraction)
+    if short.size:
+        log.warning(
+            "partseg %s%%: the fraction would leave %d categories without a labelled shape (%s); "
+            "each takes one shape (%d training shapes)",
+            pct, short.size, ", ".join(str(category_names[c]) for c in short[:5]) + (", ..." if short.size > 5 else ""),
+            n_train,
+        )
+    return {f"partseg.{pct}.n_train": int(n_train), f"partseg.{pct}.one_per_category": bool(short.size)}
+
+
 def run_partseg(
     run: Any,
     data: Any,
@@ -411,8 +503,9 @@ def run_partseg(
         data: anything :func:`xmodal.data.shapenetpart.load_partseg` accepts; needs ``train``
             and ``test`` splits.
         settings: subset of ``("frozen", "finetune", "scratch")``.
-        fractions: fractions of the train split (seeded, stratified by category, >= 1 shape per
-            category; the same subset for every setting).
+        fractions: fractions of the train split (seeded, stratified by category; the same subset
+            for every setting). A category the fraction would leave without a shape takes one
+            (:func:`short_categories`), and the results say so.
         epochs, batch_size, lr, step_epochs, gamma, weight_decay: optimisation (§4.1 defaults).
         num_points: resample every shape to this many points (seeded) before training and
             testing; None keeps the data's.
@@ -426,7 +519,11 @@ def run_partseg(
 
     Returns:
         ``{"partseg.<setting>.<percent>.<metric>": float}`` with metric in ``oa``,
-        ``class_miou``, ``instance_miou`` (fractions in [0, 1]) and percent ``2``, ``20``, ``100``.
+        ``class_miou``, ``instance_miou`` and, for data sampled from meshes, ``face_accuracy``
+        (fractions in [0, 1]) and percent ``2``, ``20``, ``100``; per percent also
+        ``partseg.<percent>.n_train`` (int, training shapes) and
+        ``partseg.<percent>.one_per_category`` (bool, True when a category took one shape
+        because the fraction would have left it none).
     """
     torch = _torch()
     from xmodal.models.partseg import PartSegNet
@@ -448,16 +545,15 @@ def run_partseg(
     # an Fp pre-trained with frozen BatchNorm statistics is fine-tuned the same way
     run_cfg = getattr(loaded, "config", None)
     held_bn = run_cfg is not None and run_cfg.model.freeze_point_bn
-    pretrained_state = None
-    if pretrained is not None:
-        pretrained_state = {k: v.detach().cpu().clone() for k, v in pretrained.state_dict().items()}
+    pretrained_state = None if pretrained is None else {k: v.detach().cpu().clone() for k, v in pretrained.state_dict().items()}
     if log_dir is not None:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
 
-    results: dict[str, float] = {}
+    results: dict[str, Any] = {}
     for fraction in fractions:
         pct = percent_key(fraction)
         sub = train_all.subset(stratified_subset(train_all.category, fraction, seed=seed))
+        results.update(_subset_record(pct, fraction, train_all, sub.n, data.category_names))
         for setting in settings:
             log_path = None
             if log_dir is not None:
@@ -465,11 +561,7 @@ def run_partseg(
                 log_path.unlink(missing_ok=True)
             with _fork_rng(device):
                 torch.manual_seed(seed)
-                if setting == "scratch":
-                    encoder = _scratch_encoder(pretrained, loaded, encoder_factory, seed)
-                else:
-                    encoder = copy.deepcopy(pretrained).cpu()
-                    encoder.load_state_dict(pretrained_state)
+                encoder = _setting_encoder(setting, pretrained, pretrained_state, loaded, encoder_factory, seed)
                 torch.manual_seed(seed)
                 model = PartSegNet(
                     encoder, data.num_parts, data.num_categories,
@@ -487,8 +579,7 @@ def run_partseg(
                 model, test, data.category_parts, category_names=data.category_names,
                 batch_size=eval_batch_size, device=device,
             )
-            for k in ("oa", "class_miou", "instance_miou"):
-                results[f"partseg.{setting}.{pct}.{k}"] = metrics[k]
+            results.update({f"partseg.{setting}.{pct}.{k}": metrics[k] for k in METRICS if k in metrics})
             if log_path is not None:
                 append_jsonl(log_path, {"split": "test", "n_test": test.n, **metrics})
             log.info(
