@@ -220,7 +220,7 @@ def psb_dir(shared_data) -> Path:
 
 
 def test_real_psb_train_half(psb_dir):
-    src = open_source(psb_dir)
+    src = open_source(psb_dir, test_ratio=0)
     assert len(src.items) == 907 and {it.split for it in src.items} == {"train"}
     assert len(src.classes) == 90
     assert src.missing == ["biplane/train/m1120", "snowman/train/m1755", "sports_car/train/m1541"]
@@ -236,3 +236,22 @@ def test_real_psb_train_half(psb_dir):
     assert all(r.startswith("listed in classification/v1/base/train.cla but missing") for _, r in failed)
     counts = {g: len(open_source(f"{psb_dir}?classification={g}").classes) for g in ("coarse1", "coarse2", "coarse3")}
     assert counts == {"coarse1": 42, "coarse2": 7, "coarse3": 2}
+
+
+def test_real_psb_train_half_holds_out_whole_classes(psb_dir):
+    """Only the train half: a seeded fifth of the classes becomes the test split, whole classes at a time."""
+    src = open_source(psb_dir, test_ratio=0.2, seed=0)
+    test_classes = {it.label for it in src.items if it.split == "test"}
+    train_classes = {it.label for it in src.items if it.split == "train"}
+    assert len(test_classes) == 18 and not test_classes & train_classes
+    assert sorted(test_classes) == src.held_out_classes
+    assert len(src.items) == 907 and "held out" in src.description
+    assert {it.id.split("/")[1] for it in src.items if it.label in test_classes} == {"test"}
+    again = open_source(psb_dir, test_ratio=0.2, seed=0)
+    assert again.held_out_classes == src.held_out_classes
+    assert open_source(psb_dir, test_ratio=0.2, seed=1).held_out_classes != src.held_out_classes
+    # a missing model of a held-out class still fails with its .cla named
+    for it in src.items:
+        if it.id.endswith("/m1120"):
+            with pytest.raises(MeshError, match="listed in classification/v1/base/train.cla"):
+                src.load(it)

@@ -36,6 +36,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from xmodal.data.mesh_io import load_mesh
 from xmodal.data.types import Item, Mesh, Source
 from xmodal.errors import DataError, MeshError
@@ -255,6 +257,10 @@ class PsbSource(Source):
         root: the benchmark folder (holding ``db/`` and ``classification/v1/``).
         classification: granularity, a folder name under ``classification/v1/``
             (``base``, ``coarse1``, ``coarse2``, ``coarse3`` in the distribution).
+        test_ratio, seed: only for a folder with a single half (no test ``.cla``): a seeded
+            ``test_ratio`` of its *classes* becomes the ``test`` split, whole classes at a time,
+            as in the benchmark itself, whose halves hold largely different classes and whose
+            retrieval queries and gallery come from one half. 0 keeps the single split.
 
     Attributes beyond :class:`~xmodal.data.types.Source`: ``root``, ``classification``,
     ``cla_files`` (``{split: path relative to root}``) and ``missing`` (ids of the items
@@ -268,7 +274,8 @@ class PsbSource(Source):
     kind = "mesh"
     up_axis = "y"
 
-    def __init__(self, root: "str | os.PathLike", *, classification: str = "base"):
+    def __init__(self, root: "str | os.PathLike", *, classification: str = "base", test_ratio: float = 0.0,
+                 seed: int = 0):
         super().__init__()
         self.root = Path(root)
         self.classification = str(classification)
@@ -292,6 +299,9 @@ class PsbSource(Source):
                 item = Item(id=f"{name}/{split}/m{mid}", label=name, split=split, path=str(psb_mesh_path(self.root, mid)))
                 self._listed_in[item.id] = self.cla_files[split]
                 items.append(item)
+        self.held_out_classes: list[str] = []
+        if "test" not in files and test_ratio > 0:
+            items = self._hold_out_classes(items, float(test_ratio), int(seed))
         self.items = sorted(items, key=lambda it: it.id)
         self.classes = sorted({it.label for it in self.items})
         self.missing = [it.id for it in self.items if not os.path.isfile(it.path)]
@@ -301,6 +311,27 @@ class PsbSource(Source):
             f"{len(self.classes)} classes, {counts['train']} train / {counts['test']} test models listed "
             f"({len(self.missing)} missing on disk); splits from {', '.join(self.cla_files.values())}"
         )
+        if self.held_out_classes:
+            self.description += (
+                f"; no test classification, so {len(self.held_out_classes)} of the classes (test_ratio "
+                f"{test_ratio}, seed {seed}) were held out whole as the test split"
+            )
+
+    def _hold_out_classes(self, items: list[Item], test_ratio: float, seed: int) -> list[Item]:
+        """Move a seeded ``test_ratio`` of the classes (all their models) to the ``test`` split."""
+        names = sorted({it.label for it in items})
+        n_hold = min(max(int(round(test_ratio * len(names))), 1), len(names) - 1) if len(names) > 1 else 0
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, 0x505342])
+        self.held_out_classes = sorted(names[i] for i in rng.permutation(len(names))[:n_hold])
+        held = set(self.held_out_classes)
+        out = []
+        for it in items:
+            if it.label in held:
+                new = Item(id=f"{it.label}/test/m{it.id.rsplit('/m', 1)[1]}", label=it.label, split="test", path=it.path)
+                self._listed_in[new.id] = self._listed_in.pop(it.id)
+                it = new
+            out.append(it)
+        return out
 
     def load(self, item: Item) -> Mesh:
         """Load ``item``'s mesh; raises :class:`~xmodal.errors.MeshError` when its file is missing or unusable."""
@@ -313,4 +344,5 @@ class PsbSource(Source):
 
     def describe(self) -> dict:
         return {**super().describe(), "root": str(self.root), "classification": self.classification,
-                "cla_files": dict(self.cla_files), "missing": list(self.missing)}
+                "cla_files": dict(self.cla_files), "missing": list(self.missing),
+                "held_out_classes": list(self.held_out_classes)}

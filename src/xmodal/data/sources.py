@@ -88,7 +88,7 @@ def open_source(spec: "str | os.PathLike", *, seed: int = 0, test_ratio: float =
     if not path.is_dir():
         raise ValueError(f"source {text!r} is a file, not a folder; {ACCEPTED_FORMS}")
     if is_psb_root(path):
-        return PsbSource(path, **_parse_options(os.fspath(spec), query, PSB_PARAMS))
+        return PsbSource(path, seed=seed, test_ratio=test_ratio, **_parse_options(os.fspath(spec), query, PSB_PARAMS))
     if query:
         raise DataError(f"options '?{query}' are only understood for builtin:shapes and Princeton Shape Benchmark "
                         f"folders, and {text!r} is neither; {ACCEPTED_FORMS}")
