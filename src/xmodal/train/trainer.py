@@ -173,8 +173,8 @@ class _Trainer:
     def _validate(self, step: int, runlog: RunLog) -> None:
         if self.validator is not None:
             values = self.validator(self.net, self.ctx.device, image_size=self.cfg.data.image_size)
-            runlog.validation(step, values)
             runlog.pause(values["val_seconds"])
+            runlog.validation(step, values)
         barrier(self.ctx)
 
     def _after_step(self, done: int, runlog: RunLog, lr: float) -> Optional[Path]:
