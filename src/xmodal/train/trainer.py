@@ -41,6 +41,7 @@ import xmodal
 from xmodal.config import load_config, save_config, to_dict
 from xmodal.errors import ConfigError, TrainingDiverged
 from xmodal.models.batchnorm import hold_batchnorm_stats
+from xmodal.models.dgcnn import edgeconv_kind
 from xmodal.train.augment import crop_resize_flip
 from xmodal.train.checkpoint import (
     NETS,
@@ -286,10 +287,7 @@ def _pretrain(data, out: Path, cfg: PretrainConfig, ctx: DistContext, *, resume:
 
         # ---------------------------------------------------------------- networks
         arch = architecture_from_config(cfg)
-        # the fast DGCNN EdgeConv computes BatchNorm statistics inside fused kernels; a distributed
-        # run needs the reference EdgeConv (same weights) so its BatchNorm layers can be made global
-        point_over = {"fast": False} if (ctx.distributed and "k" in arch["point_encoder"]["kwargs"]) else None
-        nets = build_networks(arch, seed=cfg.seed, point_overrides=point_over)
+        nets = build_networks(arch, seed=cfg.seed)
         net = XModalNet(
             nets["image_encoder"],
             nets["point_encoder"],
@@ -343,6 +341,7 @@ def _pretrain(data, out: Path, cfg: PretrainConfig, ctx: DistContext, *, resume:
                     "world_size": ctx.world_size,
                     "device": str(device),
                     "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+                    "edgeconv": edgeconv_kind(net.point_encoder),
                     "config_hash": config_hash(cfg),
                 }
             )
