@@ -79,9 +79,14 @@ def test_two_processes_match_one(tmp_path, extra):
     # momentum buffers (sums of gradients, independent of lr) test the gradient averaging.
     # (lr 1e-6 was not tiny enough: the noise images' large triplet gradients still moved step 4's
     # loss by ~3e-4 between 1 and 2 processes once Fp's BatchNorm was frozen; 1e-9 gives ~1e-6.)
+    # Fp runs the fused EdgeConv in both runs; with ordinary BatchNorm its statistics are reduced over
+    # the two processes. k = the number of points (128) makes every kNN graph the complete one: in
+    # float32 the 1- and 2-process features differ by ~1e-5 (other summation order), which can flip a
+    # near-tied neighbour (with k=8 one flip at step 2 moved the cross-modality loss by 2e-3, against
+    # 1-2e-2 when each process takes its own statistics); a complete graph has no neighbour to flip.
     # The frozen-Fp-BatchNorm variant is the `cpu` preset's path: its BatchNorm layers are converted
     # for the process group but stay in eval mode.
-    overrides = ["iterations=4", "checkpoint_every=4", "batch_size=4", "optim.lr=1e-9", *extra]
+    overrides = ["iterations=4", "checkpoint_every=4", "batch_size=4", "optim.lr=1e-9", "model.k=128", *extra]
     one = tmp_path / "one"
     pretrain(data, one, resolve(PretrainConfig, "smoke", overrides, group="pretrain"), progress=False)
 
