@@ -242,9 +242,10 @@ def _stats_outputs(ctx, mean: Tensor, var: Tensor, count, batch_stats: bool) -> 
 
 
 def _edges(a: Tensor, c: Tensor, idx: Tensor, k: int, dtype: torch.dtype) -> Tensor:
-    """The edge pre-activations ``a[idx] + c`` as a fresh (P, k, C) tensor of ``dtype``."""
+    """The edge pre-activations ``a[idx] + c`` as a fresh (P, k, C) tensor of ``dtype`` (the
+    per-point a, c are converted, not the k times larger edge tensor)."""
     p, ch = c.shape
-    e = a.index_select(0, idx).view(p, k, ch).to(dtype)
+    e = a.to(dtype).index_select(0, idx).view(p, k, ch)
     return e.add_(c.to(dtype).unsqueeze(1))
 
 
@@ -273,7 +274,7 @@ class _GatherBNLeaky(torch.autograd.Function):
         a, c, idx, weight, mean, invstd, h = ctx.saved_tensors
         p, ch = c.shape
         norm, cd = ctx.norm, mean.dtype
-        g = torch.ops.aten.leaky_relu_backward(gh.to(cd), h.to(cd), _SLOPE, True).view(-1, ch)
+        g = torch.ops.aten.leaky_relu_backward(gh.to(cd), h, _SLOPE, True).view(-1, ch)  # in cd
         e = _edges(a, c, idx, ctx.k, cd).view(-1, ch)
         if not norm.batch_stats:
             gb = g.sum(0)
@@ -313,7 +314,6 @@ class _BNLeakyMax(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout, _gmean, _gvar, _gcount):
         z, arg, xhat, gabs, mean, invstd, out = ctx.saved_tensors
-        p, k, ch = ctx.shape
         norm = ctx.norm
         gy = torch.ops.aten.leaky_relu_backward(gout.to(out.dtype), out, _SLOPE, True)  # (P, C)
         gbeta = gy.sum(0)
@@ -329,11 +329,14 @@ class _BNLeakyMax(torch.autograd.Function):
             s1, s2 = (sums / ctx.count).to(gabs.dtype).mul_(gabs.repeat(2)).chunk(2)
             alpha = -invstd * invstd * s2
             const = -invstd * s1 - mean * alpha
-            gz = torch.addcmul(const, z, alpha).scatter_add_(1, arg.unsqueeze(1), gsel.unsqueeze(1))
-        else:  # only the selected edges get a gradient: one value per slot, so z's dtype loses nothing
-            gz = gsel.new_zeros((p, k, ch), dtype=ctx.dtype)
-            gz.scatter_(1, arg.unsqueeze(1), gsel.to(ctx.dtype).unsqueeze(1))
-        return gz.to(ctx.dtype), ggabs, gbeta, None
+            # every edge gets const + alpha * z (computed in cd, stored in z's dtype); the selected
+            # ones also gsel, their sum formed in cd and rounded once: written over them
+            gz = z.new_empty(ctx.shape)
+            torch.addcmul(const, z, alpha, out=gz)
+            gsel = torch.addcmul(const, z.gather(1, arg.unsqueeze(1)).squeeze(1), alpha).add_(gsel)
+        else:  # only the selected edges get a gradient
+            gz = gsel.new_zeros(ctx.shape, dtype=ctx.dtype)
+        return gz.scatter_(1, arg.unsqueeze(1), gsel.to(ctx.dtype).unsqueeze(1)), ggabs, gbeta, None
 
 
 # ---------------------------------------------------------------------------------------------
