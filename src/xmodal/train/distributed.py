@@ -11,9 +11,13 @@ every global batch (:mod:`xmodal.train.sampler`) and wraps the networks in
 ``DistributedDataParallel``; only rank 0 writes files and shows progress.
 
 Batch normalisation must see the *global* batch for a distributed run to compute
-what one process would: :func:`convert_batchnorm` swaps BatchNorm layers for
-``torch.nn.SyncBatchNorm`` on CUDA, and for :class:`GlobalBatchNorm` on CPU, where
-SyncBatchNorm refuses to run ("SyncBatchNorm expected input tensor to be on GPU").
+what one process would. :func:`convert_batchnorm` tells the fused DGCNN EdgeConv blocks
+to reduce the statistics they compute inside their own autograd functions
+(:func:`xmodal.models.dgcnn.sync_edgeconv_stats`: one all-reduce per BatchNorm in forward
+and one in backward), and swaps every other BatchNorm layer (ResNet, Ff's input
+normalisation, DGCNN's last layer, the reference EdgeConv's) for ``torch.nn.SyncBatchNorm``
+on CUDA, or for :class:`GlobalBatchNorm` on CPU, where SyncBatchNorm refuses to run
+("SyncBatchNorm expected input tensor to be on GPU").
 """
 
 from __future__ import annotations
