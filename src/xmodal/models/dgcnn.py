@@ -172,15 +172,16 @@ class _Norm:
 def _update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor,
                           count: int | Tensor) -> None:
     """Update ``bn``'s running stats from batch ``mean`` and biased ``var`` over ``count`` values
-    (an int, or a 0-dim tensor when the count was summed over processes)."""
+    (an int or a 0-dim tensor; one on an accelerator stays there: no host synchronisation)."""
     if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
         return
     bn.num_batches_tracked.add_(1)
     m = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    if isinstance(count, Tensor):
-        unbiased = var * (count / (count - 1).clamp_min(1)).to(var.device)
+    if isinstance(count, Tensor) and count.device.type != "cpu":
+        unbiased = var * (count / (count - 1).clamp_min(1)).to(var.dtype)
     else:
-        unbiased = var * (count / max(count - 1, 1))
+        n = float(count)
+        unbiased = var * (n / max(n - 1, 1))
     bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
     bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
 
