@@ -204,7 +204,8 @@ def _merge_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, 
 
     One all-reduce (float64) of ``[n * mean, n * (var + mean^2), n]`` per process; the global
     variance ``E[x^2] - mean^2`` is formed in float64 from per-process statistics that are
-    themselves computed stably, so the cancellation costs nothing at float32 precision.
+    themselves computed stably, so its cancellation stays below float32 round-off unless
+    ``|mean| / std`` exceeds about 1e4.
     Returns the global mean and biased variance (C,) in ``mean``'s dtype and the global count
     (0-dim float64).
     """
