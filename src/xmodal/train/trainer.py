@@ -34,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from xmodal.config import to_dict
 from xmodal.data.store import ShapeStore, open_dataset
-from xmodal.errors import DataError, Interrupted, TrainingDiverged
+from xmodal.errors import DataError, Interrupted, MissingInputError, TrainingDiverged
+from xmodal.models.dgcnn import edgeconv_kind
 from xmodal.train.checkpoint import architecture_from_config, checkpoint_paths, restore_checkpoint, save_checkpoint, save_encoders
 from xmodal.train.config import PretrainConfig, config_hash
 from xmodal.train.distributed import DistContext, barrier, cleanup_distributed, init_distributed
@@ -84,6 +85,8 @@ def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = 
     """
     cfg = cfg if cfg is not None else PretrainConfig()
     cfg.validate()
+    if resume and not Path(out).is_dir():  # checked before the lock creates the folder
+        raise MissingInputError("no run folder to resume", path=out)
     ctx = init_distributed(cfg.device)
     store = data if isinstance(data, ShapeStore) else open_dataset(data)
     lock = output_lock(out, "pretrain") if ctx.is_main else contextlib.nullcontext()
@@ -140,6 +143,7 @@ class _Trainer:
                 "world_size": self.ctx.world_size,
                 "device": str(self.ctx.device),
                 "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
+                "edgeconv": edgeconv_kind(self.net.point_encoder),
             }
             write_run_info(self.out, self.cfg, info, resumed_from=self.start if self.ckpt is not None else None)
             truncate_metrics(self.out / "metrics.jsonl", self.start)
