@@ -154,3 +154,15 @@ def test_pair_logits_equal_forward_on_every_pair(norm, training):
     # forward on all 21 pairs: image m with cloud b at row m*3 + b
     expected = ff2(f_img.repeat_interleave(3, 0), f_pts.repeat(7, 1)).view(7, 3, 2)
     torch.testing.assert_close(got, expected)
+
+
+def test_projection_heads_embed_both_modalities_on_the_unit_sphere():
+    torch.manual_seed(0)
+    ff = PairClassifier(img_dim=6, pts_dim=4, hidden=8, projection_dim=3)
+    z_img, z_pts = ff.project(torch.randn(7, 6), torch.randn(5, 4))
+    assert z_img.shape == (7, 3) and z_pts.shape == (5, 3)
+    torch.testing.assert_close(z_img.norm(dim=1), torch.ones(7))
+    torch.testing.assert_close(z_pts.norm(dim=1), torch.ones(5))
+    assert {k.split(".")[0] for k in ff.state_dict()} == {"fc1", "fc2", "proj_img", "proj_pts"}
+    with pytest.raises(RuntimeError, match="no projection heads"):
+        PairClassifier(img_dim=6, pts_dim=4).project(torch.randn(2, 6), torch.randn(2, 4))

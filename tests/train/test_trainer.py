@@ -119,6 +119,20 @@ def test_loss_falls_when_overfitting(tmp_path):
     assert loss[-4:].mean() < 0.5 * loss[:4].mean(), loss
 
 
+def test_projected_nce_falls_and_is_logged(tmp_path):
+    data = tmp_path / "data"
+    _store(data, n=4, views=2)
+    out = tmp_path / "run"
+    cfg = _cfg("iterations=30", "checkpoint_every=30", "aug.enabled=false", "loss.projected_nce=1.0",
+               "model.projection_dim=8", "optim.lr=0.01")
+    pretrain(data, out, cfg, progress=False)
+    nce = np.array([r["nce"] for r in read_jsonl(out / "metrics.jsonl")])
+    assert np.isfinite(nce).all() and nce[-5:].mean() < 0.8 * nce[:5].mean(), nce
+    assert read_json(out / "encoders.json")["architecture"]["pair_classifier"]["kwargs"]["projection_dim"] == 8
+    with pytest.raises(ConfigError, match="projection_dim"):
+        _cfg("loss.projected_nce=1.0")
+
+
 @pytest.mark.parametrize("pairs", ["batch", "batch-bce"])
 def test_batch_cross_modal_loss_falls_when_overfitting(tmp_path, pairs):
     """Ff scored on every pair of the batch: the cross-modality term itself must fall."""

@@ -1,7 +1,8 @@
 """Small heads on top of the encoders.
 
 * :class:`PairClassifier` – Ff of the paper (§3.2): a two-layer MLP on the concatenated image
-  and point-cloud features predicting whether both come from the same object.
+  and point-cloud features predicting whether both come from the same object; optionally (beyond
+  the paper) two projection heads that embed both modalities in one space for a contrastive loss.
 
 The part-segmentation head lives in :mod:`xmodal.models.partseg` (``PartSegNet``).
 """
@@ -39,7 +40,8 @@ class PairClassifier(nn.Module):
     ``docs/EXPERIMENTS.md``).
     """
 
-    def __init__(self, img_dim: int = 512, pts_dim: int = 512, hidden: int = 256, input_norm: str = "none") -> None:
+    def __init__(self, img_dim: int = 512, pts_dim: int = 512, hidden: int = 256, input_norm: str = "none",
+                 projection_dim: int = 0) -> None:
         super().__init__()
         if input_norm not in PAIR_INPUT_NORMS:
             raise ValueError(f"input_norm must be one of {list(PAIR_INPUT_NORMS)}, got {input_norm!r}")
@@ -49,6 +51,14 @@ class PairClassifier(nn.Module):
         self.fc1 = nn.Linear(img_dim + pts_dim, hidden)
         self.relu = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(hidden, 2)
+        self.projection_dim = int(projection_dim)
+        if self.projection_dim > 0:
+            self.proj_img = self._projection(self.img_dim, hidden, self.projection_dim)
+            self.proj_pts = self._projection(self.pts_dim, hidden, self.projection_dim)
+
+    @staticmethod
+    def _projection(dim: int, hidden: int, out: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
 
     @staticmethod
     def _norm(kind: str, dim: int) -> nn.Module:
@@ -85,5 +95,19 @@ class PairClassifier(nn.Module):
         h_pts = torch.addmm(self.fc1.bias, self.norm_pts(f_pts), w_pts.t())  # (B, hidden)
         return self.fc2(self.relu(h_img[:, None, :] + h_pts[None, :, :]))
 
+    def project(self, f_img: Tensor, f_pts: Tensor) -> tuple[Tensor, Tensor]:
+        """Unit-length embeddings of both modalities in one shared space (``projection_dim`` > 0).
+
+        ``f_img (M, img_dim), f_pts (B, pts_dim) -> (M, projection_dim), (B, projection_dim)``,
+        each through its own two-layer head (Linear, BatchNorm, ReLU, Linear), then L2-normalised;
+        their dot products are cosine similarities (:func:`xmodal.losses.batch_cross_modal_loss`
+        with ``scores = z_img @ z_pts.T / temperature``).
+        """
+        if self.projection_dim <= 0:
+            raise RuntimeError("this pair classifier has no projection heads (projection_dim=0)")
+        z_img = nn.functional.normalize(self.proj_img(f_img), dim=1)
+        z_pts = nn.functional.normalize(self.proj_pts(f_pts), dim=1)
+        return z_img, z_pts
+
     def extra_repr(self) -> str:
-        return f"input_norm={self.input_norm!r}"
+        return f"input_norm={self.input_norm!r}, projection_dim={self.projection_dim}"

@@ -77,10 +77,13 @@ def architecture_from_config(cfg) -> dict:
     """
     m = cfg.model
     point_kw = {"k": int(m.k)} if _is_dgcnn(m.point_encoder) else {}
+    pair_kw = {"hidden": int(m.pair_hidden), "input_norm": str(m.pair_input_norm)}
+    if m.projection_dim > 0:
+        pair_kw["projection_dim"] = int(m.projection_dim)
     return {
         "image_encoder": {"name": m.image_encoder, "kwargs": {}},
         "point_encoder": {"name": m.point_encoder, "kwargs": point_kw},
-        "pair_classifier": {"kwargs": {"hidden": int(m.pair_hidden), "input_norm": str(m.pair_input_norm)}},
+        "pair_classifier": {"kwargs": pair_kw},
     }
 
 

@@ -42,6 +42,8 @@ Options beyond the paper (each off in ``paper``; the measurements behind them ar
   identically in training and evaluation.
 * ``loss.cross_pairs`` ("sample" = the paper): Ff trained on every (image, cloud) pair of the
   batch instead of the three pairs of each sample.
+* ``loss.projected_nce`` with ``model.projection_dim`` (0 = the paper): a contrastive term between
+  image and point features projected into one space.
 * ``val.*`` (off): a learning curve on held-out training objects (:class:`ValConfig`).
 * ``amp`` ("off" = the paper's float32): mixed precision.
 """
@@ -102,6 +104,9 @@ class ModelConfig:
     #: initial mean 0 / variance 1 and each layer is a learnable per-channel scale and shift
     #: ("frozen BatchNorm"); false = ordinary BatchNorm (the paper). See the module docstring
     freeze_point_bn: bool = False
+    #: size of the shared space of Ff's projection heads (0 = none, the paper); needed by
+    #: ``loss.projected_nce``
+    projection_dim: int = 0
 
     def validate(self) -> None:
         if not self.image_encoder or not self.point_encoder:
@@ -110,6 +115,8 @@ class ModelConfig:
             raise ConfigError(f"model.k must be >= 1, got {self.k}")
         if self.pair_hidden < 1:
             raise ConfigError(f"model.pair_hidden must be >= 1, got {self.pair_hidden}")
+        if self.projection_dim < 0:
+            raise ConfigError(f"model.projection_dim must be >= 0, got {self.projection_dim}")
         from xmodal.models.heads import PAIR_INPUT_NORMS
 
         if self.pair_input_norm not in PAIR_INPUT_NORMS:
@@ -166,12 +173,23 @@ class LossConfig:
     #: :func:`xmodal.losses.batch_cross_modal_loss`); "batch-bce" = every pair of the batch with
     #: the binary cross-entropy, positives and negatives weighted equally
     cross_pairs: Literal["sample", "batch", "batch-bce"] = "sample"
+    #: weight of a second cross-modality term (0 = off, the paper): InfoNCE between the image and
+    #: point features projected into one space by Ff's projection heads (``model.projection_dim``),
+    #: cosine similarity over ``temperature``, every pair of the batch (the cross-modal term of
+    #: CrossPoint, Afham et al. 2022)
+    projected_nce: float = 0.0
+    #: temperature of ``projected_nce``
+    temperature: float = 0.1
 
     def validate(self) -> None:
         if self.mode not in LOSS_MODES:
             raise ConfigError(f"loss.mode must be one of {list(LOSS_MODES)}, got {self.mode!r}")
         if self.cross_pairs not in CROSS_PAIRS:
             raise ConfigError(f"loss.cross_pairs must be one of {list(CROSS_PAIRS)}, got {self.cross_pairs!r}")
+        if self.projected_nce < 0:
+            raise ConfigError(f"loss.projected_nce must be >= 0, got {self.projected_nce}")
+        if not self.temperature > 0:
+            raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
         if self.margin < 0:
             raise ConfigError(f"loss.margin must be >= 0, got {self.margin}")
         if self.beta < 0:
@@ -308,6 +326,13 @@ class PretrainConfig:
     def validate(self) -> None:
         for sec in (self.model, self.data, self.loss, self.optim, self.aug, self.val):
             sec.validate()
+        if (self.loss.projected_nce > 0) != (self.model.projection_dim > 0):
+            raise ConfigError(
+                "loss.projected_nce > 0 needs model.projection_dim > 0 and the other way round "
+                f"(got loss.projected_nce={self.loss.projected_nce}, model.projection_dim={self.model.projection_dim})"
+            )
+        if self.loss.projected_nce > 0 and not self.loss.use_cross_modal:
+            raise ConfigError("loss.projected_nce needs the point encoder: use loss.mode cm-cv or cm")
         if self.iterations < 1:
             raise ConfigError(f"iterations must be >= 1, got {self.iterations}")
         if self.batch_size < 2:

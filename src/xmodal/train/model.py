@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -21,23 +21,37 @@ from xmodal.train.checkpoint import NETS, architecture_from_config, build_networ
 from xmodal.train.config import PretrainConfig
 from xmodal.train.distributed import DistContext, convert_batchnorm
 
-__all__ = ["XModalNet", "build_training_model", "build_optimizer", "autocast_dtype", "autocast"]
+__all__ = ["XModalOutput", "XModalNet", "build_training_model", "build_optimizer", "autocast_dtype", "autocast"]
 
 log = logging.getLogger(__name__)
+
+
+class XModalOutput(NamedTuple):
+    """What :class:`XModalNet` computes for one batch (None where not computed)."""
+
+    #: (3B, D_img) image features, rows ``[img1 batch, img2 batch, img3 batch]``
+    f_img: torch.Tensor
+    #: (B, D_pts) point features
+    f_pts: Optional[torch.Tensor] = None
+    #: Ff's logits: (B, 3, 2) for the paper's three pairs of each sample, or (3B, B, 2) for every pair
+    logits: Optional[torch.Tensor] = None
+    #: (3B, P) and (B, P) unit-length projections (``model.projection_dim`` > 0)
+    z_img: Optional[torch.Tensor] = None
+    z_pts: Optional[torch.Tensor] = None
 
 
 class XModalNet(nn.Module):
     """Fimg, Fp and Ff in one module.
 
-    ``forward(images (3B, C, S, S), points (B, N, 3) or None)`` ->
-    ``(f_img (3B, D_img), f_pts (B, D_pts) or None, logits or None)``; the image rows are
-    ``[img1 batch, img2 batch, img3 batch]``. ``logits`` are Ff's outputs:
+    ``forward(images (3B, C, S, S), points (B, N, 3) or None) -> XModalOutput``; the image rows
+    are ``[img1 batch, img2 batch, img3 batch]``. ``logits`` are Ff's outputs:
 
     * ``cross_pairs="sample"`` (the paper): ``(B, 3, 2)``, the pairs ``(img_j(i), p(i))``;
     * ``"batch"`` / ``"batch-bce"``: ``(3B, B, 2)``, every pair ``(image m, cloud b)``
       (:meth:`xmodal.models.heads.PairClassifier.pair_logits`).
 
-    ``points=None`` skips Fp and Ff (cross-view-only training).
+    When Ff has projection heads, ``z_img`` / ``z_pts`` are the projected features. ``points=None``
+    skips Fp and Ff (cross-view-only training).
 
     ``freeze_point_bn=True`` keeps every BatchNorm layer of Fp in eval mode even when the
     module is put in train mode (``model.freeze_point_bn``): their running statistics are
@@ -67,16 +81,21 @@ class XModalNet(nn.Module):
             hold_batchnorm_stats(self.point_encoder)
         return self
 
-    def forward(self, images: torch.Tensor, points: Optional[torch.Tensor] = None):
+    def forward(self, images: torch.Tensor, points: Optional[torch.Tensor] = None) -> XModalOutput:
         f_img = self.image_encoder(images)
         if points is None:
-            return f_img, None, None
+            return XModalOutput(f_img)
         b = points.shape[0]
         f_pts = self.point_encoder(points)
+        ff = self.pair_classifier
         if self.all_pairs:
-            return f_img, f_pts, self.pair_classifier.pair_logits(f_img, f_pts)
-        logits = self.pair_classifier(f_img, f_pts.repeat(3, 1))  # rows j*B + i pair img_j(i) with p(i)
-        return f_img, f_pts, logits.view(3, b, -1).transpose(0, 1)
+            logits = ff.pair_logits(f_img, f_pts)
+        else:  # rows j*B + i pair img_j(i) with p(i)
+            logits = ff(f_img, f_pts.repeat(3, 1)).view(3, b, -1).transpose(0, 1)
+        z_img = z_pts = None
+        if getattr(ff, "projection_dim", 0) > 0:
+            z_img, z_pts = ff.project(f_img, f_pts)
+        return XModalOutput(f_img, f_pts, logits, z_img, z_pts)
 
     def networks(self) -> dict[str, nn.Module]:
         """``{"image_encoder", "point_encoder", "pair_classifier"}`` (the modules themselves)."""

@@ -36,8 +36,9 @@ from xmodal.transforms import images_to_tensor
 
 __all__ = ["LOSS_PARTS", "StepDiverged", "Stepper", "sample_logits", "batch_positives"]
 
-#: what a step reports, in this order (means over the processes)
-LOSS_PARTS = ("loss", "triplet", "cross", "cm_acc")
+#: what a step reports, in this order (means over the processes); ``nce`` is the
+#: ``loss.projected_nce`` term (0 when off)
+LOSS_PARTS = ("loss", "triplet", "cross", "cm_acc", "nce")
 
 
 class StepDiverged(Exception):
@@ -94,16 +95,19 @@ class Stepper:
         points = batch["points"].to(device, non_blocking=nb) if self.cfg.loss.use_cross_modal else None
         return x, points
 
-    def _losses(self, batch: dict, f_img: Tensor, logits: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(loss, triplet, cross, cm_acc)``; only ``loss`` carries gradient."""
+    def _losses(self, batch: dict, out) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(loss, triplet, cross, cm_acc, nce)`` of an :class:`XModalOutput`; only ``loss`` carries gradient."""
         loss_cfg = self.cfg.loss
+        f_img = out.f_img.float()
         b = f_img.shape[0] // 3
         f1, f2, f3 = f_img[:b], f_img[b : 2 * b], f_img[2 * b :]
         trip = triplet_loss(f1, f2, f3, margin=loss_cfg.margin)
         zero = trip.new_zeros(())
-        if logits is None:  # cross-view only: Fp and Ff are not run
-            return trip, trip.detach(), zero, zero
+        if out.logits is None:  # cross-view only: Fp and Ff are not run
+            return trip, trip.detach(), zero, zero, zero
+        logits = out.logits.float()
         labels = batch["labels"].to(self.ctx.device)
+        pos = None
         if loss_cfg.cross_pairs == "sample":
             per_sample = logits
             cross = cross_modal_loss(logits, labels)
@@ -113,7 +117,14 @@ class Stepper:
             pos = batch_positives(batch["objects"], batch["negatives"]).to(self.ctx.device)
             cross = batch_cross_modal_loss(scores, pos) if loss_cfg.cross_pairs == "batch" else batch_pair_bce(scores, pos)
         loss = (trip if loss_cfg.use_cross_view else zero) + loss_cfg.beta * cross
-        return loss, trip.detach(), cross.detach(), pair_accuracy(per_sample, labels)
+        nce = zero
+        if loss_cfg.projected_nce > 0:
+            if pos is None:
+                pos = batch_positives(batch["objects"], batch["negatives"]).to(self.ctx.device)
+            sims = out.z_img.float() @ out.z_pts.float().t() / loss_cfg.temperature
+            nce = batch_cross_modal_loss(sims, pos)
+            loss = loss + loss_cfg.projected_nce * nce
+        return loss, trip.detach(), cross.detach(), pair_accuracy(per_sample, labels), nce.detach()
 
     def _backward(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -129,10 +140,10 @@ class Stepper:
     def __call__(self, batch: dict, step: int) -> list[float]:
         x, points = self._inputs(batch)
         with autocast(self.amp_dtype, self.ctx.device):
-            f_img, _f_pts, logits = self.model(x, points)
-        loss, trip, cross, acc = self._losses(batch, f_img.float(), None if logits is None else logits.float())
+            out = self.model(x, points)
+        loss, *parts = self._losses(batch, out)
         with torch.no_grad():
-            vec = all_reduce_mean(torch.stack([loss.detach(), trip, cross, acc]).float(), self.ctx)
+            vec = all_reduce_mean(torch.stack([loss.detach(), *parts]).float(), self.ctx)
         parts = [float(v) for v in vec.cpu()]
         for name in ("triplet", "cross", "loss"):  # the part that went bad first, then the total
             value = parts[LOSS_PARTS.index(name)]

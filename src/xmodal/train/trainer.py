@@ -258,7 +258,7 @@ class _Trainer:
         prior = float(self.ckpt.state.get("elapsed", 0.0)) if self.ckpt is not None else 0.0
         runlog = RunLog(self.out, batch_size=cfg.batch_size, use_cross_modal=cfg.loss.use_cross_modal,
                         prior_elapsed=prior, writer=ctx.is_main, progress=progress,
-                        start=self.start, total=cfg.iterations)
+                        start=self.start, total=cfg.iterations, use_nce=cfg.loss.projected_nce > 0)
         try:
             if cfg.val.enabled and self.ckpt is None:
                 self._validate(0, runlog)  # the curve starts at the random initialisation
