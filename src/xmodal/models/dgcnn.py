@@ -314,6 +314,34 @@ class _GatherBNLeaky(torch.autograd.Function):
         return ga.to(a.dtype), gc.to(c.dtype), None, None, gw, gb, None
 
 
+class _GatherLeaky(torch.autograd.Function):
+    """h = leaky(a[idx] + c) over edges, for a BatchNorm with fixed statistics folded into a, c.
+
+    With fixed (running) statistics BN1 is a per-channel affine map, so it is applied to the
+    per-point terms before the gather (``a * scale``, ``c * scale + shift``, plain autograd ops on
+    P rows) and the edges only need the gather, the add and the activation; backward keeps the
+    activated edges and needs no edge tensor of its own. Shapes: a, c (P, C); idx (P*k,);
+    returns h (P, k, C) in ``dtype``.
+    """
+
+    @staticmethod
+    def forward(ctx, a, c, idx, k, dtype):
+        p, ch = c.shape
+        h = F.leaky_relu_(a.index_select(0, idx).view(p, k, ch).add_(c.unsqueeze(1)), _SLOPE)
+        ctx.save_for_backward(idx, h)
+        ctx.k, ctx.p = k, p
+        return h.to(dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gh):
+        idx, h = ctx.saved_tensors
+        ch = h.shape[2]
+        g = torch.ops.aten.leaky_relu_backward(gh.to(h.dtype), h, _SLOPE, True)  # (P, k, C)
+        ga = g.new_zeros((ctx.p, ch)).index_add_(0, idx, g.view(-1, ch))
+        return ga, g.sum(1), None, None, None
+
+
 class _BNLeakyMax(torch.autograd.Function):
     """out = leaky(|g| * (max_k z - mean) * invstd + beta), BN stats over all edges of z.
 
@@ -482,8 +510,15 @@ class EdgeConv(_EdgeConvBase):
         of BN2 (sign-folded mean)."""
         bn1, bn2 = self.bn1, self.bn2
         group = self._stats_group()
-        norm1 = _Norm(bn1.running_mean, bn1.running_var, _uses_batch_stats(bn1), bn1.eps, group)
-        h, *stats1 = _GatherBNLeaky.apply(a, cc, flat, k, bn1.weight, bn1.bias, norm1)
+        if _uses_batch_stats(bn1):
+            norm1 = _Norm(bn1.running_mean, bn1.running_var, True, bn1.eps, group)
+            h, *stats1 = _GatherBNLeaky.apply(a, cc, flat, k, bn1.weight, bn1.bias, norm1)
+        else:  # fixed statistics: BN1 is an affine map, applied per point before the gather
+            cd = _compute_dtype(a.dtype)
+            scale = bn1.weight.to(cd) * torch.rsqrt(bn1.running_var.to(cd) + bn1.eps)
+            shift = bn1.bias.to(cd) - bn1.running_mean.to(cd) * scale
+            h = _GatherLeaky.apply(a.to(cd) * scale, torch.addcmul(shift, cc.to(cd), scale), flat, k, a.dtype)
+            stats1 = (None, None, None)
         z = F.linear(h, w2)  # (P, k, C)
         rm2 = sign * bn2.running_mean if bn2.running_mean is not None else None
         norm2 = _Norm(rm2, bn2.running_var, _uses_batch_stats(bn2), bn2.eps, group)
