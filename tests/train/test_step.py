@@ -39,3 +39,21 @@ def test_sample_form_of_all_pairs_gives_the_papers_loss():
         pair_scores(per_sample), labels.double(), reduction="none"
     ).sum(1).mean()
     torch.testing.assert_close(cross_modal_loss(per_sample, labels), ce)
+
+
+def test_point_lr_scale_gives_fp_its_own_learning_rate():
+    from xmodal.config import resolve
+    from xmodal.train.config import PretrainConfig
+    from xmodal.train.distributed import DistContext
+    from xmodal.train.model import build_optimizer, build_training_model
+
+    cfg = resolve(PretrainConfig, "smoke", ["optim.point_lr_scale=10", "optim.lr=0.002"], group="pretrain")
+    net = build_training_model(cfg, DistContext())
+    opt, sched = build_optimizer(cfg, net)
+    fp = {id(p) for p in net.point_encoder.parameters()}
+    assert [g["lr"] for g in opt.param_groups] == [0.002, 0.02]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == fp
+    assert not fp & {id(p) for p in opt.param_groups[0]["params"]}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+    plain, _ = build_optimizer(resolve(PretrainConfig, "smoke", group="pretrain"), net)
+    assert len(plain.param_groups) == 1

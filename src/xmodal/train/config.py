@@ -45,6 +45,8 @@ Options beyond the paper (each off in ``paper``; the measurements behind them ar
 * ``loss.projected_nce`` with ``model.projection_dim`` (0 = the paper): a contrastive term between
   image and point features projected into one space.
 * ``val.*`` (off): a learning curve on held-out training objects (:class:`ValConfig`).
+* ``optim.point_lr_scale`` (1 = the paper's single learning rate): Fp's learning rate relative
+  to the other networks'.
 * ``amp`` ("off" = the paper's float32): mixed precision.
 """
 
@@ -214,6 +216,10 @@ class OptimConfig:
     #: multiply the learning rate by ``gamma`` every ``step_size`` iterations
     step_size: int = 40_000
     gamma: float = 0.1
+    #: learning rate of Fp relative to the others (1 = one learning rate, the paper). Fp learns
+    #: only through Ff, and its gradients are about ten times smaller relative to its weights than
+    #: Fimg's (docs/EXPERIMENTS.md)
+    point_lr_scale: float = 1.0
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -226,6 +232,8 @@ class OptimConfig:
             raise ConfigError(f"optim.step_size must be >= 1, got {self.step_size}")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"optim.gamma must be in (0, 1], got {self.gamma}")
+        if not self.point_lr_scale > 0:
+            raise ConfigError(f"optim.point_lr_scale must be > 0, got {self.point_lr_scale}")
 
 
 @dataclass

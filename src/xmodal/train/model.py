@@ -120,10 +120,22 @@ def build_training_model(cfg: PretrainConfig, ctx: DistContext) -> XModalNet:
     return net.train()
 
 
-def build_optimizer(cfg: PretrainConfig, net: nn.Module):
-    """``(SGD, StepLR)`` of §4.1 with ``cfg.optim``'s values; the schedule steps every iteration."""
+def build_optimizer(cfg: PretrainConfig, net: XModalNet):
+    """``(SGD, StepLR)`` of §4.1 with ``cfg.optim``'s values; the schedule steps every iteration.
+
+    With ``optim.point_lr_scale`` != 1, Fp's parameters form a second parameter group whose
+    learning rate is ``lr * point_lr_scale`` (group 0 keeps ``lr``).
+    """
     o = cfg.optim
-    opt = torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.point_lr_scale == 1:
+        groups = [{"params": list(net.parameters())}]
+    else:
+        fp = {id(p) for p in net.point_encoder.parameters()}
+        groups = [
+            {"params": [p for p in net.parameters() if id(p) not in fp]},
+            {"params": list(net.point_encoder.parameters()), "lr": o.lr * o.point_lr_scale},
+        ]
+    opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=o.step_size, gamma=o.gamma)
 
 
