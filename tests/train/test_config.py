@@ -28,7 +28,7 @@ PAPER = {
               "point_lr_scale": 1.0},
     "aug": {"enabled": True, "crop_scale": (0.5, 1.0), "crop_ratio": (0.75, 4 / 3), "hflip_p": 0.5,
             "rotate": True, "jitter_sigma": 0.02, "jitter_clip": None},
-    "val": {"every": 0, "fraction": 0.1, "views": 12, "folds": 5},
+    "val": {"every": 0, "fraction": 0.1, "views": 12, "folds": 3, "Cs": (0.001, 0.01, 0.1)},
     "iterations": 120000, "batch_size": 32, "log_every": 10, "checkpoint_every": 2000, "seed": 0,
     "device": "auto", "amp": "off",
 }

@@ -289,7 +289,11 @@ class ValConfig:
     #: views per object pooled for the image curve (capped at the stored views); 0 = points only
     views: int = 12
     #: folds of the cross-validated SVM accuracy (reduced for classes with fewer members)
-    folds: int = 5
+    folds: int = 3
+    #: the SVM's C grid. Shorter than the evaluation's (``xmodal.eval.svm.DEFAULT_CS``) because a
+    #: curve point must be cheap: the large-C fits dominate the cost, and cross-validation chose C
+    #: in 1e-3..1e-1 for every encoder measured so far (docs/EXPERIMENTS.md)
+    Cs: tuple[float, ...] = (0.001, 0.01, 0.1)
 
     def validate(self) -> None:
         if self.every < 0:
@@ -300,6 +304,8 @@ class ValConfig:
             raise ConfigError(f"val.views must be >= 0, got {self.views}")
         if self.folds < 2:
             raise ConfigError(f"val.folds must be >= 2, got {self.folds}")
+        if not self.Cs or any(not c > 0 for c in self.Cs):
+            raise ConfigError(f"val.Cs must be positive numbers, got {list(self.Cs)}")
 
     @property
     def enabled(self) -> bool:

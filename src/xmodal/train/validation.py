@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -50,19 +50,20 @@ def holdout_split(labels: np.ndarray, fraction: float, *, seed: int) -> tuple[np
     return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
 
 
-def cv_svm_accuracy(feats: np.ndarray, labels: np.ndarray, *, folds: int = 5, seed: int = 0) -> Optional[float]:
+def cv_svm_accuracy(feats: np.ndarray, labels: np.ndarray, *, folds: int = 3, seed: int = 0,
+                    Cs: Sequence[float] = (0.001, 0.01, 0.1)) -> Optional[float]:
     """Cross-validated linear-SVM accuracy of ``feats (n, D)`` with ``labels (n,)``; None if impossible.
 
     Classes with a single member are dropped; ``folds`` is reduced to the smallest remaining
-    class size. C is chosen on the folds (:func:`xmodal.eval.svm.select_C`) and the mean
-    accuracy of the best C is returned.
+    class size. C is chosen among ``Cs`` on the folds (:func:`xmodal.eval.svm.select_C`) and the
+    mean accuracy of the best C is returned.
     """
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
     keep = np.isin(labels, classes[counts >= 2])
     if len(np.unique(labels[keep])) < 2:
         return None
-    search = select_C(feats[keep], labels[keep], folds=folds, seed=seed)
+    search = select_C(feats[keep], labels[keep], Cs=Cs, folds=folds, seed=seed)
     return float(search.best_score_)
 
 
@@ -92,7 +93,7 @@ class Validator:
 
     def _score(self, feats: np.ndarray, dim: str) -> dict:
         out = {}
-        acc = cv_svm_accuracy(feats, self.labels, folds=self.cfg.folds, seed=self.seed)
+        acc = cv_svm_accuracy(feats, self.labels, folds=self.cfg.folds, seed=self.seed, Cs=self.cfg.Cs)
         if acc is not None:
             out[f"val.svm{dim}"] = acc
         for k, v in retrieval_metrics(feats, self.labels, ks=CURVE_KS).items():
