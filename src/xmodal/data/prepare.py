@@ -40,6 +40,7 @@ from xmodal.data.store import (
     MANIFEST_NAME,
     PLAN_NAME,
     failed_relpath,
+    StoreContents,
     make_manifest,
     shard_relpath,
     write_shard,
@@ -533,16 +534,15 @@ def _finalize(out: Path, items: dict[str, list[Item]], plan: dict, src: Source) 
                 failed.extend(read_json(fpath))
         counts[split] = sum(sizes[split])
     s = plan["settings"]
+    contents = StoreContents(
+        views=s["effective_views"], points=s["points"], image_size=s["image_size"], grayscale=s["grayscale"],
+        up_axis=src.up_axis, part_names=src.part_names,
+    )
     manifest = make_manifest(
         classes=plan["classes"],
         counts=counts,
         shards=shards,
-        views=s["effective_views"],
-        points=s["points"],
-        image_size=s["image_size"],
-        grayscale=s["grayscale"],
-        up_axis=src.up_axis,
-        part_names=src.part_names,
+        contents=contents,
         source=plan["source"],
         settings=s,
         failed=failed,
