@@ -91,7 +91,6 @@ TASKS: tuple[EvalTask, ...] = (
              options=("partseg_data", "partseg"), prefixes=("partseg.",), images="unused",
              section=_REPORT + "section_table4", paper="Table 4",
              baseline_skip="the random-init baseline of Table 4 is its 'scratch' setting"),
-    EvalTask("count", "xmodal.eval.count:count_task", title="test split size", prefixes=("count.",), images="unused", section="xmodal.eval.count:section_count"),
 )
 #: the task names, in run order
 TASK_NAMES: tuple[str, ...] = tuple(t.name for t in TASKS)
