@@ -217,6 +217,8 @@ def _add_evaluate(sub) -> None:
 
 
 _EVALUATE_FLAGS = ("run", "data", "out", "baseline", "views", "partseg_data", "seed", "device")
+#: flag -> field of the ``partseg`` section
+_PARTSEG_FLAGS = {"partseg_epochs": "epochs", "partseg_points": "num_points"}
 
 
 def _run_evaluate(args) -> int:
@@ -226,8 +228,7 @@ def _run_evaluate(args) -> int:
     flags = _given(args, _EVALUATE_FLAGS)
     if args.task:
         flags["tasks"] = args.task
-    partseg = _given(args, ("partseg_epochs", "partseg_points"))
-    flags["partseg"] = {{"partseg_epochs": "epochs", "partseg_points": "num_points"}[k]: v for k, v in partseg.items()}
+    flags["partseg"] = {_PARTSEG_FLAGS[k]: v for k, v in _given(args, tuple(_PARTSEG_FLAGS)).items()}
     cfg = _resolve(EvaluateConfig, flags, args.overrides)
     if args.print_config:
         return _print_config(cfg)
