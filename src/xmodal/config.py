@@ -223,8 +223,28 @@ def list_presets(group: str) -> list[str]:
     return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_preset(group: str, name_or_path: str) -> dict:
-    """Load a preset by name (shipped) or by path to a YAML file, as a nested dict."""
+#: top-level key of a preset naming the preset it extends (its values apply first)
+INHERIT_KEY = "inherit"
+
+
+def load_preset(group: str, name_or_path: str, *, _chain: tuple = ()) -> dict:
+    """Load a preset by name (shipped) or by path to a YAML file, as a nested dict.
+
+    A preset may start from another one: ``inherit: paper`` at its top level loads ``paper``
+    first and applies this file's values on top (chains allowed, cycles refused).
+    """
+    if name_or_path in _chain:
+        raise ConfigError(f"{group} preset {name_or_path!r} inherits from itself ({' -> '.join(_chain + (name_or_path,))})")
+    data, src = _read_preset(group, name_or_path)
+    parent = data.pop(INHERIT_KEY, None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{src}: '{INHERIT_KEY}' must name a preset, got {parent!r}")
+    return _deep_merge(load_preset(group, parent, _chain=_chain + (name_or_path,)), data)
+
+
+def _read_preset(group: str, name_or_path: str) -> tuple[dict, str]:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.exists():
         text = p.read_text(encoding="utf-8")
@@ -244,7 +264,7 @@ def load_preset(group: str, name_or_path: str) -> dict:
         raise ConfigError(f"{src}: invalid YAML ({exc})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{src}: a preset must be a mapping at top level")
-    return data
+    return data, src
 
 
 def resolve(cls: type[T], preset: str | None = None, overrides: Iterable[str] | dict = (), *, group: str = "") -> T:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from xmodal.data.mesh_io import MESH_EXTENSIONS, load_mesh, read_mesh_arrays, read_off, validate_mesh
-from xmodal.data.types import MeshError
+from xmodal.data.mesh_io import MESH_EXTENSIONS, load_mesh, read_mesh_arrays, read_off
+from xmodal.data.types import Mesh, MeshError
 
 TETRA_V = "0 0 0\n1 0 0\n0 1 0\n0 0 1\n"
 TETRA_F = "3 0 1 2\n3 0 1 3\n3 0 2 3\n3 1 2 3\n"
@@ -107,7 +107,7 @@ def test_polygons_fan_triangulated(tmp_path):
     )
     mesh = load_mesh(tmp_path / "q.off")
     # the quad's two triangles cover exactly the unit square
-    assert _area(validate_mesh(v, f[:2])) == pytest.approx(1.0)
+    assert _area(Mesh(v, f[:2])) == pytest.approx(1.0)
     assert len(mesh.faces) == 6
 
 
@@ -164,7 +164,7 @@ def test_degenerate_faces_dropped_silently(tmp_path):
     # only the repeated-index face (0 0 1) is degenerate; collinear faces are checked below
     np.testing.assert_array_equal(mesh.faces, [[0, 1, 2], [1, 2, 4], [0, 1, 3]])
     v = np.array([[0, 0, 0], [1, 0, 0], [2, 0, 0], [0, 1, 0]], float)
-    m2 = validate_mesh(v, np.array([[0, 1, 2], [0, 1, 3]]), face_labels=np.array([7, 9]))
+    m2 = Mesh(v, np.array([[0, 1, 2], [0, 1, 3]]), face_labels=np.array([7, 9]))
     np.testing.assert_array_equal(m2.faces, [[0, 1, 3]])
     np.testing.assert_array_equal(m2.face_labels, [9])
 

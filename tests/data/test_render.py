@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from xmodal.data.geometry import area_weighted_centroid
 from xmodal.data.render import (
     Renderer,
     camera_positions,
-    mesh_centroid,
     sample_view_angles,
     vertex_normals,
     view_matrices,
@@ -116,22 +116,22 @@ def test_mesh_centroid_hand_computation():
     v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [10, 0, 5], [12, 0, 5], [10, 2, 5]], float)
     f = np.array([[0, 1, 2], [3, 4, 5]])
     expected = (0.5 * np.array([1 / 3, 1 / 3, 0]) + 2.0 * np.array([10 + 2 / 3, 2 / 3, 5])) / 2.5
-    np.testing.assert_allclose(mesh_centroid(v, f), expected, atol=1e-12)
+    np.testing.assert_allclose(area_weighted_centroid(v, f), expected, atol=1e-12)
     # differs from the plain vertex mean: the area weighting matters
-    assert not np.allclose(mesh_centroid(v, f), v.mean(0))
+    assert not np.allclose(area_weighted_centroid(v, f), v.mean(0))
     with pytest.raises(ValueError, match="zero"):
-        mesh_centroid(np.zeros((3, 3)), np.array([[0, 1, 2]]))
+        area_weighted_centroid(np.zeros((3, 3)), np.array([[0, 1, 2]]))
 
 
 def test_vertex_normals_survive_inconsistent_winding():
     sphere = _icosphere(2)
     outward = sphere.vertices / np.linalg.norm(sphere.vertices, axis=1, keepdims=True)
-    n0 = vertex_normals(sphere.vertices, sphere.faces)
+    n0 = vertex_normals(sphere)
     np.testing.assert_allclose(np.abs((n0 * outward).sum(1)), 1.0, atol=0.01)
     faces = sphere.faces.copy()
     flip = np.random.default_rng(0).random(len(faces)) < 0.5
     faces[flip] = faces[flip][:, ::-1]
-    n1 = vertex_normals(sphere.vertices, faces)
+    n1 = vertex_normals((sphere.vertices, faces))
     np.testing.assert_allclose(np.linalg.norm(n1, axis=1), 1.0)
     assert np.abs((n1 * outward).sum(1)).min() > 0.99  # right axis, sign irrelevant (two-sided)
 

@@ -8,11 +8,11 @@ import pytest
 from xmodal.data.sampling import (
     farthest_point_sampling,
     farthest_point_sampling_reference,
-    normalize_unit_sphere,
     sample_mesh_points,
     sample_point_cloud,
     sample_surface,
 )
+from xmodal.data.geometry import normalize_unit_sphere
 from xmodal.data.types import Mesh
 
 
@@ -39,7 +39,7 @@ def _min_dist_to_set(points, chosen):
 
 def test_sample_surface_points_lie_on_their_faces():
     mesh = _box()
-    pts, fidx = sample_surface(mesh.vertices, mesh.faces, 500, seed=0)
+    pts, fidx = sample_surface(mesh, 500, seed=0)
     assert pts.shape == (500, 3) and pts.dtype == np.float64
     assert fidx.shape == (500,) and fidx.dtype == np.int64
     tri = mesh.vertices[mesh.faces[fidx]]
@@ -56,17 +56,18 @@ def test_sample_surface_is_area_weighted():
     # two triangles, the second with 3x the area: ~75 % of the samples on it
     v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [3, 0, 1], [0, 1, 1]], float)
     f = np.array([[0, 1, 2], [3, 4, 5]])
-    _, fidx = sample_surface(v, f, 20000, seed=1)
+    _, fidx = sample_surface((v, f), 20000, seed=1)
     assert abs((fidx == 1).mean() - 0.75) < 0.02
 
 
 def test_sample_surface_never_picks_zero_area_faces_and_is_seeded():
     v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [2, 2, 2]], float)
     f = np.array([[0, 1, 1], [0, 1, 2], [3, 3, 3]])  # faces 0 and 2 are degenerate
-    p1, i1 = sample_surface(v, f, 300, seed=5)
-    p2, i2 = sample_surface(v, f, 300, seed=5)
-    p3, _ = sample_surface(v, f, 300, seed=6)
-    assert (i1 == 1).all()
+    mesh = Mesh(v, f)
+    p1, i1 = sample_surface(mesh, 300, seed=5)
+    p2, i2 = sample_surface(mesh, 300, seed=5)
+    p3, _ = sample_surface(mesh, 300, seed=6)
+    assert (mesh.faces[i1] == [0, 1, 2]).all()
     np.testing.assert_array_equal(p1, p2)
     np.testing.assert_array_equal(i1, i2)
     assert not np.array_equal(p1, p3)
@@ -74,11 +75,11 @@ def test_sample_surface_never_picks_zero_area_faces_and_is_seeded():
 
 def test_sample_surface_rejects_bad_input():
     with pytest.raises(ValueError, match="zero"):
-        sample_surface(np.zeros((3, 3)), np.array([[0, 1, 2]]), 10, seed=0)
+        sample_surface((np.zeros((3, 3)), np.array([[0, 1, 2]])), 10, seed=0)
     with pytest.raises(ValueError, match="out of range"):
-        sample_surface(np.eye(3), np.array([[0, 1, 3]]), 10, seed=0)
-    with pytest.raises(ValueError, match=r"\(F, 3\)"):
-        sample_surface(np.eye(3), np.zeros((0, 3), int), 10, seed=0)
+        sample_surface((np.eye(3), np.array([[0, 1, 3]])), 10, seed=0)
+    with pytest.raises(ValueError, match="no faces"):
+        sample_surface((np.eye(3), np.zeros((0, 3), int)), 10, seed=0)
 
 
 # ----------------------------------------------------------------- FPS
@@ -160,18 +161,6 @@ def test_fps_edge_cases_and_errors():
 # ----------------------------------------------------------------- normalisation
 
 
-def test_normalize_unit_sphere():
-    rng = np.random.default_rng(0)
-    pts = (rng.normal(size=(100, 3)) * 7 + 40).astype(np.float32)
-    out, center, scale = normalize_unit_sphere(pts)
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out.mean(0), 0, atol=1e-5)
-    assert np.linalg.norm(out, axis=1).max() == pytest.approx(1.0, abs=1e-6)
-    np.testing.assert_allclose(out * scale + center, pts, rtol=1e-5)
-    with pytest.raises(ValueError, match="coincide"):
-        normalize_unit_sphere(np.ones((5, 3)))
-
-
 # ----------------------------------------------------------------- sample_point_cloud
 
 
@@ -225,7 +214,7 @@ def test_sample_point_cloud_fps_spreads_points():
 
 def test_sample_mesh_points_is_the_cloud_before_normalisation():
     mesh = _box(offset=(10.0, -3.0, 5.0))
-    raw, face_index = sample_mesh_points(mesh.vertices, mesh.faces, 64, oversample=4, seed=7)
+    raw, face_index = sample_mesh_points(mesh, 64, oversample=4, seed=7)
     pc = sample_point_cloud(mesh, 64, oversample=4, seed=7)
     np.testing.assert_array_equal(pc.points, normalize_unit_sphere(raw)[0].astype(np.float32))
     np.testing.assert_array_equal(pc.point_labels, mesh.face_labels[face_index])

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from xmodal.data.geometry import normalize_unit_sphere
 from xmodal.data.shapenetpart import (
     SHAPENETPART_PARTS,
     PartSegData,
@@ -16,7 +17,6 @@ from xmodal.data.shapenetpart import (
     load_partseg,
     load_shapenetpart_h5,
     load_shapenetpart_txt,
-    normalize_batch,
     sample_labelled_mesh,
     stratified_subset,
 )
@@ -71,7 +71,7 @@ def test_txt_reader(tmp_path):
     # (centred on the mean, max norm 1), and carries that row's part label
     for i in (0, 3):
         rows = truth[tr.ids[i].split("/")[1]]
-        full = normalize_batch(rows[None, :, :3])[0]
+        full = normalize_unit_sphere(rows[:, :3])[0]
         np.testing.assert_allclose(full.mean(0), 0, atol=1e-5)
         assert abs(np.linalg.norm(full, axis=1).max() - 1) < 1e-5
         for p, lab in zip(tr.points[i], tr.seg[i]):

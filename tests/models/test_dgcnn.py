@@ -188,3 +188,147 @@ def test_k_larger_than_n_errors_clearly():
         knn(torch.randn(1, 3, 10), 10, include_self=False)
     with pytest.raises(ValueError, match=r"\(B, N, 3\)"):
         DGCNN(k=4)(torch.randn(2, 3, 10))
+
+
+# ---------------------------------------------------------------------------------------------
+# mixed precision (CPU autocast)
+# ---------------------------------------------------------------------------------------------
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # |fl(x) - x| <= u |x|
+
+
+def _one_rounding_away(actual, exact, dtype, what):
+    """``actual`` (dtype) is ``exact`` (float32) rounded once to ``dtype``, element by element."""
+    err = (actual.float() - exact).abs()
+    bound = _UNIT_ROUNDOFF[dtype] * exact.abs() + 2.0**-25  # + half the smallest fp16 subnormal
+    assert actual.dtype == dtype and bool((err <= bound).all()), f"{what}: max excess {(err - bound).max():.3g}"
+
+
+def _run_fused(fn, inputs, params, norm, grad_out):
+    """Forward + backward of a fused function; returns (outputs, input grads, param grads)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    for p in params:
+        p.grad = None
+    out, mean, var, count = fn(*leaves, *params, norm)
+    out.backward(grad_out.to(out.dtype))
+    return (out, mean, var), [t.grad for t in leaves], [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_functions_keep_batchnorm_arithmetic_in_float32(dtype):
+    """On bf16/fp16 inputs the fused functions compute exactly what they compute on the same
+    values in float32: equal statistics and parameter gradients (float32), and outputs and input
+    gradients one rounding to the low precision away. BatchNorm statistics taken in the low
+    precision would be ~u off instead (and the backward used to fail on them)."""
+    from xmodal.models.dgcnn import _BNLeakyMax, _GatherBNLeaky, _Norm
+
+    g = torch.Generator().manual_seed(0)
+    p, k, ch = 120, 6, 16
+    a = torch.randn(p, ch, generator=g).to(dtype)
+    c = (torch.randn(p, ch, generator=g) + 3).to(dtype)  # an offset: mean/std of the edges ~3
+    idx = torch.randint(0, p, (p * k,), generator=g)
+    z = (2 * torch.randn(p, k, ch, generator=g) + 1).to(dtype)
+    gh, gout = torch.randn(p, k, ch, generator=g).to(dtype), torch.randn(p, ch, generator=g).to(dtype)
+    w, b = torch.randn(ch, generator=g), torch.randn(ch, generator=g)
+    gather = lambda a_, c_, w_, b_, norm: _GatherBNLeaky.apply(a_, c_, idx, k, w_, b_, norm)  # noqa: E731
+    cases = [(gather, [a, c], [w, b], gh), (_BNLeakyMax.apply, [z], [w.abs(), b], gout)]
+    for fn, inputs, params, grad_out in cases:
+        params = [t.clone().requires_grad_() for t in params]
+        norm = _Norm(None, None, True, 1e-5)
+        (out, mean, var), gin, gpar = _run_fused(fn, inputs, params, norm, grad_out)
+        (out32, mean32, var32), gin32, gpar32 = _run_fused(fn, [t.float() for t in inputs], params, norm, grad_out)
+        assert mean.dtype == var.dtype == torch.float32
+        torch.testing.assert_close(mean, mean32, rtol=1e-6, atol=0)
+        torch.testing.assert_close(var, var32, rtol=1e-6, atol=0)
+        for gp, gp32 in zip(gpar, gpar32):
+            assert gp.dtype == torch.float32
+            torch.testing.assert_close(gp, gp32, rtol=1e-6, atol=1e-6)
+        _one_rounding_away(out, out32, dtype, "output")
+        for i, (gi, gi32) in enumerate(zip(gin, gin32)):
+            _one_rounding_away(gi, gi32, dtype, f"input grad {i}")
+
+
+def _autocast_step(model, x, w, dtype):
+    """Train-mode forward + backward of ``(global * w).sum()`` under CPU autocast (``dtype`` None:
+    float32); returns (features, input grad, flat parameter grad)."""
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        feats = model.forward_features(x)
+    (feats["global"].float() * w).sum().backward()
+    return feats, x.grad, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _cos(a, b):
+    a, b = a.float().flatten(), b.float().flatten()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+# Tolerances, measured first (4 clouds of 32 points, k = 32 so that every kNN graph is complete and
+# cannot change with the rounding; seeds 0-3, fused and reference EdgeConv alike):
+# * bf16 (unit roundoff u = 2^-8 = 0.0039): features (blocks, point, global) <= 3.0 % relative
+#   (Frobenius) error, running statistics <= 0.8 %: a few u per GEMM layer. Gradients 0.33-0.59
+#   relative error, cosine >= 0.838: the max over neighbours routes each gradient to one edge and
+#   rounding swaps near-tied maxima (in float32 a mere 2^-9 relative perturbation of the points
+#   already moves the gradients by 12-28 %). Bounds: 0.05 for features, 0.8 / cosine 0.75 for grads.
+# * fp16 (u = 2^-11): features <= 0.4 %, gradients 0.08-0.28 (cosine >= 0.96); bounds 0.01 and
+#   0.5 / cosine 0.9.
+_AMP_TOL = {torch.bfloat16: (0.05, 0.8, 0.75), torch.float16: (0.01, 0.5, 0.9)}
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fused", "reference"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_dgcnn_under_cpu_autocast_tracks_float32(dtype, fast):
+    torch.manual_seed(0)
+    model = DGCNN(k=32, fast=fast)
+    _randomise_bn(model)
+    model32 = DGCNN(k=32, fast=fast)
+    model32.load_state_dict(model.state_dict())
+    x = _points(0, n=32, b=4)
+    w = torch.randn(4, 512, generator=torch.Generator().manual_seed(1))
+    f_lp, gx_lp, gp_lp = _autocast_step(model, x, w, dtype)
+    f32, gx32, gp32 = _autocast_step(model32, x, w, None)
+    feat_tol, grad_tol, min_cos = _AMP_TOL[dtype]
+    assert f_lp["global"].dtype == dtype and gp_lp.dtype == torch.float32
+    for i, (a, b) in enumerate(zip(f_lp["blocks"] + [f_lp["point"], f_lp["global"]], f32["blocks"] + [f32["point"], f32["global"]])):
+        assert _rel(a, b) < feat_tol, f"feature {i}: {_rel(a, b):.3g}"
+    for what, a, b in (("input", gx_lp, gx32), ("parameters", gp_lp, gp32)):
+        assert torch.isfinite(a).all() and _rel(a, b) < grad_tol and _cos(a, b) > min_cos, (
+            f"{what} grad: rel {_rel(a, b):.3g}, cos {_cos(a, b):.3f}")
+    for (name, b32), b_lp in zip(model32.named_buffers(), model.buffers()):  # float32 running stats
+        assert b_lp.dtype == b32.dtype
+        if "running" in name:
+            assert _rel(b_lp, b32) < feat_tol, name
+
+
+def test_knn_under_autocast_is_the_float32_graph():
+    """bf16 distances would change ~5 % of the neighbours; knn computes them in float32."""
+    x = torch.randn(2, 64, 200, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx = knn(x, 16)
+    assert torch.equal(idx, knn(x, 16))
+
+
+def test_synced_edgeconv_without_process_group_is_local_and_calls_no_collective(monkeypatch):
+    import torch.distributed as dist
+
+    from xmodal.models.dgcnn import edgeconv_kind, sync_edgeconv_stats
+
+    ref, fast = _pair(torch.float64)
+    assert sync_edgeconv_stats(fast) == 4 and all(m.sync_stats for m in fast.edge_convs)
+    assert (edgeconv_kind(fast), edgeconv_kind(ref), edgeconv_kind(nn.Linear(1, 1))) == ("fused", "reference", None)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a collective was called")
+
+    monkeypatch.setattr(dist, "all_reduce", refuse)
+    x = _points(0, torch.float64)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref(xr).sum().backward()
+    fast(xf).sum().backward()
+    _close(xf.grad, xr.grad, 1e-10, "input grad")
+    for (name, br), bf in zip(ref.named_buffers(), fast.buffers()):
+        _close(bf.double(), br.double(), 1e-10, name)

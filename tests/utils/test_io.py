@@ -61,3 +61,60 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "p.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+# --------------------------------------------------------------------------- failed writes
+import errno  # noqa: E402
+import os  # noqa: E402
+
+from xmodal.errors import DataError, WriteError  # noqa: E402
+
+
+def _disk_full(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_keeps_the_previous_file_and_names_it(tmp_path, monkeypatch):
+    target = tmp_path / "state.json"
+    write_json(target, {"step": 1})
+    monkeypatch.setattr(os, "fsync", _disk_full)
+    with pytest.raises(WriteError, match="state.json: could not be written \\(No space left on device\\); its previous") as info:
+        write_json(target, {"step": 2})
+    assert isinstance(info.value, OSError) and "free some space" in info.value.hint
+    monkeypatch.undo()
+    assert read_json(target) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left
+    write_json(target, {"step": 2})  # the same write after space is freed
+    assert read_json(target) == {"step": 2}
+
+
+def test_failing_library_write_inside_atomic_path_becomes_write_error(tmp_path):
+    target = tmp_path / "weights.bin"
+    with pytest.raises(WriteError, match="weights.bin: could not be written.*nothing was written"):
+        with atomic_path(target):
+            raise OSError(errno.EIO, "Input/output error")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_append_to_unwritable_log_is_a_write_error(tmp_path, monkeypatch):
+    log = tmp_path / "metrics.jsonl"
+    append_jsonl(log, {"step": 1})
+    real_open = open
+
+    def failing_open(path, mode="r", *a, **k):
+        if "a" in mode:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    with pytest.raises(WriteError, match="metrics.jsonl: could not be written \\(Permission denied\\)"):
+        append_jsonl(log, {"step": 2})
+    monkeypatch.undo()
+    assert read_jsonl(log) == [{"step": 1}]
+
+
+def test_bad_json_is_a_data_error_naming_the_file(tmp_path):
+    bad = tmp_path / "run.json"
+    bad.write_text("{not json")
+    with pytest.raises(DataError, match="run.json: not valid JSON"):
+        read_json(bad)

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from xmodal.data.geometry import face_centers
 from xmodal.data.types import Item, Mesh, MeshError, Source
 
 __all__ = [
@@ -245,7 +246,7 @@ class _Builder:
         lin = _rot_x(90.0) if rot is None else rot @ _rot_x(90.0)
         v = np.asarray(t.vertices, float) @ lin.T + np.asarray(center, float)
         f = np.asarray(t.faces, np.int64)
-        f = f[keep(v[f].mean(axis=1))]
+        f = f[keep(face_centers(v, f))]
         used, f = np.unique(f, return_inverse=True)
         self.add(part, v[used], f.reshape(-1, 3))
 
@@ -263,19 +264,20 @@ def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(rng.uniform(lo, hi))
 
 
-def _legs_rect(b: _Builder, part, w, d, inset, top_z, thick, rng, round_legs=None, splay=0.0, bottom_z=0.0):
-    """Four legs under a rectangle ``w x d`` centred at the origin; returns the foot positions."""
-    round_legs = rng.random() < 0.5 if round_legs is None else round_legs
+def _legs_rect(b: _Builder, part, w, d, inset, top_z, thick, rng, splay=0.0):
+    """Four legs from the floor (z = 0) up to ``top_z`` under a rectangle ``w x d`` centred at
+    the origin, round or square at random; returns the foot positions."""
+    round_legs = rng.random() < 0.5
     feet = []
     for sx in (-1, 1):
         for sy in (-1, 1):
             top = np.array([sx * (w / 2 - inset), sy * (d / 2 - inset), top_z])
-            foot = top + [sx * splay, sy * splay, bottom_z - top_z]
+            foot = top + [sx * splay, sy * splay, -top_z]
             feet.append(foot)
             if round_legs:
                 b.cylinder(part, foot, top, thick / 2, sections=12)
             else:
-                h = top_z - bottom_z
+                h = top_z
                 lin_shear = np.array([[1, 0, -sx * splay / h], [0, 1, -sy * splay / h], [0, 0, 1]])
                 b.box(part, (thick, thick, h), (top + foot) / 2, shear=lin_shear, subdiv=0)
     return feet
@@ -666,7 +668,7 @@ def make_shape(cls: str, seed: int) -> Mesh:
         v, f, lab = _subdivide_labelled(v, f, lab)
     if len(f) > _MAX_FACES:  # a bug in a family, not a user error
         raise RuntimeError(f"builtin {cls} (seed {seed}) has {len(f)} faces > {_MAX_FACES}")
-    return Mesh(vertices=np.ascontiguousarray(v, np.float64), faces=np.ascontiguousarray(f, np.int64), face_labels=lab)
+    return Mesh(v, f, lab, source=f"builtin:shapes {cls} seed {seed}")
 
 
 # --------------------------------------------------------------------------- source

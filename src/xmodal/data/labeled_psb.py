@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from xmodal.data.mesh_io import read_mesh_arrays, validate_mesh
+from xmodal.data.mesh_io import read_mesh_arrays
 from xmodal.data.sources import SPLIT_DIRS, _check_ratio, _class_key, stratified_holdout
 from xmodal.data.types import Item, Mesh, Source
 from xmodal.errors import DataError, LabelsError
@@ -288,7 +288,7 @@ class LabeledPSBSource(Source):
         if unknown:
             raise LabelsError(lab_path, f"parts {unknown} are not in the part table of '{item.label}'")
         ids = np.array([self._part_id[f"{item.label}/{n}"] for n in names], dtype=np.int64)
-        return validate_mesh(vertices, faces, path=item.path, face_labels=ids[local])
+        return Mesh(vertices, faces, ids[local], source=item.path)  # validates; degenerate faces leave with their labels
 
     def describe(self) -> dict:
         return {**super().describe(), "root": str(self.root), "layout": self.layout,

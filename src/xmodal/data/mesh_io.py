@@ -5,10 +5,9 @@
 * OBJ, PLY, STL, GLB and GLTF files are read with ``trimesh`` (scenes are concatenated
   into one mesh in world coordinates).
 
-Every mesh goes through :func:`validate_mesh`, so callers get either a usable
-:class:`~xmodal.data.types.Mesh` (≥1 face of non-zero area, finite coordinates,
-indices in range) or a :class:`~xmodal.data.types.MeshError` whose message names the
-file and the problem.
+:func:`load_mesh` builds a :class:`~xmodal.data.types.Mesh` (which validates itself), so
+callers get either a usable mesh (≥1 face of non-zero area, finite coordinates, indices in
+range) or a :class:`~xmodal.errors.MeshError` whose message names the file and the problem.
 """
 
 from __future__ import annotations
@@ -17,14 +16,13 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from xmodal.data.types import Mesh, MeshError
 from xmodal.utils.optional import require
 
-__all__ = ["MESH_EXTENSIONS", "read_off", "read_mesh_arrays", "load_mesh", "validate_mesh", "is_mesh_file"]
+__all__ = ["MESH_EXTENSIONS", "read_off", "read_mesh_arrays", "load_mesh", "is_mesh_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +230,7 @@ def read_mesh_arrays(path: "str | os.PathLike") -> tuple[np.ndarray, np.ndarray]
 
 
 def load_mesh(path: "str | os.PathLike") -> Mesh:
-    """Load and validate a triangle mesh (:func:`read_mesh_arrays`, then :func:`validate_mesh`).
+    """Load and validate a triangle mesh (:func:`read_mesh_arrays`, then the :class:`Mesh` constructor).
 
     Returns:
         :class:`Mesh` with ``vertices`` (V, 3) float64 and ``faces`` (F, 3) int64,
@@ -243,7 +241,7 @@ def load_mesh(path: "str | os.PathLike") -> Mesh:
             NaN/inf coordinates, face index out of range, zero total surface area.
     """
     vertices, faces = read_mesh_arrays(path)
-    return validate_mesh(vertices, faces, path=Path(path))
+    return Mesh(vertices, faces, source=Path(path))
 
 
 def _load_with_trimesh(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -260,71 +258,3 @@ def _load_with_trimesh(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if vertices is None or faces is None:
         raise MeshError(path, f"no faces: file holds a {type(loaded).__name__}, not a triangle mesh")
     return np.asarray(vertices, dtype=np.float64), np.asarray(faces, dtype=np.int64).reshape(-1, 3)
-
-
-def validate_mesh(
-    vertices: np.ndarray,
-    faces: np.ndarray,
-    *,
-    path: "str | os.PathLike" = "<mesh>",
-    face_labels: Optional[np.ndarray] = None,
-    rel_area_tol: float = 1e-12,
-) -> Mesh:
-    """Check a mesh and drop its degenerate faces.
-
-    A face is degenerate when it repeats a vertex or its area is at most
-    ``rel_area_tol * extent**2`` (``extent`` = largest side of the bounding box), i.e.
-    below floating-point noise at the mesh's own scale – units vary wildly between files.
-
-    Args:
-        vertices: (V, 3) coordinates.
-        faces: (F, 3) vertex indices.
-        path: named in error messages.
-        face_labels: optional (F,) labels, filtered along with the faces.
-
-    Returns:
-        :class:`Mesh` (float64 vertices, int64 faces, int64 labels or None).
-
-    Raises:
-        MeshError: no faces, no vertices, non-finite coordinates, index out of range,
-            zero total surface area.
-    """
-    v = np.ascontiguousarray(vertices, dtype=np.float64)
-    f = np.ascontiguousarray(faces, dtype=np.int64)
-    if v.ndim != 2 or v.shape[1] != 3:
-        raise MeshError(path, f"vertices must have shape (V, 3), got {v.shape}")
-    if f.ndim != 2 or f.shape[1] != 3:
-        raise MeshError(path, f"faces must have shape (F, 3), got {f.shape}")
-    if len(f) == 0:
-        raise MeshError(path, "no faces")
-    if len(v) == 0:
-        raise MeshError(path, "no vertices")
-    finite = np.isfinite(v).all(axis=1)
-    if not finite.all():
-        n_nan = int(np.isnan(v).any(axis=1).sum())
-        n_bad = int((~finite).sum())
-        raise MeshError(
-            path, f"non-finite vertex coordinates: {n_bad} vertices with NaN or inf ({n_nan} NaN)"
-        )
-    lo, hi = int(f.min()), int(f.max())
-    if lo < 0 or hi >= len(v):
-        bad = lo if lo < 0 else hi
-        raise MeshError(path, f"face index out of range: {bad} not in [0, {len(v)})")
-    labels = None
-    if face_labels is not None:
-        labels = np.asarray(face_labels, dtype=np.int64)
-        if labels.shape != (len(f),):
-            raise MeshError(path, f"face_labels must have shape ({len(f)},), got {labels.shape}")
-
-    tri = v[f]  # (F, 3, 3)
-    area2 = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-    extent = float((v.max(axis=0) - v.min(axis=0)).max())
-    repeated = (f[:, 0] == f[:, 1]) | (f[:, 1] == f[:, 2]) | (f[:, 0] == f[:, 2])
-    keep = ~repeated & (area2 > 2.0 * rel_area_tol * extent**2)
-    if not keep.any():
-        raise MeshError(path, f"zero total surface area: all {len(f)} faces are degenerate")
-    if not keep.all():
-        logger.debug("%s: dropped %d degenerate faces of %d", path, int((~keep).sum()), len(f))
-        f = f[keep]
-        labels = labels[keep] if labels is not None else None
-    return Mesh(vertices=v, faces=f, face_labels=labels)

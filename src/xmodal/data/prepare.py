@@ -36,6 +36,7 @@ from typing import Any, Optional
 import numpy as np
 
 from xmodal.config import save_config
+from xmodal.data.geometry import normalize_unit_sphere
 from xmodal.data.store import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -102,7 +103,7 @@ class _Context:
 def _process_object(ctx: _Context, item: Item) -> dict[str, np.ndarray]:
     """Load, sample and render one object. Raises on any problem with that object."""
     from xmodal.data.render import sample_view_angles
-    from xmodal.data.sampling import farthest_point_sampling, normalize_unit_sphere, sample_point_cloud
+    from xmodal.data.sampling import farthest_point_sampling, sample_point_cloud
 
     s = ctx.settings
     n_views, n_points = s["effective_views"], s["points"]

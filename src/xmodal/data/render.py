@@ -2,8 +2,9 @@
 
 Rendering set-up, following the paper ("Multi-view image generation"):
 
-* **Normalisation.** The object is translated to its centroid (:func:`mesh_centroid`,
-  the area-weighted mean of the face centres) and scaled uniformly so that its
+* **Normalisation.** The object is translated to its centroid
+  (:func:`xmodal.data.geometry.area_weighted_centroid`, the area-weighted mean of the face
+  centres) and scaled uniformly so that its
   farthest vertex lies at distance 1: it fills the unit sphere.
 * **Cameras.** ``V`` perspective cameras on a sphere of radius ``distance`` around the
   centroid, at (azimuth, polar) angles in degrees (:func:`sample_view_angles`; the paper
@@ -46,10 +47,17 @@ from typing import Optional
 
 import numpy as np
 
-from xmodal.data.types import Mesh
+from xmodal.data.geometry import (
+    area_weighted_centroid,
+    face_areas,
+    face_cross,
+    from_z_up,
+    normalize_unit_sphere,
+    up_axis_index,
+)
+from xmodal.data.types import Mesh, as_mesh
 
 __all__ = [
-    "mesh_centroid",
     "sample_view_angles",
     "camera_positions",
     "view_matrices",
@@ -59,8 +67,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_AXES = {"x": 0, "y": 1, "z": 2}
 
 # Phong coefficients: ambient, diffuse, specular, shininess.  ka + kd + ks = 1 keeps the
 # brightest highlight at exactly 255 (no saturated areas) and the darkest lit part at
@@ -72,49 +78,7 @@ _LIGHT_CAM = np.array([-0.45, 0.55, 0.70])
 _LUMA = (0.299, 0.587, 0.114)
 
 
-# --------------------------------------------------------------------------- geometry
-
-
-def _face_cross(vertices: np.ndarray, faces: np.ndarray):
-    """Per-face cross products ``(F, 3)`` (length = twice the area), their lengths
-    ``(F,)`` and the corner sums ``(F, 3)`` (3 x the face centre)."""
-    a, b, c = vertices[faces[:, 0]], vertices[faces[:, 1]], vertices[faces[:, 2]]
-    e1, e2 = b - a, c - a
-    # written out: about 3x faster than np.cross on (F, 3) arrays
-    fn = np.empty_like(e1)
-    fn[:, 0] = e1[:, 1] * e2[:, 2] - e1[:, 2] * e2[:, 1]
-    fn[:, 1] = e1[:, 2] * e2[:, 0] - e1[:, 0] * e2[:, 2]
-    fn[:, 2] = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
-    dbl = np.sqrt(np.einsum("ij,ij->i", fn, fn))
-    a += b
-    a += c
-    return fn, dbl, a
-
-
-def _centroid_from(dbl: np.ndarray, corner_sum: np.ndarray) -> np.ndarray:
-    total = dbl.sum()
-    if not np.isfinite(total) or total <= 0:
-        raise ValueError("mesh has zero (or non-finite) total surface area")
-    return (dbl @ corner_sum) / (3.0 * total)
-
-
-def mesh_centroid(vertices, faces) -> np.ndarray:
-    """Area-weighted mean of the face centres (the paper's object centroid).
-
-    Args:
-        vertices: ``(V, 3)`` coordinates.
-        faces: ``(F, 3)`` vertex indices.
-
-    Returns:
-        ``(3,)`` float64 centroid ``sum_f A_f c_f / sum_f A_f`` with ``c_f`` the mean of
-        face ``f``'s three vertices and ``A_f`` its area.
-
-    Raises:
-        ValueError: malformed arrays or zero total area.
-    """
-    vertices, faces = _check_mesh(vertices, faces)
-    _, dbl, corner_sum = _face_cross(vertices, faces)
-    return _centroid_from(dbl, corner_sum)
+# --------------------------------------------------------------------------- cameras
 
 
 def sample_view_angles(n_views: int, *, seed=None, azimuth=(10.0, 340.0), polar=(10.0, 165.0)) -> np.ndarray:
@@ -164,28 +128,11 @@ def _spherical_frame(angles: np.ndarray):
     return back, up, right
 
 
-def _to_world(vectors: np.ndarray, up_axis: str) -> np.ndarray:
-    """Map z-up frame coordinates to the world frame whose up axis is ``up_axis``.
-
-    A cyclic permutation of the axes (a proper rotation, no mirroring) taking the
-    frame's z to world ``up_axis``: for ``"y"``, world (x, y, z) = frame (y, z, x).
-    """
-    k = _AXES[up_axis]
-    # frame axis i goes to world axis (i + k + 1) % 3, so frame z (2) -> world k
-    perm = [(j - k - 1) % 3 for j in range(3)]  # world axis j takes frame axis perm[j]
-    return vectors[..., perm]
-
-
 def camera_positions(angles, distance: float = 2.5, up_axis: str = "z") -> np.ndarray:
     """Camera centres ``(V, 3)`` relative to the centroid for ``angles (V, 2)`` degrees."""
-    _check_up_axis(up_axis)
+    up_axis_index(up_axis)  # raises for anything but "x", "y", "z"
     back, _, _ = _spherical_frame(_check_angles(angles))
-    return _to_world(back * float(distance), up_axis)
-
-
-def _check_up_axis(up_axis: str) -> None:
-    if up_axis not in _AXES:
-        raise ValueError(f"up_axis must be one of 'x', 'y', 'z', got {up_axis!r}")
+    return from_z_up(back * float(distance), up_axis)
 
 
 def _fov_tan(distance: float, margin: float) -> float:
@@ -210,11 +157,11 @@ def view_matrices(
         (row-major, column vectors: ``clip = mvp @ [x, y, z, 1]``), ``eye (V, 3)`` camera
         centres and ``light (V, 3)`` unit direction towards light 1 (light 2 is its opposite).
     """
-    _check_up_axis(up_axis)
+    up_axis_index(up_axis)  # raises for anything but "x", "y", "z"
     if not distance > 1.0:
         raise ValueError(f"distance must be > 1 (the object fills the unit sphere), got {distance}")
     angles = _check_angles(angles)
-    back, up, right = (_to_world(a, up_axis) for a in _spherical_frame(angles))
+    back, up, right = (from_z_up(a, up_axis) for a in _spherical_frame(angles))
     eye = back * distance
     v = len(angles)
     view = np.zeros((v, 4, 4))
@@ -236,24 +183,10 @@ def view_matrices(
     return {"view": view, "proj": proj, "mvp": proj @ view, "eye": eye, "light": light}
 
 
-def _check_mesh(vertices, faces) -> tuple[np.ndarray, np.ndarray]:
-    vertices = np.asarray(vertices, dtype=np.float64)
-    faces = np.asarray(faces)
-    if vertices.ndim != 2 or vertices.shape[1] != 3 or len(vertices) == 0:
-        raise ValueError(f"vertices must have shape (V, 3) with V >= 1, got {vertices.shape}")
-    if faces.ndim != 2 or faces.shape[1] != 3 or len(faces) == 0:
-        raise ValueError(f"faces must have shape (F, 3) with F >= 1, got {faces.shape}")
-    if not np.issubdtype(faces.dtype, np.integer):
-        raise ValueError(f"faces must hold integer indices, got dtype {faces.dtype}")
-    if faces.min() < 0 or faces.max() >= len(vertices):
-        raise ValueError(f"face indices out of range [0, {len(vertices)})")
-    if not np.all(np.isfinite(vertices)):
-        raise ValueError("vertices contain NaN or infinite coordinates")
-    return vertices, faces.astype(np.int64, copy=False)
-
-
-def vertex_normals(vertices, faces) -> np.ndarray:
-    """Area-weighted vertex normals ``(V, 3)`` (unit length), robust to inconsistent winding.
+def vertex_normals(mesh: Mesh) -> np.ndarray:
+    """Area-weighted vertex normals ``(V, 3)`` (unit length) of ``mesh`` (a
+    :class:`~xmodal.data.types.Mesh` or a ``(vertices, faces)`` pair), robust to
+    inconsistent winding.
 
     Where the faces around a vertex are consistently wound this is the usual
     normalised sum of area-weighted face normals.  Where they are not (the summed
@@ -261,23 +194,25 @@ def vertex_normals(vertices, faces) -> np.ndarray:
     faces are wound at random) each face normal is first flipped to agree with the
     dominant direction of the faces around the vertex (the principal axis of the
     area-weighted normal tensor).  The sign of such normals is arbitrary, which is fine
-    for two-sided lighting.  Vertices on no face (or only zero-area faces) get ``(0, 0, 1)``.
+    for two-sided lighting.  Vertices on no face get ``(0, 0, 1)``.
     """
-    vertices, faces = _check_mesh(vertices, faces)
-    fn, dbl, _ = _face_cross(vertices, faces)
-    return _vertex_normals_from(faces, fn, dbl, len(vertices))[0]
+    mesh = as_mesh(mesh)
+    cross = face_cross(mesh.vertices, mesh.faces)
+    return _vertex_normals_from(mesh.faces, cross, face_areas(mesh.vertices, mesh.faces, cross=cross), len(mesh.vertices))[0]
 
 
-def _vertex_normals_from(faces: np.ndarray, fn: np.ndarray, dbl: np.ndarray, nv: int):
-    """Vertex normals ``(V, 3)`` and the per-vertex summed face weight ``(V,)``."""
+def _vertex_normals_from(faces: np.ndarray, fn: np.ndarray, areas: np.ndarray, nv: int):
+    """Vertex normals ``(V, 3)`` from the face cross products ``fn`` (F, 3) (length twice the
+    area) and the face ``areas`` (F,); and the area of the faces around each vertex ``(V,)``."""
     flat = faces.ravel()
     w = np.repeat(fn, 3, axis=0)  # one row per face corner, matching ``flat``
     acc = np.empty((nv, 3))
     for c in range(3):
         acc[:, c] = np.bincount(flat, weights=w[:, c], minlength=nv)
-    total = np.bincount(flat, weights=np.repeat(dbl, 3), minlength=nv)
+    total = np.bincount(flat, weights=np.repeat(areas, 3), minlength=nv)
     length = np.sqrt(np.einsum("ij,ij->i", acc, acc))
-    bad = (length < 0.5 * total) & (total > 0)
+    # |sum of cross products| < half their summed length (= the summed area)
+    bad = (length < total) & (total > 0)
     if bad.any():
         # sign-align the face normals around inconsistently wound vertices
         corner = bad[flat]
@@ -422,7 +357,7 @@ class Renderer:
     ):
         from xmodal.utils.optional import require
 
-        _check_up_axis(up_axis)
+        up_axis_index(up_axis)  # raises for anything but "x", "y", "z"
         if int(image_size) < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if not distance > 1.0:
@@ -474,8 +409,9 @@ class Renderer:
         """Render a mesh from the given camera angles.
 
         Args:
-            mesh: a :class:`~xmodal.data.types.Mesh` (or anything with ``vertices`` and
-                ``faces``, or a ``(vertices, faces)`` tuple), in any position and scale.
+            mesh: a :class:`~xmodal.data.types.Mesh` (or a ``(vertices, faces)`` pair, or
+                anything with ``vertices`` and ``faces``, validated into one), in any
+                position and scale.
             angles: ``(V, 2)`` ``[azimuth, polar]`` degrees, e.g. from :func:`sample_view_angles`.
             out: optional preallocated ``uint8`` output of the returned shape.
 
@@ -483,19 +419,20 @@ class Renderer:
             ``uint8 (V, S, S)`` (grayscale) or ``(V, S, S, 3)``.
 
         Raises:
-            ValueError: malformed or degenerate (zero-area) meshes, bad angles.
+            ValueError: bad angles. MeshError (a ValueError): arrays that are not a valid mesh.
         """
-        vertices, faces = _check_mesh(*_mesh_arrays(mesh))
-        fn, dbl, corner_sum = _face_cross(vertices, faces)
-        center = _centroid_from(dbl, corner_sum)
-        normals, weight = _vertex_normals_from(faces, fn, dbl, len(vertices))
+        mesh = as_mesh(mesh)
+        vertices, faces = mesh.vertices, mesh.faces
+        fn = face_cross(vertices, faces)
+        areas = face_areas(vertices, faces, cross=fn)
+        center = area_weighted_centroid(vertices, faces, areas=areas)
+        normals, weight = _vertex_normals_from(faces, fn, areas, len(vertices))
         data = np.empty((len(vertices), 6), dtype=np.float32)
         v = vertices - center
         r2 = np.einsum("ij,ij->i", v, v)
-        # farthest vertex of the surface (vertices only on zero-area faces draw nothing)
+        # farthest vertex of the surface (> 0: a Mesh has a face of non-zero area); vertices
+        # on no face draw nothing
         radius = float(np.sqrt(r2[weight > 0].max()))
-        if not radius > 0:
-            raise ValueError("mesh is degenerate: all vertices at the centroid")
         v /= radius
         data[:, :3], data[:, 3:] = v, normals
         index = faces.astype(np.uint32)
@@ -523,11 +460,7 @@ class Renderer:
         points = np.asarray(points, dtype=np.float64)
         if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
             raise ValueError(f"points must have shape (N, 3) with N >= 1, got {points.shape}")
-        if not np.all(np.isfinite(points)):
-            raise ValueError("points contain NaN or infinite coordinates")
-        p = points - points.mean(axis=0)
-        radius = float(np.sqrt((p * p).sum(1)).max())
-        p /= radius if radius > 0 else 1.0
+        p, _, _ = normalize_unit_sphere(points, strict=False)  # a single location stays a dot
         spacing = None
         if normals is None or point_size is None:
             est, spacing = estimate_normals(p)
@@ -622,11 +555,3 @@ class Renderer:
                     obj.release()
             ctx.disable(mgl.PROGRAM_POINT_SIZE)
         return images
-
-
-def _mesh_arrays(mesh) -> tuple[np.ndarray, np.ndarray]:
-    if isinstance(mesh, tuple) and len(mesh) == 2:
-        return mesh
-    if isinstance(mesh, Mesh) or (hasattr(mesh, "vertices") and hasattr(mesh, "faces")):
-        return mesh.vertices, mesh.faces
-    raise TypeError(f"expected a Mesh or (vertices, faces), got {type(mesh).__name__}")

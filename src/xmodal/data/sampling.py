@@ -1,12 +1,15 @@
-"""Point sampling on mesh surfaces: area-weighted surface samples, exact farthest
-point sampling (FPS) and unit-sphere normalisation (paper §3.1, "Point cloud sampling").
+"""Point sampling on mesh surfaces: area-weighted surface samples and exact farthest point
+sampling (FPS) (paper §3.1, "Point cloud sampling").
 
 The point cloud of an object is made as in PointNet++: draw ``oversample * N``
 points uniformly on the surface (area-weighted), pick ``N`` of them by greedy
 farthest point sampling from a random start, and normalise the result into the unit
-sphere (centre = mean, farthest point at distance 1).
+sphere (centre = mean, farthest point at distance 1;
+:func:`xmodal.data.geometry.normalize_unit_sphere`).
 
-All functions are numpy-level and deterministic given ``seed``.
+The mesh functions take a :class:`~xmodal.data.types.Mesh` (valid by construction; a
+``(vertices, faces)`` pair is turned into one). All functions are numpy-level and
+deterministic given ``seed``.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ from typing import Optional
 
 import numpy as np
 
-from xmodal.data.types import Mesh, PointCloud
+from xmodal.data.geometry import face_areas, normalize_unit_sphere
+from xmodal.data.types import Mesh, PointCloud, as_mesh
 
 __all__ = [
     "sample_surface",
     "farthest_point_sampling",
     "farthest_point_sampling_reference",
-    "normalize_unit_sphere",
     "sample_mesh_points",
     "sample_point_cloud",
 ]
@@ -30,53 +33,33 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _face_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Triangle areas ``(F,)`` of ``vertices (V,3)``, ``faces (F,3)``."""
-    tri = vertices[faces]
-    return 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-
-
-def _check_mesh_arrays(vertices, faces) -> tuple[np.ndarray, np.ndarray]:
-    vertices = np.asarray(vertices, dtype=np.float64)
-    faces = np.asarray(faces)
-    if vertices.ndim != 2 or vertices.shape[1] != 3:
-        raise ValueError(f"vertices must have shape (V, 3), got {vertices.shape}")
-    if faces.ndim != 2 or faces.shape[1] != 3 or faces.shape[0] == 0:
-        raise ValueError(f"faces must have shape (F, 3) with F >= 1, got {faces.shape}")
-    if not np.issubdtype(faces.dtype, np.integer):
-        raise ValueError(f"faces must be integer indices, got dtype {faces.dtype}")
-    if faces.min() < 0 or faces.max() >= len(vertices):
-        raise ValueError(f"face indices out of range [0, {len(vertices)})")
-    return vertices, faces.astype(np.int64, copy=False)
-
-
-def sample_surface(vertices, faces, n: int, *, seed=None) -> tuple[np.ndarray, np.ndarray]:
+def sample_surface(mesh: Mesh, n: int, *, seed=None) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``n`` points uniformly (area-weighted) on a triangle mesh surface.
 
     Args:
-        vertices: ``(V, 3)`` vertex coordinates.
-        faces: ``(F, 3)`` integer vertex indices.
+        mesh: a :class:`~xmodal.data.types.Mesh` (or a ``(vertices, faces)`` pair, validated
+            into one), ``vertices`` (V, 3), ``faces`` (F, 3).
         n: number of points.
         seed: anything :func:`numpy.random.default_rng` accepts.
 
     Returns:
-        ``points (n, 3)`` float64 and ``face_index (n,)`` int64, the face each point lies on.
+        ``points (n, 3)`` float64 and ``face_index (n,)`` int64, the face of ``mesh.faces``
+        each point lies on.
 
     Raises:
-        ValueError: malformed arrays or a surface of zero total area.
+        ValueError: ``n < 0``. MeshError (a ValueError): a pair that is not a valid mesh.
     """
-    # Plain numpy rather than trimesh.sample: it avoids building a Trimesh (which
-    # processes/merges vertices) and keeps the random stream under our ``seed``.
-    vertices, faces = _check_mesh_arrays(vertices, faces)
+    # Plain numpy rather than trimesh.sample.sample_surface: that one draws its random
+    # numbers in another order (so the points of every prepared dataset would change for
+    # the same seed) and needs a Trimesh built first.
+    mesh = as_mesh(mesh)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    areas = _face_areas(vertices, faces)
-    cum = np.cumsum(areas)
-    total = cum[-1]
-    if not np.isfinite(total) or total <= 0:
-        raise ValueError("mesh surface has zero (or non-finite) total area")
+    vertices, faces = mesh.vertices, mesh.faces
+    cum = np.cumsum(face_areas(vertices, faces))
+    total = cum[-1]  # > 0: a Mesh has no degenerate face
     rng = np.random.default_rng(seed)
-    # inverse-CDF face choice; side="right" never selects a zero-area face
+    # inverse-CDF face choice: face i takes the draws in [cum[i - 1], cum[i])
     face_index = np.searchsorted(cum, rng.random(n) * total, side="right")
     np.minimum(face_index, len(faces) - 1, out=face_index)
     u, v = rng.random((2, n))
@@ -208,44 +191,14 @@ def farthest_point_sampling_reference(points, n: int, start_idx: int = 0) -> np.
     return out
 
 
-def normalize_unit_sphere(points) -> tuple[np.ndarray, np.ndarray, float]:
-    """Centre points on their mean and scale so the farthest point has norm 1.
-
-    Args:
-        points: ``(N, 3)`` (any ``D``) coordinates.
-
-    Returns:
-        ``(normalised (N, D), center (D,), scale)`` with ``normalised = (points - center) / scale``;
-        floating inputs keep their dtype, integer inputs become float64.
-
-    Raises:
-        ValueError: empty input, non-finite values or all points at one location.
-    """
-    points = np.asarray(points)
-    if points.ndim != 2 or len(points) == 0:
-        raise ValueError(f"points must have shape (N, D) with N >= 1, got {points.shape}")
-    if not np.all(np.isfinite(points)):
-        raise ValueError("points contain NaN or infinite coordinates")
-    out_dtype = points.dtype if np.issubdtype(points.dtype, np.floating) else np.float64
-    p = points.astype(np.float64)
-    center = p.mean(axis=0)
-    p -= center
-    scale = float(np.sqrt((p * p).sum(axis=1).max()))
-    if scale <= 0:
-        raise ValueError("cannot normalise: all points coincide")
-    p /= scale
-    return p.astype(out_dtype, copy=False), center, scale
-
-
-def sample_mesh_points(vertices, faces, n_points: int, *, oversample: int = 8, seed=None) -> tuple[np.ndarray, np.ndarray]:
+def sample_mesh_points(mesh: Mesh, n_points: int, *, oversample: int = 8, seed=None) -> tuple[np.ndarray, np.ndarray]:
     """Surface samples -> FPS, in the mesh's own coordinates (not normalised).
 
     Draws ``oversample * n_points`` area-weighted surface samples and picks ``n_points``
     of them by farthest point sampling from a random start (``oversample == 1`` skips FPS).
 
     Args:
-        vertices: ``(V, 3)`` coordinates.
-        faces: ``(F, 3)`` vertex indices.
+        mesh: a :class:`~xmodal.data.types.Mesh` (or a ``(vertices, faces)`` pair).
         n_points: N, points to return.
         oversample: candidates per output point (``>= 1``).
         seed: seed of the surface sampling and the FPS start.
@@ -262,7 +215,7 @@ def sample_mesh_points(vertices, faces, n_points: int, *, oversample: int = 8, s
     else:
         ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
         seed_surface, seed_fps = ss.spawn(2)
-    pts, face_index = sample_surface(vertices, faces, int(n_points) * int(oversample), seed=seed_surface)
+    pts, face_index = sample_surface(mesh, int(n_points) * int(oversample), seed=seed_surface)
     if oversample > 1:
         idx = farthest_point_sampling(pts, n_points, seed=seed_fps)
         pts, face_index = pts[idx], face_index[idx]
@@ -276,7 +229,8 @@ def sample_point_cloud(mesh: Mesh, n_points: int = 2048, *, oversample: int = 8,
     faces the points lie on.
 
     Args:
-        mesh: a :class:`~xmodal.data.types.Mesh` (``face_labels`` optional).
+        mesh: a :class:`~xmodal.data.types.Mesh` (``face_labels`` optional; or a
+            ``(vertices, faces)`` pair).
         n_points: N, points in the cloud.
         oversample: candidates per output point (``>= 1``; 1 skips FPS).
         seed: seed of the surface sampling and the FPS start.
@@ -285,12 +239,8 @@ def sample_point_cloud(mesh: Mesh, n_points: int = 2048, *, oversample: int = 8,
         :class:`~xmodal.data.types.PointCloud` with ``points (N, 3)`` float32 (max norm 1)
         and ``point_labels (N,)`` int64 when the mesh has ``face_labels``.
     """
-    pts, face_index = sample_mesh_points(mesh.vertices, mesh.faces, n_points, oversample=oversample, seed=seed)
+    mesh = as_mesh(mesh)
+    pts, face_index = sample_mesh_points(mesh, n_points, oversample=oversample, seed=seed)
     pts, _, _ = normalize_unit_sphere(pts)
-    labels = None
-    if mesh.face_labels is not None:
-        face_labels = np.asarray(mesh.face_labels)
-        if face_labels.shape != (len(mesh.faces),):
-            raise ValueError(f"face_labels must have shape ({len(mesh.faces)},), got {face_labels.shape}")
-        labels = face_labels[face_index].astype(np.int64)
+    labels = None if mesh.face_labels is None else mesh.face_labels[face_index]
     return PointCloud(points=pts.astype(np.float32), point_labels=labels)

@@ -38,8 +38,10 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from xmodal.data.labeled_psb import LabeledPSBSource, is_labeled_mesh_folder
-from xmodal.data.sampling import normalize_unit_sphere, sample_mesh_points
+from xmodal.data.geometry import face_areas, face_centers, normalize_unit_sphere
+from xmodal.data.sampling import sample_mesh_points
 from xmodal.data.sources import open_source
+from xmodal.data.types import Mesh
 from xmodal.errors import PartSegError
 
 __all__ = [
@@ -51,7 +53,6 @@ __all__ = [
     "PartSegData",
     "standard_category_parts",
     "resample_points",
-    "normalize_batch",
     "stratified_subset",
     "load_shapenetpart_txt",
     "load_shapenetpart_h5",
@@ -249,14 +250,10 @@ def resample_points(n_have: int, n_want: int, *, rng: np.random.Generator) -> np
     return rng.choice(n_have, size=n_want, replace=n_have < n_want).astype(np.int64)
 
 
-def normalize_batch(points: np.ndarray) -> np.ndarray:
-    """Centre each cloud of ``points`` (n, N, 3) on its mean and scale it into the unit sphere
-    (max norm 1). Returns float32 (n, N, 3)."""
-    pts = np.asarray(points, dtype=np.float64)
-    pts = pts - pts.mean(axis=1, keepdims=True)
-    scale = np.linalg.norm(pts, axis=2).max(axis=1)
-    scale[scale <= 0] = 1.0
-    return (pts / scale[:, None, None]).astype(np.float32)
+def _unit_clouds(points: np.ndarray) -> np.ndarray:
+    """float32 ``points`` (n, N, 3), each cloud centred on its mean with max norm 1 (a cloud of
+    one repeated point is only centred)."""
+    return normalize_unit_sphere(points, strict=False)[0].astype(np.float32, copy=False)
 
 
 def stratified_subset(category: np.ndarray, fraction: float, *, seed: int = 0) -> np.ndarray:
@@ -443,7 +440,7 @@ def load_shapenetpart_txt(
             if not path.is_file():
                 raise PartSegError(f"{path}: listed in {list_file.name} but missing")
             xyz, lab = _read_shape_txt(path)
-            xyz = normalize_batch(xyz[None])[0]
+            xyz = _unit_clouds(xyz[None])[0]
             idx = resample_points(xyz.shape[0], num_points, rng=rng)
             pts[i], seg[i] = xyz[idx], lab[idx]
             cat[i] = synset_to_cat[synset]
@@ -550,7 +547,7 @@ def load_shapenetpart_h5(
     out = {}
     for split, (pts, seg, cat, ids) in raw.items():
         sel = np.flatnonzero(remap[cat] >= 0)
-        sp = PartSegSplit(normalize_batch(pts[sel]) if sel.size else pts[sel], seg[sel], remap[cat[sel]], [ids[i] for i in sel])
+        sp = PartSegSplit(_unit_clouds(pts[sel]) if sel.size else pts[sel], seg[sel], remap[cat[sel]], [ids[i] for i in sel])
         if num_points is not None:
             sp = sp.resampled(num_points, seed=int(rng.integers(2**31)))
         out[split] = sp
@@ -597,7 +594,7 @@ def from_store(store: Any, *, num_points: Optional[int] = None, seed: int = 0, s
             if lab is None:
                 raise PartSegError(f"{where}: split '{split}' has no point_labels (prepare it from a part-labelled source)")
             seg[i] = lab
-        sp = PartSegSplit(normalize_batch(pts), seg, np.asarray(view.labels), list(view.ids))
+        sp = PartSegSplit(_unit_clouds(pts), seg, np.asarray(view.labels), list(view.ids))
         if num_points is not None:
             sp = sp.resampled(num_points, seed=int(rng.integers(2**31)))
         out[split] = sp
@@ -621,7 +618,7 @@ def _category_parts_from_names(classes, part_names, splits, *, where: str) -> li
     return parts
 
 
-def sample_labelled_mesh(mesh: Any, num_points: int, *, seed=None) -> tuple[np.ndarray, np.ndarray, ShapeFaces]:
+def sample_labelled_mesh(mesh: Mesh, num_points: int, *, seed=None) -> tuple[np.ndarray, np.ndarray, ShapeFaces]:
     """Points of a part-labelled mesh, as :func:`xmodal.data.sampling.sample_point_cloud` makes
     them (area-weighted samples -> FPS -> unit sphere), with the mesh's faces in the same frame.
 
@@ -634,12 +631,15 @@ def sample_labelled_mesh(mesh: Any, num_points: int, *, seed=None) -> tuple[np.n
         ``points`` (N, 3) float32, ``seg`` (N,) int64 (the label of the face each point lies
         on) and the mesh's :class:`ShapeFaces`.
     """
-    raw, face_index = sample_mesh_points(mesh.vertices, mesh.faces, num_points, seed=seed)
+    raw, face_index = sample_mesh_points(mesh, num_points, seed=seed)
     points, center, scale = normalize_unit_sphere(raw)
-    labels = np.asarray(mesh.face_labels, dtype=np.int64)
-    tri = (np.asarray(mesh.vertices, np.float64)[mesh.faces] - center) / scale  # (F, 3, 3)
-    areas = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-    faces = ShapeFaces(centroids=tri.mean(axis=1).astype(np.float32), areas=areas, labels=labels)
+    labels = mesh.face_labels
+    vertices = (mesh.vertices - center) / scale  # the similarity that made the points
+    faces = ShapeFaces(
+        centroids=face_centers(vertices, mesh.faces).astype(np.float32),
+        areas=face_areas(vertices, mesh.faces),
+        labels=labels,
+    )
     return points.astype(np.float32), labels[face_index], faces
 
 

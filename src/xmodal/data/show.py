@@ -16,12 +16,11 @@ from typing import Optional, Union
 
 import numpy as np
 
+from xmodal.data.geometry import to_z_up
 from xmodal.data.store import ShapeStore, open_dataset
 from xmodal.utils.io import atomic_path
 
 __all__ = ["show", "find_object"]
-
-_AXES = {"x": (1, 2, 0), "y": (0, 2, 1), "z": (0, 1, 2)}  # columns plotted as (x, y, vertical)
 
 
 def find_object(store: ShapeStore, object_id: Union[str, int], split: Optional[str] = None) -> tuple[str, int]:
@@ -130,8 +129,7 @@ def _draw(oid, cls, split, index, images, cams, pts, plab, part_names, up_axis):
         cloud_spec = fig.add_gridspec(1, 1)[0]
 
     ax = fig.add_subplot(cloud_spec, projection="3d")
-    order = _AXES.get(up_axis, _AXES["z"])
-    p = pts[:, order]
+    p = to_z_up(pts, up_axis)  # plotted as (x, y, vertical): a rotation, so not mirrored
     if plab is not None:
         parts = np.unique(plab)
         cmap = _cmap("tab20")

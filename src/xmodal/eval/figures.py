@@ -19,7 +19,7 @@ from xmodal.utils.io import atomic_path, read_jsonl
 
 __all__ = [
     "top_classes", "tsne_embed", "tsne_figure", "smooth", "training_curves_figure", "CURVE_KEYS", "TSNE_VIEWS",
-    "tsne_task",
+    "validation_curve_figure", "VALIDATION_PANELS", "tsne_task",
 ]
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,50 @@ def training_curves_figure(
         ax.grid(alpha=0.3)
         if k != "cm_acc" and np.isfinite(vals).all() and (vals > 0).all() and vals.max() / vals.min() > 100:
             ax.set_yscale("log")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+#: the validation metrics drawn by :func:`validation_curve_figure`, in panel order
+VALIDATION_PANELS = (
+    ("linear SVM accuracy (cross-validated)", ("val.svm3d", "val.svm2d")),
+    ("retrieval top-1", ("val.retrieval3d.top1", "val.retrieval2d.top1")),
+    ("retrieval mAP", ("val.retrieval3d.map", "val.retrieval2d.map")),
+)
+
+
+def validation_curve_figure(metrics_jsonl: str | os.PathLike, path: str | os.PathLike) -> Optional[Path]:
+    """The learning curve of a run pre-trained with ``val.every`` > 0, as one PNG.
+
+    Top row: each validation metric (points: solid, images: dashed) against the training step;
+    bottom row: the same against training minutes (the records' ``time``, validation excluded).
+    The value at step 0 is the random initialisation, drawn as a dotted horizontal line.
+    Returns None (and logs) when the log has no validation record.
+    """
+    metrics_jsonl = Path(metrics_jsonl)
+    records = sorted((r for r in read_jsonl(metrics_jsonl) if any(k.startswith("val.") for k in r)),
+                     key=lambda r: r["step"])
+    if not records:
+        log.info("%s: no validation records (pre-train with val.every > 0 for a learning curve)", metrics_jsonl)
+        return None
+    fig = _figure(4.0 * len(VALIDATION_PANELS), 6.0)
+    for col, (title, keys) in enumerate(VALIDATION_PANELS):
+        for row, (xkey, xlabel, scale) in enumerate((("step", "step", 1.0), ("time", "training minutes", 60.0))):
+            ax = fig.add_subplot(2, len(VALIDATION_PANELS), row * len(VALIDATION_PANELS) + col + 1)
+            for key, style, label in zip(keys, ("-", "--"), ("points (Fp)", "images (Fimg)")):
+                rs = [r for r in records if isinstance(r.get(key), (int, float))]
+                if not rs:
+                    continue
+                x = np.asarray([r.get(xkey, 0.0) for r in rs], dtype=np.float64) / scale
+                y = np.asarray([r[key] for r in rs], dtype=np.float64)
+                line = ax.plot(x, y, style, marker="o", markersize=3, label=label)[0]
+                if rs[0]["step"] == 0:
+                    ax.axhline(y[0], color=line.get_color(), linestyle=":", linewidth=0.8)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=8, title="dotted: random init", title_fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -32,12 +32,11 @@ class PairClassifier(nn.Module):
     * ``"layer"`` – ``LayerNorm(elementwise_affine=False)``: per-sample standardisation.
 
     Why an option at all: the encoders end in ReLU / max pooling, so their features are
-    non-negative with norms of 20-50 at initialisation (ResNet18 average pool, DGCNN global max).
-    On such inputs every unit of ``fc1`` sees the same large positive offset; with SGD at the
-    pre-training learning rates most of them are pushed below zero for every input within the
-    first steps and never recover (measured: 5% of the 256 units ever active after a CPU-preset
-    run), Ff then predicts the label prior (2/3 "same") and Fp receives no useful gradient.
-    Standardising the inputs removes the shared offset and scale (see ``configs/pretrain``).
+    non-negative with large norms at initialisation. On such inputs every unit of ``fc1`` sees the
+    same large positive offset, and SGD can push most units below zero for every input, after
+    which Ff predicts the label prior and Fp (which learns only through Ff) gets no gradient.
+    Standardising the inputs removes the shared offset and scale (measurements:
+    ``docs/EXPERIMENTS.md``).
     """
 
     def __init__(self, img_dim: int = 512, pts_dim: int = 512, hidden: int = 256, input_norm: str = "none") -> None:

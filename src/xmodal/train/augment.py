@@ -32,8 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xmodal.data.geometry import up_axis_index
+
 __all__ = [
-    "AXES",
     "as_rng",
     "resize_images",
     "sample_crop_params",
@@ -46,8 +47,6 @@ __all__ = [
     "augment_points",
     "random_rotate_jitter",
 ]
-
-AXES = {"x": 0, "y": 1, "z": 2}
 
 
 def as_rng(seed) -> np.random.Generator:
@@ -188,15 +187,9 @@ def sample_point_params(
     return angles.astype(np.float32), noise
 
 
-def _axis_index(up_axis: str) -> int:
-    if up_axis not in AXES:
-        raise ValueError(f"up_axis must be one of 'x', 'y', 'z', got {up_axis!r}")
-    return AXES[up_axis]
-
-
 def rotation_matrices(angles, up_axis: str = "z") -> torch.Tensor:
     """Right-handed rotations by ``angles`` (n,) radians about ``up_axis``: (n, 3, 3) float32."""
-    u = _axis_index(up_axis)
+    u = up_axis_index(up_axis)
     a_, b_ = (u + 1) % 3, (u + 2) % 3  # the plane (a, b) rotated counter-clockwise seen from +up
     t = torch.as_tensor(np.asarray(angles) if not isinstance(angles, torch.Tensor) else angles)
     t = t.to(torch.float64)

@@ -1,9 +1,10 @@
 """Settings of self-supervised pre-training (:class:`PretrainConfig`).
 
 The schema is a tree of dataclasses resolved by :mod:`xmodal.config`:
-dataclass defaults <- a preset (``configs/pretrain/{paper,cpu,smoke}.yaml``) <-
-``key=value`` overrides (``optim.lr=0.01``). The defaults are the paper's §4.1
-schedule; the presets document why they differ.
+dataclass defaults <- a preset (``configs/pretrain/*.yaml``: ``paper``, ``paper-stable``,
+``cpu``, ``cpu-long``, ``demo``, ``smoke``) <- ``key=value`` overrides (``optim.lr=0.01``). The
+defaults are the paper's §4.1 settings with every option beyond the paper off; the presets say
+why they differ.
 
 Choices the paper leaves open
 -----------------------------
@@ -17,27 +18,6 @@ Choices the paper leaves open
   cross-entropy starts at 3·ln 2 ≈ 2.1 and the triplet term at ≈ α = 1, so
   β = 1 keeps both terms of the same order; the paper gives no reason to favour
   either.
-* ``model.pair_input_norm`` = "batch": Ff standardises each of its two inputs per channel
-  (``BatchNorm1d`` without affine parameters) before the concatenation; the paper says only
-  "two-layer fully connected". Without it, the non-negative, large-norm encoder features
-  (norms 20-50) kill Ff's hidden ReLUs within the first steps, Ff predicts the label prior
-  (2/3 "same"; cross loss stuck at 3 H(2/3) = 1.91) and Fp, which learns only through Ff,
-  gets no useful gradient. Measured on ModelNet40 (cpu preset, 300 steps): cross loss
-  1.49 and pair accuracy 0.78 at step 300 with it, 1.91 / 0.67 without (and still at
-  the prior after 1,800 steps). ``model.pair_input_norm=none`` gives the literal Ff.
-* ``model.freeze_point_bn`` = false (the paper trains Fp with ordinary BatchNorm); the ``cpu``
-  preset sets it true. A DGCNN at random initialisation is a strong feature extractor on
-  aligned clouds *because* its BatchNorm layers hold their initial statistics (they are the
-  identity): the same random DGCNN with statistics measured on the data scores ~7 points
-  lower in a linear SVM (ModelNet40 subset: 81.8 % vs 74.4 %). Pre-training with ordinary
-  BatchNorm starts from that weaker regime and, in a short schedule, climbs back only to about
-  the random-init level (81.1 % after 300 steps, 80.7 % after 1,800). With the statistics kept
-  at their initial values, the same 300 steps give 83.8 %. Each BatchNorm's scale and shift
-  still learn; evaluation (eval mode) uses the same statistics as training, so the encoder
-  behaves identically in both modes. Fimg and Ff keep ordinary BatchNorm. Full ``cpu`` preset
-  on ModelNet40: 86.4 % vs 86.0 % random init (ordinary BatchNorm, 1,800 steps: 83.8 %). Not a
-  universal win: on the built-in shapes of ``xmodal demo`` (240 steps) freezing gave 3D SVM
-  97.3 % (= random init) against 99.1 % with ordinary BatchNorm, so the ``demo`` preset keeps it off.
 * Image crops: ``aug.crop_scale`` = (0.5, 1.0) of the image area with aspect
   ratio in (3/4, 4/3), then resized back to ``data.image_size``. The renders are
   object-centred, so crops much smaller than half the image would mostly cut
@@ -49,6 +29,21 @@ Choices the paper leaves open
   (``data.point_subsample: random``; ``fps`` takes a fixed farthest-point subset
   per object instead), images are resized with antialiased bilinear
   ``torch.nn.functional.interpolate``. Fewer stored points than asked is an error.
+
+Options beyond the paper (each off in ``paper``; the measurements behind them are in
+``docs/EXPERIMENTS.md``)
+--------------------------------------------------------------------------------------
+* ``model.pair_input_norm`` ("none" = the paper): "batch" standardises each of Ff's two input
+  features per channel (``BatchNorm1d`` without parameters) before the concatenation. The
+  encoders' features are non-negative with large norms, which can kill Ff's hidden ReLUs in the
+  first steps; Fp, which learns only through Ff, then gets no gradient.
+* ``model.freeze_point_bn`` (false = the paper): Fp's BatchNorm layers keep their initial
+  statistics (mean 0, variance 1) and learn only their scale and shift; the encoder then behaves
+  identically in training and evaluation.
+* ``loss.cross_pairs`` ("sample" = the paper): Ff trained on every (image, cloud) pair of the
+  batch instead of the three pairs of each sample.
+* ``val.*`` (off): a learning curve on held-out training objects (:class:`ValConfig`).
+* ``amp`` ("off" = the paper's float32): mixed precision.
 """
 
 from __future__ import annotations
@@ -100,9 +95,9 @@ class ModelConfig:
     k: int = 20
     #: hidden width of the pair classifier Ff (paper: 256)
     pair_hidden: int = 256
-    #: parameter-free normalisation of each feature before Ff: "batch" (default), "layer", or
-    #: "none" (the paper's Ff literally); see the module docstring
-    pair_input_norm: str = "batch"
+    #: parameter-free normalisation of each feature before Ff: "none" (the paper's Ff literally,
+    #: the default), "batch" or "layer"; see the module docstring
+    pair_input_norm: str = "none"
     #: keep Fp's BatchNorm layers in eval mode while pre-training: their statistics stay at the
     #: initial mean 0 / variance 1 and each layer is a learnable per-channel scale and shift
     #: ("frozen BatchNorm"); false = ordinary BatchNorm (the paper). See the module docstring
@@ -306,9 +301,9 @@ class PretrainConfig:
     seed: int = 0
     #: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N" (under torchrun: cuda:LOCAL_RANK)
     device: str = "auto"
-    #: mixed precision: "auto" (bf16 on CUDA when supported, else fp16; off on CPU),
-    #: "bf16", "fp16" (with a gradient scaler) or "off"
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    #: mixed precision: "off" (float32, the default), "auto" (bf16 on CUDA when supported, else
+    #: fp16; float32 on the CPU), "bf16" (CUDA or CPU autocast) or "fp16" (CUDA, with a gradient scaler)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "off"
 
     def validate(self) -> None:
         for sec in (self.model, self.data, self.loss, self.optim, self.aug, self.val):

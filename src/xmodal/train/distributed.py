@@ -10,9 +10,13 @@ every global batch (:mod:`xmodal.train.sampler`) and wraps the networks in
 ``DistributedDataParallel``; only rank 0 writes files and shows progress.
 
 Batch normalisation must see the *global* batch for a distributed run to compute
-what one process would: :func:`convert_batchnorm` swaps BatchNorm layers for
-``torch.nn.SyncBatchNorm`` on CUDA, and for :class:`GlobalBatchNorm` on CPU, where
-SyncBatchNorm refuses to run ("SyncBatchNorm expected input tensor to be on GPU").
+what one process would. :func:`convert_batchnorm` tells the fused DGCNN EdgeConv blocks
+to reduce the statistics they compute inside their own autograd functions
+(:func:`xmodal.models.dgcnn.sync_edgeconv_stats`: one all-reduce per BatchNorm in forward
+and one in backward), and swaps every other BatchNorm layer (ResNet, Ff's input
+normalisation, DGCNN's last layer, the reference EdgeConv's) for ``torch.nn.SyncBatchNorm``
+on CUDA, or for :class:`GlobalBatchNorm` on CPU, where SyncBatchNorm refuses to run
+("SyncBatchNorm expected input tensor to be on GPU").
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from xmodal.models.dgcnn import EdgeConv, sync_edgeconv_stats
 
 __all__ = [
     "DistContext",
@@ -163,7 +169,8 @@ class GlobalBatchNorm(_BatchNorm):
     dimension but 1 of the inputs of *all* processes: two differentiable all-reduces
     (:func:`all_reduce_sum`: sum and count, then the sum of
     squared deviations), so gradients flow back to every process's inputs exactly as in
-    one process with the concatenated batch. Running statistics are updated like
+    one process with the concatenated batch; the arithmetic runs in float32 (float64 for
+    float64 input). Running statistics are updated like
     ``nn.BatchNorm`` (unbiased variance, ``momentum`` or cumulative average). In
     evaluation, or outside a process group, it is plain ``F.batch_norm``. Works for
     inputs (B, C), (B, C, L), (B, C, H, W), ... and keeps BatchNorm's state-dict keys.
@@ -180,8 +187,8 @@ class GlobalBatchNorm(_BatchNorm):
             return super().forward(x)
         c = x.shape[1]
         dims = [d for d in range(x.dim()) if d != 1]
-        xf = x.float()
-        count = torch.tensor([x.numel() / max(c, 1)], device=x.device, dtype=torch.float32)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> float32; float64 stays
+        count = torch.tensor([x.numel() / max(c, 1)], device=x.device, dtype=xf.dtype)
         stats = all_reduce_sum(torch.cat([xf.sum(dims), count]))
         total = stats[-1]
         mean = stats[:-1] / total
@@ -201,48 +208,55 @@ class GlobalBatchNorm(_BatchNorm):
         return y.to(x.dtype)
 
 
-def _to_global_bn(module: nn.Module) -> nn.Module:
+def _global_bn(bn: _BatchNorm) -> GlobalBatchNorm:
+    """A :class:`GlobalBatchNorm` sharing ``bn``'s parameters and running statistics."""
+    out = GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats).to(
+        device=bn.weight.device if bn.affine else None
+    )
+    if bn.affine:
+        with torch.no_grad():
+            out.weight = bn.weight
+            out.bias = bn.bias
+    if bn.track_running_stats:
+        out.running_mean = bn.running_mean
+        out.running_var = bn.running_var
+        out.num_batches_tracked = bn.num_batches_tracked
+    out.train(bn.training)
+    return out
+
+
+def _replace_batchnorm(module: nn.Module, make) -> nn.Module:
+    """``module`` with every BatchNorm layer ``bn`` replaced by ``make(bn)``, except those of a
+    fused :class:`EdgeConv`: it never calls them, it reads their parameters and reduces its own
+    statistics (:func:`xmodal.models.dgcnn.sync_edgeconv_stats`)."""
+    if isinstance(module, EdgeConv):
+        return module
     out = module
     if isinstance(module, _BatchNorm) and not isinstance(module, (GlobalBatchNorm, nn.SyncBatchNorm)):
-        out = GlobalBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
-        ).to(device=module.weight.device if module.affine else None)
-        if module.affine:
-            with torch.no_grad():
-                out.weight = module.weight
-                out.bias = module.bias
-        if module.track_running_stats:
-            out.running_mean = module.running_mean
-            out.running_var = module.running_var
-            out.num_batches_tracked = module.num_batches_tracked
-        out.train(module.training)
+        out = make(module)
     for name, child in module.named_children():
-        out.add_module(name, _to_global_bn(child))
+        out.add_module(name, _replace_batchnorm(child, make))
     return out
 
 
 def convert_batchnorm(module: nn.Module, device, world_size: Optional[int] = None) -> nn.Module:
-    """Make every BatchNorm layer of ``module`` normalise over the global batch.
+    """Make every BatchNorm of ``module`` normalise over the global batch.
 
     ``world_size`` (default: the process group's, or 1): when 1 the module is returned
-    unchanged. On CUDA: ``nn.SyncBatchNorm.convert_sync_batchnorm``; on CPU:
-    :class:`GlobalBatchNorm` (parameters and running statistics are shared with the
-    old layers, state-dict keys are unchanged). BatchNorm1d/2d/3d are all converted.
+    unchanged. The fused DGCNN EdgeConv blocks are told to reduce their statistics over the
+    default process group (:func:`~xmodal.models.dgcnn.sync_edgeconv_stats`; their own
+    BatchNorm layers stay as they are). Every other BatchNorm1d/2d/3d becomes
+    ``nn.SyncBatchNorm`` on CUDA and :class:`GlobalBatchNorm` on CPU, sharing the old layer's
+    parameters and running statistics (state-dict keys are unchanged).
+
+    Raises:
+        ValueError: an ``EdgeConv(fused=False)``, which cannot reduce its statistics.
     """
     if world_size is None:
         world_size = dist.get_world_size() if (dist.is_available() and dist.is_initialized()) else 1
     if world_size <= 1:
         return module
-    try:
-        from xmodal.models.dgcnn import EdgeConv
-    except ImportError:  # pragma: no cover - the models package is part of xmodal
-        EdgeConv = ()
-    fused = [name for name, m in module.named_modules() if isinstance(m, EdgeConv)]
-    if fused:
-        raise ValueError(
-            f"{fused[0]}: the fast EdgeConv computes its BatchNorm statistics inside fused kernels, which "
-            "cannot be synchronised across processes; build the DGCNN with fast=False (same weights)"
-        )
+    sync_edgeconv_stats(module)
     if torch.device(device).type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _to_global_bn(module)
+        return _replace_batchnorm(module, nn.SyncBatchNorm.convert_sync_batchnorm)
+    return _replace_batchnorm(module, _global_bn)

@@ -86,13 +86,10 @@ class XModalNet(nn.Module):
 def build_training_model(cfg: PretrainConfig, ctx: DistContext) -> XModalNet:
     """The :class:`XModalNet` of ``cfg``, seeded with ``cfg.seed``, in train mode on ``ctx.device``.
 
-    Under ``torchrun`` every BatchNorm layer is made global (:func:`convert_batchnorm`).
+    Under ``torchrun`` every BatchNorm layer is made global (:func:`convert_batchnorm`; the fused
+    EdgeConv reduces its own statistics across processes).
     """
-    arch = architecture_from_config(cfg)
-    # the fused EdgeConv keeps its BatchNorm statistics inside its kernels; under torchrun the
-    # reference EdgeConv (same weights) lets convert_batchnorm make them global
-    point_over = {"fast": False} if (ctx.distributed and "k" in arch["point_encoder"]["kwargs"]) else None
-    nets = build_networks(arch, seed=cfg.seed, point_overrides=point_over)
+    nets = build_networks(architecture_from_config(cfg), seed=cfg.seed)
     net = XModalNet(
         nets["image_encoder"],
         nets["point_encoder"],

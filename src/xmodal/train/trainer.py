@@ -21,7 +21,9 @@ pair images and clouds within each process's share of the batch).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from xmodal.config import to_dict
 from xmodal.data.store import ShapeStore, open_dataset
-from xmodal.errors import DataError, TrainingDiverged
+from xmodal.errors import DataError, Interrupted, MissingInputError, TrainingDiverged
+from xmodal.models.dgcnn import edgeconv_kind
 from xmodal.train.checkpoint import architecture_from_config, checkpoint_paths, restore_checkpoint, save_checkpoint, save_encoders
 from xmodal.train.config import PretrainConfig, config_hash
 from xmodal.train.distributed import DistContext, barrier, cleanup_distributed, init_distributed
@@ -42,6 +45,8 @@ from xmodal.train.runlog import RunLog
 from xmodal.train.sampler import PretrainBatches
 from xmodal.train.step import StepDiverged, Stepper
 from xmodal.train.validation import Validator, holdout_split
+from xmodal.utils.lock import output_lock
+from xmodal.utils.signals import StopRequest, ignore_stop_signals
 
 __all__ = ["TrainingDiverged", "XModalNet", "pretrain", "step_seed"]
 
@@ -67,6 +72,11 @@ def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = 
     Returns a summary dict: ``steps``, ``start_step``, ``final`` (the last metrics record),
     ``run``, ``metrics``, ``checkpoint``, ``encoders``, ``world_size``, ``elapsed``.
 
+    On SIGTERM or SIGINT the run finishes its current step, writes a checkpoint there and raises
+    :class:`~xmodal.errors.Interrupted` (``--resume`` then continues exactly); a second signal
+    stops at once. A second process writing the same ``out`` is refused
+    (:class:`~xmodal.errors.OutputLockedError`).
+
     Raises:
         TrainingDiverged: a NaN/inf loss (the checkpoint on disk is the last good one).
         OutputExistsError: ``out`` holds a run and ``resume`` is False.
@@ -75,10 +85,14 @@ def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = 
     """
     cfg = cfg if cfg is not None else PretrainConfig()
     cfg.validate()
+    if resume and not Path(out).is_dir():  # checked before the lock creates the folder
+        raise MissingInputError("no run folder to resume", path=out)
     ctx = init_distributed(cfg.device)
     store = data if isinstance(data, ShapeStore) else open_dataset(data)
+    lock = output_lock(out, "pretrain") if ctx.is_main else contextlib.nullcontext()
     try:
-        return _Trainer(store, data, Path(out), cfg, ctx, resume=resume).run(progress=progress)
+        with lock, StopRequest() as stop:
+            return _Trainer(store, data, Path(out), cfg, ctx, resume=resume).run(progress=progress, stop=stop)
     finally:
         if store is not data:
             store.close()
@@ -90,6 +104,7 @@ class _Trainer:
 
     def __init__(self, store, data, out: Path, cfg: PretrainConfig, ctx: DistContext, *, resume: bool) -> None:
         self.store, self.out, self.cfg, self.ctx = store, out, cfg, ctx
+        self.data_spec = getattr(store, "root", None) or data
         if cfg.data.split not in store.splits:
             raise DataError(f"no split '{cfg.data.split}' (has {store.splits})", path=getattr(store, "root", data))
         self.split = store.split(cfg.data.split)
@@ -128,6 +143,7 @@ class _Trainer:
                 "world_size": self.ctx.world_size,
                 "device": str(self.ctx.device),
                 "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
+                "edgeconv": edgeconv_kind(self.net.point_encoder),
             }
             write_run_info(self.out, self.cfg, info, resumed_from=self.start if self.ckpt is not None else None)
             truncate_metrics(self.out / "metrics.jsonl", self.start)
@@ -151,7 +167,7 @@ class _Trainer:
         return torch.utils.data.DataLoader(
             ds, batch_size=None, shuffle=False, num_workers=cfg.data.workers,
             prefetch_factor=cfg.data.prefetch_factor if cfg.data.workers > 0 else None,
-            pin_memory=ctx.device.type == "cuda",
+            pin_memory=ctx.device.type == "cuda", worker_init_fn=ignore_stop_signals,
         )
 
     def _extra_state(self, runlog: RunLog) -> dict:
@@ -173,8 +189,8 @@ class _Trainer:
     def _validate(self, step: int, runlog: RunLog) -> None:
         if self.validator is not None:
             values = self.validator(self.net, self.ctx.device, image_size=self.cfg.data.image_size)
-            runlog.validation(step, values)
             runlog.pause(values["val_seconds"])
+            runlog.validation(step, values)
         barrier(self.ctx)
 
     def _after_step(self, done: int, runlog: RunLog, lr: float) -> Optional[Path]:
@@ -191,7 +207,30 @@ class _Trainer:
             barrier(self.ctx)
         return saved
 
-    def _loop(self, runlog: RunLog) -> Optional[Path]:
+    def _stop_requested(self, stop: StopRequest) -> int:
+        """The signal number of a stop request on any process (0: none); all processes agree."""
+        flag = torch.tensor([float(stop.signum or 0)], device=self.ctx.device)
+        if self.ctx.distributed:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _interrupt(self, done: int, signum: int, runlog: RunLog, saved: Optional[Path], data) -> Interrupted:
+        """Save the state of step ``done`` (unless just saved) and describe how to resume."""
+        if runlog.window:
+            runlog.flush(done, self.optimizer.param_groups[0]["lr"])
+        if saved is None and self.ctx.is_main:
+            saved = save_checkpoint(self.out, step=done, nets=self.net.networks(), optimizer=self.optimizer,
+                                    scheduler=self.scheduler, scaler=self.scaler, extra=self._extra_state(runlog))
+        barrier(self.ctx)
+        name = signal.Signals(signum).name
+        return Interrupted(
+            f"stopped by {name} after step {done} of {self.cfg.iterations}; checkpoint written to "
+            f"{saved or checkpoint_paths(self.out)[1]}",
+            signum=signum, path=self.out,
+            hint=f"continue with: xmodal pretrain --data {data} --out {self.out} --resume",
+        )
+
+    def _loop(self, runlog: RunLog, stop: StopRequest) -> Optional[Path]:
         """Run the steps ``start+1 .. iterations``; returns the last checkpoint written (or None)."""
         stepper = Stepper(self._model(), self.cfg, self.ctx, self.optimizer, self.scheduler, self.amp_dtype, self.scaler)
         last_ckpt = checkpoint_paths(self.out)[1] if self.ckpt is not None else None
@@ -207,10 +246,14 @@ class _Trainer:
                 except StepDiverged as d:
                     raise TrainingDiverged(d.step, d.part, d.value, last_ckpt) from None
                 runlog.step(parts, lr)
-                last_ckpt = self._after_step(s + 1, runlog, lr) or last_ckpt
+                saved = self._after_step(s + 1, runlog, lr)
+                last_ckpt = saved or last_ckpt
+                signum = self._stop_requested(stop)
+                if signum and s + 1 < self.cfg.iterations:
+                    raise self._interrupt(s + 1, signum, runlog, saved, self.data_spec)
         return last_ckpt
 
-    def run(self, *, progress: bool) -> dict:
+    def run(self, *, progress: bool, stop: StopRequest) -> dict:
         cfg, ctx = self.cfg, self.ctx
         prior = float(self.ckpt.state.get("elapsed", 0.0)) if self.ckpt is not None else 0.0
         runlog = RunLog(self.out, batch_size=cfg.batch_size, use_cross_modal=cfg.loss.use_cross_modal,
@@ -219,7 +262,7 @@ class _Trainer:
         try:
             if cfg.val.enabled and self.ckpt is None:
                 self._validate(0, runlog)  # the curve starts at the random initialisation
-            last_ckpt = self._loop(runlog)
+            last_ckpt = self._loop(runlog, stop)
         finally:
             runlog.close()
         steps = max(self.start, cfg.iterations)

@@ -3,7 +3,9 @@
 Every file xmodal writes goes through :func:`atomic_write` (or the helpers
 built on it): the content lands in a temporary file in the same folder and is
 moved into place with ``os.replace``, so a killed job never leaves a file that
-looks complete but is not.
+looks complete but is not. When the write fails (disk full, I/O error, no
+permission) the temporary file is removed, the previous version of the file is
+left as it was, and :class:`~xmodal.errors.WriteError` names the file.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from xmodal.errors import DataError, WriteError, XmodalError
 
 __all__ = ["atomic_write", "atomic_path", "write_json", "read_json", "append_jsonl", "read_jsonl"]
 
@@ -32,8 +36,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     On an exception the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -43,10 +50,19 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         # mkstemp creates 0600 files; give the result the permissions a plain open() would
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, XmodalError):
+            raise _write_error(path, exc) from exc
         raise
+
+
+def _write_error(path: Path, exc: OSError) -> WriteError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    kept = "its previous version is unchanged" if path.exists() else "nothing was written"
+    return WriteError(f"could not be written ({reason}); {kept}", path=path,
+                      hint="free some space or fix the permissions, then run the same command again")
 
 
 @contextlib.contextmanager
@@ -72,14 +88,17 @@ def read_json(path: str | os.PathLike) -> Any:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        raise DataError(f"not valid JSON ({exc})", path=path) from exc
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON record as a line (flushed; a torn last line is skipped by :func:`read_jsonl`)."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=_json_default) + "\n")
-        fh.flush()
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, default=_json_default) + "\n")
+            fh.flush()
+    except OSError as exc:
+        raise _write_error(Path(path), exc) from exc
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -96,7 +115,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON")
+            raise DataError(f"line {i + 1} is not valid JSON", path=path)
     return out
 
 
