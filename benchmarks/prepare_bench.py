@@ -129,14 +129,15 @@ def _maxmin_sequence(points: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 def _time_prepare(views: int, points: int, size: int, workers: int, per_class: int) -> str:
     try:
-        from xmodal.data.prepare import prepare
+        from xmodal.data.prepare import PrepareConfig, prepare
     except Exception:  # another module may not exist yet
         return "skipped (prepare not available)"
     spec = f"builtin:shapes?train={per_class}&test=0&seed=0"
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        prepare(spec, Path(tmp) / "ds", views=views, points=points, image_size=size, workers=workers,
-                seed=0, progress=False)
+        cfg = PrepareConfig(source=spec, out=Path(tmp) / "ds", views=views, points=points, image_size=size,
+                            workers=workers, seed=0)
+        prepare(cfg, progress=False)
         dt = time.perf_counter() - t
         from xmodal.data.store import ShapeStore
 

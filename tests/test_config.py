@@ -10,11 +10,14 @@ import pytest
 from xmodal.config import (
     ConfigError,
     apply_overrides,
+    check_device,
     from_dict,
     list_presets,
     load_config,
     load_preset,
     parse_overrides,
+    paths_to_str,
+    require_fields,
     resolve,
     save_config,
     to_dict,
@@ -104,3 +107,42 @@ def test_unknown_preset_names_available(tmp_path):
 
 def test_shipped_pretrain_presets_present():
     assert {"paper", "cpu", "smoke"} <= set(list_presets("pretrain"))
+
+
+@dataclass
+class Outer:
+    out: str = ""
+    #: a section whose default differs from its class's defaults
+    optim: Optim = field(default_factory=lambda: Optim(lr=0.5))
+
+    def __post_init__(self):
+        paths_to_str(self, "out")
+
+
+def test_a_partial_section_completes_the_fields_own_default(tmp_path):
+    cfg = from_dict(Outer, {"optim": {"momentum": 0.5}})
+    assert cfg.optim == Optim(lr=0.5, momentum=0.5)  # lr from the field's default, not Optim's 0.1
+    assert resolve(Outer, None, ["optim.momentum=0.25"]).optim.lr == 0.5
+    assert from_dict(Outer, {}).optim.lr == 0.5
+
+
+def test_paths_to_str_and_require_fields(tmp_path):
+    from pathlib import Path
+
+    cfg = Outer(out=Path(tmp_path) / "x")
+    assert cfg.out == str(tmp_path / "x")
+    save_config(cfg, tmp_path / "o.yaml")  # plain strings dump as YAML
+    assert load_config(Outer, tmp_path / "o.yaml") == cfg
+    require_fields(cfg, "out")
+    with pytest.raises(ConfigError, match="^out: required"):
+        require_fields(Outer(), "out")
+
+
+@pytest.mark.parametrize("device, ok", [("auto", True), ("cpu", True), ("cuda", True), ("cuda:1", True),
+                                         ("gpu", False), ("cuda:x", False)])
+def test_check_device(device, ok):
+    if ok:
+        check_device("device", device)
+    else:
+        with pytest.raises(ConfigError, match="^device must be"):
+            check_device("device", device)

@@ -8,7 +8,11 @@ Sub-commands (each writes its output to disk)::
     xmodal evaluate --run RUN --data DATASET ...    pretext metrics + transfer tasks + report
     xmodal demo     --out DIR                       all of the above on the built-in shapes
 
-Every heavy import happens inside the handler, so ``xmodal --help`` is instant.
+Each stage is configured by a dataclass (``PrepareConfig``, ``PretrainConfig``,
+``EvaluateConfig``, ``DemoConfig``): the flags of a sub-command set fields of it, then
+``key=value`` arguments override any field (dotted keys for nested ones); ``--print-config``
+prints the resolved config and exits. Every heavy import happens inside the handler, so
+``xmodal --help`` is instant.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from pathlib import Path
 
 from xmodal import __version__
 from xmodal.errors import Interrupted, TrainingDiverged, XmodalError
+from xmodal.eval.tasks import TASK_NAMES
 
 log = logging.getLogger("xmodal")
 
-EVAL_TASKS = ("pretext", "svm", "retrieval", "partseg", "tsne", "fewshot", "crossmodal", "all")
+#: ``--task`` choices: the registry's tasks (:mod:`xmodal.eval.tasks`) and ``all``
+EVAL_TASKS = (*TASK_NAMES, "all")
 
 
 def _positive_int(text: str) -> int:
@@ -40,6 +46,42 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _add_config_args(p, fields: str) -> None:
+    """``--print-config`` and the ``key=value`` overrides of a stage's config."""
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help=f"config overrides, dotted keys for nested fields ({fields}); put them before a multi-value flag "
+        "such as --views",
+    )
+
+
+def _given(args, names: tuple[str, ...]) -> dict:
+    """``{name: value}`` of the flags that were given (argparse default None: not given)."""
+    out = {}
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            out[name] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def _resolve(cls, flags: dict, overrides: list[str]):
+    """The stage config: dataclass defaults <- the given flags <- ``key=value`` overrides."""
+    from xmodal.config import apply_overrides, from_dict
+
+    return apply_overrides(from_dict(cls, flags), overrides)
+
+
+def _print_config(cfg) -> int:
+    import yaml
+
+    from xmodal.config import to_dict
+
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
 # --------------------------------------------------------------------------- prepare
 def _add_prepare(sub) -> None:
     p = sub.add_parser(
@@ -52,7 +94,8 @@ def _add_prepare(sub) -> None:
         "<root>?classification=coarse1|coarse2|coarse3), a ModelNet40 HDF5 point-cloud folder, or builtin:shapes "
         "into an xmodal dataset. Objects that cannot be loaded (a model listed in a .cla but missing on disk, a "
         "broken mesh) are skipped and listed under 'failed' in manifest.json. "
-        "Resumable: re-run the same command after an interruption.",
+        "Resumable: re-run the same command after an interruption. Settings: the flags, then key=value overrides "
+        "of PrepareConfig; the resolved config is written to OUT/prepare.yaml.",
     )
     p.add_argument(
         "--source",
@@ -61,40 +104,40 @@ def _add_prepare(sub) -> None:
         "ModelNet40 HDF5 folder, or builtin:shapes[?train=32&test=8]",
     )
     p.add_argument("--out", required=True, type=Path, help="dataset folder to write")
-    p.add_argument("--views", type=_nonneg_int, default=12, help="rendered views per object, V (default 12; the paper uses 180)")
-    p.add_argument("--points", type=_positive_int, default=2048, help="points per cloud, N (default 2048)")
-    p.add_argument("--image-size", type=_positive_int, default=224, help="image side in pixels (default 224)")
-    p.add_argument("--workers", type=_positive_int, default=1, help="parallel worker processes (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed for cameras, sampling and splits (default 0)")
-    p.add_argument("--chunk-size", type=_positive_int, default=32, help="objects per shard file (default 32)")
-    p.add_argument("--test-ratio", type=float, default=0.2, help="test fraction where the source has no split (default 0.2)")
-    p.add_argument("--rgb", action="store_true", help="render RGB instead of grayscale")
+    p.add_argument("--views", type=_nonneg_int, default=None, help="rendered views per object, V (default 12; the paper uses 180)")
+    p.add_argument("--points", type=_positive_int, default=None, help="points per cloud, N (default 2048)")
+    p.add_argument("--image-size", type=_positive_int, default=None, help="image side in pixels (default 224)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="parallel worker processes (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="seed for cameras, sampling and splits (default 0)")
+    p.add_argument("--chunk-size", type=_positive_int, default=None, help="objects per shard file (default 32)")
+    p.add_argument("--test-ratio", type=float, default=None, help="test fraction where the source has no split (default 0.2)")
+    p.add_argument("--rgb", action="store_true", help="render RGB instead of grayscale (grayscale=false)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing dataset built with other settings")
+    _add_config_args(p, "PrepareConfig: e.g. render_points=false oversample=4")
     p.set_defaults(handler=_run_prepare)
+
+
+_PREPARE_FLAGS = ("source", "out", "views", "points", "image_size", "workers", "seed", "chunk_size", "test_ratio")
 
 
 def _run_prepare(args) -> int:
     from xmodal.data.prepare import prepare
+    from xmodal.data.prepare_config import PrepareConfig
 
-    manifest = prepare(
-        args.source,
-        args.out,
-        views=args.views,
-        points=args.points,
-        image_size=args.image_size,
-        workers=args.workers,
-        seed=args.seed,
-        chunk_size=args.chunk_size,
-        test_ratio=args.test_ratio,
-        grayscale=not args.rgb,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    flags = _given(args, _PREPARE_FLAGS)
+    if args.rgb:
+        flags["grayscale"] = False
+    if args.overwrite:
+        flags["overwrite"] = True
+    cfg = _resolve(PrepareConfig, flags, args.overrides)
+    if args.print_config:
+        return _print_config(cfg)
+    manifest = prepare(cfg, progress=not args.quiet)
     counts = ", ".join(f"{k}: {v}" for k, v in manifest.get("counts", {}).items())
     n_failed = len(manifest.get("failed", []))
-    print(f"dataset written to {args.out} ({len(manifest.get('classes', []))} classes; {counts}; {n_failed} failed)")
+    print(f"dataset written to {cfg.out} ({len(manifest.get('classes', []))} classes; {counts}; {n_failed} failed)")
     if n_failed:
-        print(f"failed objects are listed in {Path(args.out) / 'manifest.json'} under 'failed'")
+        print(f"failed objects are listed in {Path(cfg.out) / 'manifest.json'} under 'failed'")
     return 0
 
 
@@ -137,17 +180,13 @@ def _add_pretrain(sub) -> None:
 
 
 def _run_pretrain(args) -> int:
-    import yaml
-
-    from xmodal.config import to_dict
     from xmodal.train.config import resolve_pretrain_config
     from xmodal.train.trainer import pretrain
 
     preset = args.preset if (args.preset or args.resume) else "paper"
     cfg = resolve_pretrain_config(preset, args.overrides, run=args.out, resume=args.resume)
     if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return 0
+        return _print_config(cfg)
     summary = pretrain(args.data, args.out, cfg, resume=args.resume, progress=not args.quiet)
     if summary:
         print(f"run written to {args.out}")
@@ -159,45 +198,44 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate",
         help="pretext metrics and transfer tasks (paper Tables 1-4, Fig. 3)",
-        description="Evaluate a run's frozen encoders. Writes OUT/metrics.json, OUT/report.md and PNG figures.",
+        description="Evaluate a run's frozen encoders. Writes OUT/metrics.json, OUT/report.md, PNG figures and "
+        "the resolved config OUT/evaluate.yaml. Settings: the flags, then key=value overrides of EvaluateConfig.",
     )
     p.add_argument("--run", required=True, type=Path, help="run folder written by 'xmodal pretrain'")
     p.add_argument("--data", required=True, type=Path, help="dataset folder (or a ModelNet40 HDF5 folder, 3D tasks only)")
     p.add_argument("--task", action="append", choices=EVAL_TASKS, help="task to run; repeat for several (default: all)")
     p.add_argument("--out", required=True, type=Path, help="report folder to write")
     p.add_argument("--baseline", choices=("random",), default=None, help="also evaluate the same networks at random initialisation")
-    p.add_argument("--views", type=_positive_int, nargs="+", default=[1, 12, 36, 80], help="view counts v for the 2D tasks (capped at the dataset's V)")
+    p.add_argument("--views", type=_positive_int, nargs="+", default=None, help="view counts v for the 2D tasks (default 1 12 36 80; capped at the dataset's V)")
     p.add_argument("--partseg-data", type=Path, default=None, help="part-segmentation data (ShapeNet-Part folder, Labeled PSB folder, or an xmodal dataset with part labels; default: --data)")
-    p.add_argument("--partseg-epochs", type=_positive_int, default=None, help="epochs per part-segmentation setting")
-    p.add_argument("--partseg-points", type=_positive_int, default=None, help="points per shape for part segmentation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--partseg-epochs", type=_positive_int, default=None, help="epochs per part-segmentation setting (partseg.epochs)")
+    p.add_argument("--partseg-points", type=_positive_int, default=None, help="points per shape for part segmentation (partseg.num_points)")
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _add_config_args(p, "EvaluateConfig: e.g. svm.cs=[0.01,0.1] retrieval.ks=[1,10] fewshot.episodes=5 partseg.lr=0.001")
     p.set_defaults(handler=_run_evaluate)
 
 
+_EVALUATE_FLAGS = ("run", "data", "out", "baseline", "views", "partseg_data", "seed", "device")
+#: flag -> field of the ``partseg`` section
+_PARTSEG_FLAGS = {"partseg_epochs": "epochs", "partseg_points": "num_points"}
+
+
 def _run_evaluate(args) -> int:
+    from xmodal.eval.config import EvaluateConfig
     from xmodal.eval.runner import evaluate
 
-    partseg_kwargs = {}
-    if args.partseg_epochs is not None:
-        partseg_kwargs["epochs"] = args.partseg_epochs
-    if args.partseg_points is not None:
-        partseg_kwargs["num_points"] = args.partseg_points
-    metrics = evaluate(
-        args.run,
-        args.data,
-        tasks=tuple(args.task or ["all"]),
-        out=args.out,
-        baseline=args.baseline,
-        seed=args.seed,
-        device=args.device,
-        views=tuple(args.views),
-        partseg_data=args.partseg_data,
-        partseg_kwargs=partseg_kwargs or None,
-        progress=not args.quiet,
-    )
+    flags = _given(args, _EVALUATE_FLAGS)
+    if args.task:
+        flags["tasks"] = args.task
+    flags["partseg"] = {_PARTSEG_FLAGS[k]: v for k, v in _given(args, tuple(_PARTSEG_FLAGS)).items()}
+    cfg = _resolve(EvaluateConfig, flags, args.overrides)
+    if args.print_config:
+        return _print_config(cfg)
+    metrics = evaluate(cfg, progress=not args.quiet)
     n = sum(1 for k in metrics if not k.startswith("meta."))
-    print(f"{n} metrics written to {args.out / 'metrics.json'}; report: {args.out / 'report.md'}")
+    out = Path(cfg.out)
+    print(f"{n} metrics written to {out / 'metrics.json'}; report: {out / 'report.md'}")
     return 0
 
 
@@ -208,16 +246,21 @@ def _add_demo(sub) -> None:
         help="prepare -> pretrain -> evaluate on the built-in shapes (a few minutes on CPU)",
     )
     p.add_argument("--out", required=True, type=Path, help="folder for the dataset, the run and the report")
-    p.add_argument("--workers", type=_positive_int, default=2, help="processes for the prepare stage (default 2)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="processes for the prepare stage (default 2)")
     p.add_argument("--iterations", type=_positive_int, default=None, help="pre-training iterations (default: the demo's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    _add_config_args(p, "DemoConfig: e.g. partseg.epochs=2 pretrain_overrides=[optim.lr=0.01]")
     p.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args) -> int:
     from xmodal.demo import demo
+    from xmodal.demo_config import DemoConfig
 
-    report = demo(args.out, workers=args.workers, iterations=args.iterations, seed=args.seed, progress=not args.quiet)
+    cfg = _resolve(DemoConfig, _given(args, ("out", "workers", "iterations", "seed")), args.overrides)
+    if args.print_config:
+        return _print_config(cfg)
+    report = demo(cfg, progress=not args.quiet)
     print(f"demo finished; report: {report}")
     return 0
 

@@ -18,6 +18,7 @@ silently unused. The resolved config is written next to every run
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -43,6 +44,9 @@ __all__ = [
     "resolve",
     "save_config",
     "load_config",
+    "paths_to_str",
+    "require_fields",
+    "check_device",
 ]
 
 
@@ -128,6 +132,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _field_default(cls, name: str) -> Any:
+    """The default value of field ``name`` of dataclass ``cls`` (None when it has none)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
 def from_dict(cls: type[T], data: dict | None, *, _prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (partial) nested dict; missing keys keep defaults."""
     data = dict(data or {})
@@ -141,7 +155,13 @@ def from_dict(cls: type[T], data: dict | None, *, _prefix: str = "") -> T:
     kwargs = {}
     for name, tp in types_.items():
         if name in data:
-            kwargs[name] = _coerce(data[name], tp, _prefix + name)
+            value = data[name]
+            default = _field_default(cls, name)
+            if isinstance(value, dict) and dataclasses.is_dataclass(default):
+                # a partial nested section completes the field's own default, which may differ
+                # from its class's defaults (``field(default_factory=lambda: Section(epochs=5))``)
+                value = _deep_merge(to_dict(default), value)
+            kwargs[name] = _coerce(value, tp, _prefix + name)
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         obj.validate()
@@ -265,3 +285,33 @@ def save_config(cfg: Any, path: str | Path) -> None:
 def load_config(cls: type[T], path: str | Path) -> T:
     with open(path, encoding="utf-8") as fh:
         return from_dict(cls, yaml.safe_load(fh) or {})
+
+
+def paths_to_str(cfg: Any, *names: str) -> None:
+    """Replace path-like values (``pathlib.Path``) of ``cfg``'s fields ``names`` by ``str``.
+
+    Called from a config's ``__post_init__`` so that ``Config(out=Path(...))`` holds plain
+    strings, as a config read from YAML does, and can be saved with :func:`save_config`.
+    """
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, os.PathLike):
+            setattr(cfg, name, os.fspath(value))
+
+
+def require_fields(cfg: Any, *names: str) -> None:
+    """Raise :class:`ConfigError` naming every field of ``names`` that is empty (``""`` or None).
+
+    Inputs and outputs of a stage (``source``, ``out``, ...) have no default, yet a config
+    without them is valid (it can be printed, nested or completed later); the stage calls
+    this before it runs.
+    """
+    missing = [n for n in names if getattr(cfg, n) in ("", None)]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: required, but not given")
+
+
+def check_device(key: str, device: str) -> None:
+    """``device`` must be ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; else a :class:`ConfigError` naming ``key``."""
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"{key} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")

@@ -181,7 +181,7 @@ def test_load_raises_for_a_broken_labels_file(tmp_path, labeled_tree):
 
 
 def test_prepare_skips_a_mesh_with_a_broken_labels_file(tmp_path, labeled_tree):
-    from xmodal.data.prepare import prepare
+    from xmodal.data.prepare import PrepareConfig, prepare
 
     root = labeled_tree(tmp_path / "lpsb", per_category=3, split_levels=True, test_per_category=1)
     bad = root / "Table" / "train" / "4_labels.txt"
@@ -189,7 +189,8 @@ def test_prepare_skips_a_mesh_with_a_broken_labels_file(tmp_path, labeled_tree):
     twice = lines[1].split()[0]  # a 'leg' face, listed under 'top' as well
     lines[3] = f"{twice} {lines[3]}"
     bad.write_text("\n".join(lines) + "\n")
-    man = prepare(root, tmp_path / "ds", views=2, points=64, image_size=32, chunk_size=2, progress=False)
+    man = prepare(PrepareConfig(source=root, out=tmp_path / "ds", views=2, points=64, image_size=32, chunk_size=2),
+                  progress=False)
     assert man["counts"] == {"train": 3, "test": 2}
     assert len(man["failed"]) == 1
     rec = man["failed"][0]
@@ -275,11 +276,11 @@ def _on_a_face_labelled(p, lab, tri, face_labels, tree, tol, k=128):
 def test_real_prepared_point_labels_are_their_faces_labels(labeled_psb_dir, tmp_path):
     """Prepare three real meshes; map each stored (normalised) cloud back onto its mesh and check
     that every point lies on a face carrying the point's label."""
-    from xmodal.data.prepare import prepare
+    from xmodal.data.prepare import PrepareConfig, prepare
 
     src = LabeledPSBSource(labeled_psb_dir)
     src.items = [next(it for it in src.items if it.label == c) for c in ("Airplane", "Bearing", "Human")]
-    man = prepare(src, tmp_path / "ds", views=0, points=256, chunk_size=4, progress=False)
+    man = prepare(PrepareConfig(out=tmp_path / "ds", views=0, points=256, chunk_size=4), source=src, progress=False)
     assert man["failed"] == [] and sum(man["counts"].values()) == 3
     store = ShapeStore(tmp_path / "ds")
     by_id = {it.id: it for it in src.items}

@@ -18,18 +18,18 @@ import pytest
 pytest.importorskip("xmodal.data.render")
 pytest.importorskip("xmodal.data.builtin")
 
-from xmodal.data.prepare import PrepareError, object_seeds, prepare  # noqa: E402
+from xmodal.data.prepare import PrepareConfig, PrepareError, object_seeds, prepare  # noqa: E402
 from xmodal.data.store import ShapeStore, read_shard, shard_relpath  # noqa: E402
 
 SPEC = "builtin:shapes?train=2&test=1"
-TINY = dict(views=4, points=256, image_size=32, chunk_size=4, progress=False)
+TINY = dict(views=4, points=256, image_size=32, chunk_size=4)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A tiny prepared built-in store, shared read-only by the tests of this module."""
     out = tmp_path_factory.mktemp("prep") / "shapes"
-    prepare(SPEC, out, **TINY)
+    prepare(PrepareConfig(source=SPEC, out=out, **TINY), progress=False)
     return out
 
 
@@ -114,7 +114,7 @@ def test_object_seeds_stable():
 def test_rerun_same_settings_is_noop(tiny, tmp_path):
     out = _copy(tiny, tmp_path / "ds")
     before = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.h5")}
-    man = prepare(SPEC, out, **TINY)
+    man = prepare(PrepareConfig(source=SPEC, out=out, **TINY), progress=False)
     assert man == json.loads((tiny / "manifest.json").read_text())
     assert {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.h5")} == before
 
@@ -128,7 +128,7 @@ def test_resume_after_deleting_a_shard(tiny, tmp_path):
         ShapeStore(out)
     before = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.h5")}
     time.sleep(0.01)
-    man = prepare(SPEC, out, **TINY)
+    man = prepare(PrepareConfig(source=SPEC, out=out, **TINY), progress=False)
     after = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.h5")}
     assert set(after) == set(before) | {victim}
     assert all(after[p] == t for p, t in before.items())  # untouched
@@ -146,7 +146,7 @@ def test_kill_mid_run_then_resume(tiny, tmp_path):
             time.sleep(0.15)
             return orig(ctx, item)
         P._process_object = slow
-        P.prepare({SPEC!r}, {str(out)!r}, **{TINY!r})
+        P.prepare(P.PrepareConfig(source={SPEC!r}, out={str(out)!r}, **{TINY!r}), progress=False)
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -171,7 +171,7 @@ def test_kill_mid_run_then_resume(tiny, tmp_path):
     assert 0 < len(done) < 11
     for p in done:  # every shard on disk is complete
         assert len(read_shard(p)["ids"]) == 4
-    prepare(SPEC, out, **TINY)
+    prepare(PrepareConfig(source=SPEC, out=out, **TINY), progress=False)
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())
     assert not [p for p in (out / "shards").rglob(".*") if p.is_file()]  # no stale temporaries
     _assert_same_store(out, tiny)
@@ -180,11 +180,12 @@ def test_kill_mid_run_then_resume(tiny, tmp_path):
 def test_different_settings_refused_unless_overwrite(tiny, tmp_path):
     out = _copy(tiny, tmp_path / "ds")
     with pytest.raises(PrepareError, match=r"points: 256 -> 128"):
-        prepare(SPEC, out, **{**TINY, "points": 128})
+        prepare(PrepareConfig(source=SPEC, out=out, **{**TINY, "points": 128}), progress=False)
     with pytest.raises(PrepareError, match="object list"):
-        prepare("builtin:shapes?train=1&test=1", out, **TINY)
+        prepare(PrepareConfig(source="builtin:shapes?train=1&test=1", out=out, **TINY), progress=False)
     assert ShapeStore(out).num_points == 256  # untouched
-    man = prepare("builtin:shapes?train=1&test=0", out, **{**TINY, "points": 128, "views": 2, "overwrite": True})
+    again = {**TINY, "points": 128, "views": 2, "overwrite": True}
+    man = prepare(PrepareConfig(source="builtin:shapes?train=1&test=0", out=out, **again), progress=False)
     store = ShapeStore(out)
     assert store.num_points == 128 and store.views == 2 and man["counts"]["train"] == len(store.classes)
     assert "test" not in man["counts"]
@@ -199,11 +200,11 @@ def test_parallel_equals_serial(tmp_path, monkeypatch):
     calls = []
     real_pool = P._execute_pool
     monkeypatch.setattr(P, "_execute_pool", lambda *a: calls.append(a[-2]) or real_pool(*a))
-    kw = dict(views=2, points=128, image_size=32, chunk_size=4, progress=False)
+    kw = dict(views=2, points=128, image_size=32, chunk_size=4)
     spec = "builtin:shapes?train=1&test=0"
-    serial = prepare(spec, tmp_path / "serial", workers=1, **kw)
+    serial = prepare(PrepareConfig(source=spec, out=tmp_path / "serial", workers=1, **kw), progress=False)
     assert calls == []
-    parallel = prepare(spec, tmp_path / "parallel", workers=2, **kw)
+    parallel = prepare(PrepareConfig(source=spec, out=tmp_path / "parallel", workers=2, **kw), progress=False)
     assert calls == [2]  # ran in a pool of 2 spawned processes
     assert serial["counts"] == parallel["counts"]
     _assert_same_store(tmp_path / "serial", tmp_path / "parallel")
@@ -212,8 +213,8 @@ def test_parallel_equals_serial(tmp_path, monkeypatch):
 def test_colour_images(tmp_path):
     from xmodal.data.show import show
 
-    man = prepare("builtin:shapes?train=1&test=0", tmp_path / "ds", views=2, points=64, image_size=32,
-                  chunk_size=16, grayscale=False, progress=False)
+    man = prepare(PrepareConfig(source="builtin:shapes?train=1&test=0", out=tmp_path / "ds", views=2, points=64,
+                                image_size=32, chunk_size=16, grayscale=False), progress=False)
     assert man["grayscale"] is False
     sv = ShapeStore(tmp_path / "ds").split("train")
     ims = sv.images(0, [1, 0])
@@ -230,8 +231,9 @@ def test_unpicklable_source_with_workers(tmp_path):
     src.items = src.items[:4]
     src.classes = sorted({it.label for it in src.items})
     with pytest.raises(PrepareError, match="workers=1"):
-        prepare(src, tmp_path / "ds", workers=2, **{**TINY, "chunk_size": 2})
-    man = prepare(src, tmp_path / "ds", workers=1, **{**TINY, "chunk_size": 2})  # serial needs no pickling
+        prepare(PrepareConfig(out=tmp_path / "ds", workers=2, **{**TINY, "chunk_size": 2}), source=src, progress=False)
+    # serial needs no pickling
+    man = prepare(PrepareConfig(out=tmp_path / "ds", workers=1, **{**TINY, "chunk_size": 2}), source=src, progress=False)
     assert sum(man["counts"].values()) == 4
 
 
@@ -249,7 +251,7 @@ def test_unpicklable_source_with_workers(tmp_path):
 )
 def test_bad_arguments(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
-        prepare(SPEC, tmp_path / "x", **{**TINY, **kw})
+        prepare(PrepareConfig(source=SPEC, out=tmp_path / "x", **{**TINY, **kw}), progress=False)
     assert not (tmp_path / "x").exists()
 
 
@@ -277,7 +279,8 @@ def test_corrupt_mesh_is_recorded_and_skipped(tmp_path, caplog):
     bad = root / "box" / "train" / "box_0004.off"
     bad.write_text("OFF\n8 12 0\n0 0 0\n1 1\n")  # truncated
     with caplog.at_level("WARNING"):
-        man = prepare(root, tmp_path / "ds", views=2, points=64, image_size=32, chunk_size=2, progress=False)
+        man = prepare(PrepareConfig(source=root, out=tmp_path / "ds", views=2, points=64, image_size=32, chunk_size=2),
+                      progress=False)
     assert man["counts"] == {"train": 2, "test": 1}
     assert len(man["failed"]) == 1
     rec = man["failed"][0]
@@ -298,7 +301,8 @@ def test_corrupt_mesh_is_recorded_and_skipped(tmp_path, caplog):
 
 
 def test_real_modelnet_meshes(modelnet_off_dir, tmp_path):
-    man = prepare(modelnet_off_dir, tmp_path / "ds", views=2, points=128, image_size=32, chunk_size=8, progress=False)
+    man = prepare(PrepareConfig(source=modelnet_off_dir, out=tmp_path / "ds", views=2, points=128, image_size=32,
+                                chunk_size=8), progress=False)
     assert man["failed"] == [] and man["counts"]["train"] == 6
     assert man["classes"] == ["bathtub", "bed"]
 
@@ -321,8 +325,8 @@ def _fake_h5(root: Path, n=6, npts=32, classes=("cup", "desk")) -> Path:
 @pytest.mark.parametrize("views", [0, 2])
 def test_points_source(tmp_path, views):
     src = _fake_h5(tmp_path / "h5")
-    man = prepare(src, tmp_path / "ds", views=views, points=16, image_size=32, chunk_size=2,
-                  test_ratio=0.34, progress=False)
+    man = prepare(PrepareConfig(source=src, out=tmp_path / "ds", views=views, points=16, image_size=32, chunk_size=2,
+                                test_ratio=0.34), progress=False)
     assert man["counts"]["train"] + man["counts"]["test"] == 6 and man["counts"]["test"] == 2
     assert man["up_axis"] == "y" and man["views"] == views and man["failed"] == []
     assert "held" in json.dumps(man["source"])
@@ -343,7 +347,8 @@ def test_points_source(tmp_path, views):
 
 def test_points_source_too_few_points_fails_objects(tmp_path):
     src = _fake_h5(tmp_path / "h5")
-    man = prepare(src, tmp_path / "ds", views=0, points=64, image_size=32, chunk_size=4, progress=False)
+    man = prepare(PrepareConfig(source=src, out=tmp_path / "ds", views=0, points=64, image_size=32, chunk_size=4),
+                  progress=False)
     assert sum(man["counts"].values()) == 0 and len(man["failed"]) == 6
     assert all("fewer" in r["reason"] for r in man["failed"])
     store = ShapeStore(tmp_path / "ds")

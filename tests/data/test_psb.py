@@ -191,11 +191,12 @@ def test_inconsistent_trees(tmp_path):
 
 def test_prepare_records_the_missing_model_and_goes_on(tmp_path):
     pytest.importorskip("xmodal.data.render")
-    from xmodal.data.prepare import prepare
+    from xmodal.data.prepare import PrepareConfig, prepare
     from xmodal.data.store import ShapeStore
 
     root = fake_psb(tmp_path / "psb")
-    man = prepare(root, tmp_path / "ds", views=2, points=64, image_size=32, chunk_size=4, progress=False)
+    man = prepare(PrepareConfig(source=root, out=tmp_path / "ds", views=2, points=64, image_size=32, chunk_size=4),
+                  progress=False)
     assert man["classes"] == ["bird", "chair", "dog", "table"] and man["up_axis"] == "y"
     assert man["counts"] == {"train": 7, "test": 4}
     assert len(man["failed"]) == 1

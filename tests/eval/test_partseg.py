@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from xmodal.data.shapenetpart import PartSegData, PartSegSplit, ShapeFaces, load_partseg, stratified_subset
+from xmodal.eval.config import PartSegConfig
 from xmodal.eval.partseg import (
     evaluate_partseg,
     face_labelling_accuracy,
@@ -138,7 +139,7 @@ def test_frozen_training_keeps_encoder_and_bn_stats():
     before = copy.deepcopy(enc.state_dict())
     net = PartSegNet(enc, 5, 2, freeze_encoder=True)
     head_before = copy.deepcopy(net.head.state_dict())
-    train_partseg(net, data.split("train"), epochs=1, batch_size=4, device="cpu", progress=False)
+    train_partseg(net, data.split("train"), PartSegConfig(epochs=1, batch_size=4), device="cpu", progress=False)
     after = net.encoder.state_dict()
     assert any("running_mean" in k for k in before)
     for k, v in before.items():
@@ -146,7 +147,7 @@ def test_frozen_training_keeps_encoder_and_bn_stats():
     assert any(not torch.equal(v, net.head.state_dict()[k]) for k, v in head_before.items())
     # the unfrozen model does move the encoder (weights and BN statistics)
     net2 = PartSegNet(copy.deepcopy(enc), 5, 2)
-    train_partseg(net2, data.split("train"), epochs=1, batch_size=4, device="cpu", progress=False)
+    train_partseg(net2, data.split("train"), PartSegConfig(epochs=1, batch_size=4), device="cpu", progress=False)
     changed = [k for k, v in before.items() if not torch.equal(v, net2.encoder.state_dict()[k])]
     assert any("running_mean" in k for k in changed) and any("weight" in k for k in changed)
 
@@ -170,8 +171,8 @@ def test_run_partseg_end_to_end(tmp_path):
     pretrained = _tiny_dgcnn()
     state = copy.deepcopy(pretrained.state_dict())
     res = run_partseg(
-        pretrained, data, epochs=1, batch_size=4, device="cpu", progress=False,
-        log_dir=tmp_path / "logs", encoder_factory=_tiny_dgcnn, seed=0, fractions=(0.02, 0.2, 1.0),
+        PartSegConfig(epochs=1, batch_size=4, fractions=[0.02, 0.2, 1.0]), pretrained, data, device="cpu",
+        progress=False, log_dir=tmp_path / "logs", encoder_factory=_tiny_dgcnn, seed=0,
     )
     keys = {f"partseg.{s}.{p}.{m}" for s in ("frozen", "finetune", "scratch") for p in ("2", "20", "100")
             for m in ("oa", "class_miou", "instance_miou")}
@@ -192,20 +193,20 @@ def test_run_partseg_end_to_end(tmp_path):
     assert set(recs[-1]["per_category"]) == {"A", "B"}
     # seeded: the same call gives the same numbers
     again = run_partseg(
-        pretrained, data, settings=("finetune",), fractions=(0.2,), epochs=1, batch_size=4, device="cpu",
-        progress=False, encoder_factory=_tiny_dgcnn, seed=0,
+        PartSegConfig(settings=["finetune"], fractions=[0.2], epochs=1, batch_size=4), pretrained, data,
+        device="cpu", progress=False, encoder_factory=_tiny_dgcnn, seed=0,
     )
     assert again["partseg.finetune.20.instance_miou"] == res["partseg.finetune.20.instance_miou"]
 
 
 def test_run_partseg_without_run_only_scratch():
     data = _tiny_data(32)
-    res = run_partseg(None, data, fractions=(1.0,), epochs=1, batch_size=6, device="cpu", progress=False,
-                      encoder_factory=_tiny_dgcnn)
+    res = run_partseg(PartSegConfig(fractions=[1.0], epochs=1, batch_size=6), None, data, device="cpu",
+                      progress=False, encoder_factory=_tiny_dgcnn)
     assert set(res) == {f"partseg.scratch.100.{m}" for m in ("oa", "class_miou", "instance_miou")} | {
         "partseg.100.n_train", "partseg.100.one_per_category"}
     with pytest.raises(ValueError, match="unknown"):
-        run_partseg(None, data, settings=("bogus",), encoder_factory=_tiny_dgcnn, progress=False)
+        run_partseg(PartSegConfig(settings=["bogus"]), None, data, encoder_factory=_tiny_dgcnn, progress=False)
 
 
 def test_training_learns_tiny_task():
@@ -213,8 +214,8 @@ def test_training_learns_tiny_task():
     data = _tiny_data(32)
     torch.manual_seed(0)
     net = PartSegNet(_tiny_dgcnn(), 5, 2, dropout=0.0)
-    train_partseg(net, data.split("train"), epochs=8, batch_size=4, lr=0.01, augment=False, device="cpu",
-                  progress=False)
+    train_partseg(net, data.split("train"), PartSegConfig(epochs=8, batch_size=4, lr=0.01, augment=False),
+                  device="cpu", progress=False)
     m = evaluate_partseg(net, data.split("test"), PARTS, device="cpu")
     assert m["oa"] > 0.7  # chance: 1/2 for A, 1/3 for B
 
@@ -244,8 +245,8 @@ def test_run_partseg_from_run_dir(tmp_path, monkeypatch, held_bn):
     })
     data = PartSegData({"train": _tiny_split(2, 32, 0), "test": _tiny_split(1, 32, 1)}, ["A", "B"],
                        ["A/l", "A/r", "B/lo", "B/mid", "B/hi"], PARTS)
-    res = run_partseg(tmp_path / "run", data, fractions=(1.0,), epochs=1, batch_size=4, device="cpu",
-                      progress=False)
+    res = run_partseg(PartSegConfig(fractions=[1.0], epochs=1, batch_size=4), tmp_path / "run", data,
+                      device="cpu", progress=False)
     keys = {f"partseg.{s}.100.{m}" for s in ("frozen", "finetune", "scratch") for m in ("oa", "class_miou", "instance_miou")}
     assert set(res) == keys | {"partseg.100.n_train", "partseg.100.one_per_category"}
     assert all(0.0 <= res[k] <= 1.0 for k in keys)
@@ -263,7 +264,7 @@ def test_finetune_with_held_batchnorm_trains_weights_but_keeps_statistics():
     net.train()
     assert net.encoder.training and not any(m.training for m in batchnorm_layers(net.encoder))
     head_stats = copy.deepcopy({k: v for k, v in net.head.state_dict().items() if "running_mean" in k})
-    train_partseg(net, data.split("train"), epochs=1, batch_size=4, device="cpu", progress=False)
+    train_partseg(net, data.split("train"), PartSegConfig(epochs=1, batch_size=4), device="cpu", progress=False)
     after = net.encoder.state_dict()
     stats = [k for k in before if "running_" in k or "num_batches" in k]
     assert stats and all(torch.equal(before[k], after[k]) for k in stats)
@@ -335,8 +336,8 @@ def test_run_partseg_on_a_labeled_psb_tree(tmp_path, labeled_tree):
     assert max(np.linalg.norm(f.centroids, axis=1).max() for f in test.faces) <= 1.0 + 1e-6
     torch.manual_seed(0)
     res = run_partseg(
-        _tiny_dgcnn(), root, fractions=(0.1, 1.0), epochs=2, batch_size=4, num_points=32, device="cpu",
-        progress=False, encoder_factory=_tiny_dgcnn, seed=0,
+        PartSegConfig(fractions=[0.1, 1.0], epochs=2, batch_size=4, num_points=32), _tiny_dgcnn(), root,
+        device="cpu", progress=False, encoder_factory=_tiny_dgcnn, seed=0,
     )
     metrics = ("oa", "class_miou", "instance_miou", "face_accuracy")
     keys = {f"partseg.{s}.{p}.{m}" for s in ("frozen", "finetune", "scratch") for p in ("10", "100") for m in metrics}

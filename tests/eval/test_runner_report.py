@@ -6,12 +6,14 @@ import importlib
 import json
 import sys
 import types
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from xmodal.data.store import ShapeStore, write_store
+from xmodal.eval.config import EvaluateConfig, FewShotConfig, PartSegConfig, SvmConfig
 from xmodal.eval.descriptors import d2_descriptor
 from xmodal.eval.report import TABLE_HEADERS, render_report
 from xmodal.eval.retrieval import PSB_STATS, psb_statistics, retrieval_metrics
@@ -54,6 +56,16 @@ def image_store(tmp_path_factory):
 def points_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("pstore")
     write_store(root, classes=CLASSES, splits={"train": _split(8, 2, images=False), "test": _split(5, 3, images=False)})
+    return root
+
+
+def _part_labelled_store(root):
+    """A points-only store whose clouds carry part labels (two parts per class)."""
+    splits = {"train": _split(3, 4, images=False), "test": _split(2, 5, images=False)}
+    for sp in splits.values():  # two parts per class: the upper and lower half of each cloud
+        sp["point_labels"] = (2 * sp["labels"][:, None] + (sp["points"][..., 2] > 0)).astype(np.int16)
+    parts = [f"{c}/{p}" for c in CLASSES for p in ("bottom", "top")]
+    write_store(root, classes=CLASSES, splits=splits, part_names=parts)
     return root
 
 
@@ -141,10 +153,11 @@ def run_dir(tmp_path):
 
 def test_evaluate_end_to_end_with_baseline(image_store, run_dir, tmp_path, loaded):
     out = tmp_path / "report"
-    m = evaluate(
-        run_dir, image_store, out=out, baseline="random", views=(1, 3, 80), loaded=loaded, device="cpu",
-        progress=False, fewshot_settings=((2, 3), (4, 2)), fewshot_episodes=3,
+    cfg = EvaluateConfig(
+        run=run_dir, data=image_store, out=out, baseline="random", views=[1, 3, 80], device="cpu",
+        fewshot=FewShotConfig(settings=[(2, 3), (4, 2)], episodes=3),
     )
+    m = evaluate(cfg, loaded=loaded, progress=False)
     on_disk = json.loads((out / "metrics.json").read_text())
     assert set(on_disk) == set(m)
     assert m["meta.views_used"] == [1, 3, V]
@@ -189,10 +202,9 @@ def test_evaluate_end_to_end_with_baseline(image_store, run_dir, tmp_path, loade
 
 def test_points_only_dataset_skips_image_tasks(points_store, run_dir, tmp_path, loaded):
     out = tmp_path / "r"
-    m = evaluate(
-        run_dir, points_store, tasks=["pretext", "svm", "retrieval", "crossmodal"], out=out, loaded=loaded,
-        device="cpu", progress=False,
-    )
+    cfg = EvaluateConfig(run=run_dir, data=points_store, tasks=["pretext", "svm", "retrieval", "crossmodal"], out=out,
+                         device="cpu")
+    m = evaluate(cfg, loaded=loaded, progress=False)
     sk = m["meta.tasks_skipped"]
     for task in ("pretext", "svm2d", "retrieval2d", "crossmodal"):
         assert "no images" in sk[task], task
@@ -206,12 +218,13 @@ def test_points_only_dataset_skips_image_tasks(points_store, run_dir, tmp_path, 
 
 def test_tasks_run_one_at_a_time_are_merged(points_store, run_dir, tmp_path, loaded):
     out = tmp_path / "r"
-    evaluate(run_dir, points_store, tasks=["svm"], out=out, loaded=loaded, device="cpu", progress=False)
-    m = evaluate(run_dir, points_store, tasks=["retrieval"], out=out, loaded=loaded, device="cpu", progress=False)
+    cfg = EvaluateConfig(run=run_dir, data=points_store, tasks=["svm"], out=out, device="cpu")
+    evaluate(cfg, loaded=loaded, progress=False)
+    m = evaluate(replace(cfg, tasks=["retrieval"]), loaded=loaded, progress=False)
     assert "svm3d.accuracy" in m and "retrieval3d.top1" in m
     assert m["meta.tasks_run"] == ["svm", "retrieval"]
     # another seed is another evaluation: it replaces the file
-    m = evaluate(run_dir, points_store, tasks=["retrieval"], out=out, loaded=loaded, device="cpu", progress=False, seed=1)
+    m = evaluate(replace(cfg, tasks=["retrieval"], seed=1), loaded=loaded, progress=False)
     assert "svm3d.accuracy" not in m
 
 
@@ -281,17 +294,48 @@ def test_report_table4_face_accuracy_and_one_shape_per_category():
 
 def test_partseg_runs_on_a_part_labelled_store(tmp_path, run_dir, loaded):
     pytest.importorskip("xmodal.eval.partseg")
-    splits = {"train": _split(3, 4, images=False), "test": _split(2, 5, images=False)}
-    for sp in splits.values():  # two parts per class: the upper and lower half of each cloud
-        sp["point_labels"] = (2 * sp["labels"][:, None] + (sp["points"][..., 2] > 0)).astype(np.int16)
-    parts = [f"{c}/{p}" for c in CLASSES for p in ("bottom", "top")]
-    root = tmp_path / "parts"
-    write_store(root, classes=CLASSES, splits=splits, part_names=parts)
-    m = evaluate(
-        run_dir, root, tasks=["partseg"], out=tmp_path / "r", loaded=loaded, device="cpu", progress=False,
-        partseg_kwargs={"settings": ("frozen",), "fractions": (1.0,), "epochs": 1, "batch_size": 4},
+    root = _part_labelled_store(tmp_path / "parts")
+    cfg = EvaluateConfig(
+        run=run_dir, data=root, tasks=["partseg"], out=tmp_path / "r", device="cpu",
+        partseg=PartSegConfig(settings=["frozen"], fractions=[1.0], epochs=1, batch_size=4),
     )
+    m = evaluate(cfg, loaded=loaded, progress=False)
     for k in ("oa", "class_miou", "instance_miou"):
         assert 0.0 <= m[f"partseg.frozen.100.{k}"] <= 1.0
     report = (tmp_path / "r" / "report.md").read_text()
     assert "| frozen | 100% |" in report and "CM-CV-Frozen" in report
+
+
+def test_registry_prefixes_cover_every_key_a_task_writes(image_store, run_dir, tmp_path, loaded, monkeypatch):
+    """Each task writes only under its registry prefixes (what a merge replaces), and each task
+    with prefixes writes something."""
+    from xmodal.eval.context import EvalContext
+    from xmodal.eval.tasks import TASKS, get_task
+
+    written = []
+    real_put = EvalContext.put
+    monkeypatch.setattr(EvalContext, "put", lambda self, k, v: written.append((self.task, k)) or real_put(self, k, v))
+    cfg = EvaluateConfig(
+        run=run_dir, data=image_store, out=tmp_path / "r", views=[1, 3], device="cpu",
+        fewshot=FewShotConfig(settings=[(2, 3)], episodes=2), partseg_data=_part_labelled_store(tmp_path / "parts"),
+        partseg=PartSegConfig(settings=["frozen"], fractions=[1.0], epochs=1, batch_size=4),
+    )
+    m = evaluate(cfg, loaded=loaded, progress=False)
+    assert m["meta.tasks_run"] == [t.name for t in TASKS] and not m["meta.tasks_skipped"]
+    for task, key in written:
+        assert key.startswith(get_task(task).prefixes), (task, key)
+    assert {t for t, _ in written} == {t.name for t in TASKS if t.prefixes}
+    assert m["meta.figures"]["Fig. 3 — t-SNE of features"] == "tsne.png"  # tsne writes a figure, no keys
+
+
+def test_evaluate_writes_its_resolved_config_beside_the_report(points_store, run_dir, tmp_path, loaded):
+    from xmodal.config import load_config
+    from xmodal.eval.runner import CONFIG_NAME
+
+    cfg = EvaluateConfig(run=run_dir, data=points_store, tasks=["svm"], out=tmp_path / "r", device="cpu",
+                         seed=3, svm=SvmConfig(cs=[0.01, 1.0]))
+    m = evaluate(cfg, loaded=loaded, progress=False)
+    saved = load_config(EvaluateConfig, tmp_path / "r" / CONFIG_NAME)
+    assert saved == cfg and saved.out == str(tmp_path / "r")
+    assert m["meta.svm_Cs"] == [0.01, 1.0] and m["svm3d.C"] in (0.01, 1.0)
+    assert not list((tmp_path / "r").glob(".*"))

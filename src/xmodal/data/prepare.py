@@ -35,25 +35,30 @@ from typing import Any, Optional
 
 import numpy as np
 
+from xmodal.config import save_config
 from xmodal.data.geometry import normalize_unit_sphere
 from xmodal.data.store import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     PLAN_NAME,
     failed_relpath,
+    StoreContents,
     make_manifest,
     shard_relpath,
     write_shard,
 )
+from xmodal.data.prepare_config import PrepareConfig
 from xmodal.data.types import Item, Mesh, MeshError, PointCloud, Source
-from xmodal.errors import PrepareError
+from xmodal.errors import ConfigError, PrepareError
 from xmodal.utils.io import read_json, write_json
 
-__all__ = ["prepare", "object_seeds", "PrepareError"]
+__all__ = ["prepare", "object_seeds", "PrepareConfig", "PrepareError", "CONFIG_NAME"]
 
 log = logging.getLogger(__name__)
 
 _SPLIT_ORDER = {"train": 0, "test": 1}
+#: the resolved config, written beside the dataset
+CONFIG_NAME = "prepare.yaml"
 
 
 def object_seeds(seed: int, object_id: str) -> tuple[int, int]:
@@ -64,24 +69,6 @@ def object_seeds(seed: int, object_id: str) -> tuple[int, int]:
     ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32(object_id.encode("utf-8"))])
     a, b = ss.generate_state(2)
     return int(a), int(b)
-
-
-def _check_args(views, points, image_size, workers, chunk_size, test_ratio, oversample) -> None:
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(msg)
-
-    for name, val in (("views", views), ("points", points), ("image_size", image_size), ("workers", workers),
-                      ("chunk_size", chunk_size), ("oversample", oversample)):
-        need(isinstance(val, (int, np.integer)) and not isinstance(val, bool),
-             f"{name} must be an integer, got {val!r}")
-    need(views >= 0, f"views must be >= 0 (0: no images), got {views}")
-    need(points > 0, f"points must be > 0, got {points}")
-    need(16 <= image_size <= 4096, f"image_size must be in [16, 4096] pixels, got {image_size}")
-    need(workers >= 1, f"workers must be >= 1, got {workers}")
-    need(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
-    need(oversample >= 1, f"oversample must be >= 1, got {oversample}")
-    need(0.0 <= float(test_ratio) < 1.0, f"test_ratio must be in [0, 1), got {test_ratio}")
 
 
 # --------------------------------------------------------------------------- per object
@@ -303,79 +290,43 @@ def _remove_stale_temps(out: Path) -> None:
 # --------------------------------------------------------------------------- job
 
 
-def prepare(
-    source: "str | os.PathLike | Source",
-    out: "str | os.PathLike",
-    *,
-    views: int = 12,
-    points: int = 2048,
-    image_size: int = 224,
-    workers: int = 1,
-    seed: int = 0,
-    grayscale: bool = True,
-    chunk_size: int = 32,
-    test_ratio: float = 0.2,
-    render_points: bool = True,
-    oversample: int = 8,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Render views and sample point clouds of every object of ``source`` into the store ``out``.
-
-    Args:
-        source: a spec for :func:`xmodal.data.sources.open_source` (``"builtin:shapes"``,
-            a mesh folder, a ModelNet40 HDF5 folder) or a :class:`~xmodal.data.types.Source`.
-        out: dataset folder to create (or to resume).
-        views: V images per object (0: points only).
-        points: N points per cloud.
-        image_size: S, side of the square images in pixels.
-        workers: processes (1: in this process).
-        seed: seed of the cameras and point sampling (per object: ``(seed, id)``), and of
-            the train/test split of sources without one.
-        grayscale: 1-channel images (the paper's renders); False stores RGB ``(V, S, S, 3)``.
-        chunk_size: objects per shard (the unit of resumption and of parallel work).
-        test_ratio: held-out fraction for sources without a split.
-        render_points: for point-cloud sources, render splat images of the points
-            (otherwise such a store has no images).
-        oversample: surface candidates per output point before farthest point sampling.
-        overwrite: replace an existing store made with other settings.
-        progress: show a progress bar (objects, objects/s, failures).
-
-    Returns:
-        The manifest (also written to ``out/manifest.json``, last).
-
-    Raises:
-        ValueError: bad arguments.
-        PrepareError: ``out`` holds a store or plan made with other settings and
-            ``overwrite`` is False.
-    """
-    _check_args(views, points, image_size, workers, chunk_size, test_ratio, oversample)
-    out = Path(out)
-    if isinstance(source, Source):
+def _open(cfg: PrepareConfig, source: Optional[Source]) -> tuple[Source, Optional[str]]:
+    """The source to prepare and its spec (None for a :class:`Source` object)."""
+    if source is not None:
+        if cfg.source:
+            raise ConfigError(f"source: both a spec ({cfg.source!r}) and a Source object were given; give one")
         src, spec = source, None
     else:
         from xmodal.data.sources import open_source
 
-        spec = os.fspath(source)
-        src = open_source(spec, seed=seed, test_ratio=test_ratio)
+        cfg.require_paths()
+        src, spec = open_source(cfg.source, seed=cfg.seed, test_ratio=cfg.test_ratio), cfg.source
     if src.kind not in ("mesh", "points"):
         raise ValueError(f"source kind must be 'mesh' or 'points', got {src.kind!r}")
-    effective_views = views if (src.kind == "mesh" or render_points) else 0
-    if views and not effective_views:
+    return src, spec
+
+
+def _settings(cfg: PrepareConfig, src: Source) -> dict:
+    """The build settings recorded in ``plan.json`` and the manifest (a resume must match them)."""
+    effective_views = cfg.views if (src.kind == "mesh" or cfg.render_points) else 0
+    if cfg.views and not effective_views:
         log.info("render_points=False with a point-cloud source: the store will have no images")
-    settings = {
-        "views": int(views),
+    return {
+        "views": int(cfg.views),
         "effective_views": int(effective_views),
-        "points": int(points),
-        "image_size": int(image_size),
-        "grayscale": bool(grayscale),
-        "seed": int(seed),
-        "chunk_size": int(chunk_size),
-        "test_ratio": float(test_ratio),
-        "render_points": bool(render_points),
-        "oversample": int(oversample),
+        "points": int(cfg.points),
+        "image_size": int(cfg.image_size),
+        "grayscale": bool(cfg.grayscale),
+        "seed": int(cfg.seed),
+        "chunk_size": int(cfg.chunk_size),
+        "test_ratio": float(cfg.test_ratio),
+        "render_points": bool(cfg.render_points),
+        "oversample": int(cfg.oversample),
     }
-    source_desc = {**src.describe(), **({"spec": spec} if spec is not None else {})}
+
+
+def _make_plan(src: Source, spec: Optional[str], settings: dict) -> tuple[dict, dict[str, list[Item]]]:
+    """The plan (settings, source, classes, object list) and the items per split."""
     classes = [str(c) for c in src.classes]
     items = _plan_items(src)
     unknown = sorted({it.label for its in items.values() for it in its} - set(classes))
@@ -384,11 +335,15 @@ def prepare(
     plan = {
         "format_version": FORMAT_VERSION,
         "settings": settings,
-        "source": source_desc,
+        "source": {**src.describe(), **({"spec": spec} if spec is not None else {})},
         "classes": classes,
         "items": {s: [_item_record(it) for it in its] for s, its in items.items()},
     }
+    return plan, items
 
+
+def _claim_output(out: Path, plan: dict, overwrite: bool) -> None:
+    """Check that ``out`` is new, or holds this plan (a resume), or may be overwritten; write the plan."""
     plan_path = out / PLAN_NAME
     if out.exists() and not out.is_dir():
         raise PrepareError(f"{out}: output exists and is not a folder")
@@ -415,12 +370,47 @@ def prepare(
     if not plan_path.is_file():
         write_json(plan_path, plan)
 
+
+def _pending_chunks(out: Path, items: dict[str, list[Item]], chunk_size: int) -> list[tuple[str, int, list[Item]]]:
+    """``(split, chunk, items)`` of every chunk whose shard is not written yet."""
     tasks = []
     for split, its in items.items():
         for c in range(0, max(len(its), 1), chunk_size):
             chunk_items = its[c : c + chunk_size]
             if chunk_items and not (out / shard_relpath(split, c // chunk_size)).is_file():
                 tasks.append((split, c // chunk_size, chunk_items))
+    return tasks
+
+
+def prepare(cfg: PrepareConfig, *, source: Optional[Source] = None, progress: bool = True) -> dict:
+    """Render views and sample point clouds of every object of ``cfg.source`` into the store ``cfg.out``.
+
+    Args:
+        cfg: what to prepare and how (:class:`~xmodal.data.prepare_config.PrepareConfig`):
+            ``source`` (a spec for :func:`xmodal.data.sources.open_source`), ``out`` (the
+            dataset folder to create or resume), views, points, image size, ... The resolved
+            config is written to ``out/prepare.yaml``.
+        source: a :class:`~xmodal.data.types.Source` object to prepare instead of opening
+            ``cfg.source`` (which must then be empty).
+        progress: show a progress bar (objects, objects/s, failures).
+
+    Returns:
+        The manifest (also written to ``out/manifest.json``, last).
+
+    Raises:
+        ConfigError: a bad setting, or a missing ``source`` / ``out``.
+        PrepareError: ``out`` holds a store or plan made with other settings and
+            ``cfg.overwrite`` is False.
+    """
+    cfg.validate()
+    cfg.require_paths(source=source is None)
+    out = Path(cfg.out)
+    src, spec = _open(cfg, source)
+    settings = _settings(cfg, src)
+    plan, items = _make_plan(src, spec, settings)
+    _claim_output(out, plan, cfg.overwrite)
+    save_config(cfg, out / CONFIG_NAME)
+    tasks = _pending_chunks(out, items, cfg.chunk_size)
     if tasks:
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # no longer describes a complete store
         _remove_stale_temps(out)
@@ -428,10 +418,8 @@ def prepare(
         if n_done_before:
             log.info("resuming %s: %d objects already prepared", out, n_done_before)
         has_pl = src.part_names is not None
-        _execute(tasks, src, settings, out, classes, has_pl, workers=workers, progress=progress)
-
-    manifest = _finalize(out, items, plan, src)
-    return manifest
+        _execute(tasks, src, settings, out, plan["classes"], has_pl, workers=cfg.workers, progress=progress)
+    return _finalize(out, items, plan, src)
 
 
 def _execute(tasks, src, settings, out, classes, has_pl, *, workers: int, progress: bool) -> None:
@@ -534,16 +522,15 @@ def _finalize(out: Path, items: dict[str, list[Item]], plan: dict, src: Source) 
                 failed.extend(read_json(fpath))
         counts[split] = sum(sizes[split])
     s = plan["settings"]
+    contents = StoreContents(
+        views=s["effective_views"], points=s["points"], image_size=s["image_size"], grayscale=s["grayscale"],
+        up_axis=src.up_axis, part_names=src.part_names,
+    )
     manifest = make_manifest(
         classes=plan["classes"],
         counts=counts,
         shards=shards,
-        views=s["effective_views"],
-        points=s["points"],
-        image_size=s["image_size"],
-        grayscale=s["grayscale"],
-        up_axis=src.up_axis,
-        part_names=src.part_names,
+        contents=contents,
         source=plan["source"],
         settings=s,
         failed=failed,

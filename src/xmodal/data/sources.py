@@ -327,7 +327,6 @@ class ModelNetH5Source(Source):
     def __init__(self, root: "str | os.PathLike", *, seed: int = 0, test_ratio: float = 0.2):
         super().__init__()
         _check_ratio(test_ratio)
-        h5py = require("h5py", "reading ModelNet40 HDF5 files")
         self.root = Path(root)
         self.seed = int(seed)
         self.test_ratio = float(test_ratio)
@@ -337,41 +336,8 @@ class ModelNetH5Source(Source):
         files = {s: self._split_files(s) for s in SPLIT_DIRS}
         if not files["train"] and not files["test"]:
             raise ValueError(f"no ply_data_train*.h5 or ply_data_test*.h5 files in {str(self.root)!r}; {ACCEPTED_FORMS}")
-
-        names_file = self.root / "shape_names.txt"
-        raw_names: Optional[list[str]] = None
-        if names_file.is_file():
-            raw_names = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
-            if len(set(raw_names)) != len(raw_names):
-                raise ValueError(f"{names_file}: duplicate class names")
-
-        # (split, file, row, raw label, original id or None)
-        rows: list[tuple[str, Path, int, int, Optional[str]]] = []
-        self.num_points = None
-        for split in SPLIT_DIRS:
-            for f in files[split]:
-                with h5py.File(f, "r") as h5:
-                    if "data" not in h5 or "label" not in h5:
-                        raise ValueError(f"{f}: expected datasets 'data' and 'label', found {sorted(h5.keys())}")
-                    shape = h5["data"].shape
-                    labels = np.asarray(h5["label"][...]).reshape(-1).astype(np.int64)
-                if len(shape) != 3 or shape[2] != 3:
-                    raise ValueError(f"{f}: dataset 'data' must have shape (N, P, 3), got {shape}")
-                if len(labels) != shape[0]:
-                    raise ValueError(f"{f}: 'label' has {len(labels)} rows but 'data' has {shape[0]}")
-                if self.num_points is None:
-                    self.num_points = int(shape[1])
-                elif shape[1] != self.num_points:
-                    raise ValueError(f"{f}: {shape[1]} points per shape, other files have {self.num_points}")
-                if labels.size and labels.min() < 0:
-                    raise ValueError(f"{f}: negative class label {labels.min()}")
-                if raw_names is not None and labels.size and labels.max() >= len(raw_names):
-                    raise ValueError(
-                        f"{f}: class label {labels.max()} out of range for the {len(raw_names)} names in {names_file}"
-                    )
-                orig = self._original_ids(f, len(labels))
-                rows += [(split, f, r, int(lab), orig[r] if orig else None) for r, lab in enumerate(labels)]
-
+        raw_names = self._read_names()
+        rows = self._read_rows(files, raw_names)
         if raw_names is None:
             n_cls = max(lab for *_, lab, _ in rows) + 1 if rows else 0
             raw_names = [f"class_{i:02d}" for i in range(n_cls)]
@@ -382,7 +348,62 @@ class ModelNetH5Source(Source):
         if self.held_out:
             is_test = stratified_holdout(np.array([lab for *_, lab, _ in rows]), self.test_ratio, seed=self.seed)
             rows = [("test" if t else s, f, r, lab, o) for (s, f, r, lab, o), t in zip(rows, is_test)]
+        self.items = self._make_items(rows, raw_names)
+        # labels of load_all() index self.classes (sorted), whatever the order of shape_names.txt
+        self._label_index = {n: i for i, n in enumerate(self.classes)}
+        self.description = self._describe()
+        self._handles: dict[str, object] = {}
+        self._blocks: dict[str, tuple[int, np.ndarray]] = {}
+        self._pid = os.getpid()
 
+    def _read_names(self) -> Optional[list[str]]:
+        """Class names of ``shape_names.txt`` in file order (index = stored label), or None without it."""
+        names_file = self.root / "shape_names.txt"
+        if not names_file.is_file():
+            return None
+        raw_names = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
+        if len(set(raw_names)) != len(raw_names):
+            raise ValueError(f"{names_file}: duplicate class names")
+        return raw_names
+
+    def _read_rows(self, files: dict, raw_names: Optional[list[str]]) -> list[tuple]:
+        """``(split, file, row, raw label, original id or None)`` of every row; checks the files
+        and sets ``num_points``."""
+        h5py = require("h5py", "reading ModelNet40 HDF5 files")
+        rows: list[tuple[str, Path, int, int, Optional[str]]] = []
+        self.num_points = None
+        for split in SPLIT_DIRS:
+            for f in files[split]:
+                with h5py.File(f, "r") as h5:
+                    if "data" not in h5 or "label" not in h5:
+                        raise ValueError(f"{f}: expected datasets 'data' and 'label', found {sorted(h5.keys())}")
+                    shape = h5["data"].shape
+                    labels = np.asarray(h5["label"][...]).reshape(-1).astype(np.int64)
+                self._check_file(f, shape, labels, raw_names)
+                orig = self._original_ids(f, len(labels))
+                rows += [(split, f, r, int(lab), orig[r] if orig else None) for r, lab in enumerate(labels)]
+        return rows
+
+    def _check_file(self, f: Path, shape: tuple, labels: np.ndarray, raw_names: Optional[list[str]]) -> None:
+        if len(shape) != 3 or shape[2] != 3:
+            raise ValueError(f"{f}: dataset 'data' must have shape (N, P, 3), got {shape}")
+        if len(labels) != shape[0]:
+            raise ValueError(f"{f}: 'label' has {len(labels)} rows but 'data' has {shape[0]}")
+        if self.num_points is None:
+            self.num_points = int(shape[1])
+        elif shape[1] != self.num_points:
+            raise ValueError(f"{f}: {shape[1]} points per shape, other files have {self.num_points}")
+        if labels.size and labels.min() < 0:
+            raise ValueError(f"{f}: negative class label {labels.min()}")
+        if raw_names is not None and labels.size and labels.max() >= len(raw_names):
+            raise ValueError(
+                f"{f}: class label {labels.max()} out of range for the {len(raw_names)} names in "
+                f"{self.root / 'shape_names.txt'}"
+            )
+
+    @staticmethod
+    def _make_items(rows: list, raw_names: list[str]) -> list[Item]:
+        """One item per row, train before test; ids from the original shape ids where known."""
         ids, alts = [], []
         for split, f, r, lab, orig in rows:
             name = raw_names[lab]
@@ -391,26 +412,23 @@ class ModelNetH5Source(Source):
             alts.append(f"{name}/{split}/{stem}__{f.stem}_{r:05d}")
         ids = _unique_ids(ids, alts)
         order = {s: i for i, s in enumerate(SPLIT_DIRS)}
-        self.items = [
+        return [
             Item(id=i, label=raw_names[lab], split=s, path=str(f), index=r)
             for i, (s, f, r, lab, _) in sorted(zip(ids, rows), key=lambda t: order[t[1][0]])
         ]
-        # labels of load_all() index self.classes (sorted), whatever the order of shape_names.txt
-        self._label_index = {n: i for i, n in enumerate(self.classes)}
 
+    def _describe(self) -> str:
         counts = {s: sum(it.split == s for it in self.items) for s in SPLIT_DIRS}
-        self.description = (
+        description = (
             f"ModelNet40 HDF5 points in {self.root}: {len(self.classes)} classes, {self.num_points} points, "
             f"{counts['train']} train / {counts['test']} test"
         )
         if self.held_out:
-            self.description += (
+            description += (
                 f"; no test file: test is a stratified held-out {self.test_ratio:g} of the train files "
                 f"(seed {self.seed})"
             )
-        self._handles: dict[str, object] = {}
-        self._blocks: dict[str, tuple[int, np.ndarray]] = {}
-        self._pid = os.getpid()
+        return description
 
     # ---------------------------------------------------------------- discovery helpers
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -51,6 +52,7 @@ __all__ = [
     "failed_relpath",
     "write_shard",
     "read_shard",
+    "StoreContents",
     "make_manifest",
     "write_store",
     "ShapeStore",
@@ -208,33 +210,46 @@ def read_shard(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise StoreError(f"{path}: cannot read shard ({exc})") from exc
 
 
+@dataclass(frozen=True)
+class StoreContents:
+    """What every object of a store holds, as the manifest records it."""
+
+    #: V stored views (0: no images)
+    views: int
+    #: N points per cloud
+    points: int
+    #: S, the image side in pixels (None without images)
+    image_size: Optional[int]
+    grayscale: bool = True
+    #: the up axis of the clouds and renders
+    up_axis: str = "z"
+    #: global part names when clouds carry per-point part labels, else None
+    part_names: Optional[Sequence[str]] = None
+
+
 def make_manifest(
     *,
     classes: Sequence[str],
     counts: Mapping[str, int],
     shards: Mapping[str, Sequence[str]],
-    views: int,
-    points: int,
-    image_size: Optional[int],
-    grayscale: bool = True,
-    up_axis: str = "z",
-    part_names: Optional[Sequence[str]] = None,
+    contents: StoreContents,
     source: Any = None,
     settings: Optional[dict] = None,
     failed: Optional[list] = None,
     shard_sizes: Optional[Mapping[str, Sequence[int]]] = None,
 ) -> dict:
     """Assemble a manifest dict with every contract key (plus ``shard_sizes``)."""
+    c = contents
     man = {
         "format_version": FORMAT_VERSION,
-        "classes": [str(c) for c in classes],
+        "classes": [str(name) for name in classes],
         "counts": {str(s): int(n) for s, n in counts.items()},
-        "views": int(views),
-        "points": int(points),
-        "image_size": None if image_size is None else int(image_size),
-        "grayscale": bool(grayscale),
-        "up_axis": str(up_axis),
-        "part_names": None if part_names is None else [str(p) for p in part_names],
+        "views": int(c.views),
+        "points": int(c.points),
+        "image_size": None if c.image_size is None else int(c.image_size),
+        "grayscale": bool(c.grayscale),
+        "up_axis": str(c.up_axis),
+        "part_names": None if c.part_names is None else [str(p) for p in c.part_names],
         "source": source,
         "settings": dict(settings or {}),
         "failed": list(failed or []),
@@ -305,12 +320,14 @@ def write_store(
         classes=classes,
         counts=counts,
         shards=shards,
-        views=views or 0,
-        points=points or 0,
-        image_size=image_size if image_size is not None else settings.get("image_size"),
-        grayscale=is_gray if grayscale is None else grayscale,
-        up_axis=up_axis,
-        part_names=part_names,
+        contents=StoreContents(
+            views=views or 0,
+            points=points or 0,
+            image_size=image_size if image_size is not None else settings.get("image_size"),
+            grayscale=is_gray if grayscale is None else grayscale,
+            up_axis=up_axis,
+            part_names=part_names,
+        ),
         source=source,
         settings=settings,
         failed=failed,
@@ -787,12 +804,10 @@ def _open_points_h5(path: Path, *, seed: int, test_ratio: float) -> ShapeStore:
         classes=src.classes,
         counts={s: len(a["labels"]) for s, a in arrays.items()},
         shards={s: [] for s in arrays},
-        views=0,
-        points=n_points,
-        image_size=None,
-        grayscale=True,
-        up_axis=getattr(src, "up_axis", "y"),
-        part_names=getattr(src, "part_names", None),
+        contents=StoreContents(
+            views=0, points=n_points, image_size=None, grayscale=True,
+            up_axis=getattr(src, "up_axis", "y"), part_names=getattr(src, "part_names", None),
+        ),
         source=src.describe() if hasattr(src, "describe") else str(path),
         settings={"seed": seed, "test_ratio": test_ratio, "in_memory": True},
     )

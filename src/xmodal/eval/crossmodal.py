@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from xmodal.eval.context import TEST
 from xmodal.utils.device import module_device
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "select_gallery",
     "rank_retrieval",
     "crossmodal_metrics",
+    "crossmodal_task",
 ]
 
 DEFAULT_KS = (1, 5, 10)
@@ -148,3 +150,22 @@ def crossmodal_metrics(
         "shape2img": rank_retrieval(s.T, lab, lab, ks=ks),
         "gallery_size": int(keep.size),
     }
+
+
+def crossmodal_task(ctx) -> None:
+    """The ``crossmodal`` task on one network: :func:`crossmodal_metrics` of one seeded random
+    view and the point cloud of each test object (at most ``cfg.crossmodal.max_gallery``)."""
+    img = ctx.cache.views(TEST, max(ctx.views))[:, 0]  # one seeded random view per object
+    res = crossmodal_metrics(
+        ctx.loaded.pair_classifier,
+        img,
+        ctx.cache.points(TEST),
+        ctx.test_labels(),
+        max_gallery=ctx.cfg.crossmodal.max_gallery,
+        seed=ctx.seed,
+        device=ctx.device,
+    )
+    for d in ("img2shape", "shape2img"):
+        for k, v in res[d].items():
+            ctx.put(f"crossmodal.{d}.{k}", v)
+    ctx.put("crossmodal.gallery_size", res["gallery_size"])

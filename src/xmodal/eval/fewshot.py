@@ -26,7 +26,9 @@ from typing import Iterable
 
 import numpy as np
 
-__all__ = ["DEFAULT_SETTINGS", "Episode", "parse_setting", "sample_episodes", "fewshot_eval"]
+from xmodal.eval.context import NO_IMAGES, TEST
+
+__all__ = ["DEFAULT_SETTINGS", "Episode", "parse_setting", "sample_episodes", "fewshot_eval", "fewshot_task"]
 
 #: (N ways, K shots) evaluated by default
 DEFAULT_SETTINGS = ((5, 10), (5, 20), (10, 10), (10, 20))
@@ -131,3 +133,26 @@ def fewshot_eval(
             accs.append(float(np.mean(model.predict(feats[ep.query]) == labels[ep.query])))
         out[name] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "episodes": len(accs)}
     return out
+
+
+def fewshot_task(ctx) -> None:
+    """The ``fewshot`` task on one network: :func:`fewshot_eval` (``cfg.fewshot``) of the test
+    split's 3D features and of its 2D features max-pooled over ``max(ctx.views)`` views."""
+    opts = ctx.cfg.fewshot
+    sources = [("3d", ctx.cache.points(TEST))]
+    if ctx.has_images:
+        sources.append(("2d", ctx.cache.pooled(TEST, max(ctx.views))))
+    else:
+        ctx.skip("fewshot2d", NO_IMAGES)
+    skipped = {}
+    for dim, feats in sources:
+        res = fewshot_eval(feats, ctx.test_labels(), settings=[tuple(s) for s in opts.settings], n_query=opts.query,
+                           n_episodes=opts.episodes, seed=ctx.seed)
+        for name, r in res.items():
+            if "skipped" in r:
+                skipped[f"fewshot{dim}.{name}"] = r["skipped"]
+                continue
+            ctx.put(f"fewshot{dim}.{name}.mean", r["mean"])
+            ctx.put(f"fewshot{dim}.{name}.std", r["std"])
+    for k, v in skipped.items():
+        ctx.skip(k, v)

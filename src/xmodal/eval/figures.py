@@ -13,17 +13,21 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from xmodal.eval.context import NO_IMAGES, TEST
+from xmodal.eval.features import effective_views, pool_views
 from xmodal.utils.io import atomic_path, read_jsonl
 
 __all__ = [
-    "top_classes", "tsne_embed", "tsne_figure", "smooth", "training_curves_figure", "CURVE_KEYS",
-    "validation_curve_figure", "VALIDATION_PANELS",
+    "top_classes", "tsne_embed", "tsne_figure", "smooth", "training_curves_figure", "CURVE_KEYS", "TSNE_VIEWS",
+    "validation_curve_figure", "VALIDATION_PANELS", "tsne_task",
 ]
 
 log = logging.getLogger(__name__)
 
 #: the metrics.jsonl fields drawn by :func:`training_curves_figure`
 CURVE_KEYS = ("loss", "triplet", "cross", "cm_acc")
+#: Fig. 3 view counts (capped at the dataset's V, deduplicated)
+TSNE_VIEWS = (1, 4, 8, 80)
 
 
 def _figure(width: float, height: float):
@@ -223,3 +227,26 @@ def validation_curve_figure(metrics_jsonl: str | os.PathLike, path: str | os.Pat
                 ax.legend(fontsize=8, title="dotted: random init", title_fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def tsne_task(ctx) -> None:
+    """The ``tsne`` task (Fig. 3) on one network: a t-SNE panel of the test split's 2D features
+    for each view count of :data:`TSNE_VIEWS` and one of its 3D features, drawn to
+    ``tsne.png`` (``tsne_random_init.png`` for the baseline)."""
+    y = ctx.test_labels()
+    if y.shape[0] < 3:
+        ctx.skip("tsne", "the test split has fewer than 3 objects")
+        return
+    panels = []
+    if ctx.has_images:
+        tv = effective_views(TSNE_VIEWS, ctx.cache.num_views)
+        feats = ctx.cache.views(TEST, max(max(tv), max(ctx.views)))
+        panels += [(f"images, v = {v}", pool_views(feats, v)) for v in tv]
+    else:
+        ctx.skip("tsne2d", NO_IMAGES)
+    panels.append(("point clouds", ctx.cache.points(TEST)))
+    suffix = " (random init)" if ctx.is_baseline else ""
+    name = "tsne_random_init.png" if ctx.is_baseline else "tsne.png"
+    title = "t-SNE of test features" + suffix
+    path = tsne_figure(panels, y, ctx.store.classes, ctx.out / name, seed=ctx.seed, title=title)
+    ctx.add_figure("Fig. 3 — t-SNE of features" + suffix, path)

@@ -12,8 +12,9 @@ train split and evaluated once on the test split:
 Optimisation follows §4.1: Adam, learning rate 0.003, multiplied by 0.1 every 20 epochs
 (``step_epochs``/``gamma``). Cross-entropy over all parts; at evaluation the prediction of a
 point is the arg-max over the parts of its object's category only (the benchmark protocol).
-The number of epochs is not given in the paper; it is an argument. The val split is never
-used to choose anything (it can be logged with ``val_every``).
+The number of epochs is not given in the paper; it is a setting, like every other choice of
+the protocol (:class:`~xmodal.eval.config.PartSegConfig`, ``partseg.*`` of an evaluation). The
+val split is never used to choose anything (it can be logged with ``val_every``).
 
 Metrics (:func:`partseg_metrics`, the standard ShapeNet-Part definitions): for each shape, the
 IoU of every part of *its* category (a part absent from both the prediction and the ground
@@ -39,6 +40,10 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from xmodal.data.shapenetpart import PartSegSplit, ShapeFaces, load_partseg, stratified_subset
+from xmodal.eval.config import PARTSEG_FRACTIONS as FRACTIONS
+from xmodal.eval.config import PARTSEG_SETTINGS as SETTINGS
+from xmodal.eval.config import PartSegConfig
+from xmodal.eval.context import TEST, TRAIN
 from xmodal.utils.device import default_device
 
 __all__ = [
@@ -56,15 +61,14 @@ __all__ = [
     "predict_partseg",
     "evaluate_partseg",
     "run_partseg",
+    "partseg_task",
     "percent_key",
 ]
 
 log = logging.getLogger(__name__)
 
-SETTINGS = ("frozen", "finetune", "scratch")
 #: metric keys of each setting and fraction (``face_accuracy`` only for data sampled from meshes)
 METRICS = ("oa", "class_miou", "instance_miou", "face_accuracy")
-FRACTIONS = (0.02, 0.2, 1.0)
 _PRETRAINED_SETTINGS = ("frozen", "finetune")
 
 
@@ -309,40 +313,60 @@ def _epoch_batches(n: int, batch_size: int, gen) -> list:
     return batches
 
 
+def _train_epoch(model, opt, data: tuple, cfg: PartSegConfig, gen) -> dict:
+    """One epoch over ``data`` = (points, seg, category) tensors; ``{"loss", "acc"}`` averaged over points."""
+    torch = _torch()
+    import torch.nn.functional as F
+
+    points, seg, cat = data
+    tot_loss = tot_correct = tot_points = 0.0
+    for idx in _epoch_batches(points.shape[0], cfg.batch_size, gen):
+        idx = idx.to(points.device)
+        pts = points[idx]
+        if cfg.augment:
+            pts = _augment(pts, gen)
+        logits = model(pts, cat[idx])
+        target = seg[idx]
+        loss = F.cross_entropy(logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            tot_loss += float(loss) * target.numel()
+            tot_correct += float((logits.argmax(1) == target).sum())
+            tot_points += target.numel()
+    return {"loss": tot_loss / tot_points, "acc": tot_correct / tot_points}
+
+
 def train_partseg(
     model,
     train: PartSegSplit,
+    cfg: Optional[PartSegConfig] = None,
     *,
-    epochs: int = 100,
-    batch_size: int = 16,
-    lr: float = 0.003,
-    step_epochs: int = 20,
-    gamma: float = 0.1,
-    weight_decay: float = 0.0,
-    augment: bool = True,
     seed: int = 0,
     device=None,
     progress: bool = True,
     desc: str = "partseg",
     log_path: Optional[str | os.PathLike] = None,
     val: Optional[PartSegSplit] = None,
-    val_every: int = 0,
     category_parts: Optional[Sequence[Sequence[int]]] = None,
 ) -> list[dict]:
     """Train ``model`` (a :class:`~xmodal.models.partseg.PartSegNet`) on ``train``.
 
-    Adam on the parameters that require gradients, StepLR(``step_epochs``, ``gamma``) per epoch,
-    point-wise cross-entropy. Shuffling and augmentation are seeded; dropout draws from the
-    global torch RNG (callers fork and seed it, as :func:`run_partseg` does). With ``val`` and
-    ``val_every > 0`` the val metrics are logged every ``val_every`` epochs (logging only).
-    Returns the per-epoch records (also appended to ``log_path``, a JSON-lines file).
+    ``cfg`` (default :class:`~xmodal.eval.config.PartSegConfig`) gives the optimisation: Adam on
+    the parameters that require gradients, StepLR(``step_epochs``, ``gamma``) per epoch,
+    point-wise cross-entropy, ``epochs`` epochs of ``batch_size``. Shuffling and augmentation
+    are seeded; dropout draws from the global torch RNG (callers fork and seed it, as
+    :func:`run_partseg` does). With ``val`` and ``cfg.val_every > 0`` the val metrics are
+    logged every ``val_every`` epochs (logging only). Returns the per-epoch records (also
+    appended to ``log_path``, a JSON-lines file).
     """
     torch = _torch()
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     from xmodal.utils.io import append_jsonl
 
+    cfg = PartSegConfig() if cfg is None else cfg
     if train.n == 0:
         raise ValueError("empty training split")
     device = default_device(device)
@@ -350,46 +374,22 @@ def train_partseg(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(step_epochs)), gamma=gamma)
-    points = torch.from_numpy(train.points).to(device)
-    seg = torch.from_numpy(train.seg).to(device)
-    cat = torch.from_numpy(train.category).to(device)
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(cfg.step_epochs)), gamma=cfg.gamma)
+    data = tuple(torch.from_numpy(a).to(device) for a in (train.points, train.seg, train.category))
     gen = torch.Generator().manual_seed(int(seed))
     history = []
-    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
         model.train()
         t0 = time.perf_counter()
-        tot_loss = tot_correct = tot_points = 0.0
-        for idx in _epoch_batches(train.n, batch_size, gen):
-            idx = idx.to(device)
-            pts = points[idx]
-            if augment:
-                pts = _augment(pts, gen)
-            logits = model(pts, cat[idx])
-            target = seg[idx]
-            loss = F.cross_entropy(logits, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                tot_loss += float(loss) * target.numel()
-                tot_correct += float((logits.argmax(1) == target).sum())
-                tot_points += target.numel()
-        rec = {
-            "epoch": epoch + 1,
-            "loss": tot_loss / tot_points,
-            "acc": tot_correct / tot_points,
-            "lr": opt.param_groups[0]["lr"],
-            "n_train": train.n,
-            "time": time.perf_counter() - t0,
-        }
+        rec = {"epoch": epoch + 1, **_train_epoch(model, opt, data, cfg, gen), "lr": opt.param_groups[0]["lr"],
+               "n_train": train.n, "time": time.perf_counter() - t0}
         sched.step()
-        if val is not None and val.n and val_every > 0 and (epoch + 1) % val_every == 0:
+        if val is not None and val.n and cfg.val_every > 0 and (epoch + 1) % cfg.val_every == 0:
             if category_parts is None:
                 raise ValueError("val logging needs category_parts")
-            m = evaluate_partseg(model, val, category_parts, batch_size=max(batch_size, 16), device=device)
+            m = evaluate_partseg(model, val, category_parts, batch_size=max(cfg.batch_size, 16), device=device)
             rec.update({f"val_{k}": v for k, v in m.items() if k != "per_category"})
         history.append(rec)
         if log_path is not None:
@@ -449,13 +449,35 @@ def _scratch_encoder(pretrained, loaded, encoder_factory, seed: int):
         return create_point_encoder("dgcnn")
 
 
-def _setting_encoder(setting: str, pretrained, pretrained_state, loaded, encoder_factory, seed: int):
-    """A fresh Fp for ``setting``: the scratch encoder, or a copy of the pre-trained one."""
-    if setting == "scratch":
-        return _scratch_encoder(pretrained, loaded, encoder_factory, seed)
-    encoder = copy.deepcopy(pretrained).cpu()
-    encoder.load_state_dict(pretrained_state)
-    return encoder
+class _Encoders:
+    """Where each setting's Fp comes from: a copy of the pre-trained one, or a fresh one."""
+
+    def __init__(self, run: Any, encoder_factory: Optional[Callable[[], Any]]):
+        self.pretrained, self.loaded = _pretrained_encoder(run)
+        self.factory = encoder_factory
+        self.state = None
+        if self.pretrained is not None:
+            self.state = {k: v.detach().cpu().clone() for k, v in self.pretrained.state_dict().items()}
+        # an Fp pre-trained with frozen BatchNorm statistics is fine-tuned the same way
+        run_cfg = getattr(self.loaded, "config", None)
+        self.held_bn = run_cfg is not None and run_cfg.model.freeze_point_bn
+
+    def runnable(self, settings: Sequence[str]) -> list[str]:
+        """``settings`` less those that need a pre-trained Fp when there is none."""
+        if self.pretrained is not None:
+            return list(settings)
+        skipped = [s for s in settings if s in _PRETRAINED_SETTINGS]
+        if skipped:
+            log.info("no pre-trained run: skipping part-segmentation settings %s", skipped)
+        return [s for s in settings if s not in _PRETRAINED_SETTINGS]
+
+    def for_setting(self, setting: str, seed: int):
+        """A fresh Fp for ``setting``: the scratch encoder, or a copy of the pre-trained one."""
+        if setting == "scratch":
+            return _scratch_encoder(self.pretrained, self.loaded, self.factory, seed)
+        encoder = copy.deepcopy(self.pretrained).cpu()
+        encoder.load_state_dict(self.state)
+        return encoder
 
 
 def _subset_record(pct: str, fraction: float, train_all: PartSegSplit, n_train: int, category_names) -> dict:
@@ -471,46 +493,85 @@ def _subset_record(pct: str, fraction: float, train_all: PartSegSplit, n_train: 
     return {f"partseg.{pct}.n_train": int(n_train), f"partseg.{pct}.one_per_category": bool(short.size)}
 
 
+class _Table4:
+    """One Table 4 protocol run: trains and tests one setting on one training subset at a time."""
+
+    def __init__(self, cfg: PartSegConfig, data, encoders: _Encoders, *, seed: int, device, progress: bool,
+                 log_dir: Optional[Path]):
+        self.cfg, self.data, self.encoders = cfg, data, encoders
+        self.seed, self.device, self.progress, self.log_dir = seed, device, progress, log_dir
+
+    def _log_path(self, setting: str, pct: str) -> Optional[Path]:
+        if self.log_dir is None:
+            return None
+        path = self.log_dir / f"partseg_{setting}_{pct}.jsonl"
+        path.unlink(missing_ok=True)
+        return path
+
+    def run(self, setting: str, pct: str, sub: PartSegSplit) -> dict:
+        """Metrics of ``setting`` trained on ``sub`` and tested on the test split."""
+        torch = _torch()
+        from xmodal.models.partseg import PartSegNet
+        from xmodal.utils.io import append_jsonl
+
+        cfg, data, seed = self.cfg, self.data, self.seed
+        log_path = self._log_path(setting, pct)
+        with _fork_rng(self.device):
+            torch.manual_seed(seed)
+            encoder = self.encoders.for_setting(setting, seed)
+            torch.manual_seed(seed)
+            model = PartSegNet(
+                encoder, data.num_parts, data.num_categories,
+                use_category=cfg.use_category, dropout=cfg.dropout, freeze_encoder=(setting == "frozen"),
+                freeze_encoder_bn=(setting == "finetune" and self.encoders.held_bn),
+            )
+            train_partseg(
+                model, sub, cfg, seed=seed, device=self.device, progress=self.progress,
+                desc=f"partseg {setting} {pct}%", log_path=log_path, val=data.splits.get("val"),
+                category_parts=data.category_parts,
+            )
+        test = data.split("test")
+        metrics = evaluate_partseg(
+            model, test, data.category_parts, category_names=data.category_names,
+            batch_size=cfg.eval_batch_size, device=self.device,
+        )
+        if log_path is not None:
+            append_jsonl(log_path, {"split": "test", "n_test": test.n, **metrics})
+        log.info(
+            "partseg %s %s%%: oa %.4f class mIoU %.4f instance mIoU %.4f (train %d, test %d)",
+            setting, pct, metrics["oa"], metrics["class_miou"], metrics["instance_miou"], sub.n, test.n,
+        )
+        return metrics
+
+
 def run_partseg(
+    cfg: Optional[PartSegConfig],
     run: Any,
     data: Any,
     *,
-    settings: Sequence[str] = SETTINGS,
-    fractions: Sequence[float] = FRACTIONS,
-    epochs: int = 100,
-    batch_size: int = 16,
-    lr: float = 0.003,
-    step_epochs: int = 20,
-    gamma: float = 0.1,
-    num_points: Optional[int] = None,
     seed: int = 0,
     device=None,
     progress: bool = True,
     log_dir: Optional[str | os.PathLike] = None,
     encoder_factory: Optional[Callable[[], Any]] = None,
-    weight_decay: float = 0.0,
-    augment: bool = True,
-    use_category: bool = True,
-    dropout: float = 0.5,
-    eval_batch_size: int = 32,
-    val_every: int = 0,
 ) -> dict:
     """Table 4: train and test :class:`~xmodal.models.partseg.PartSegNet` per setting and fraction.
 
     Args:
+        cfg: the protocol (:class:`~xmodal.eval.config.PartSegConfig`; None: its defaults):
+            settings (subset of ``("frozen", "finetune", "scratch")``), fractions of the train
+            split (seeded, stratified by category; the same subset for every setting; a category
+            the fraction would leave without a shape takes one, :func:`short_categories`, and the
+            results say so), the optimisation (§4.1 defaults), ``num_points`` (resample every
+            shape to this many points, seeded; None keeps the data's).
         run: a run directory (pre-trained Fp via :func:`xmodal.api.load_run`), a ``LoadedRun``,
             a point-encoder module, or None (then only ``scratch`` runs; the others are skipped).
         data: anything :func:`xmodal.data.shapenetpart.load_partseg` accepts; needs ``train``
             and ``test`` splits.
-        settings: subset of ``("frozen", "finetune", "scratch")``.
-        fractions: fractions of the train split (seeded, stratified by category; the same subset
-            for every setting). A category the fraction would leave without a shape takes one
-            (:func:`short_categories`), and the results say so.
-        epochs, batch_size, lr, step_epochs, gamma, weight_decay: optimisation (§4.1 defaults).
-        num_points: resample every shape to this many points (seeded) before training and
-            testing; None keeps the data's.
         seed: seeds the subsets, the head and scratch-encoder initialisation, shuffling,
             augmentation and dropout.
+        device: torch device (default: cuda when available).
+        progress: progress bars.
         log_dir: when given, per-epoch records go to ``partseg_<setting>_<percent>.jsonl``,
             followed by one final ``{"split": "test", ...}`` record with per-category mIoU.
         encoder_factory: no-argument callable building a fresh encoder for ``scratch``
@@ -525,66 +586,44 @@ def run_partseg(
         ``partseg.<percent>.one_per_category`` (bool, True when a category took one shape
         because the fraction would have left it none).
     """
-    torch = _torch()
-    from xmodal.models.partseg import PartSegNet
-    from xmodal.utils.io import append_jsonl
-
-    bad = [s for s in settings if s not in SETTINGS]
-    if bad:
-        raise ValueError(f"unknown part-segmentation settings {bad}; choose from {SETTINGS}")
+    cfg = PartSegConfig() if cfg is None else cfg
+    cfg.validate()
     device = default_device(device)
-    data = load_partseg(data, num_points=num_points, seed=seed)
-    train_all, test = data.split("train"), data.split("test")
-    val = data.splits.get("val")
-    pretrained, loaded = _pretrained_encoder(run)
-    if pretrained is None:
-        skipped = [s for s in settings if s in _PRETRAINED_SETTINGS]
-        if skipped:
-            log.info("no pre-trained run: skipping part-segmentation settings %s", skipped)
-        settings = [s for s in settings if s not in _PRETRAINED_SETTINGS]
-    # an Fp pre-trained with frozen BatchNorm statistics is fine-tuned the same way
-    run_cfg = getattr(loaded, "config", None)
-    held_bn = run_cfg is not None and run_cfg.model.freeze_point_bn
-    pretrained_state = None if pretrained is None else {k: v.detach().cpu().clone() for k, v in pretrained.state_dict().items()}
+    data = load_partseg(data, num_points=cfg.num_points, seed=seed)
+    train_all = data.split("train")
+    data.split("test")  # both splits are needed: fail before any training
+    encoders = _Encoders(run, encoder_factory)
+    settings = encoders.runnable(cfg.settings)
     if log_dir is not None:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-
+    table = _Table4(cfg, data, encoders, seed=seed, device=device, progress=progress,
+                    log_dir=None if log_dir is None else Path(log_dir))
     results: dict[str, Any] = {}
-    for fraction in fractions:
+    for fraction in cfg.fractions:
         pct = percent_key(fraction)
         sub = train_all.subset(stratified_subset(train_all.category, fraction, seed=seed))
         results.update(_subset_record(pct, fraction, train_all, sub.n, data.category_names))
         for setting in settings:
-            log_path = None
-            if log_dir is not None:
-                log_path = Path(log_dir) / f"partseg_{setting}_{pct}.jsonl"
-                log_path.unlink(missing_ok=True)
-            with _fork_rng(device):
-                torch.manual_seed(seed)
-                encoder = _setting_encoder(setting, pretrained, pretrained_state, loaded, encoder_factory, seed)
-                torch.manual_seed(seed)
-                model = PartSegNet(
-                    encoder, data.num_parts, data.num_categories,
-                    use_category=use_category, dropout=dropout, freeze_encoder=(setting == "frozen"),
-                    freeze_encoder_bn=(setting == "finetune" and held_bn),
-                )
-                train_partseg(
-                    model, sub,
-                    epochs=epochs, batch_size=batch_size, lr=lr, step_epochs=step_epochs, gamma=gamma,
-                    weight_decay=weight_decay, augment=augment, seed=seed, device=device,
-                    progress=progress, desc=f"partseg {setting} {pct}%", log_path=log_path,
-                    val=val, val_every=val_every, category_parts=data.category_parts,
-                )
-            metrics = evaluate_partseg(
-                model, test, data.category_parts, category_names=data.category_names,
-                batch_size=eval_batch_size, device=device,
-            )
+            metrics = table.run(setting, pct, sub)
             results.update({f"partseg.{setting}.{pct}.{k}": metrics[k] for k in METRICS if k in metrics})
-            if log_path is not None:
-                append_jsonl(log_path, {"split": "test", "n_test": test.n, **metrics})
-            log.info(
-                "partseg %s %s%%: oa %.4f class mIoU %.4f instance mIoU %.4f (train %d, test %d)",
-                setting, pct, metrics["oa"], metrics["class_miou"], metrics["instance_miou"], sub.n, test.n,
-            )
-            del model, encoder
     return results
+
+
+def partseg_task(ctx) -> None:
+    """The ``partseg`` task (Table 4) on the run: :func:`run_partseg` with ``cfg.partseg`` on
+    ``cfg.partseg_data``, or on the dataset itself when it has part labels; per-epoch logs in
+    ``OUT/partseg/``."""
+    target = ctx.cfg.partseg_data
+    if target is None:
+        store = ctx.store
+        has_parts = store.part_names is not None and all(
+            store.split(s).has_point_labels for s in (TRAIN, TEST) if s in store.splits
+        )
+        if not has_parts:
+            ctx.skip("partseg", f"{ctx.cfg.data} has no part labels; pass partseg_data (e.g. a ShapeNet-Part folder)")
+            return
+        target = store
+    res = run_partseg(ctx.cfg.partseg, ctx.loaded, target, seed=ctx.seed, device=ctx.device, progress=ctx.progress,
+                      log_dir=ctx.out / "partseg")
+    for k, v in res.items():
+        ctx.put(k, v)

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from xmodal.eval.context import TEST
 from xmodal.utils.device import module_device
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "cross_modal_accuracy",
     "pair_distance_stats",
     "pretext_metrics",
+    "pretext_task",
 ]
 
 #: pairs per test object, for each kind of pair (paper: "ten times the test split")
@@ -182,3 +184,23 @@ def pretext_metrics(
         cv = dict.fromkeys(("pos_mean", "pos_std", "neg_mean", "neg_std"), float("nan"))
     out.update({f"cv_{k}": v for k, v in cv.items()})
     return out
+
+
+def pretext_task(ctx) -> None:
+    """The ``pretext`` task (Table 1) on one network: :func:`pretext_metrics` on the test split,
+    views drawn from each object's pool of ``max(ctx.views)`` cached views."""
+    if ctx.store.split(TEST).n < 2:
+        ctx.skip("pretext", "the test split has fewer than 2 objects")
+        return
+    pool = max(ctx.views)
+    res = pretext_metrics(
+        ctx.loaded.pair_classifier,
+        ctx.cache.views(TEST, pool),
+        ctx.cache.points(TEST),
+        seed=ctx.seed,
+        device=ctx.device,
+    )
+    for k, v in res.items():
+        ctx.put(f"pretext.{k}", v)
+    if pool < 2:
+        ctx.skip("pretext.cross_view", "cross-view pairs need at least 2 stored views per object")

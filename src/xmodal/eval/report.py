@@ -7,6 +7,10 @@ atomically. Every table shows, per number: ours, the random-initialisation
 baseline (``baseline.random.<key>``) and the difference when the baseline was
 evaluated, and the paper's value (:mod:`xmodal.eval.paper_numbers`, in %)
 where the paper reports one. Missing numbers are shown as ``–``.
+
+After the setup, the sections are those of the tasks of :mod:`xmodal.eval.tasks`
+(:func:`~xmodal.eval.tasks.report_tasks`: the paper's tables in order, then the others), each
+rendered by the ``section_*`` function its registry entry names; figures come last.
 """
 
 from __future__ import annotations
@@ -19,11 +23,22 @@ from typing import Any, Mapping, Optional, Sequence
 
 from xmodal.eval import paper_numbers as P
 from xmodal.eval.descriptors import D2_BINS, D2_PAIRS
-from xmodal.eval.retrieval import PSB_STATS
-from xmodal.eval.runner import D2_PREFIX
+from xmodal.eval.retrieval import D2_PREFIX, PSB_STATS
+from xmodal.eval.tasks import report_tasks
 from xmodal.utils.io import atomic_write
 
-__all__ = ["TABLE_HEADERS", "render_report", "write_report"]
+__all__ = [
+    "TABLE_HEADERS",
+    "ReportMetrics",
+    "render_report",
+    "write_report",
+    "section_table1",
+    "section_table2",
+    "section_table3",
+    "section_table4",
+    "section_fewshot",
+    "section_crossmodal",
+]
 
 #: section headers of the report (tests check that each is present)
 TABLE_HEADERS = (
@@ -80,7 +95,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-class _Metrics:
+class ReportMetrics:
+    """The flat metrics of an evaluation as a report section reads them: ours, the baseline's, ``meta.*``."""
+
     def __init__(self, metrics: Mapping[str, Any]):
         self.m = dict(metrics)
         self.has_base = any(k.startswith(BASE) for k in self.m)
@@ -106,13 +123,13 @@ class _Metrics:
         return [name] + (["random init", "Δ"] if self.has_base else [])
 
 
-def _skipped(m: _Metrics, *tasks: str) -> Optional[str]:
+def _skipped(m: ReportMetrics, *tasks: str) -> Optional[str]:
     sk = m.get("meta.tasks_skipped") or {}
     reasons = [f"`{t}`: {sk[t]}" for t in tasks if t in sk]
     return "; ".join(reasons) if reasons else None
 
 
-def _section_setup(m: _Metrics, figures: Mapping[str, str]) -> list[str]:
+def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
     meta = {k[5:]: v for k, v in m.m.items() if k.startswith("meta.")}
     lines = ["## Setup", ""]
     ds = meta.get("dataset") or {}
@@ -191,7 +208,7 @@ def _section_setup(m: _Metrics, figures: Mapping[str, str]) -> list[str]:
     return lines + [""]
 
 
-def _setup_retrieval(m: _Metrics) -> list[str]:
+def _setup_retrieval(m: ReportMetrics) -> list[str]:
     """Setup lines describing the retrieval protocol, its PSB statistics and the D2 reference."""
     lines = [
         "- **retrieval (Table 3)**: every test object queries a gallery of the other test objects (itself "
@@ -213,7 +230,7 @@ def _setup_retrieval(m: _Metrics) -> list[str]:
     return lines
 
 
-def _section_table1(m: _Metrics) -> list[str]:
+def section_table1(m: ReportMetrics) -> list[str]:
     lines = [
         "## Table 1 — pretext task: cross-modality accuracy and cross-view pair distance",
         "",
@@ -244,7 +261,7 @@ def _section_table1(m: _Metrics) -> list[str]:
     return lines
 
 
-def _views_in(m: _Metrics, prefix: str) -> list[int]:
+def _views_in(m: ReportMetrics, prefix: str) -> list[int]:
     vs = set()
     pat = re.compile(re.escape(prefix) + r"(\d+)(\.|$)")
     for k in m.m:
@@ -256,7 +273,7 @@ def _views_in(m: _Metrics, prefix: str) -> list[int]:
     return sorted(vs)
 
 
-def _section_table2(m: _Metrics) -> list[str]:
+def section_table2(m: ReportMetrics) -> list[str]:
     lines = ["## Table 2 — 2D and 3D shape recognition (linear SVM on frozen features)", ""]
     if not (m.has("svm2d.") or m.has("svm3d.")):
         why = _skipped(m, "svm")
@@ -285,7 +302,7 @@ def _section_table2(m: _Metrics) -> list[str]:
     return lines + [""]
 
 
-def _section_table3(m: _Metrics) -> list[str]:
+def section_table3(m: ReportMetrics) -> list[str]:
     ks = P.TABLE3_KS
     lines = ["## Table 3 — 2D and 3D shape retrieval (top-K accuracy, %)", ""]
     if not (m.has("retrieval2d.") or m.has("retrieval3d.")):
@@ -326,7 +343,7 @@ def _section_table3(m: _Metrics) -> list[str]:
     return lines + [""] + _psb_table(m)
 
 
-def _psb_table(m: _Metrics) -> list[str]:
+def _psb_table(m: ReportMetrics) -> list[str]:
     """The PSB statistics (NN, FT, ST, E, DCG) of 3D, the D2 reference and each 2D view count."""
     sets = [("Fp", "—", "retrieval3d")] + [("Fimg", str(v), f"retrieval2d.{v}") for v in _views_in(m, "retrieval2d.")]
     rows = []
@@ -356,7 +373,7 @@ def _percent_label(p: str) -> str:
     return f"{v * 100:g}%" if v < 1 else f"{v:g}%"
 
 
-def _one_per_category_notes(m: _Metrics) -> dict[str, str]:
+def _one_per_category_notes(m: ReportMetrics) -> dict[str, str]:
     """``{percent: note}`` for the training fractions that gave a category one shape it would not have had."""
     notes = {}
     for k, v in m.m.items():
@@ -370,7 +387,7 @@ def _one_per_category_notes(m: _Metrics) -> dict[str, str]:
     return notes
 
 
-def _section_table4(m: _Metrics) -> list[str]:
+def section_table4(m: ReportMetrics) -> list[str]:
     lines = ["## Table 4 — 3D part segmentation (ShapeNet-Part protocol)", ""]
     pat = re.compile(r"^partseg\.([^.]+)\.([^.]+)\.(oa|class_miou|instance_miou|face_accuracy)$")
     found: dict[tuple[str, str], dict[str, Any]] = {}
@@ -435,7 +452,7 @@ def _section_table4(m: _Metrics) -> list[str]:
     return lines
 
 
-def _section_fewshot(m: _Metrics) -> list[str]:
+def section_fewshot(m: ReportMetrics) -> list[str]:
     lines = ["## Few-shot linear evaluation (beyond the paper)", ""]
     pat = re.compile(r"^fewshot(2d|3d)\.(\d+w\d+s)\.mean$")
     settings: dict[str, set] = {}
@@ -479,7 +496,7 @@ def _section_fewshot(m: _Metrics) -> list[str]:
     return lines + [""]
 
 
-def _section_crossmodal(m: _Metrics) -> list[str]:
+def section_crossmodal(m: ReportMetrics) -> list[str]:
     lines = ["## Cross-modal retrieval (beyond the paper)", ""]
     if not m.has("crossmodal."):
         why = _skipped(m, "crossmodal")
@@ -517,16 +534,12 @@ def _section_figures(figures: Mapping[str, str]) -> list[str]:
 
 def render_report(metrics: Mapping[str, Any], *, figures: Optional[Mapping[str, str]] = None, title: str = "xmodal evaluation report") -> str:
     """Markdown text of the report. figures: ``{caption: path relative to the report}``."""
-    m = _Metrics(metrics)
+    m = ReportMetrics(metrics)
     figures = dict(figures or {})
     lines = [f"# {title}", ""]
     lines += _section_setup(m, figures)
-    lines += _section_table1(m)
-    lines += _section_table2(m)
-    lines += _section_table3(m)
-    lines += _section_table4(m)
-    lines += _section_fewshot(m)
-    lines += _section_crossmodal(m)
+    for task in report_tasks():
+        lines += task.section_function()(m)
     lines += _section_figures(figures)
     return "\n".join(lines).rstrip() + "\n"
 

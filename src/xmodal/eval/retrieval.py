@@ -38,6 +38,9 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from xmodal.data.psb import MISC_CLASS
+from xmodal.eval.context import NO_IMAGES, TEST
+from xmodal.eval.descriptors import d2_descriptor
+from xmodal.eval.features import pool_views
 
 __all__ = [
     "DEFAULT_KS",
@@ -49,9 +52,14 @@ __all__ = [
     "retrieval_metrics",
     "psb_query_mask",
     "psb_statistics",
+    "D2_PREFIX",
+    "retrieval_scores",
+    "retrieval_task",
 ]
 
 DEFAULT_KS = (1, 5, 10, 20, 50)
+#: metric-key prefix of the non-learned D2 reference (not a network: never under baseline.random.)
+D2_PREFIX = "reference.d2."
 #: keys of :func:`psb_statistics`, in psbTable's column order
 PSB_STATS = ("nn", "ft", "st", "e", "dcg")
 #: class names never used as queries by default: the PSB's miscellaneous class ("-1",
@@ -214,3 +222,33 @@ def psb_statistics(
         sums["dcg"] += ((rel @ weight) / ideal[c1 - 1]).sum()
     n_queries = int(is_query.sum())
     return {k: float(v / n_queries) if n_queries else float("nan") for k, v in sums.items()}
+
+
+def retrieval_scores(feats: np.ndarray, y: np.ndarray, ks: Sequence[int], class_names: Sequence[str]) -> dict:
+    """Top-K, mAP and the PSB statistics of one feature set: ``{name: value}``."""
+    return {**retrieval_metrics(feats, y, ks=ks), **psb_statistics(feats, y, class_names=class_names)}
+
+
+def retrieval_task(ctx) -> None:
+    """The ``retrieval`` task (Table 3) on one network: :func:`retrieval_scores` of the test
+    split's 3D features and of its 2D features for each view count of ``ctx.views`` (top-K for
+    ``cfg.retrieval.ks``); once, beside the run's keys, the D2 reference (``reference.d2.``)."""
+    y = ctx.test_labels()
+    if y.shape[0] < 2:
+        ctx.skip("retrieval", "the test split has fewer than 2 objects")
+        return
+    ks = tuple(int(k) for k in ctx.cfg.retrieval.ks)
+    names = ctx.store.classes
+    for k, v in retrieval_scores(ctx.cache.points(TEST), y, ks, names).items():
+        ctx.put(f"retrieval3d.{k}", v)
+    if not ctx.is_baseline:  # the reference does not depend on the network
+        d2 = d2_descriptor(ctx.store.split(TEST).all_points(), seed=ctx.seed)
+        for k, v in retrieval_scores(d2, y, ks, names).items():
+            ctx.put(f"{D2_PREFIX}retrieval3d.{k}", v)
+    if not ctx.has_images:
+        ctx.skip("retrieval2d", NO_IMAGES)
+        return
+    feats = ctx.cache.views(TEST, max(ctx.views))
+    for v in ctx.views:
+        for k, val in retrieval_scores(pool_views(feats, v), y, ks, names).items():
+            ctx.put(f"retrieval2d.{v}.{k}", val)

@@ -26,7 +26,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["DEFAULT_CS", "make_linear_svm", "cv_folds", "select_C", "linear_svm_eval"]
+from xmodal.eval.context import NO_IMAGES, TEST, TRAIN
+from xmodal.eval.features import pool_views
+
+__all__ = ["DEFAULT_CS", "make_linear_svm", "cv_folds", "select_C", "linear_svm_eval", "svm_task"]
 
 log = logging.getLogger(__name__)
 
@@ -156,3 +159,25 @@ def linear_svm_eval(
     accuracy = float(np.mean(model.predict(tx) == ty))
     log.info("linear SVM: C=%g (cv %s), test accuracy %.4f", chosen, cv_score, accuracy)
     return {"accuracy": accuracy, "C": chosen, "cv_score": cv_score, "folds": k}
+
+
+def svm_task(ctx) -> None:
+    """The ``svm`` task (Table 2) on one network: :func:`linear_svm_eval` of the 3D features and
+    of the 2D features max-pooled over each view count of ``ctx.views`` (C grid ``cfg.svm.cs``)."""
+    if TRAIN not in ctx.store.splits:
+        ctx.skip("svm", f"the dataset has no '{TRAIN}' split to fit the SVM on")
+        return
+    cs = tuple(ctx.cfg.svm.cs)
+    ytr, yte = ctx.store.split(TRAIN).labels, ctx.test_labels()
+    r = linear_svm_eval(ctx.cache.points(TRAIN), ytr, ctx.cache.points(TEST), yte, Cs=cs, seed=ctx.seed)
+    for k in ("accuracy", "C", "cv_score", "folds"):
+        ctx.put(f"svm3d.{k}", r[k])
+    if not ctx.has_images:
+        ctx.skip("svm2d", NO_IMAGES)
+        return
+    vmax = max(ctx.views)
+    ftr, fte = ctx.cache.views(TRAIN, vmax), ctx.cache.views(TEST, vmax)
+    for v in ctx.views:
+        r = linear_svm_eval(pool_views(ftr, v), ytr, pool_views(fte, v), yte, Cs=cs, seed=ctx.seed)
+        for k in ("accuracy", "C", "cv_score", "folds"):
+            ctx.put(f"svm2d.{k}.{v}", r[k])
