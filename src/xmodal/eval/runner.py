@@ -138,18 +138,25 @@ def _evaluate_networks(cfg: EvaluateConfig, tasks: list[EvalTask], loaded, store
 
 
 def _curves_figure(run_dir: Path, out: Path) -> dict:
-    """``{"Training curves": file name}`` when the run has a metrics log, else ``{}``."""
-    from xmodal.eval.figures import training_curves_figure
+    """``{caption: file name}`` of the run's training curves and, when it logged one, its
+    learning curve on held-out training objects (``val.every`` > 0); ``{}`` without a metrics log."""
+    from xmodal.eval.figures import training_curves_figure, validation_curve_figure
 
     curves = run_dir / "metrics.jsonl"
     if not curves.is_file():
         return {}
-    try:
-        path = training_curves_figure(curves, out / "training_curves.png")
-    except (ValueError, OSError) as exc:
-        log.warning("%s: training curves not drawn (%s)", curves, exc)
-        return {}
-    return {} if path is None else {"Training curves": path.name}
+    figures = {}
+    drawers = (("Training curves", training_curves_figure, "training_curves.png"),
+               ("Learning curve on held-out training objects", validation_curve_figure, "learning_curve.png"))
+    for caption, draw, name in drawers:
+        try:
+            path = draw(curves, out / name)
+        except (ValueError, OSError) as exc:
+            log.warning("%s: %s not drawn (%s)", curves, caption.lower(), exc)
+            continue
+        if path is not None:
+            figures[caption] = path.name
+    return figures
 
 
 def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], device: str, tasks: list[str], skipped: dict,
