@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from xmodal import __version__
+from xmodal.config import list_presets
 from xmodal.errors import Interrupted, TrainingDiverged, XmodalError
 from xmodal.eval.tasks import TASK_NAMES
 
@@ -172,8 +173,12 @@ def _add_pretrain(sub) -> None:
     )
     p.add_argument("--data", required=True, type=Path, help="dataset folder written by 'xmodal prepare'")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
-    p.add_argument("--preset", default=None, help="paper | cpu | smoke | path/to/config.yaml (default: paper; on --resume: the run's saved config)")
+    p.add_argument("--preset", default=None, help=f"{' | '.join(list_presets('pretrain'))} | path/to/config.yaml "
+                   "(default: paper; on --resume: the run's saved config)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="with --resume: accept a --data other than the dataset the run was trained on "
+                   "(its settings must still match)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys for nested fields")
     p.set_defaults(handler=_run_pretrain)
@@ -187,7 +192,8 @@ def _run_pretrain(args) -> int:
     cfg = resolve_pretrain_config(preset, args.overrides, run=args.out, resume=args.resume)
     if args.print_config:
         return _print_config(cfg)
-    summary = pretrain(args.data, args.out, cfg, resume=args.resume, progress=not args.quiet)
+    summary = pretrain(args.data, args.out, cfg, resume=args.resume, progress=not args.quiet,
+                       allow_other_data=args.allow_other_data)
     if summary:
         print(f"run written to {args.out}")
     return 0

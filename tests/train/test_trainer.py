@@ -228,3 +228,22 @@ def test_freeze_point_bn_run_keeps_fp_statistics_and_trains_its_affine(data, tmp
     assert any(not torch.equal(m.weight, torch.ones_like(m.weight)) for m in fp_bns)
     assert any(not torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in img_bns)
     assert np.isfinite(_losses(out)).all()
+
+
+def test_resume_on_another_dataset_folder_needs_consent(data, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    pretrain(data, out, _cfg("iterations=3"), progress=False)
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    with pytest.raises(ConfigError, match="was trained on .*data.*, not on .*copy") as info:
+        pretrain(copy, out, _cfg("iterations=4"), resume=True, progress=False)
+    assert "--allow-other-data" in info.value.hint
+    s = pretrain(copy, out, _cfg("iterations=4"), resume=True, progress=False, allow_other_data=True)
+    assert s["start_step"] == 3 and s["steps"] == 4
+    assert read_json(out / "run.json")["dataset"] == str(copy.resolve())
+    other = tmp_path / "other"
+    _store(other, n=5)  # other settings (object count) are refused even with consent
+    with pytest.raises(ConfigError, match="trained on other data"):
+        pretrain(other, out, _cfg("iterations=5"), resume=True, progress=False, allow_other_data=True)

@@ -58,7 +58,8 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([int(seed), 0x7874, int(step), int(rank)]).generate_state(1)[0])
 
 
-def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = False, progress: bool = True) -> dict:
+def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = False, progress: bool = True,
+             allow_other_data: bool = False) -> dict:
     """Pre-train Fimg, Fp and Ff on the dataset ``data``, writing the run folder ``out``.
 
     Args:
@@ -66,7 +67,10 @@ def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = 
         out: run folder; must not hold a run unless ``resume``.
         cfg: settings (default: ``PretrainConfig()``, the paper's).
         resume: continue from ``out/checkpoints/last.*`` (exactly; only ``iterations`` and the
-            keys in :data:`xmodal.train.config.RESUME_MUTABLE_KEYS` may change).
+            keys in :data:`xmodal.train.config.RESUME_MUTABLE_KEYS` may change) on the dataset the
+            run was trained on.
+        allow_other_data: with ``resume``, accept a dataset folder other than the run's (its
+            settings must still match).
         progress: tqdm progress bar (rank 0).
 
     Returns a summary dict: ``steps``, ``start_step``, ``final`` (the last metrics record),
@@ -92,7 +96,8 @@ def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = 
     lock = output_lock(out, "pretrain") if ctx.is_main else contextlib.nullcontext()
     try:
         with lock, StopRequest() as stop:
-            return _Trainer(store, data, Path(out), cfg, ctx, resume=resume).run(progress=progress, stop=stop)
+            trainer = _Trainer(store, data, Path(out), cfg, ctx, resume=resume, allow_other_data=allow_other_data)
+            return trainer.run(progress=progress, stop=stop)
     finally:
         if store is not data:
             store.close()
@@ -102,7 +107,8 @@ def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = 
 class _Trainer:
     """One call of :func:`pretrain`: set-up in ``__init__``, then :meth:`run`."""
 
-    def __init__(self, store, data, out: Path, cfg: PretrainConfig, ctx: DistContext, *, resume: bool) -> None:
+    def __init__(self, store, data, out: Path, cfg: PretrainConfig, ctx: DistContext, *, resume: bool,
+                 allow_other_data: bool = False) -> None:
         self.store, self.out, self.cfg, self.ctx = store, out, cfg, ctx
         self.data_spec = getattr(store, "root", None) or data
         if cfg.data.split not in store.splits:
@@ -115,7 +121,7 @@ class _Trainer:
         self.ckpt = check_run_dir(out, cfg, resume)
         barrier(ctx)  # every process has checked the folder before rank 0 writes into it
         self.fingerprint = data_fingerprint(store, cfg.data.split, n_train)
-        check_resume_data(self.ckpt, self.fingerprint, data)
+        check_resume_data(self.ckpt, self.fingerprint, self.data_spec, out=out, allow_other_data=allow_other_data)
         self.start = self.ckpt.step if self.ckpt is not None else 0
         self.net = build_training_model(cfg, ctx)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.net)
