@@ -30,7 +30,7 @@ PAPER = {
             "rotate": True, "jitter_sigma": 0.02, "jitter_clip": None},
     "val": {"every": 0, "fraction": 0.1, "views": 12, "folds": 3, "Cs": (0.001, 0.01, 0.1)},
     "iterations": 120000, "batch_size": 32, "log_every": 10, "checkpoint_every": 2000, "seed": 0,
-    "device": "auto", "amp": "off",
+    "device": "auto", "amp": "off", "compile": False,
 }
 
 

@@ -247,3 +247,17 @@ def test_resume_on_another_dataset_folder_needs_consent(data, tmp_path):
     _store(other, n=5)  # other settings (object count) are refused even with consent
     with pytest.raises(ConfigError, match="trained on other data"):
         pretrain(other, out, _cfg("iterations=5"), resume=True, progress=False, allow_other_data=True)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(data, tmp_path):
+    """compile=true runs the same steps through torch.compile: the same losses up to float rounding."""
+    # a small learning rate keeps the smoke dynamics from amplifying rounding differences
+    base = ("iterations=3", "checkpoint_every=3", "optim.lr=1e-5")
+    eager = pretrain(data, tmp_path / "eager", _cfg(*base), progress=False)
+    compiled = pretrain(data, tmp_path / "compiled", _cfg(*base, "compile=true"), progress=False)
+    assert compiled["steps"] == 3
+    np.testing.assert_allclose(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rtol=1e-2, atol=1e-3)
+    enc = read_json(tmp_path / "compiled" / "encoders.json")
+    assert not any("_orig_mod" in k for k in load_checkpoint(tmp_path / "compiled").tensors)  # plain keys
+    assert enc["step"] == 3 and eager["steps"] == 3

@@ -48,6 +48,7 @@ Options beyond the paper (each off in ``paper``; the measurements behind them ar
 * ``optim.point_lr_scale`` (1 = the paper's single learning rate): Fp's learning rate relative
   to the other networks'.
 * ``amp`` ("off" = the paper's float32): mixed precision.
+* ``compile`` (off): ``torch.compile`` of the training forward.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ CROSS_PAIRS = ("sample", "batch", "batch-bce")
 #: dotted keys that may change between a run and its ``--resume`` (they do not change the result
 #: of a step, or, for ``iterations``, only extend the schedule)
 RESUME_MUTABLE_KEYS = frozenset(
-    {"iterations", "checkpoint_every", "device", "data.workers", "data.prefetch_factor"}
+    {"iterations", "checkpoint_every", "device", "data.workers", "data.prefetch_factor", "compile"}
 )
 
 
@@ -336,6 +337,10 @@ class PretrainConfig:
     #: mixed precision: "off" (float32, the default), "auto" (bf16 on CUDA when supported, else
     #: fp16; float32 on the CPU), "bf16" (CUDA or CPU autocast) or "fp16" (CUDA, with a gradient scaler)
     amp: Literal["auto", "bf16", "fp16", "off"] = "off"
+    #: run the training forward through ``torch.compile`` (fused kernels; a speed option that
+    #: changes results only by float rounding). The first steps pay the compilation (about a
+    #: minute on 2 CPU cores); see docs/EXPERIMENTS.md for the measured gain
+    compile: bool = False
 
     def validate(self) -> None:
         for sec in (self.model, self.data, self.loss, self.optim, self.aug, self.val):

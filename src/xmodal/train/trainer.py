@@ -156,11 +156,15 @@ class _Trainer:
         barrier(self.ctx)
 
     def _model(self) -> nn.Module:
-        if not self.ctx.distributed:
-            return self.net
-        dev = self.ctx.device
-        return DistributedDataParallel(self.net, device_ids=[dev.index] if dev.type == "cuda" else None,
-                   find_unused_parameters=not self.cfg.loss.use_cross_modal)
+        """The module the steps call: the networks, inside DDP under torchrun, compiled on request.
+
+        Checkpoints and validation use ``self.net`` itself (the same parameters)."""
+        model: nn.Module = self.net
+        if self.ctx.distributed:
+            dev = self.ctx.device
+            model = DistributedDataParallel(self.net, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                            find_unused_parameters=not self.cfg.loss.use_cross_modal)
+        return torch.compile(model) if self.cfg.compile else model
 
     def _loader(self):
         cfg, ctx = self.cfg, self.ctx
