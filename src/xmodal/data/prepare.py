@@ -454,7 +454,7 @@ def prepare(cfg: PrepareConfig, *, source: Optional[Source] = None, progress: bo
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise PrepareError(f"{out}: output exists and is not a folder")
-    with output_lock(out, "prepare"), StopRequest() as stop:
+    with output_lock(out, "prepare"), StopRequest(until="the current object of each chunk in progress") as stop:
         return _prepare_into(cfg, out, source, progress, stop)
 
 
