@@ -236,7 +236,9 @@ def _add_evaluate(sub) -> None:
         "evaluate",
         help="pretext metrics and transfer tasks (paper Tables 1-4, Fig. 3)",
         description="Evaluate a run's frozen encoders. Writes OUT/metrics.json, OUT/report.md, PNG figures and "
-        "the resolved config OUT/evaluate.yaml. Settings: the flags, then key=value overrides of EvaluateConfig.",
+        "the resolved config OUT/evaluate.yaml. Tasks OUT already holds for the same run, data, seed and settings "
+        "are not evaluated again (--redo does); SIGTERM/SIGINT stop after the task in progress (exit 143/130) and "
+        "the same command evaluates the rest. Settings: the flags, then key=value overrides of EvaluateConfig.",
     )
     p.add_argument("--run", required=True, type=Path, help="run folder written by 'xmodal pretrain'")
     p.add_argument("--data", required=True, type=Path, help="dataset folder (or a ModelNet40 HDF5 folder, 3D tasks only)")
@@ -249,6 +251,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--partseg-points", type=_positive_int, default=None, help="points per shape for part segmentation (partseg.num_points)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--redo", action="store_true",
+                   help="evaluate again the tasks OUT/metrics.json already holds for this run, data, seed and settings "
+                   "(default: keep them; an interrupted evaluation re-run with the same command does only the rest)")
     _add_config_args(p, "EvaluateConfig: e.g. svm.cs=[0.01,0.1] retrieval.ks=[1,10] fewshot.episodes=5 partseg.lr=0.001")
     p.set_defaults(handler=_run_evaluate)
 
@@ -265,6 +270,8 @@ def _run_evaluate(args) -> int:
     flags = _given(args, _EVALUATE_FLAGS)
     if args.task:
         flags["tasks"] = args.task
+    if args.redo:
+        flags["redo"] = True
     flags["partseg"] = {_PARTSEG_FLAGS[k]: v for k, v in _given(args, tuple(_PARTSEG_FLAGS)).items()}
     cfg = _resolve(EvaluateConfig, flags, args.overrides)
     if args.print_config:
