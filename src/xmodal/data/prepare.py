@@ -64,8 +64,8 @@ from xmodal.utils.io import read_json, write_json
 from xmodal.utils.lock import output_lock
 from xmodal.utils.signals import StopRequest, ignore_stop_signals
 
-__all__ = ["prepare", "object_seeds", "finalize_store", "clear_outputs", "plan_key", "PrepareConfig", "PrepareError",
-           "CONFIG_NAME"]
+__all__ = ["prepare", "object_seeds", "finalize_store", "clear_outputs", "plan_key", "describe_difference",
+           "PrepareConfig", "PrepareError", "CONFIG_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +304,9 @@ def describe_difference(old: dict, new: dict) -> str:
     if a["format_version"] != b["format_version"]:
         diffs.append(f"format_version {a['format_version']} -> {b['format_version']}")
     if a["shard"] != b["shard"]:
-        sa, sb = _plan_shard(old), _plan_shard(new)
-        diffs.append(f"shard: {format_shard(sa) if sa else 'none'} -> {format_shard(sb) if sb else 'none'}")
+        part_a, part_b = _plan_shard(old), _plan_shard(new)
+        diffs.append(f"shard: {format_shard(part_a) if part_a else 'none'} -> "
+                     f"{format_shard(part_b) if part_b else 'none'}")
     return ", ".join(diffs) or "unknown"
 
 
