@@ -140,7 +140,8 @@ def _run_prepare(args) -> int:
         return _print_config(cfg)
     manifest = prepare(cfg, progress=not args.quiet)
     shard = manifest.get("shard")
-    _print_dataset(manifest, Path(cfg.out), f"part {shard['index']}/{shard['count']} of a dataset" if shard else "dataset")
+    what = f"part {shard['index']}/{shard['count']} of a dataset" if shard else "dataset"
+    _print_dataset(manifest, Path(cfg.out), what)
     return 0
 
 
@@ -166,7 +167,8 @@ def _add_merge(sub) -> None:
     p.add_argument("parts", nargs="+", type=Path, metavar="PART", help="a part's folder (xmodal prepare --shard I/N)")
     p.add_argument("--out", required=True, type=Path, help="the merged dataset folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace another dataset in --out")
-    p.add_argument("--copy", action="store_true", help="always copy the shard files (default: hard links where possible)")
+    p.add_argument("--copy", action="store_true",
+                   help="always copy the shard files (default: hard links where possible)")
     p.set_defaults(handler=_run_merge)
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,15 @@ import pytest
 pytest.importorskip("xmodal.data.render")
 
 from xmodal.cli import main  # noqa: E402
+from xmodal.config import load_config  # noqa: E402
 from xmodal.data.builtin import BuiltinSource  # noqa: E402
 from xmodal.data.merge import merge_datasets  # noqa: E402
 from xmodal.data.prepare import PrepareConfig, prepare  # noqa: E402
 from xmodal.data.sharding import parse_shard, plan_chunks, shard_chunks  # noqa: E402
 from xmodal.data.store import ShapeStore, shard_relpath  # noqa: E402
-from xmodal.errors import ConfigError, DataError, MeshError, OutputExistsError, OutputLockedError, PrepareError  # noqa: E402
+from xmodal.errors import (  # noqa: E402
+    ConfigError, DataError, MeshError, OutputExistsError, OutputLockedError, PrepareError,
+)
 
 # 14 classes x (1 train + 1 test) = 28 objects; chunks of 5: train 5+5+4, test 5+5+4 -> 6 chunks
 KW = dict(views=2, points=64, image_size=32, chunk_size=5)
@@ -133,6 +137,9 @@ def test_three_parts_merged_equal_the_unsharded_build(built):
     assert man == _json(whole / "manifest.json")  # every key: counts, shards, shard sizes, failed, source, ...
     assert [f["id"] for f in man["failed"]] == [_OneBroken.broken]
     assert _json(merged / "plan.json") == _json(whole / "plan.json")
+    # prepare.yaml: part 1's config, for the merged folder, unsharded: the unsharded build's but for `out`
+    cfg = load_config(PrepareConfig, merged / "prepare.yaml")
+    assert cfg.shard == "" and cfg == replace(load_config(PrepareConfig, whole / "prepare.yaml"), out=str(merged))
     # the shard files are the unsharded build's, hard-linked from the parts
     for rel in man["shards"]["train"] + man["shards"]["test"]:
         assert any(os.path.samefile(merged / rel, p / rel) for p in built["parts"] if (p / rel).exists()), rel
@@ -165,7 +172,8 @@ def test_unsharded_prepare_into_the_merged_folder_has_nothing_to_do(built, tmp_p
 def test_a_part_resumes_as_itself_and_refuses_another_part(built, tmp_path):
     part = Path(shutil.copytree(built["parts"][0], tmp_path / "p1"))
     before = {p: p.stat().st_mtime_ns for p in (part / "shards").rglob("*.h5")}
-    assert prepare(PrepareConfig(out=part, shard=f"1/{N}", **KW), source=_source(), progress=False)["shard"]["index"] == 1
+    man = prepare(PrepareConfig(out=part, shard=f"1/{N}", **KW), source=_source(), progress=False)
+    assert man["shard"] == {"index": 1, "count": N}
     assert {p: p.stat().st_mtime_ns for p in (part / "shards").rglob("*.h5")} == before
     with pytest.raises(PrepareError, match=f"shard: 1/{N} -> 2/{N}"):
         prepare(PrepareConfig(out=part, shard=f"2/{N}", **KW), source=_source(), progress=False)
@@ -245,6 +253,13 @@ def test_a_part_built_with_another_seed_is_refused(built, tmp_path):
 
 
 # --------------------------------------------------------------------------- CLI, lock
+
+
+def test_prepare_cli_shard_flag(capsys):
+    assert main(["-q", "prepare", "--source", "s", "--out", "o", "--shard", "2/3", "--print-config"]) == 0
+    assert "shard: 2/3" in capsys.readouterr().out
+    assert main(["-q", "prepare", "--source", "s", "--out", "o", "--shard", "3/2"]) == 2
+    assert capsys.readouterr().err.startswith("xmodal prepare: error: shard must read I/N with 1 <= I <= N")
 
 
 def test_merge_cli(built, tmp_path, capsys):

@@ -189,7 +189,8 @@ class _Evaluation:
     def __init__(self, cfg: EvaluateConfig, tasks: list[EvalTask], out: Path, *, progress: bool,
                  stop: StopRequest) -> None:
         self.cfg, self.tasks, self.out, self.progress, self.stop = cfg, tasks, out, progress, stop
-        self.device = str(default_device(None if cfg.device == "auto" else cfg.device))  # a string: it goes to metrics.json
+        # a string: it goes to metrics.json
+        self.device = str(default_device(None if cfg.device == "auto" else cfg.device))
         #: ``"<network label>: <task>"`` of the tasks evaluated by this call, in order
         self.finished: list[str] = []
 
