@@ -52,9 +52,10 @@ def _done(out: Path) -> list[str]:
         return []
 
 
-def _start(data: Path, out: Path, *, until_done: int) -> subprocess.Popen:
-    """Start a slowed-down evaluation; return once ``until_done`` tasks are in metrics.json."""
-    proc = subprocess.Popen(_cmd(data, out), env=_env(slow=0.5), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def _start(data: Path, out: Path, *, until_done: int, slow: float = 0.5) -> subprocess.Popen:
+    """Start an evaluation whose tasks each wait ``slow`` seconds first; return once ``until_done``
+    tasks are in metrics.json."""
+    proc = subprocess.Popen(_cmd(data, out), env=_env(slow=slow), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -92,7 +93,7 @@ def test_sigterm_keeps_the_finished_tasks_and_the_same_command_does_the_rest(dat
 
 def test_ctrl_c_stops_with_130_and_a_second_writer_is_refused(data, tmp_path):
     out = tmp_path / "report"
-    first = _start(data, out, until_done=0)
+    first = _start(data, out, until_done=0, slow=3.0)  # busy for longer than the second one takes to start
     try:
         second = subprocess.run([sys.executable, "-m", "xmodal", *_cmd(data, out)[2:]], env=_env(),
                                 capture_output=True, text=True, timeout=120)
