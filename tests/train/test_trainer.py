@@ -133,6 +133,18 @@ def test_projected_nce_falls_and_is_logged(tmp_path):
         _cfg("loss.projected_nce=1.0")
 
 
+def test_point_nce_pairs_the_two_copies_of_each_cloud(tmp_path):
+    data = tmp_path / "data"
+    _store(data, n=4, views=2)
+    out = tmp_path / "run"
+    cfg = _cfg("iterations=30", "checkpoint_every=30", "loss.point_nce=1.0", "model.projection_dim=8",
+               "optim.lr=0.01")
+    pretrain(data, out, cfg, progress=False)
+    pnce = np.array([r["point_nce"] for r in read_jsonl(out / "metrics.jsonl")])
+    assert np.isfinite(pnce).all() and pnce[-5:].mean() < 0.8 * pnce[:5].mean(), pnce
+    assert "nce" not in read_jsonl(out / "metrics.jsonl")[0]
+
+
 @pytest.mark.parametrize("pairs", ["batch", "batch-bce"])
 def test_batch_cross_modal_loss_falls_when_overfitting(tmp_path, pairs):
     """Ff scored on every pair of the batch: the cross-modality term itself must fall."""

@@ -42,7 +42,7 @@ from xmodal.train.distributed import DistContext, barrier, cleanup_distributed, 
 from xmodal.train.model import XModalNet, autocast_dtype, build_optimizer, build_training_model
 from xmodal.train.rundir import check_resume_data, check_run_dir, data_fingerprint, manifest_summary, truncate_metrics, write_run_info
 from xmodal.train.runlog import RunLog
-from xmodal.train.sampler import PretrainBatches
+from xmodal.train.sampler import BatchSpec, PretrainBatches
 from xmodal.train.step import StepDiverged, Stepper
 from xmodal.train.validation import Validator, holdout_split
 from xmodal.utils.lock import output_lock
@@ -169,10 +169,8 @@ class _Trainer:
     def _loader(self):
         cfg, ctx = self.cfg, self.ctx
         ds = PretrainBatches(
-            self.split, batch_size=cfg.batch_size, seed=cfg.seed, num_points=cfg.data.num_points,
-            image_size=cfg.data.image_size, up_axis=self.store.up_axis, aug=cfg.aug,
-            point_subsample=cfg.data.point_subsample, start=self.start, stop=cfg.iterations,
-            rank=ctx.rank, world_size=ctx.world_size, indices=self.train_idx,
+            self.split, BatchSpec.from_config(cfg), up_axis=self.store.up_axis, start=self.start,
+            stop=cfg.iterations, rank=ctx.rank, world_size=ctx.world_size, indices=self.train_idx,
         )
         return torch.utils.data.DataLoader(
             ds, batch_size=None, shuffle=False, num_workers=cfg.data.workers,
@@ -268,7 +266,9 @@ class _Trainer:
         prior = float(self.ckpt.state.get("elapsed", 0.0)) if self.ckpt is not None else 0.0
         runlog = RunLog(self.out, batch_size=cfg.batch_size, use_cross_modal=cfg.loss.use_cross_modal,
                         prior_elapsed=prior, writer=ctx.is_main, progress=progress,
-                        start=self.start, total=cfg.iterations, use_nce=cfg.loss.projected_nce > 0)
+                        start=self.start, total=cfg.iterations,
+                        extra_terms=tuple(t for t, w in (("nce", cfg.loss.projected_nce),
+                                                          ("point_nce", cfg.loss.point_nce)) if w > 0))
         try:
             if cfg.val.enabled and self.ckpt is None:
                 self._validate(0, runlog)  # the curve starts at the random initialisation
