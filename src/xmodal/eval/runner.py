@@ -101,7 +101,7 @@ def _open_store(cfg: EvaluateConfig, loaded):
         raise DataError(f"the dataset has no '{TEST}' split (splits: {store.splits})", path=cfg.data)
     if store.has_images and getattr(loaded, "image_size", None) not in (None, store.image_size):
         log.warning(
-            "%s: images are %s px but the run was trained on %s px; encoding them as stored",
+            "%s: images are %s px but the run was trained on %s px; they are resized to the run's size",
             cfg.data, store.image_size, loaded.image_size,
         )
     return store
