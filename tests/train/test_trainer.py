@@ -273,3 +273,29 @@ def test_compiled_training_matches_eager(data, tmp_path):
     enc = read_json(tmp_path / "compiled" / "encoders.json")
     assert not any("_orig_mod" in k for k in load_checkpoint(tmp_path / "compiled").tensors)  # plain keys
     assert enc["step"] == 3 and eager["steps"] == 3
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_last_one_and_resume_completes(full_run, data, tmp_path, monkeypatch):
+    import errno
+    import os as _os
+
+    from xmodal.errors import WriteError
+
+    real_replace = _os.replace
+
+    def full_disk(src, dst, *a, **k):
+        if str(dst).endswith("last.safetensors") and load_checkpoint(out) is not None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst, *a, **k)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr("xmodal.utils.io.os.replace", full_disk)
+    with pytest.raises(WriteError, match=r"last\.safetensors: could not be written \(No space left on device\)"):
+        pretrain(data, out, _cfg(), progress=False)  # checkpoints at steps 3 and 6: the second fails
+    monkeypatch.undo()
+    ckpt = load_checkpoint(out)
+    assert ckpt.step == 3 and not (out / "encoders.safetensors").exists()
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporary file left
+    s = pretrain(data, out, _cfg(), resume=True, progress=False)  # space freed: the same command completes
+    assert s["start_step"] == 3 and s["steps"] == 6
+    np.testing.assert_allclose(_losses(out), _losses(full_run[0]), rtol=1e-6, atol=1e-7)
