@@ -164,7 +164,12 @@ class _Trainer:
             dev = self.ctx.device
             model = DistributedDataParallel(self.net, device_ids=[dev.index] if dev.type == "cuda" else None,
                                             find_unused_parameters=not self.cfg.loss.use_cross_modal)
-        return torch.compile(model) if self.cfg.compile else model
+        if not self.cfg.compile:
+            return model
+        # a machine whose compiler tool chain cannot build the kernels runs the step eagerly instead
+        # of failing (torch logs the reason once)
+        torch._dynamo.config.suppress_errors = True
+        return torch.compile(model)
 
     def _loader(self):
         cfg, ctx = self.cfg, self.ctx
