@@ -164,12 +164,7 @@ class _Trainer:
             dev = self.ctx.device
             model = DistributedDataParallel(self.net, device_ids=[dev.index] if dev.type == "cuda" else None,
                                             find_unused_parameters=not self.cfg.loss.use_cross_modal)
-        if not self.cfg.compile:
-            return model
-        # a machine whose compiler tool chain cannot build the kernels runs the step eagerly instead
-        # of failing (torch logs the reason once)
-        torch._dynamo.config.suppress_errors = True
-        return torch.compile(model)
+        return torch.compile(model) if self.cfg.compile else model
 
     def _loader(self):
         cfg, ctx = self.cfg, self.ctx
@@ -249,7 +244,10 @@ class _Trainer:
         last_ckpt = checkpoint_paths(self.out)[1] if self.ckpt is not None else None
         dev = self.ctx.device
         fork = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork):
+        # compile=true: a machine whose tool chain cannot build the kernels runs the step eagerly
+        # instead of failing (torch logs why once); the setting is restored after the loop
+        eager_fallback = torch._dynamo.config.patch(suppress_errors=True) if self.cfg.compile else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=fork), eager_fallback:
             for batch in self._loader():
                 s = int(batch["step"])
                 torch.manual_seed(step_seed(self.cfg.seed, s, self.ctx.rank))
