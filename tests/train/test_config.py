@@ -9,8 +9,9 @@ from xmodal.train.config import PretrainConfig, config_diff, config_hash, resolv
 
 
 def test_presets_are_shipped_and_valid():
-    assert {"paper", "cpu", "smoke"} <= set(list_presets("pretrain"))
-    for name in ("paper", "cpu", "smoke"):
+    shipped = set(list_presets("pretrain"))
+    assert {"paper", "paper-stable", "cpu", "cpu-long", "demo", "smoke"} <= shipped
+    for name in sorted(shipped):
         cfg = resolve(PretrainConfig, name, group="pretrain")
         cfg.validate()
 
