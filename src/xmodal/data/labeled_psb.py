@@ -27,7 +27,7 @@ import numpy as np
 from xmodal.data.mesh_io import read_mesh_arrays
 from xmodal.data.sources import SPLIT_DIRS, _check_ratio, _class_key, stratified_holdout
 from xmodal.data.types import Item, Mesh, Source
-from xmodal.errors import DataError, LabelsError
+from xmodal.errors import DataError, LabelsError, MissingInputError
 
 __all__ = [
     "LABELS_SUFFIX",
@@ -227,7 +227,7 @@ class LabeledPSBSource(Source):
         self.seed = int(seed)
         self.test_ratio = float(test_ratio)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"Labeled PSB folder {str(self.root)!r} does not exist or is not a folder")
+            raise MissingInputError("Labeled PSB folder does not exist or is not a folder", path=self.root)
         entries: list[tuple[str, str, Path]] = []
         from_folders = []
         for cdir in _category_dirs(self.root):

@@ -49,7 +49,7 @@ from xmodal.data.store import (
 )
 from xmodal.data.prepare_config import PrepareConfig
 from xmodal.data.types import Item, Mesh, MeshError, PointCloud, Source
-from xmodal.errors import ConfigError, PrepareError
+from xmodal.errors import ConfigError, PrepareError, XmodalError
 from xmodal.utils.io import read_json, write_json
 
 __all__ = ["prepare", "object_seeds", "PrepareConfig", "PrepareError", "CONFIG_NAME"]
@@ -488,6 +488,8 @@ def _execute_pool(tasks, src, settings, out, classes, has_pl, workers, report) -
                 for fut in done:
                     key = futures[fut]
                     exc = fut.exception()
+                    if isinstance(exc, (XmodalError, OSError)):  # the disk, a file: reported as they are
+                        raise exc
                     if exc is not None:
                         raise RuntimeError(f"prepare: chunk {key[1]} of split '{key[0]}' failed: {exc}") from exc
                     # the worker queued its progress before returning: collect the rest of it
@@ -513,7 +515,8 @@ def _finalize(out: Path, items: dict[str, list[Item]], plan: dict, src: Source) 
             rel = shard_relpath(split, c)
             path = out / rel
             if not path.is_file():
-                raise RuntimeError(f"{path}: shard missing after prepare (interrupted?); re-run to finish")
+                raise PrepareError("shard missing after prepare (removed meanwhile?)", path=path,
+                                   hint="re-run the same command to finish")
             with h5py.File(path, "r") as f:
                 sizes[split].append(int(f["labels"].shape[0]))
             shards[split].append(rel)

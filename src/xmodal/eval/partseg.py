@@ -43,6 +43,7 @@ from xmodal.data.shapenetpart import PartSegSplit, ShapeFaces, load_partseg, str
 from xmodal.eval.config import PARTSEG_FRACTIONS as FRACTIONS
 from xmodal.eval.config import PARTSEG_SETTINGS as SETTINGS
 from xmodal.eval.config import PartSegConfig
+from xmodal.errors import PartSegError
 from xmodal.eval.context import TEST, TRAIN
 from xmodal.utils.device import default_device
 
@@ -128,7 +129,7 @@ def partseg_metrics(
     """
     pred, seg, category = _check_arrays(pred, seg, category)
     if pred.shape[0] == 0:
-        raise ValueError("no shapes to evaluate")
+        raise PartSegError("no shapes to evaluate (the split is empty)")
     ious = shape_ious(pred, seg, category, category_parts)
     per_cat = {}
     for c in np.unique(category):
@@ -368,7 +369,7 @@ def train_partseg(
 
     cfg = PartSegConfig() if cfg is None else cfg
     if train.n == 0:
-        raise ValueError("empty training split")
+        raise PartSegError("the training split is empty")
     device = default_device(device)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
