@@ -252,7 +252,7 @@ def load_checkpoint(run: str | Path) -> Optional[Checkpoint]:
             meta = fh.metadata() or {}
         tensors = load_file(str(wpath))
     except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"{wpath}: not a readable safetensors file ({exc})") from exc
+        raise _unreadable(wpath, exc) from exc
     if "xmodal_state" not in meta:
         raise CheckpointError(f"{wpath}: not an xmodal checkpoint (no embedded state)")
     embedded = _checked_state(meta["xmodal_state"], wpath)
@@ -340,9 +340,21 @@ def read_encoders(run: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{jpath}: not an xmodal encoders file (format={str(fmt)[:40]!r})")
     try:
         tensors = load_file(str(wpath))
-    except Exception as exc:
-        raise CheckpointError(f"{wpath}: not a readable safetensors file ({exc})") from exc
+    except Exception as exc:  # safetensors raises its own error types
+        raise _unreadable(wpath, exc) from exc
     return meta, tensors
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    """The error for a weights file safetensors cannot read; a pickle (``torch.save``) is named as such."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        head = b""
+    if head[:1] == b"\x80" or head == b"PK\x03\x04":
+        return CheckpointError(f"{path}: a pickle / torch.save file, not safetensors (xmodal never unpickles weights)")
+    return CheckpointError(f"{path}: not a readable safetensors file ({exc})")
 
 
 def load_networks(meta_arch: dict, tensors: dict[str, torch.Tensor], *, prefix: str = "", source: Path = Path()) -> dict[str, nn.Module]:
