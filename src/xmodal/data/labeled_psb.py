@@ -87,7 +87,12 @@ def _parse_parts(path: Path) -> list[tuple[str, list[tuple[int, np.ndarray]]]]:
                 raise LabelsError(path, f"line {lineno}: {bad[:30]!r} is not a face index (integers only)")
             if current is None:
                 raise LabelsError(path, f"line {lineno}: face indices before any part name")
-            parts[current].append((lineno, np.array(tokens, dtype=np.int64)))
+            try:
+                parts[current].append((lineno, np.array(tokens, dtype=np.int64)))
+            except (ValueError, OverflowError):  # more digits than any face count
+                big = max(tokens, key=len)
+                raise LabelsError(path, f"line {lineno}: face index {big[:30]}{'...' if len(big) > 30 else ''} "
+                                  "is out of range") from None
         elif len(tokens) == 1 and not _is_number(tokens[0]):
             current = tokens[0]
             parts.setdefault(current, [])
