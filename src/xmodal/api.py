@@ -153,10 +153,9 @@ def _run_info(meta: dict, path: Path) -> tuple[dict, dict]:
     """What ``encoders.json`` or a checkpoint's state says about the networks, checked: the
     ``architecture``, and ``{image_size, num_points, up_axis, step}``."""
     arch = meta.get("architecture")
-    nets_ok = isinstance(arch, dict) and all(isinstance(arch.get(n), dict) for n in NETS)
-    if not nets_ok or not all(isinstance(arch[n].get("kwargs", {}), dict) for n in NETS) or not all(
-            isinstance(arch[n].get("name", ""), str) for n in NETS):
-        raise CheckpointError(f"'architecture' must map {', '.join(NETS)} to {{'name', 'kwargs'}}", path=path)
+    if not _is_architecture(arch):
+        raise CheckpointError(f"'architecture' must map {', '.join(NETS)} to {{'name': text, 'kwargs': {{...}}}} "
+                              "(no name for the pair classifier)", path=path)
     info = {"image_size": meta.get("image_size"), "num_points": meta.get("num_points"),
             "up_axis": meta.get("up_axis", "z"), "step": meta.get("step", 0)}
     for key, hi in (("image_size", MAX_IMAGE_SIZE), ("num_points", MAX_NUM_POINTS), ("step", None)):
@@ -167,6 +166,14 @@ def _run_info(meta: dict, path: Path) -> tuple[dict, dict]:
     if info["up_axis"] not in ("x", "y", "z"):
         raise CheckpointError(f"'up_axis' must be 'x', 'y' or 'z', got {reprlib.repr(info['up_axis'])}", path=path)
     return arch, info
+
+
+def _is_architecture(arch) -> bool:
+    """Whether ``arch`` has the layout of :func:`~xmodal.train.checkpoint.architecture_from_config`."""
+    if not isinstance(arch, dict) or not all(isinstance(arch.get(n), dict) for n in NETS):
+        return False
+    named = all(isinstance(arch[n].get("name"), str) for n in NETS[:2])
+    return named and all(isinstance(arch[n].get("kwargs", {}), dict) for n in NETS)
 
 
 def _load_checked(arch: dict, tensors: dict[str, torch.Tensor], prefix: str, source: Path) -> dict:

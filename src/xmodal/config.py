@@ -104,8 +104,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             value = [value]
-        (inner, *_) = typing.get_args(tp) or (Any,)
-        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        args = typing.get_args(tp) or (Any,)
+        if origin is tuple and len(args) > 1 and args[1] is not Ellipsis:  # tuple[X, Y]: exactly that many
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {_short(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        items = [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
@@ -200,8 +204,9 @@ def parse_overrides(items: Iterable[str]) -> dict:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: cannot parse value ({exc})") from exc
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:
+            raise ConfigError(f"override {_short(item)}: cannot parse value ({type(exc).__name__}: "
+                              f"{_short(str(exc))})") from None
         if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 leaves "1e-3" as text
         node = out
@@ -299,6 +304,8 @@ def _read_yaml(path: "str | os.PathLike") -> Any:
         raise ConfigError(f"invalid YAML ({exc})", path=path) from None
     except RecursionError:
         raise ConfigError("YAML nested too deeply to read", path=path) from None
+    except ValueError as exc:  # a value YAML's constructors refuse (an integer of over 4300 digits, a date)
+        raise ConfigError(f"unreadable YAML value ({exc})", path=path) from None
 
 
 def resolve(cls: type[T], preset: str | None = None, overrides: Iterable[str] | dict = (), *, group: str = "") -> T:

@@ -22,6 +22,7 @@ import importlib
 import logging
 import os
 import re
+import reprlib
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -307,6 +308,14 @@ MAX_UNNAMED_CLASSES = 10_000
 _H5_NAME = re.compile(r"ply_data_(train|test)_?(\d*)\.h5$")
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False also for a name the OS refuses (too long, bad bytes)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
@@ -476,8 +485,9 @@ class ModelNetH5Source(Source):
             if not ln.strip():
                 continue
             p = self.root / Path(ln.strip()).name  # listed relative to some other folder: keep the name
-            if not p.is_file():
-                raise MissingInputError(f"lists {ln.strip()!r} but {p} does not exist", path=listing)
+            if not _is_file(p):
+                raise MissingInputError(f"lists {reprlib.repr(ln.strip())} but {reprlib.repr(str(p))} does not exist",
+                                        path=listing)
             out.append(p)
         unlisted = set(present) - set(out)
         if unlisted:

@@ -514,7 +514,12 @@ class SplitView:
         f = self._files.get(k)
         if f is None:
             path = self._paths[k]
-            if not path.is_file():
+            try:
+                is_file = path.is_file()
+            except (OSError, ValueError) as exc:  # a name the OS refuses (too long, ...)
+                raise StoreError(f"shard listed in {self._store_root / MANIFEST_NAME} cannot be opened ({exc})",
+                                 path=path) from None
+            if not is_file:
                 raise StoreError(f"shard listed in {self._store_root / MANIFEST_NAME} is missing", path=path)
             try:
                 f = _h5py().File(path, "r")
@@ -663,7 +668,10 @@ class SplitView:
         """Point cloud of object ``i``: ``(N, 3)`` float32."""
         k, r = self._locate(i)
         with self._reading(k, f"the points of object {r}"):
-            return self._dataset(k, "points")[r]
+            pts = self._dataset(k, "points")[r]
+        if not np.isfinite(pts).all():
+            raise StoreError(f"object {r} has NaN or infinite point coordinates", path=self._paths[k])
+        return pts
 
     def all_points(self) -> np.ndarray:
         """Every point cloud of the split: ``(n, N, 3)`` float32 (one read per shard)."""
@@ -675,6 +683,10 @@ class SplitView:
             if b > a:
                 with self._reading(k, "'points'"):
                     self._open(k)["points"].read_direct(out, dest_sel=np.s_[a:b])
+                bad = np.flatnonzero(~np.isfinite(out[a:b]).all(axis=(1, 2)))
+                if bad.size:
+                    raise StoreError(f"object {int(bad[0])} has NaN or infinite point coordinates",
+                                     path=self._paths[k])
         return out
 
     def point_labels(self, i: int) -> Optional[np.ndarray]:

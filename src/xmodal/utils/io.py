@@ -142,6 +142,8 @@ def _parse_json(raw: "bytes | str", path: Path, where: str = "") -> Any:
         raise DataError(f"{where}not valid JSON ({exc})", path=path) from None
     except RecursionError:
         raise DataError(f"{where}JSON nested too deeply to read", path=path) from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise DataError(f"{where}not readable JSON ({exc})", path=path) from None
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
