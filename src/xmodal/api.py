@@ -133,15 +133,16 @@ def load_run(run, device="cpu", *, prefer: Literal["final", "last"] = "final") -
             meta, tensors = read_encoders(run)
             arch, info = _run_info(meta, run / "encoders.json")
             cfg = _config_of(run, meta.get("config"), run / "encoders.json")
-            nets = _load_checked(arch, tensors, "", run / "encoders.safetensors")
+            nets = _load_checked(arch, tensors, "", run / "encoders.safetensors", run / "encoders.json")
             return _finish(nets, cfg, **info, source="final", path=run, device=device)
         if what == "last":
             ckpt = load_checkpoint(run)
             if ckpt is None:
                 continue
-            arch, info = _run_info({**ckpt.state, "step": ckpt.step}, ckpt.path.with_suffix(".json"))
+            state_file = ckpt.path.with_suffix(".json")
+            arch, info = _run_info({**ckpt.state, "step": ckpt.step}, state_file)
             cfg = _config_of(run, None)
-            nets = _load_checked(arch, ckpt.tensors, "model/", ckpt.path)
+            nets = _load_checked(arch, ckpt.tensors, "model/", ckpt.path, state_file)
             return _finish(nets, cfg, **info, source="last", path=run, device=device)
     raise MissingInputError(
         "not a run folder written by 'xmodal pretrain' "
@@ -176,15 +177,17 @@ def _is_architecture(arch) -> bool:
     return named and all(isinstance(arch[n].get("kwargs", {}), dict) for n in NETS)
 
 
-def _load_checked(arch: dict, tensors: dict[str, torch.Tensor], prefix: str, source: Path) -> dict:
-    """The networks of ``arch`` with the weights of ``source``, built only once the architecture
-    is known to fit them: it is first built on the ``meta`` device (no memory), so an
-    architecture that would allocate more than the weights file holds is refused first."""
+def _load_checked(arch: dict, tensors: dict[str, torch.Tensor], prefix: str, source: Path, arch_from: Path) -> dict:
+    """The networks of ``arch`` (read from ``arch_from``) with the weights of ``source``, built
+    only once the architecture is known to fit them: it is first built on the ``meta`` device
+    (no memory), so an architecture that would allocate more than the weights file holds is
+    refused before anything is allocated."""
     try:
         with torch.device("meta"):
             dry = build_networks(json.loads(json.dumps(arch)))
     except (ConfigError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
-        raise CheckpointError(f"the architecture cannot be built ({type(exc).__name__}: {exc})", path=source) from exc
+        raise CheckpointError(f"the architecture cannot be built ({type(exc).__name__}: {exc})",
+                              path=arch_from) from exc
     for name in NETS:
         pre = prefix + name + "/"
         for key, want in dry[name].state_dict().items():
