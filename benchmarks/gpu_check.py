@@ -45,7 +45,7 @@ from xmodal.data.store import open_dataset, write_store
 from xmodal.train.config import PretrainConfig
 from xmodal.train.distributed import DistContext
 from xmodal.train.model import autocast_dtype, build_optimizer, build_training_model
-from xmodal.train.sampler import PretrainBatches
+from xmodal.train.sampler import BatchSpec, PretrainBatches
 from xmodal.train.step import Stepper
 
 MESA_EGL = "/usr/share/glvnd/egl_vendor.d/50_mesa.json"
@@ -113,9 +113,7 @@ def _train_steps(preset: str, size: dict, steps: int, device: torch.device) -> s
     ctx = DistContext(device=device)
     with tempfile.TemporaryDirectory() as tmp:
         store = _synthetic_store(Path(tmp), 2 * size["batch"], size["points"], size["image"])
-        ds = PretrainBatches(open_dataset(store).split("train"), batch_size=cfg.batch_size, seed=0,
-                             num_points=cfg.data.num_points, image_size=cfg.data.image_size, aug=cfg.aug,
-                             stop=steps + 1)
+        ds = PretrainBatches(open_dataset(store).split("train"), BatchSpec.from_config(cfg), stop=steps + 1)
         net = build_training_model(cfg, ctx)
         opt, sched = build_optimizer(cfg, net)
         amp = autocast_dtype(cfg.amp, device)

@@ -9,7 +9,11 @@ Prints one table row per measurement:
 (c) farthest point sampling, 16k -> 2048 points: fpsample-backed
     :func:`~xmodal.data.sampling.farthest_point_sampling` vs the numpy reference;
 (d) objects/s of a full :func:`xmodal.data.prepare.prepare` of ``builtin:shapes`` with
-    ``--workers`` processes.
+    ``--workers`` processes;
+(e) per real Princeton Shape Benchmark mesh (``../shared/data/psb``; ``--psb-meshes`` of them,
+    spread from the fewest to the most faces), the seconds of each stage of one ``prepare``
+    object: reading + validating, area-weighted sampling + exact FPS, rendering; and a line fitted
+    to total seconds against faces (how prepare time grows with mesh size).
 
 Mesa's llvmpipe rasterises with one thread per CPU by default; ``--lp-threads 1``
 (the default) pins it to one thread so (a) and (b) are per-core figures.
@@ -145,6 +149,55 @@ def _time_prepare(views: int, points: int, size: int, workers: int, per_class: i
     return f"{n / dt:.2f} objects/s ({n} objects, {n * views / dt:.0f} views/s, {workers} workers)"
 
 
+def _psb_meshes(count: int) -> list[Path]:
+    """``count`` real PSB meshes spread evenly over the range of face counts (smallest to largest)."""
+    from xmodal.data.mesh_io import read_mesh_arrays
+
+    root = Path(os.environ.get("XMODAL_SHARED_DATA", REPO.parent / "shared" / "data")) / "psb" / "db"
+    files = sorted(root.glob("*/m*/m*.ply")) + sorted(root.glob("*/m*/m*.off"))
+    if not files:
+        return []
+    faces = np.array([len(read_mesh_arrays(f)[1]) for f in files])
+    order = np.argsort(faces, kind="stable")
+    picks = order[np.linspace(0, len(order) - 1, min(count, len(order))).round().astype(int)]
+    return [files[i] for i in picks]
+
+
+def _time_psb(paths: list[Path], size: int, views: int, points: int, repeats: int = 2) -> list[tuple[str, str]]:
+    """Per real PSB mesh, the stages of one object of ``prepare``: read + validate, area-weighted
+    sampling + exact FPS to ``points``, rendering ``views`` views (best of ``repeats``); and a
+    least-squares line of total seconds against faces."""
+    from xmodal.data.mesh_io import load_mesh
+    from xmodal.data.render import Renderer, sample_view_angles
+    from xmodal.data.sampling import sample_point_cloud
+
+    rows, faces, totals = [], [], []
+    with Renderer(size) as r:
+        r.render_mesh(load_mesh(paths[0]), sample_view_angles(2, seed=0))  # warm-up (shader JIT)
+        for path in paths:
+            t = {"read": [], "sample": [], "render": []}
+            for rep in range(repeats):
+                t0 = time.perf_counter()
+                mesh = load_mesh(path)
+                t1 = time.perf_counter()
+                sample_point_cloud(mesh, points, oversample=8, seed=rep)
+                t2 = time.perf_counter()
+                r.render_mesh(mesh, sample_view_angles(views, seed=rep))
+                t3 = time.perf_counter()
+                for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2)):
+                    t[key].append(dt)
+            best = {k: min(v) for k, v in t.items()}
+            total = sum(best.values())
+            faces.append(len(mesh.faces))
+            totals.append(total)
+            rows.append((f"(e) PSB {path.stem}: {len(mesh.faces):>7,} faces",
+                         f"{total:6.3f} s = read {best['read']:.3f} + sample/FPS {best['sample']:.3f} "
+                         f"+ render {views}x{size}px {best['render']:.3f}"))
+    slope, intercept = np.polyfit(np.asarray(faces, float), np.asarray(totals), 1)
+    rows.append(("(e) PSB fit: seconds per object", f"{intercept:.3f} s + {slope * 1e5:.3f} s per 100k faces"))
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=224, help="image size in pixels")
@@ -158,7 +211,8 @@ def main(argv=None) -> None:
     ap.add_argument("--per-class", type=int, default=4, help="builtin shapes per class in (d)")
     ap.add_argument("--lp-threads", type=int, default=1,
                     help="llvmpipe rasteriser threads (LP_NUM_THREADS); 0 keeps the environment's value")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c,d")
+    ap.add_argument("--psb-meshes", type=int, default=8, help="real PSB meshes timed in (e), spread over face counts")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c,d,e")
     args = ap.parse_args(argv)
     if args.lp_threads > 0:
         os.environ["LP_NUM_THREADS"] = str(args.lp_threads)  # read by Mesa at context creation
@@ -193,6 +247,12 @@ def main(argv=None) -> None:
     if "d" not in skip:
         rows.append((f"(d) prepare builtin:shapes, {args.views} views, {args.size}px",
                      _time_prepare(args.views, args.points, args.size, args.workers, args.per_class)))
+    if "e" not in skip:
+        psb = _psb_meshes(args.psb_meshes)
+        if psb:
+            rows += _time_psb(psb, args.size, args.views, args.points)
+        else:
+            rows.append(("(e) real PSB meshes", "skipped (../shared/data/psb not found)"))
 
     width = max(len(k) for k, _ in rows)
     print(f"# xmodal prepare benchmark ({cores}; single process for a-c; {os.cpu_count()} CPUs visible)")

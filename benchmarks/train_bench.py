@@ -19,6 +19,12 @@ shared machine hits both alike, and reports both rows plus the median of the per
                 between them): fused EdgeConv with its BatchNorm statistics reduced over both
                 processes (row ``ddp-fused``) against the reference EdgeConv with
                 ``GlobalBatchNorm`` (SyncBatchNorm on CUDA; row ``ddp-ref``),
+* ``cpu-step`` – the trainer's own step of the ``cpu`` preset (frozen Fp BatchNorm) in four
+                variants timed round-robin, each against ``before`` (the step as it was: fixed
+                BatchNorm statistics through the general fused function, eager): ``fold`` (BN1
+                folded into the per-point terms), ``fold+compile`` (plus ``torch.compile``) and
+                ``fold+compile+bf16`` (plus CPU bf16 autocast); the two compiled variants pay their
+                compilation during the warm-up,
 
 at the sizes of ``SIZES``: ``paper`` (batch 32, 2048 points, 224 px), ``cpu`` (batch 16, 1024
 points, 64 px), ``fp32`` (batch 32, 1024 points, 64 px), all with k=20, and ``cpu-preset`` (batch
@@ -51,6 +57,7 @@ Usage::
     python benchmarks/train_bench.py --size paper --device cuda
     python benchmarks/train_bench.py --size cpu-preset fp32 --configs fp-bf16 --repeats 6
     python benchmarks/train_bench.py --size cpu-preset --configs ddp --repeats 6
+    python benchmarks/train_bench.py --size cpu-preset --configs cpu-step --repeats 6 --warmup 2
 """
 
 from __future__ import annotations
@@ -72,7 +79,14 @@ SIZES = {
     "cpu-preset": dict(batch=16, points=512, image_size=64, k=16),
 }
 DEFAULT_CONFIGS = ("fimg", "fp-fast", "fp-ref", "step")
-CONFIGS = (*DEFAULT_CONFIGS, "fp-bf16", "ddp")
+CONFIGS = (*DEFAULT_CONFIGS, "fp-bf16", "ddp", "cpu-step")
+#: the variants of ``cpu-step``: (fold fixed BatchNorm statistics, torch.compile, amp)
+CPU_STEP_VARIANTS = {
+    "before": (False, False, "off"),
+    "fold": (True, False, "off"),
+    "fold+compile": (True, True, "off"),
+    "fold+compile+bf16": (True, True, "bf16"),
+}
 
 
 def _maxrss_mib() -> float:
@@ -142,7 +156,58 @@ def _build(config: str, batch: int, points: int, image_size: int, k: int, device
             opt.step()
 
         return it
+    if config == "cpu-step":
+        return _cpu_step_variants(batch, points, image_size, k, device, seed)
     raise ValueError(f"unknown config {config!r}; choose from {CONFIGS}")
+
+
+def _cpu_step_variants(batch: int, points: int, image_size: int, k: int, device, seed: int) -> dict:
+    """One full training step of the ``cpu`` preset (the trainer's own Stepper: 3B images through
+    Fimg, B clouds through Fp with frozen BatchNorm, Ff, losses, SGD) in each variant of
+    :data:`CPU_STEP_VARIANTS`, on one synthetic batch; the learning rate is tiny so that repeated
+    steps on the same batch stay finite (the cost of a step does not depend on it)."""
+    import numpy as np
+    import torch
+
+    from xmodal.config import resolve
+    from xmodal.models.dgcnn import EdgeConv
+    from xmodal.train.config import PretrainConfig
+    from xmodal.train.distributed import DistContext
+    from xmodal.train.model import autocast_dtype, build_optimizer, build_training_model
+    from xmodal.train.step import Stepper
+
+    rng = np.random.default_rng(seed)
+    b = batch
+    data = {
+        "images": torch.from_numpy(rng.integers(0, 256, (3, b, image_size, image_size), dtype=np.uint8)),
+        "boxes": torch.tensor([[0.05, 0.05, 0.9, 0.9]]).repeat(3, b, 1),
+        "flip": torch.zeros(3, b, dtype=torch.bool),
+        "points": torch.from_numpy(rng.normal(size=(b, points, 3)).astype(np.float32) / 2),
+        "labels": torch.tensor([[1, 1, 0]]).repeat(b, 1),
+        "objects": torch.arange(b),
+        "negatives": (torch.arange(b) + 1) % b + b,
+    }
+    ctx = DistContext(device=device)
+
+    def variant(fold: bool, compile_: bool, amp: str):
+        cfg = resolve(PretrainConfig, "cpu", [f"batch_size={b}", f"data.num_points={points}", f"data.image_size={image_size}",
+                                              f"model.k={k}", "optim.lr=1e-9", f"amp={amp}", f"device={device.type}"],
+                      group="pretrain")
+        net = build_training_model(cfg, ctx)
+        for m in net.modules():
+            if isinstance(m, EdgeConv):
+                m.fold_fixed_bn = fold
+        opt, sched = build_optimizer(cfg, net)
+        stepper = Stepper(torch.compile(net) if compile_ else net, cfg, ctx, opt, sched, autocast_dtype(amp, device))
+        count = [0]
+
+        def it():
+            count[0] += 1
+            stepper(data, count[0])
+
+        return it
+
+    return {name: variant(*spec) for name, spec in CPU_STEP_VARIANTS.items()}
 
 
 def _measure(its: dict, device, warmup: int, repeats: int, before=None) -> dict:
@@ -178,9 +243,9 @@ def _measure(its: dict, device, warmup: int, repeats: int, before=None) -> dict:
         peak = _maxrss_mib() - base_rss
     res = {name: dict(seconds=statistics.median(t), min_seconds=min(t), peak_mib=peak,
                       threads=torch.get_num_threads()) for name, t in times.items()}
-    if len(names) == 2:
-        ratio = statistics.median(b / a for a, b in zip(times[names[0]], times[names[1]]))
-        res[names[1]]["pair_ratio"] = ratio
+    for name in names[1:]:  # each against the first, round by round
+        ratio = statistics.median(b / a for a, b in zip(times[names[0]], times[name]))
+        res[name]["pair_ratio"] = ratio
     return res
 
 
@@ -299,6 +364,14 @@ def _ratio_lines(by: dict, name: str) -> list[str]:
         lines.append(f"[{name}] Fp forward+backward (fused), interleaved: float32 {f['seconds']:.3f} s/it, bf16 "
                      f"autocast {b['seconds']:.3f} s/it; bf16 / float32 time {b['pair_ratio']:.2f} (median of "
                      f"per-round ratios)")
+    if "before" in by:
+        base = by["before"]
+        for variant in list(CPU_STEP_VARIANTS)[1:]:
+            if variant in by:
+                v = by[variant]
+                lines.append(f"[{name}] cpu-preset training step, interleaved: before {base['seconds']:.3f} s/step, "
+                             f"{variant} {v['seconds']:.3f} s/step; speed-up {1 / v['pair_ratio']:.2f}x (median of "
+                             f"per-round ratios)")
     if "ddp-fused" in by and "ddp-ref" in by:
         f, r = by["ddp-fused"], by["ddp-ref"]
         lines.append(f"[{name}] Fp DDP step on 2 processes, interleaved: fused {f['seconds']:.3f} s/step, reference "
@@ -310,12 +383,12 @@ def _ratio_lines(by: dict, name: str) -> list[str]:
 def _report(rows: list[dict], args) -> None:
     print(f"\ndevice={args.device} repeats={args.repeats} warmup={args.warmup} "
           f"threads={rows[0]['threads'] if rows else '?'} (ddp-*: 2 processes x 1 thread each)")
-    hdr = (f"{'size':<11}{'config':<10}{'batch':>6}{'points':>7}{'k':>4}{'px':>5}{'s/it':>9}{'min s':>9}"
+    hdr = (f"{'size':<11}{'config':<18}{'batch':>6}{'points':>7}{'k':>4}{'px':>5}{'s/it':>9}{'min s':>9}"
            f"{'samples/s':>11}{'peak MiB':>10}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['size']:<11}{r['config']:<10}{r['batch']:>6}{r['points']:>7}{r['k']:>4}{r['image_size']:>5}"
+        print(f"{r['size']:<11}{r['config']:<18}{r['batch']:>6}{r['points']:>7}{r['k']:>4}{r['image_size']:>5}"
               f"{r['seconds']:>9.3f}{r['min_seconds']:>9.3f}{r['samples_per_s']:>11.2f}{r['peak_mib']:>10.0f}")
     for name in args.size:
         for line in _ratio_lines({r["config"]: r for r in rows if r["size"] == name}, name):

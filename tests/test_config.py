@@ -146,3 +146,12 @@ def test_check_device(device, ok):
     else:
         with pytest.raises(ConfigError, match="^device must be"):
             check_device("device", device)
+
+
+def test_literal_option_named_like_a_yaml_boolean():
+    """`amp=off` on the command line: YAML reads `off` as False; the option keeps its name."""
+    from xmodal.train.config import PretrainConfig
+
+    assert resolve(PretrainConfig, None, ["amp=off"]).amp == "off"
+    with pytest.raises(ConfigError, match="amp: True is not one of"):
+        resolve(PretrainConfig, None, ["amp=yes"])

@@ -42,7 +42,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("xmodal.data.geometry", "normalize_unit_sphere"): "callers pass checked clouds; prepare records a failure per object",
     ("xmodal.data.prepare", "_process_object"): "a Source object (code) returned neither Mesh nor PointCloud",
     ("xmodal.data.prepare", "_open"): "a Source object (code) with an unknown kind",
-    ("xmodal.data.prepare", "_execute_pool"): "a worker died of a non-family exception: a bug, chained traceback kept",
+    ("xmodal.data.prepare", "_collect"): "a worker died of a non-family exception: a bug, chained traceback kept",
     ("xmodal.data.render", "sample_view_angles"): "view counts and ranges from a validated PrepareConfig / code",
     ("xmodal.data.render", "_check_angles"): "camera arrays built by code",
     ("xmodal.data.render", "view_matrices"): "distance passed by code",
@@ -69,6 +69,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("xmodal.data.types", "Mesh.__setattr__"): "Mesh is immutable: setting an attribute is a bug",
     ("xmodal.data.types", "as_mesh"): "an object of an unsupported Python type",
     # evaluation: array helpers called by the task functions, which check the data first
+    ("xmodal.eval.context", "EvalContext.check_stop"): "TaskStopped is internal: the runner stops cleanly on it",
     ("xmodal.eval.crossmodal", "pair_score_matrix"): "feature arrays of mismatched shapes from code",
     ("xmodal.eval.crossmodal", "select_gallery"): "max_items from a validated config",
     ("xmodal.eval.crossmodal", "rank_retrieval"): "score arrays of mismatched shapes from code",

@@ -3,6 +3,7 @@
 Sub-commands (each writes its output to disk)::
 
     xmodal prepare  --source SRC --out DATASET      meshes/points -> views + point clouds
+    xmodal merge    PART... --out DATASET           join the parts of a sharded prepare (--shard I/N)
     xmodal show     DATASET --object ID --out PNG   contact sheet of one object
     xmodal pretrain --data DATASET --out RUN        self-supervised pre-training
     xmodal evaluate --run RUN --data DATASET ...    pretext metrics + transfer tasks + report
@@ -24,6 +25,7 @@ import traceback
 from pathlib import Path
 
 from xmodal import __version__
+from xmodal.config import list_presets
 from xmodal.errors import Interrupted, TrainingDiverged, XmodalError
 from xmodal.eval.tasks import TASK_NAMES
 from xmodal.utils.io import os_error_text
@@ -96,7 +98,8 @@ def _add_prepare(sub) -> None:
         "<root>?classification=coarse1|coarse2|coarse3), a ModelNet40 HDF5 point-cloud folder, or builtin:shapes "
         "into an xmodal dataset. Objects that cannot be loaded (a model listed in a .cla but missing on disk, a "
         "broken mesh) are skipped and listed under 'failed' in manifest.json. "
-        "Resumable: re-run the same command after an interruption. Settings: the flags, then key=value overrides "
+        "Resumable: re-run the same command after an interruption (SIGTERM/SIGINT stop it cleanly, exit 143/130). "
+        "On many machines: --shard I/N on each, then 'xmodal merge'. Settings: the flags, then key=value overrides "
         "of PrepareConfig; the resolved config is written to OUT/prepare.yaml.",
     )
     p.add_argument(
@@ -115,11 +118,15 @@ def _add_prepare(sub) -> None:
     p.add_argument("--test-ratio", type=float, default=None, help="test fraction where the source has no split (default 0.2)")
     p.add_argument("--rgb", action="store_true", help="render RGB instead of grayscale (grayscale=false)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing dataset built with other settings")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="build only part I of N (1 <= I <= N; a fixed round robin over the plan's chunks) for "
+                   "'xmodal merge'; same command and settings on every machine")
     _add_config_args(p, "PrepareConfig: e.g. render_points=false oversample=4")
     p.set_defaults(handler=_run_prepare)
 
 
-_PREPARE_FLAGS = ("source", "out", "views", "points", "image_size", "workers", "seed", "chunk_size", "test_ratio")
+_PREPARE_FLAGS = ("source", "out", "views", "points", "image_size", "workers", "seed", "chunk_size", "test_ratio",
+                  "shard")
 
 
 def _run_prepare(args) -> int:
@@ -135,11 +142,44 @@ def _run_prepare(args) -> int:
     if args.print_config:
         return _print_config(cfg)
     manifest = prepare(cfg, progress=not args.quiet)
+    shard = manifest.get("shard")
+    what = f"part {shard['index']}/{shard['count']} of a dataset" if shard else "dataset"
+    _print_dataset(manifest, Path(cfg.out), what)
+    return 0
+
+
+def _print_dataset(manifest: dict, out: Path, what: str) -> None:
     counts = ", ".join(f"{k}: {v}" for k, v in manifest.get("counts", {}).items())
     n_failed = len(manifest.get("failed", []))
-    print(f"dataset written to {cfg.out} ({len(manifest.get('classes', []))} classes; {counts}; {n_failed} failed)")
+    print(f"{what} written to {out} ({len(manifest.get('classes', []))} classes; {counts}; {n_failed} failed)")
     if n_failed:
-        print(f"failed objects are listed in {Path(cfg.out) / 'manifest.json'} under 'failed'")
+        print(f"failed objects are listed in {out / 'manifest.json'} under 'failed'")
+
+
+# --------------------------------------------------------------------------- merge
+def _add_merge(sub) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="join the parts of a sharded prepare (--shard I/N) into one dataset",
+        description="Join the N parts written by 'xmodal prepare ... --shard I/N' (one folder per part, every part "
+        "once, built with the same source and settings) into the dataset the unsharded prepare writes: same "
+        "objects in the same order, same points, images, labels and manifest. Parts that do not belong together "
+        "are refused, naming the part and what differs. Shard files are hard-linked where the file system "
+        "allows, else copied.",
+    )
+    p.add_argument("parts", nargs="+", type=Path, metavar="PART", help="a part's folder (xmodal prepare --shard I/N)")
+    p.add_argument("--out", required=True, type=Path, help="the merged dataset folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace another dataset in --out")
+    p.add_argument("--copy", action="store_true",
+                   help="always copy the shard files (default: hard links where possible)")
+    p.set_defaults(handler=_run_merge)
+
+
+def _run_merge(args) -> int:
+    from xmodal.data.merge import merge_datasets
+
+    manifest = merge_datasets(args.parts, args.out, overwrite=args.overwrite, link=not args.copy)
+    _print_dataset(manifest, args.out, f"dataset of {len(args.parts)} parts")
     return 0
 
 
@@ -174,8 +214,12 @@ def _add_pretrain(sub) -> None:
     )
     p.add_argument("--data", required=True, type=Path, help="dataset folder written by 'xmodal prepare'")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
-    p.add_argument("--preset", default=None, help="paper | cpu | smoke | path/to/config.yaml (default: paper; on --resume: the run's saved config)")
+    p.add_argument("--preset", default=None, help=f"{' | '.join(list_presets('pretrain'))} | path/to/config.yaml "
+                   "(default: paper; on --resume: the run's saved config)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="with --resume: accept a --data other than the dataset the run was trained on "
+                   "(its settings must still match)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys for nested fields")
     p.set_defaults(handler=_run_pretrain)
@@ -189,7 +233,8 @@ def _run_pretrain(args) -> int:
     cfg = resolve_pretrain_config(preset, args.overrides, run=args.out, resume=args.resume)
     if args.print_config:
         return _print_config(cfg)
-    summary = pretrain(args.data, args.out, cfg, resume=args.resume, progress=not args.quiet)
+    summary = pretrain(args.data, args.out, cfg, resume=args.resume, progress=not args.quiet,
+                       allow_other_data=args.allow_other_data)
     if summary:
         print(f"run written to {args.out}")
     return 0
@@ -201,7 +246,9 @@ def _add_evaluate(sub) -> None:
         "evaluate",
         help="pretext metrics and transfer tasks (paper Tables 1-4, Fig. 3)",
         description="Evaluate a run's frozen encoders. Writes OUT/metrics.json, OUT/report.md, PNG figures and "
-        "the resolved config OUT/evaluate.yaml. Settings: the flags, then key=value overrides of EvaluateConfig.",
+        "the resolved config OUT/evaluate.yaml. Tasks OUT already holds for the same run, data, seed and settings "
+        "are not evaluated again (--redo does); SIGTERM/SIGINT stop after the task in progress (exit 143/130) and "
+        "the same command evaluates the rest. Settings: the flags, then key=value overrides of EvaluateConfig.",
     )
     p.add_argument("--run", required=True, type=Path, help="run folder written by 'xmodal pretrain'")
     p.add_argument("--data", required=True, type=Path, help="dataset folder (or a ModelNet40 HDF5 folder, 3D tasks only)")
@@ -214,6 +261,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--partseg-points", type=_positive_int, default=None, help="points per shape for part segmentation (partseg.num_points)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--redo", action="store_true",
+                   help="evaluate again the tasks OUT/metrics.json already holds for this run, data, seed and settings "
+                   "(default: keep them; an interrupted evaluation re-run with the same command does only the rest)")
     _add_config_args(p, "EvaluateConfig: e.g. svm.cs=[0.01,0.1] retrieval.ks=[1,10] fewshot.episodes=5 partseg.lr=0.001")
     p.set_defaults(handler=_run_evaluate)
 
@@ -230,6 +280,8 @@ def _run_evaluate(args) -> int:
     flags = _given(args, _EVALUATE_FLAGS)
     if args.task:
         flags["tasks"] = args.task
+    if args.redo:
+        flags["redo"] = True
     flags["partseg"] = {_PARTSEG_FLAGS[k]: v for k, v in _given(args, tuple(_PARTSEG_FLAGS)).items()}
     cfg = _resolve(EvaluateConfig, flags, args.overrides)
     if args.print_config:
@@ -279,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_prepare, _add_show, _add_pretrain, _add_evaluate, _add_demo):
+    for add in (_add_prepare, _add_merge, _add_show, _add_pretrain, _add_evaluate, _add_demo):
         add(sub)
     return parser
 

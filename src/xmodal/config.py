@@ -98,8 +98,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(f"{key}: {_short(value)} does not match {tp}")
     if origin is typing.Literal:
-        if not isinstance(value, (str, int, float, bool, type(None))) or value not in typing.get_args(tp):
-            raise ConfigError(f"{key}: {_short(value)} is not one of {list(typing.get_args(tp))}")
+        options = typing.get_args(tp)
+        if isinstance(value, bool) and value not in options:
+            # YAML 1.1 reads a bare off / no / on / yes as a boolean: give the option back its name
+            words = ("off", "no", "false") if value is False else ("on", "yes", "true")
+            value = next((w for w in words if w in options), value)
+        if not isinstance(value, (str, int, float, bool, type(None))) or value not in options:
+            raise ConfigError(f"{key}: {_short(value)} is not one of {list(options)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

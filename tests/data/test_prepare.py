@@ -199,7 +199,7 @@ def test_parallel_equals_serial(tmp_path, monkeypatch):
 
     calls = []
     real_pool = P._execute_pool
-    monkeypatch.setattr(P, "_execute_pool", lambda *a: calls.append(a[-2]) or real_pool(*a))
+    monkeypatch.setattr(P, "_execute_pool", lambda *a: calls.append(a[6]) or real_pool(*a))  # a[6]: workers
     kw = dict(views=2, points=128, image_size=32, chunk_size=4)
     spec = "builtin:shapes?train=1&test=0"
     serial = prepare(PrepareConfig(source=spec, out=tmp_path / "serial", workers=1, **kw), progress=False)

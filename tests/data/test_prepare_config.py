@@ -10,6 +10,7 @@ from xmodal.cli import build_parser, main
 from xmodal.config import apply_overrides, from_dict, load_config, to_dict
 from xmodal.data.prepare_config import PrepareConfig
 from xmodal.errors import ConfigError
+from xmodal.utils.lock import LOCK_NAME
 
 
 def test_defaults_are_valid_and_documented():
@@ -93,4 +94,5 @@ def test_prepare_writes_its_resolved_config_beside_the_dataset(tmp_path):
     prepare(cfg, progress=False)
     saved = load_config(PrepareConfig, tmp_path / "ds" / CONFIG_NAME)
     assert saved == cfg and saved.out == str(tmp_path / "ds")
-    assert not list((tmp_path / "ds").glob(".*"))  # written atomically: no temporary left
+    # written atomically: no temporary left (only the output lock of xmodal.utils.lock)
+    assert [p.name for p in (tmp_path / "ds").glob(".*")] == [LOCK_NAME]

@@ -19,6 +19,7 @@ from xmodal.eval.report import TABLE_HEADERS, render_report
 from xmodal.eval.retrieval import PSB_STATS, psb_statistics, retrieval_metrics
 from xmodal.eval.runner import evaluate, resolve_tasks
 from xmodal.transforms import images_to_tensor, points_to_tensor
+from xmodal.utils.lock import LOCK_NAME
 
 CLASSES = ["cone", "cube", "ring", "rod"]
 V, S, N = 6, 32, 64
@@ -197,7 +198,7 @@ def test_evaluate_end_to_end_with_baseline(image_store, run_dir, tmp_path, loade
     for png in ("tsne.png", "tsne_random_init.png", "training_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"]({png})" in report
-    assert not list(out.glob(".*"))  # no temporary files left behind
+    assert [p.name for p in out.glob(".*")] == [LOCK_NAME]  # no temporary files left behind, only the lock
 
 
 def test_points_only_dataset_skips_image_tasks(points_store, run_dir, tmp_path, loaded):
@@ -338,4 +339,4 @@ def test_evaluate_writes_its_resolved_config_beside_the_report(points_store, run
     saved = load_config(EvaluateConfig, tmp_path / "r" / CONFIG_NAME)
     assert saved == cfg and saved.out == str(tmp_path / "r")
     assert m["meta.svm_Cs"] == [0.01, 1.0] and m["svm3d.C"] in (0.01, 1.0)
-    assert not list((tmp_path / "r").glob(".*"))
+    assert [p.name for p in (tmp_path / "r").glob(".*")] == [LOCK_NAME]

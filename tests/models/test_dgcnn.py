@@ -332,3 +332,27 @@ def test_synced_edgeconv_without_process_group_is_local_and_calls_no_collective(
     _close(xf.grad, xr.grad, 1e-10, "input grad")
     for (name, br), bf in zip(ref.named_buffers(), fast.buffers()):
         _close(bf.double(), br.double(), 1e-10, name)
+
+
+def test_folded_fixed_statistics_equal_the_general_fused_path():
+    """Eval-mode (frozen) BatchNorm: folding BN1 into the per-point terms changes nothing (float64)."""
+    from xmodal.models.dgcnn import EdgeConv
+
+    _, fast = _pair(torch.float64)
+    fast.eval()
+    x = _points(3, torch.float64)
+    grads = []
+    for fold in (True, False):
+        for m in fast.modules():
+            if isinstance(m, EdgeConv):
+                m.fold_fixed_bn = fold
+        xi = x.clone().requires_grad_()
+        y = fast(xi)
+        y.square().sum().backward()
+        grads.append((y.detach(), xi.grad, [p.grad.clone() for p in fast.parameters()]))
+        fast.zero_grad()
+    (y1, gx1, gp1), (y2, gx2, gp2) = grads
+    _close(y1, y2, 1e-12, "output")
+    _close(gx1, gx2, 1e-12, "input grad")
+    for a, b in zip(gp1, gp2):
+        _close(a, b, 1e-10, "param grad")

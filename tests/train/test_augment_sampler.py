@@ -20,7 +20,7 @@ from xmodal.train.augment import (
     sample_point_params,
 )
 from xmodal.train.config import AugConfig
-from xmodal.train.sampler import LABELS, PretrainBatches
+from xmodal.train.sampler import LABELS, BatchSpec, PretrainBatches
 
 
 def _store(root, n=6, views=4, size=32, points=128, seed=0):
@@ -138,7 +138,9 @@ def test_jitter_sigma_and_clip():
 def _ds(store, **kw):
     args = dict(batch_size=4, seed=0, num_points=64, image_size=32, aug=AugConfig(), start=0, stop=10)
     args.update(kw)
-    return PretrainBatches(store.split("train"), **args)
+    spec_keys = ("batch_size", "seed", "num_points", "image_size", "aug", "point_subsample", "second_cloud")
+    spec = BatchSpec(**{k: args.pop(k) for k in spec_keys if k in args})
+    return PretrainBatches(store.split("train"), spec, **args)
 
 
 def test_batch_contents(store):
@@ -202,3 +204,19 @@ def test_dataloader_workers_give_the_same_batches(store):
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
     got = [b["points"] for b in loader]
     assert all(torch.equal(r, g) for r, g in zip(ref, got))
+
+
+def test_second_cloud_is_another_augmentation_and_leaves_the_batch_unchanged(store):
+    plain, twice = _ds(store), _ds(store, second_cloud=True)
+    a, b = plain[3], twice[3]
+    for key in a:
+        assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key], key
+    p2 = b["points2"]
+    assert p2.shape == b["points"].shape and not torch.equal(p2, b["points"])
+    # without augmentation each copy is another subset of its own object's stored points
+    raw = _ds(store, second_cloud=True, aug=None)[3]
+    split = store.split("train")
+    for i, obj in enumerate(raw["objects"].tolist()):
+        stored = {tuple(q) for q in np.asarray(split.points(obj)).tolist()}
+        assert {tuple(q) for q in raw["points2"][i].tolist()} <= stored
+        assert {tuple(q) for q in raw["points2"][i].tolist()} != {tuple(q) for q in raw["points"][i].tolist()}

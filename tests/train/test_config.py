@@ -23,14 +23,14 @@ PAPER = {
     "data": {"image_size": 224, "num_points": 2048, "point_subsample": "random", "split": "train",
              "workers": 6, "prefetch_factor": 2},
     "loss": {"mode": "cm-cv", "margin": 1.0, "beta": 1.0, "cross_pairs": "sample", "projected_nce": 0.0,
-             "temperature": 0.1},
+             "point_nce": 0.0, "temperature": 0.1},
     "optim": {"lr": 0.001, "momentum": 0.9, "weight_decay": 0.0005, "step_size": 40000, "gamma": 0.1,
               "point_lr_scale": 1.0},
     "aug": {"enabled": True, "crop_scale": (0.5, 1.0), "crop_ratio": (0.75, 4 / 3), "hflip_p": 0.5,
             "rotate": True, "jitter_sigma": 0.02, "jitter_clip": None},
     "val": {"every": 0, "fraction": 0.1, "views": 12, "folds": 3, "Cs": (0.001, 0.01, 0.1)},
     "iterations": 120000, "batch_size": 32, "log_every": 10, "checkpoint_every": 2000, "seed": 0,
-    "device": "auto", "amp": "off",
+    "device": "auto", "amp": "off", "compile": False,
 }
 
 

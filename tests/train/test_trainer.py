@@ -133,6 +133,18 @@ def test_projected_nce_falls_and_is_logged(tmp_path):
         _cfg("loss.projected_nce=1.0")
 
 
+def test_point_nce_pairs_the_two_copies_of_each_cloud(tmp_path):
+    data = tmp_path / "data"
+    _store(data, n=4, views=2)
+    out = tmp_path / "run"
+    cfg = _cfg("iterations=30", "checkpoint_every=30", "loss.point_nce=1.0", "model.projection_dim=8",
+               "optim.lr=0.01")
+    pretrain(data, out, cfg, progress=False)
+    pnce = np.array([r["point_nce"] for r in read_jsonl(out / "metrics.jsonl")])
+    assert np.isfinite(pnce).all() and pnce[-5:].mean() < 0.8 * pnce[:5].mean(), pnce
+    assert "nce" not in read_jsonl(out / "metrics.jsonl")[0]
+
+
 @pytest.mark.parametrize("pairs", ["batch", "batch-bce"])
 def test_batch_cross_modal_loss_falls_when_overfitting(tmp_path, pairs):
     """Ff scored on every pair of the batch: the cross-modality term itself must fall."""
@@ -228,3 +240,62 @@ def test_freeze_point_bn_run_keeps_fp_statistics_and_trains_its_affine(data, tmp
     assert any(not torch.equal(m.weight, torch.ones_like(m.weight)) for m in fp_bns)
     assert any(not torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in img_bns)
     assert np.isfinite(_losses(out)).all()
+
+
+def test_resume_on_another_dataset_folder_needs_consent(data, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    pretrain(data, out, _cfg("iterations=3"), progress=False)
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    with pytest.raises(ConfigError, match="was trained on .*data.*, not on .*copy") as info:
+        pretrain(copy, out, _cfg("iterations=4"), resume=True, progress=False)
+    assert "--allow-other-data" in info.value.hint
+    s = pretrain(copy, out, _cfg("iterations=4"), resume=True, progress=False, allow_other_data=True)
+    assert s["start_step"] == 3 and s["steps"] == 4
+    assert read_json(out / "run.json")["dataset"] == str(copy.resolve())
+    other = tmp_path / "other"
+    _store(other, n=5)  # other settings (object count) are refused even with consent
+    with pytest.raises(ConfigError, match="trained on other data"):
+        pretrain(other, out, _cfg("iterations=5"), resume=True, progress=False, allow_other_data=True)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(data, tmp_path):
+    """compile=true runs the same steps through torch.compile: the same losses up to float rounding."""
+    # a small learning rate keeps the smoke dynamics from amplifying rounding differences
+    base = ("iterations=3", "checkpoint_every=3", "optim.lr=1e-5")
+    eager = pretrain(data, tmp_path / "eager", _cfg(*base), progress=False)
+    compiled = pretrain(data, tmp_path / "compiled", _cfg(*base, "compile=true"), progress=False)
+    assert compiled["steps"] == 3
+    np.testing.assert_allclose(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rtol=1e-2, atol=1e-3)
+    enc = read_json(tmp_path / "compiled" / "encoders.json")
+    assert not any("_orig_mod" in k for k in load_checkpoint(tmp_path / "compiled").tensors)  # plain keys
+    assert enc["step"] == 3 and eager["steps"] == 3
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_last_one_and_resume_completes(full_run, data, tmp_path, monkeypatch):
+    import errno
+    import os as _os
+
+    from xmodal.errors import WriteError
+
+    real_replace = _os.replace
+
+    def full_disk(src, dst, *a, **k):
+        if str(dst).endswith("last.safetensors") and load_checkpoint(out) is not None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst, *a, **k)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr("xmodal.utils.io.os.replace", full_disk)
+    with pytest.raises(WriteError, match=r"last\.safetensors: could not be written \(No space left on device\)"):
+        pretrain(data, out, _cfg(), progress=False)  # checkpoints at steps 3 and 6: the second fails
+    monkeypatch.undo()
+    ckpt = load_checkpoint(out)
+    assert ckpt.step == 3 and not (out / "encoders.safetensors").exists()
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporary file left
+    s = pretrain(data, out, _cfg(), resume=True, progress=False)  # space freed: the same command completes
+    assert s["start_step"] == 3 and s["steps"] == 6
+    np.testing.assert_allclose(_losses(out), _losses(full_run[0]), rtol=1e-6, atol=1e-7)

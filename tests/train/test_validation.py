@@ -6,7 +6,7 @@ import pytest
 from xmodal.config import resolve
 from xmodal.data.store import open_dataset, write_store
 from xmodal.train.config import PretrainConfig, ValConfig
-from xmodal.train.sampler import PretrainBatches
+from xmodal.train.sampler import BatchSpec, PretrainBatches
 from xmodal.train.trainer import pretrain
 from xmodal.train.validation import Validator, cv_svm_accuracy, holdout_split
 from xmodal.utils.io import read_json, read_jsonl
@@ -55,14 +55,14 @@ def test_cv_svm_accuracy_separable_and_degenerate():
 def test_sampler_draws_only_the_given_objects(data):
     split = open_dataset(data).split("train")
     keep = np.array([1, 4, 6, 9, 13])
-    ds = PretrainBatches(split, batch_size=4, seed=0, num_points=32, image_size=32, stop=20, indices=keep)
+    spec = BatchSpec(batch_size=4, seed=0, num_points=32, image_size=32)
+    ds = PretrainBatches(split, spec, stop=20, indices=keep)
     for s in range(20):
         p = ds.plan(s)
         assert np.isin(p.objects, keep).all() and np.isin(p.negatives, keep).all()
         assert (p.objects != p.negatives).all()
-    everything = PretrainBatches(split, batch_size=4, seed=0, num_points=32, image_size=32, stop=3,
-                                 indices=np.arange(split.n))
-    plain = PretrainBatches(split, batch_size=4, seed=0, num_points=32, image_size=32, stop=3)
+    everything = PretrainBatches(split, spec, stop=3, indices=np.arange(split.n))
+    plain = PretrainBatches(split, spec, stop=3)
     for s in range(3):
         assert np.array_equal(everything.plan(s).objects, plain.plan(s).objects)
         assert np.array_equal(everything.plan(s).negatives, plain.plan(s).negatives)

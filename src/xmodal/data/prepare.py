@@ -15,9 +15,17 @@ The job is
 * **fault tolerant**: an object that cannot be loaded or rendered is recorded in
   ``failed/`` and the manifest (path, id, reason) and skipped;
 * **parallel** over chunks with ``workers`` processes (``spawn``: OpenGL contexts and
-  ``fork`` do not mix), each owning one renderer.
+  ``fork`` do not mix), each owning one renderer;
+* **stoppable**: on SIGTERM/SIGINT the chunks in progress are abandoned after their current
+  object (worker processes ignore the signals and stop when told to, so none dies mid-write),
+  the pool shuts down, and :class:`~xmodal.errors.Interrupted` says how many shards are
+  written; the same command finishes the job;
+* **shardable over machines**: ``shard="I/N"`` builds only the chunks of part I
+  (:mod:`xmodal.data.sharding`); ``plan.json`` and the part's manifest record the part, and
+  :func:`xmodal.data.merge.merge_datasets` joins the N parts into the unsharded dataset.
 
-``manifest.json`` is written last, so its presence means the dataset is complete.
+One process writes a dataset folder at a time (:func:`xmodal.utils.lock.output_lock`).
+``manifest.json`` is written last, so its presence means the dataset (or part) is complete.
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ import os
 import pickle
 import queue as queue_mod
 import shutil
+import signal
 import zlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -48,11 +57,15 @@ from xmodal.data.store import (
     write_shard,
 )
 from xmodal.data.prepare_config import PrepareConfig
+from xmodal.data.sharding import format_shard, parse_shard, shard_chunks
 from xmodal.data.types import Item, Mesh, MeshError, PointCloud, Source
-from xmodal.errors import ConfigError, PrepareError, XmodalError
+from xmodal.errors import ConfigError, Interrupted, PrepareError, XmodalError
 from xmodal.utils.io import read_json, write_json
+from xmodal.utils.lock import output_lock
+from xmodal.utils.signals import StopRequest, ignore_stop_signals
 
-__all__ = ["prepare", "object_seeds", "PrepareConfig", "PrepareError", "CONFIG_NAME"]
+__all__ = ["prepare", "object_seeds", "finalize_store", "clear_outputs", "plan_key", "describe_difference",
+           "PrepareConfig", "PrepareError", "CONFIG_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +164,17 @@ def _failure_reason(exc: Exception, item: Item) -> str:
     return exc.reason if exc.path in (item.path, item.id) else str(exc)
 
 
-def _run_chunk(ctx: _Context, split: str, chunk: int, items: list[Item], report=None) -> tuple[int, int]:
-    """Prepare one chunk and write its failures and (last) its shard. Returns (ok, failed)."""
+def _run_chunk(ctx: _Context, split: str, chunk: int, items: list[Item], report=None,
+               should_stop: Optional[Callable[[], bool]] = None) -> Optional[tuple[int, int]]:
+    """Prepare one chunk and write its failures and (last) its shard. Returns (ok, failed), or
+    None when ``should_stop()`` turned true before an object: the chunk is abandoned, nothing written."""
     s = ctx.settings
     rows: list[dict[str, np.ndarray]] = []
     ok_items: list[Item] = []
     failures: list[dict] = []
     for item in items:
+        if should_stop is not None and should_stop():
+            return None
         try:
             rows.append(_process_object(ctx, item))
             ok_items.append(item)
@@ -197,19 +214,30 @@ def _run_chunk(ctx: _Context, split: str, chunk: int, items: list[Item], report=
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(source: Source, settings: dict, out: str, classes: list[str], has_pl: bool, q) -> None:
+def _worker_init(source: Source, settings: dict, out: str, classes: list[str], has_pl: bool, q, abandon) -> None:
+    # SIGTERM/SIGINT sent to the whole process group (Ctrl-C, a scheduler) are the main
+    # process's to handle: it sets ``abandon``, and a worker stops between two objects
+    ignore_stop_signals()
     # Mesa's llvmpipe starts one raster thread per CPU in every process; with W worker
     # processes that oversubscribes the cores, so each worker rasterises on one thread
     # unless the user chose otherwise. Must be set before the GL context is created.
     os.environ.setdefault("LP_NUM_THREADS", "1")
     _WORKER["ctx"] = _Context(source, settings, Path(out), classes, has_pl)
     _WORKER["queue"] = q
+    _WORKER["abandon"] = abandon
+    _WORKER["parent"] = os.getppid()
 
 
-def _worker_chunk(split: str, chunk: int, items: list[Item]) -> tuple[int, int]:
+def _worker_should_stop() -> bool:
+    """A worker abandons its chunk when the main process asks it to, or has died (``kill -9``)."""
+    return _WORKER["abandon"].is_set() or os.getppid() != _WORKER["parent"]
+
+
+def _worker_chunk(split: str, chunk: int, items: list[Item]) -> Optional[tuple[int, int]]:
     q = _WORKER["queue"]
     key = (split, chunk)
-    return _run_chunk(_WORKER["ctx"], split, chunk, items, report=lambda a, b: q.put((key, a, b)))
+    return _run_chunk(_WORKER["ctx"], split, chunk, items, report=lambda a, b: q.put((key, a, b)),
+                      should_stop=_worker_should_stop)
 
 
 # --------------------------------------------------------------------------- plan
@@ -244,18 +272,26 @@ def _item_record(it: Item) -> dict:
     return {"id": it.id, "label": it.label, "path": it.path, "index": int(it.index)}
 
 
-def _plan_key(plan: dict) -> dict:
-    """What must match for a resume: settings, classes and the object list (not file paths)."""
+def plan_key(plan: dict) -> dict:
+    """What must match for a resume: settings, classes, the object list (not file paths) and the part."""
     return {
         "format_version": plan.get("format_version"),
         "settings": plan.get("settings"),
         "classes": plan.get("classes"),
         "items": {s: [(r["id"], r["label"]) for r in recs] for s, recs in plan.get("items", {}).items()},
+        "shard": plan.get("shard"),
     }
 
 
-def _describe_difference(old: dict, new: dict) -> str:
-    a, b = _plan_key(old), _plan_key(new)
+def _plan_shard(plan: dict) -> Optional[tuple[int, int]]:
+    """``(I, N)`` of a part's plan, None for a whole dataset."""
+    shard = plan.get("shard")
+    return None if shard is None else (int(shard["index"]), int(shard["count"]))
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    """The settings, lists and part in which two plans differ (``"points: 256 -> 128, the object list"``)."""
+    a, b = plan_key(old), plan_key(new)
     diffs = []
     sa, sb = a["settings"] or {}, b["settings"] or {}
     for k in sorted(set(sa) | set(sb)):
@@ -267,10 +303,14 @@ def _describe_difference(old: dict, new: dict) -> str:
         diffs.append("the object list")
     if a["format_version"] != b["format_version"]:
         diffs.append(f"format_version {a['format_version']} -> {b['format_version']}")
+    if a["shard"] != b["shard"]:
+        part_a, part_b = _plan_shard(old), _plan_shard(new)
+        diffs.append(f"shard: {format_shard(part_a) if part_a else 'none'} -> "
+                     f"{format_shard(part_b) if part_b else 'none'}")
     return ", ".join(diffs) or "unknown"
 
 
-def _clear_outputs(out: Path) -> None:
+def clear_outputs(out: Path) -> None:
     """Remove what ``prepare`` writes (and nothing else) from ``out``."""
     for sub in ("shards", "failed"):
         if (out / sub).is_dir():
@@ -325,8 +365,10 @@ def _settings(cfg: PrepareConfig, src: Source) -> dict:
     }
 
 
-def _make_plan(src: Source, spec: Optional[str], settings: dict) -> tuple[dict, dict[str, list[Item]]]:
-    """The plan (settings, source, classes, object list) and the items per split."""
+def _make_plan(src: Source, spec: Optional[str], settings: dict,
+               shard: Optional[tuple[int, int]] = None) -> tuple[dict, dict[str, list[Item]]]:
+    """The plan (settings, source, classes, object list: the whole dataset's, also for a part;
+    the part ``shard``, if any) and the items per split."""
     classes = [str(c) for c in src.classes]
     items = _plan_items(src)
     unknown = sorted({it.label for its in items.values() for it in its} - set(classes))
@@ -339,46 +381,45 @@ def _make_plan(src: Source, spec: Optional[str], settings: dict) -> tuple[dict, 
         "classes": classes,
         "items": {s: [_item_record(it) for it in its] for s, its in items.items()},
     }
+    if shard is not None:
+        plan["shard"] = {"index": shard[0], "count": shard[1]}
     return plan, items
 
 
 def _claim_output(out: Path, plan: dict, overwrite: bool) -> None:
     """Check that ``out`` is new, or holds this plan (a resume), or may be overwritten; write the plan."""
     plan_path = out / PLAN_NAME
-    if out.exists() and not out.is_dir():
-        raise PrepareError(f"{out}: output exists and is not a folder")
     if plan_path.is_file():
         try:
             old = read_json(plan_path)
         except ValueError:
             old = {}
-        if _plan_key(old) != _plan_key(plan):
+        if plan_key(old) != plan_key(plan):
             if not overwrite:
                 raise PrepareError(
-                    f"{out} holds a dataset prepared with different settings ({_describe_difference(old, plan)}); "
+                    f"{out} holds a dataset prepared with different settings ({describe_difference(old, plan)}); "
                     "use another output folder or overwrite=True (--overwrite) to replace it"
                 )
             log.info("overwriting %s", out)
-            _clear_outputs(out)
+            clear_outputs(out)
     elif (out / MANIFEST_NAME).is_file() or (out / "shards").is_dir():
         if not overwrite:
             raise PrepareError(
                 f"{out} holds a dataset without {PLAN_NAME} (not made by prepare, or older); "
                 "use another output folder or overwrite=True (--overwrite) to replace it"
             )
-        _clear_outputs(out)
+        clear_outputs(out)
     if not plan_path.is_file():
         write_json(plan_path, plan)
 
 
-def _pending_chunks(out: Path, items: dict[str, list[Item]], chunk_size: int) -> list[tuple[str, int, list[Item]]]:
-    """``(split, chunk, items)`` of every chunk whose shard is not written yet."""
+def _pending_chunks(out: Path, items: dict[str, list[Item]], chunk_size: int,
+                    chunks: list[tuple[str, int]]) -> list[tuple[str, int, list[Item]]]:
+    """``(split, chunk, items)`` of every chunk of ``chunks`` whose shard is not written yet."""
     tasks = []
-    for split, its in items.items():
-        for c in range(0, max(len(its), 1), chunk_size):
-            chunk_items = its[c : c + chunk_size]
-            if chunk_items and not (out / shard_relpath(split, c // chunk_size)).is_file():
-                tasks.append((split, c // chunk_size, chunk_items))
+    for split, c in chunks:
+        if not (out / shard_relpath(split, c)).is_file():
+            tasks.append((split, c, items[split][c * chunk_size : (c + 1) * chunk_size]))
     return tasks
 
 
@@ -388,41 +429,79 @@ def prepare(cfg: PrepareConfig, *, source: Optional[Source] = None, progress: bo
     Args:
         cfg: what to prepare and how (:class:`~xmodal.data.prepare_config.PrepareConfig`):
             ``source`` (a spec for :func:`xmodal.data.sources.open_source`), ``out`` (the
-            dataset folder to create or resume), views, points, image size, ... The resolved
+            dataset folder to create or resume), views, points, image size, ``shard``
+            (``"I/N"``: only part I of N, see :mod:`xmodal.data.sharding`), ... The resolved
             config is written to ``out/prepare.yaml``.
         source: a :class:`~xmodal.data.types.Source` object to prepare instead of opening
             ``cfg.source`` (which must then be empty).
         progress: show a progress bar (objects, objects/s, failures).
 
     Returns:
-        The manifest (also written to ``out/manifest.json``, last).
+        The manifest (also written to ``out/manifest.json``, last). A part's manifest describes
+        the part's objects only and has a ``shard`` key (``{"index": I, "count": N}``).
+
+    On SIGTERM or SIGINT the chunks in progress are abandoned after their current object, the
+    written shards stay, and :class:`~xmodal.errors.Interrupted` is raised; the same call then
+    finishes the job. A second process preparing into the same ``out`` is refused at once
+    (:class:`~xmodal.errors.OutputLockedError`).
 
     Raises:
         ConfigError: a bad setting, or a missing ``source`` / ``out``.
-        PrepareError: ``out`` holds a store or plan made with other settings and
-            ``cfg.overwrite`` is False.
+        PrepareError: ``out`` holds a store or plan made with other settings (or another part)
+            and ``cfg.overwrite`` is False.
     """
     cfg.validate()
     cfg.require_paths(source=source is None)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"{out}: output exists and is not a folder")
+    with output_lock(out, "prepare"), StopRequest(until="the current object of each chunk in progress") as stop:
+        return _prepare_into(cfg, out, source, progress, stop)
+
+
+def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progress: bool, stop: StopRequest) -> dict:
+    """:func:`prepare` once ``out`` is locked."""
     src, spec = _open(cfg, source)
     settings = _settings(cfg, src)
-    plan, items = _make_plan(src, spec, settings)
+    shard = parse_shard(cfg.shard)
+    plan, items = _make_plan(src, spec, settings, shard)
     _claim_output(out, plan, cfg.overwrite)
     save_config(cfg, out / CONFIG_NAME)
-    tasks = _pending_chunks(out, items, cfg.chunk_size)
+    chunks = shard_chunks({split: len(its) for split, its in items.items()}, cfg.chunk_size, shard)
+    if shard is not None and not chunks:
+        log.warning("part %s holds no objects: the plan has fewer chunks than parts (lower chunk_size)",
+                    format_shard(shard))
+    tasks = _pending_chunks(out, items, cfg.chunk_size, chunks)
     if tasks:
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # no longer describes a complete store
         _remove_stale_temps(out)
-        n_done_before = sum(len(v) for v in items.values()) - sum(len(t[2]) for t in tasks)
+        cs = cfg.chunk_size
+        n_done_before = sum(len(items[sp][c * cs : (c + 1) * cs]) for sp, c in chunks) - sum(len(t[2]) for t in tasks)
         if n_done_before:
             log.info("resuming %s: %d objects already prepared", out, n_done_before)
         has_pl = src.part_names is not None
-        _execute(tasks, src, settings, out, plan["classes"], has_pl, workers=cfg.workers, progress=progress)
-    return _finalize(out, items, plan, src)
+        written = _execute(tasks, src, settings, out, plan["classes"], has_pl, workers=cfg.workers,
+                           progress=progress, should_stop=lambda: stop.requested)
+        if written < len(tasks):
+            raise _interrupted(out, stop.signum, len(chunks) - len(tasks) + written, len(chunks), shard)
+    return finalize_store(out, plan, up_axis=src.up_axis, part_names=src.part_names)
 
 
-def _execute(tasks, src, settings, out, classes, has_pl, *, workers: int, progress: bool) -> None:
+def _interrupted(out: Path, signum: Optional[int], written: int, total: int,
+                 shard: Optional[tuple[int, int]]) -> Interrupted:
+    signum = int(signum or signal.SIGTERM)
+    what = f"part {format_shard(shard)}" if shard else "the dataset"
+    return Interrupted(
+        f"stopped by {signal.Signals(signum).name}: {written} of the {total} shards of {what} are written "
+        "(the chunks in progress were abandoned; no manifest yet)",
+        signum=signum, path=out,
+        hint="run the same command again to finish; the written shards are kept, not rebuilt",
+    )
+
+
+def _execute(tasks, src, settings, out, classes, has_pl, *, workers: int, progress: bool,
+             should_stop: Callable[[], bool]) -> int:
+    """Prepare the chunks of ``tasks``; returns how many were written (fewer once ``should_stop()``)."""
     from tqdm.auto import tqdm
 
     total = sum(len(t[2]) for t in tasks)
@@ -436,21 +515,56 @@ def _execute(tasks, src, settings, out, classes, has_pl, *, workers: int, progre
             bar.set_postfix(failed=failed[0], refresh=False)
 
     try:
-        if workers == 1 or len(tasks) == 1:
-            ctx = _Context(src, settings, out, classes, has_pl)
-            try:
-                for split, chunk, its in tasks:
-                    _run_chunk(ctx, split, chunk, its, report=report)
-            finally:
-                ctx.close()
-        else:
-            _execute_pool(tasks, src, settings, out, classes, has_pl, workers, report)
+        if workers > 1 and len(tasks) > 1:
+            return _execute_pool(tasks, src, settings, out, classes, has_pl, workers, report, should_stop)
+        ctx = _Context(src, settings, out, classes, has_pl)
+        written = 0
+        try:
+            for split, chunk, its in tasks:
+                if _run_chunk(ctx, split, chunk, its, report=report, should_stop=should_stop) is None:
+                    break
+                written += 1
+        finally:
+            ctx.close()
+        return written
     finally:
         bar.close()
 
 
-def _execute_pool(tasks, src, settings, out, classes, has_pl, workers, report) -> None:
-    """Run chunks in a pool of ``spawn`` processes; per-object progress comes through a queue."""
+class _QueueProgress:
+    """Per-object progress that pool workers send through a queue, passed on to ``report``."""
+
+    def __init__(self, q, tasks, report) -> None:
+        self.q, self.report = q, report
+        self.expected = {(s, c): len(its) for s, c, its in tasks}
+        self.seen = {key: 0 for key in self.expected}
+
+    def take(self, timeout: Optional[float]) -> bool:
+        try:
+            key, n, bad = self.q.get(timeout=timeout) if timeout else self.q.get_nowait()
+        except queue_mod.Empty:
+            return False
+        self.seen[key] += n
+        self.report(n, bad)
+        return True
+
+    def drain(self) -> None:
+        while self.take(None):
+            pass
+
+    def finish(self, key) -> None:
+        """The worker queued a chunk's progress before returning: collect the rest of it."""
+        while self.seen[key] < self.expected[key] and self.take(5.0):
+            pass
+
+
+def _execute_pool(tasks, src, settings, out, classes, has_pl, workers, report, should_stop) -> int:
+    """Run chunks in a pool of ``spawn`` processes; returns how many were written.
+
+    Once ``should_stop()`` turns true, chunks not started are cancelled and running ones are
+    abandoned after their current object (the ``abandon`` event); leaving by any other way
+    (an error, a second Ctrl-C) sets it too, so the pool always shuts down within one object.
+    """
     try:
         pickle.dumps(src)
     except Exception as exc:
@@ -459,79 +573,80 @@ def _execute_pool(tasks, src, settings, out, classes, has_pl, workers, report) -
             "use workers=1 or a source defined in an importable module"
         ) from exc
     mpctx = mp.get_context("spawn")
-    q = mpctx.Queue()
-    expected = {(s, c): len(its) for s, c, its in tasks}
-    seen = {key: 0 for key in expected}
-
-    def take(timeout: Optional[float]) -> bool:
-        try:
-            key, n, bad = q.get(timeout=timeout) if timeout else q.get_nowait()
-        except queue_mod.Empty:
-            return False
-        seen[key] += n
-        report(n, bad)
-        return True
-
+    q, abandon = mpctx.Queue(), mpctx.Event()
     with cf.ProcessPoolExecutor(
         max_workers=min(workers, len(tasks)),
         mp_context=mpctx,
         initializer=_worker_init,
-        initargs=(src, settings, str(out), classes, has_pl, q),
+        initargs=(src, settings, str(out), classes, has_pl, q, abandon),
     ) as pool:
         futures = {pool.submit(_worker_chunk, s, c, its): (s, c) for s, c, its in tasks}
-        pending = set(futures)
         try:
-            while pending:
-                done, pending = cf.wait(pending, timeout=0.1, return_when=cf.FIRST_COMPLETED)
-                while take(None):
-                    pass
-                for fut in done:
-                    key = futures[fut]
-                    exc = fut.exception()
-                    if isinstance(exc, (XmodalError, OSError)):  # the disk, a file: reported as they are
-                        raise exc
-                    if exc is not None:
-                        raise RuntimeError(f"prepare: chunk {key[1]} of split '{key[0]}' failed: {exc}") from exc
-                    # the worker queued its progress before returning: collect the rest of it
-                    while seen[key] < expected[key] and take(5.0):
-                        pass
-        except BaseException:
-            for fut in pending:
+            return _collect(futures, _QueueProgress(q, tasks, report), should_stop, abandon)
+        finally:
+            abandon.set()
+            for fut in futures:
                 fut.cancel()
-            raise
 
 
-def _finalize(out: Path, items: dict[str, list[Item]], plan: dict, src: Source) -> dict:
-    """Check every shard exists, gather counts and failures, write the manifest last."""
+def _collect(futures: dict, progress: _QueueProgress, should_stop, abandon) -> int:
+    """Wait for the pool's chunks; returns how many were written."""
+    pending, written, stopping = set(futures), 0, False
+    while pending:
+        if not stopping and should_stop():
+            stopping = True
+            abandon.set()
+            pending = {fut for fut in pending if not fut.cancel()}  # running or finished ones stay
+        done, pending = cf.wait(pending, timeout=0.1, return_when=cf.FIRST_COMPLETED)
+        progress.drain()
+        for fut in done:
+            if fut.cancelled():
+                continue
+            key = futures[fut]
+            exc = fut.exception()
+            if exc is not None:
+                if stopping:  # e.g. a worker hit by the signal before it could ignore it: not written
+                    continue
+                if isinstance(exc, (XmodalError, OSError)):  # the disk, a file: reported as they are
+                    raise exc
+                raise RuntimeError(f"prepare: chunk {key[1]} of split '{key[0]}' failed: {exc}") from exc
+            if fut.result() is not None:
+                written += 1
+                progress.finish(key)
+    return written
+
+
+def finalize_store(out: Path, plan: dict, *, up_axis: str, part_names: Optional[list[str]]) -> dict:
+    """Check that every shard of ``plan`` (of its part, for a part's plan) exists, gather counts and
+    failures, and write the manifest, last. Used by ``prepare`` and by ``merge``."""
     from xmodal.data.store import _h5py
 
     h5py = _h5py()
-    cs = plan["settings"]["chunk_size"]
-    counts, shards, sizes, failed = {}, {}, {}, []
-    for split, its in items.items():
-        n_chunks = (len(its) + cs - 1) // cs
-        shards[split], sizes[split] = [], []
-        for c in range(n_chunks):
-            rel = shard_relpath(split, c)
-            path = out / rel
-            if not path.is_file():
-                raise PrepareError("shard missing after prepare (removed meanwhile?)", path=path,
-                                   hint="re-run the same command to finish")
-            with h5py.File(path, "r") as f:
-                sizes[split].append(int(f["labels"].shape[0]))
-            shards[split].append(rel)
-            fpath = out / failed_relpath(split, c)
-            if fpath.is_file():
-                failed.extend(read_json(fpath))
-        counts[split] = sum(sizes[split])
     s = plan["settings"]
+    chunks = shard_chunks({split: len(recs) for split, recs in plan["items"].items()}, s["chunk_size"],
+                          _plan_shard(plan))
+    shards: dict[str, list[str]] = {split: [] for split in plan["items"]}
+    sizes: dict[str, list[int]] = {split: [] for split in plan["items"]}
+    failed: list[dict] = []
+    for split, c in chunks:
+        rel = shard_relpath(split, c)
+        path = out / rel
+        if not path.is_file():
+            raise PrepareError("shard missing after prepare (removed meanwhile?)", path=path,
+                               hint="re-run the same command to finish")
+        with h5py.File(path, "r") as f:
+            sizes[split].append(int(f["labels"].shape[0]))
+        shards[split].append(rel)
+        fpath = out / failed_relpath(split, c)
+        if fpath.is_file():
+            failed.extend(read_json(fpath))
     contents = StoreContents(
         views=s["effective_views"], points=s["points"], image_size=s["image_size"], grayscale=s["grayscale"],
-        up_axis=src.up_axis, part_names=src.part_names,
+        up_axis=up_axis, part_names=part_names,
     )
     manifest = make_manifest(
         classes=plan["classes"],
-        counts=counts,
+        counts={split: sum(v) for split, v in sizes.items()},
         shards=shards,
         contents=contents,
         source=plan["source"],
@@ -539,8 +654,10 @@ def _finalize(out: Path, items: dict[str, list[Item]], plan: dict, src: Source) 
         failed=failed,
         shard_sizes=sizes,
     )
+    if "shard" in plan:
+        manifest["shard"] = dict(plan["shard"])
     write_json(out / MANIFEST_NAME, manifest)
     if failed:
-        log.warning("%d of %d objects failed; see %s", len(failed), sum(len(v) for v in items.values()),
+        log.warning("%d of %d objects failed; see %s", len(failed), sum(map(sum, sizes.values())) + len(failed),
                     out / MANIFEST_NAME)
     return manifest

@@ -8,6 +8,8 @@ is written to ``DATASET/prepare.yaml``.
 The settings that shape the data (views, points, image size, colour, seed, test ratio,
 oversampling, chunk size) are also recorded in ``plan.json`` and the manifest, and a re-run
 into the same folder must repeat them (or ``overwrite``); ``workers`` only sets the speed.
+``shard`` (``I/N``) builds one of N disjoint parts of the dataset (:mod:`xmodal.data.sharding`),
+which ``xmodal merge`` joins into the dataset an unsharded build writes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xmodal.config import paths_to_str, require_fields
+from xmodal.data.sharding import parse_shard
 from xmodal.errors import ConfigError
 
 __all__ = ["PrepareConfig"]
@@ -52,6 +55,9 @@ class PrepareConfig:
     oversample: int = 8
     #: replace an existing dataset made with other settings
     overwrite: bool = False
+    #: ``I/N``: build only part I of N (1 <= I <= N) of the objects, for ``xmodal merge``
+    #: (see :mod:`xmodal.data.sharding`); empty: the whole dataset
+    shard: str = ""
 
     def __post_init__(self) -> None:
         paths_to_str(self, "source", "out")
@@ -75,6 +81,7 @@ class PrepareConfig:
             raise ConfigError(f"oversample must be >= 1, got {self.oversample}")
         if not 0.0 <= float(self.test_ratio) < 1.0:
             raise ConfigError(f"test_ratio must be in [0, 1), got {self.test_ratio}")
+        parse_shard(self.shard)
 
     def require_paths(self, *, source: bool = True) -> None:
         """Raise :class:`ConfigError` unless ``out`` (and, with ``source=True``, ``source``) is given."""

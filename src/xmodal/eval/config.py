@@ -178,6 +178,9 @@ class EvaluateConfig:
     device: str = "auto"
     #: view counts v of the 2D tasks (capped at the dataset's V, deduplicated)
     views: list[int] = field(default_factory=lambda: list(DEFAULT_VIEWS))
+    #: evaluate again the tasks ``out/metrics.json`` already holds for the same run, data, seed
+    #: and task settings (false: they are kept, not recomputed; see :mod:`xmodal.eval.resume`)
+    redo: bool = False
     svm: SvmConfig = field(default_factory=SvmConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)

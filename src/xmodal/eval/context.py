@@ -6,17 +6,22 @@ and with ``baseline="random"`` its random-init copy — and calls every task's f
 ``ctx.cache`` and records metrics with :meth:`EvalContext.put` (keys get the network's prefix,
 ``""`` or ``"baseline.random."``), skips with :meth:`EvalContext.skip` and figures with
 :meth:`EvalContext.add_figure`.
+
+A long task can save partial progress with :meth:`EvalContext.save_partial` (an evaluation
+stopped later resumes from ``ctx.partial``) and call :meth:`EvalContext.check_stop` at safe
+points: once the job is asked to stop (SIGTERM/SIGINT) it raises :class:`TaskStopped`, and the
+runner abandons the task, keeping what was saved.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-__all__ = ["TRAIN", "TEST", "NO_IMAGES", "BASELINE_PREFIX", "EvalContext"]
+__all__ = ["TRAIN", "TEST", "NO_IMAGES", "BASELINE_PREFIX", "TaskStopped", "EvalContext"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +30,10 @@ TRAIN, TEST = "train", "test"
 NO_IMAGES = "the dataset has no images (points only)"
 #: metric-key prefix of the random-init baseline's copies
 BASELINE_PREFIX = "baseline.random."
+
+
+class TaskStopped(Exception):
+    """Raised by :meth:`EvalContext.check_stop` once the job was asked to stop."""
 
 
 class EvalContext:
@@ -40,10 +49,11 @@ class EvalContext:
         device: the torch device, as a string.
         out: the report folder (figures and logs go there).
         progress: show progress bars.
+        stop: the job's :class:`~xmodal.utils.signals.StopRequest` (None: never asked to stop).
     """
 
     def __init__(self, cfg, loaded, store, cache, *, prefix: str, views: list[int], device: str, out: Path,
-                 progress: bool):
+                 progress: bool, stop=None):
         self.cfg = cfg
         self.loaded = loaded
         self.store = store
@@ -53,12 +63,36 @@ class EvalContext:
         self.device = device
         self.out = Path(out)
         self.progress = progress
-        #: the task running now (set by the runner)
-        self.task = ""
+        self.stop = stop
+        self.begin("")
+
+    def begin(self, task: str, *, partial: Optional[dict] = None,
+              save_partial: Optional[Callable[[dict], None]] = None) -> None:
+        """Start ``task`` (the runner does): metrics, skips and figures from here on are its own.
+
+        ``partial``: the progress it saved when an earlier evaluation stopped it; ``save_partial``:
+        how :meth:`save_partial` persists progress.
+        """
+        #: the task running now
+        self.task = task
         self.metrics: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
         #: ``{caption: file name in out}``
         self.figures: dict[str, str] = {}
+        #: the progress the task saved in an earlier, stopped evaluation ({}: start afresh)
+        self.partial: dict = dict(partial or {})
+        self._save_partial = save_partial
+
+    def save_partial(self, state: dict) -> None:
+        """Persist the running task's progress (JSON-able); a later evaluation finds it in ``partial``."""
+        self.partial = dict(state)
+        if self._save_partial is not None:
+            self._save_partial(self.partial)
+
+    def check_stop(self) -> None:
+        """Raise :class:`TaskStopped` when the job was asked to stop (a safe point of a long task)."""
+        if self.stop is not None and self.stop.requested:
+            raise TaskStopped(self.task)
 
     @property
     def seed(self) -> int:

@@ -33,6 +33,7 @@ import copy
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -40,10 +41,10 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from xmodal.data.shapenetpart import PartSegSplit, ShapeFaces, load_partseg, stratified_subset
+from xmodal.errors import PartSegError
 from xmodal.eval.config import PARTSEG_FRACTIONS as FRACTIONS
 from xmodal.eval.config import PARTSEG_SETTINGS as SETTINGS
 from xmodal.eval.config import PartSegConfig
-from xmodal.errors import PartSegError
 from xmodal.eval.context import TEST, TRAIN
 from xmodal.utils.device import default_device
 
@@ -62,6 +63,7 @@ __all__ = [
     "predict_partseg",
     "evaluate_partseg",
     "run_partseg",
+    "PartSegResume",
     "partseg_task",
     "percent_key",
 ]
@@ -545,6 +547,33 @@ class _Table4:
         return metrics
 
 
+@dataclass
+class PartSegResume:
+    """Running Table 4 one cell (a setting trained on a fraction) at a time, resumably."""
+
+    #: metrics (``METRICS``) of the cells finished earlier, by ``"<setting>/<percent>"``; not run again
+    done: dict = field(default_factory=dict)
+    #: called before each cell still to run (may raise to stop between cells)
+    before_cell: Optional[Callable[[], None]] = None
+    #: called after each cell run with its ``"<setting>/<percent>"`` and metrics
+    after_cell: Optional[Callable[[str, dict], None]] = None
+
+
+def _cell(table: "_Table4", setting: str, pct: str, sub: PartSegSplit, resume: Optional[PartSegResume]) -> dict:
+    """The metrics of one cell: from ``resume.done``, or trained and tested now."""
+    key = f"{setting}/{pct}"
+    if resume is not None and key in resume.done:
+        log.info("partseg %s%%: %s already evaluated; not trained again", pct, setting)
+        return dict(resume.done[key])
+    if resume is not None and resume.before_cell is not None:
+        resume.before_cell()
+    metrics = table.run(setting, pct, sub)
+    metrics = {k: float(metrics[k]) for k in METRICS if k in metrics}
+    if resume is not None and resume.after_cell is not None:
+        resume.after_cell(key, metrics)
+    return metrics
+
+
 def run_partseg(
     cfg: Optional[PartSegConfig],
     run: Any,
@@ -555,6 +584,7 @@ def run_partseg(
     progress: bool = True,
     log_dir: Optional[str | os.PathLike] = None,
     encoder_factory: Optional[Callable[[], Any]] = None,
+    resume: Optional[PartSegResume] = None,
 ) -> dict:
     """Table 4: train and test :class:`~xmodal.models.partseg.PartSegNet` per setting and fraction.
 
@@ -578,6 +608,8 @@ def run_partseg(
         encoder_factory: no-argument callable building a fresh encoder for ``scratch``
             (default: :func:`xmodal.api.random_init_run` of the run's config, else a
             re-initialised copy of the pre-trained encoder, else the default DGCNN).
+        resume: cells finished earlier (not trained again) and hooks around each cell
+            (:class:`PartSegResume`); the ``partseg`` task uses it to resume a stopped evaluation.
 
     Returns:
         ``{"partseg.<setting>.<percent>.<metric>": float}`` with metric in ``oa``,
@@ -605,7 +637,7 @@ def run_partseg(
         sub = train_all.subset(stratified_subset(train_all.category, fraction, seed=seed))
         results.update(_subset_record(pct, fraction, train_all, sub.n, data.category_names))
         for setting in settings:
-            metrics = table.run(setting, pct, sub)
+            metrics = _cell(table, setting, pct, sub, resume)
             results.update({f"partseg.{setting}.{pct}.{k}": metrics[k] for k in METRICS if k in metrics})
     return results
 
@@ -613,7 +645,8 @@ def run_partseg(
 def partseg_task(ctx) -> None:
     """The ``partseg`` task (Table 4) on the run: :func:`run_partseg` with ``cfg.partseg`` on
     ``cfg.partseg_data``, or on the dataset itself when it has part labels; per-epoch logs in
-    ``OUT/partseg/``."""
+    ``OUT/partseg/``. Each finished cell is saved (``ctx.save_partial``) and the job may stop
+    between cells (``ctx.check_stop``); a stopped evaluation resumes at the first cell not done."""
     target = ctx.cfg.partseg_data
     if target is None:
         store = ctx.store
@@ -624,7 +657,14 @@ def partseg_task(ctx) -> None:
             ctx.skip("partseg", f"{ctx.cfg.data} has no part labels; pass partseg_data (e.g. a ShapeNet-Part folder)")
             return
         target = store
+    cells = dict(ctx.partial.get("cells") or {})
+
+    def after_cell(key: str, metrics: dict) -> None:
+        cells[key] = metrics
+        ctx.save_partial({"cells": cells})
+
+    resume = PartSegResume(done=dict(cells), before_cell=ctx.check_stop, after_cell=after_cell)
     res = run_partseg(ctx.cfg.partseg, ctx.loaded, target, seed=ctx.seed, device=ctx.device, progress=ctx.progress,
-                      log_dir=ctx.out / "partseg")
+                      log_dir=ctx.out / "partseg", resume=resume)
     for k, v in res.items():
         ctx.put(k, v)

@@ -26,24 +26,35 @@ plus ``meta.*``; when ``OUT/metrics.json`` already holds an evaluation of the
 same run, data and seed, the new metrics are merged into it (a task evaluated
 again replaces its keys), so tasks can be run one at a time into one report.
 ``OUT/evaluate.yaml`` holds the resolved config of the latest evaluation into ``OUT``.
+
+Re-running skips finished work: ``meta.tasks_done`` fingerprints every task evaluated on each
+network (weights, data, seed, device, views, the task's options; :mod:`xmodal.eval.resume`), and
+a task whose fingerprint is already there is not evaluated again (``redo=True`` / ``--redo``
+evaluates it anyway). ``metrics.json`` is written after every task, so on SIGTERM/SIGINT the
+evaluation finishes the task in progress (part segmentation: the setting and fraction in
+progress), writes the report of what is done and raises :class:`~xmodal.errors.Interrupted`;
+the same call then evaluates the rest. One process writes a report folder at a time.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from xmodal.config import save_config
-from xmodal.errors import DataError
+from xmodal.errors import DataError, Interrupted
 from xmodal.eval.config import EvaluateConfig
-from xmodal.eval.context import BASELINE_PREFIX, NO_IMAGES, TEST, EvalContext
+from xmodal.eval.context import BASELINE_PREFIX, NO_IMAGES, TEST, EvalContext, TaskStopped
 from xmodal.eval.features import FeatureCache, effective_views
 from xmodal.eval.report import write_report
-from xmodal.eval.tasks import TASK_NAMES, EvalTask, get_task, resolve_tasks
+from xmodal.eval.resume import MetricsBook, data_digest, task_fingerprint, weights_digest
+from xmodal.eval.tasks import EvalTask, get_task, resolve_tasks
 from xmodal.utils.device import default_device
-from xmodal.utils.io import read_json, write_json
+from xmodal.utils.lock import output_lock
+from xmodal.utils.signals import StopRequest
 
 __all__ = ["CONFIG_NAME", "resolve_tasks", "evaluate"]
 
@@ -51,6 +62,7 @@ log = logging.getLogger(__name__)
 
 #: the resolved config, written beside the report
 CONFIG_NAME = "evaluate.yaml"
+METRICS_NAME = "metrics.json"
 
 
 def _run_task(ctx: EvalContext, task: EvalTask) -> None:
@@ -62,25 +74,6 @@ def _run_task(ctx: EvalContext, task: EvalTask) -> None:
         ctx.skip(task.name, f"{NO_IMAGES}: {task.title} needs rendered views")
     else:
         task.function()(ctx)
-
-
-def _run_tasks(ctx: EvalContext, tasks: list[EvalTask], label: str) -> None:
-    """Run ``tasks`` on one network, in order, with a progress bar."""
-    bar = None
-    if ctx.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(tasks), desc=f"evaluate {label}", unit="task")
-    for task in tasks:
-        t0 = time.perf_counter()
-        if bar is not None:
-            bar.set_postfix_str(task.name)
-        _run_task(ctx, task)
-        log.info("%s: %s done in %.1f s", label, task.name, time.perf_counter() - t0)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
 
 
 def _dataset_meta(store) -> dict:
@@ -108,33 +101,10 @@ def _open_store(cfg: EvaluateConfig, loaded):
         raise DataError(f"the dataset has no '{TEST}' split (splits: {store.splits})", path=cfg.data)
     if store.has_images and getattr(loaded, "image_size", None) not in (None, store.image_size):
         log.warning(
-            "%s: images are %s px but the run was trained on %s px; encoding them as stored",
+            "%s: images are %s px but the run was trained on %s px; they are resized to the run's size",
             cfg.data, store.image_size, loaded.image_size,
         )
     return store
-
-
-def _evaluate_networks(cfg: EvaluateConfig, tasks: list[EvalTask], loaded, store, *, views: list[int], device: str,
-                       progress: bool) -> tuple[dict, dict, dict]:
-    """Run ``tasks`` on the run and, if asked, its random-init baseline: (metrics, skipped, figures)."""
-    metrics: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    figures: dict[str, str] = {}
-    networks = [("run", loaded, "")]
-    if cfg.baseline == "random":
-        from xmodal.api import random_init_run
-
-        # the LoadedRun carries the run's config and up axis
-        networks.append(("random init", random_init_run(loaded, seed=cfg.seed, device=device), BASELINE_PREFIX))
-    for label, net, prefix in networks:
-        cache = FeatureCache(net, store, seed=cfg.seed, device=device, progress=progress)
-        ctx = EvalContext(cfg, net, store, cache, prefix=prefix, views=views, device=device, out=Path(cfg.out),
-                          progress=progress)
-        _run_tasks(ctx, tasks, label)
-        metrics.update(ctx.metrics)
-        figures.update(ctx.figures)
-        skipped.update({prefix + k: v for k, v in ctx.skipped.items()})
-    return metrics, skipped, figures
 
 
 def _curves_figure(run_dir: Path, out: Path) -> dict:
@@ -159,9 +129,9 @@ def _curves_figure(run_dir: Path, out: Path) -> dict:
     return figures
 
 
-def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], device: str, tasks: list[str], skipped: dict,
-          figures: dict) -> dict:
-    """The ``meta.*`` keys of metrics.json: what was evaluated, and how."""
+def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], device: str) -> dict:
+    """The ``meta.*`` keys of metrics.json that describe this evaluation (the :class:`MetricsBook`
+    adds the tasks done, skipped and partly done, and the figures)."""
     return {
         "meta.run": str(Path(cfg.run)),
         "meta.data": str(cfg.data),
@@ -176,9 +146,6 @@ def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], device: str, 
         "meta.fewshot_query": int(cfg.fewshot.query),
         "meta.fewshot_episodes": int(cfg.fewshot.episodes),
         "meta.baseline": cfg.baseline,
-        "meta.tasks_run": tasks,
-        "meta.tasks_skipped": skipped,
-        "meta.figures": figures,
         "meta.time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
@@ -194,72 +161,146 @@ def evaluate(cfg: EvaluateConfig, *, loaded: Any = None, progress: bool = True) 
             folder, points only; needs a ``test`` split), ``out`` (report folder, created),
             ``tasks``, ``baseline`` (``"random"`` also evaluates :func:`xmodal.api.random_init_run`
             of the run's config, seeded with ``seed``, stored as ``baseline.random.<key>``),
-            ``seed``, ``device``, ``views`` and each task's options.
+            ``seed``, ``device``, ``views``, ``redo`` (evaluate tasks already in ``OUT`` again)
+            and each task's options.
         loaded: an already loaded :class:`xmodal.api.LoadedRun` to use instead of loading ``cfg.run``.
         progress: tqdm bars.
 
     Returns:
         the flat metrics dict written to ``OUT/metrics.json``.
+
+    Tasks already evaluated into ``OUT`` with the same fingerprint are not evaluated again
+    (:mod:`xmodal.eval.resume`). On SIGTERM/SIGINT the task in progress finishes (part
+    segmentation: its setting and fraction in progress), the metrics and report of what is done
+    are written and :class:`~xmodal.errors.Interrupted` is raised; a second process evaluating
+    into the same ``OUT`` is refused (:class:`~xmodal.errors.OutputLockedError`).
     """
     cfg.validate()
     cfg.require_paths()
     tasks = [get_task(name) for name in resolve_tasks(cfg.tasks)]
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = str(default_device(None if cfg.device == "auto" else cfg.device))  # a string: it goes to metrics.json
-    if loaded is None:
-        from xmodal.api import load_run
-
-        loaded = load_run(Path(cfg.run), device=device)
-    store = _open_store(cfg, loaded)
-    views = effective_views(cfg.views, store.views if store.has_images else 0)
-    save_config(cfg, out / CONFIG_NAME)
-    metrics, skipped, figures = _evaluate_networks(cfg, tasks, loaded, store, views=views, device=device,
-                                                   progress=progress)
-    figures.update(_curves_figure(Path(cfg.run), out))
-    names = [t.name for t in tasks]
-    meta = _meta(cfg, store, loaded, views=views, device=device, tasks=names, skipped=skipped, figures=figures)
-    merged = _merge_previous(out / "metrics.json", metrics, meta, names)
-    write_json(out / "metrics.json", merged)
-    write_report(merged, out / "report.md", figures=merged.get("meta.figures") or {})
-    log.info("evaluation written to %s", out)
-    return merged
+    with output_lock(out, "evaluate"), StopRequest(until="the task in progress") as stop:
+        return _Evaluation(cfg, tasks, out, progress=progress, stop=stop).run(loaded)
 
 
-def _merge_previous(path: Path, metrics: dict, meta: dict, tasks: list[str]) -> dict:
-    """Merge into an earlier ``metrics.json`` of the same run/data/seed; else start afresh.
+class _Evaluation:
+    """One call of :func:`evaluate`, once ``out`` is locked."""
 
-    The keys of the tasks evaluated now (their registry prefixes, also under the baseline's
-    prefix) replace the earlier ones; the other tasks' keys are kept.
-    """
-    new = {**metrics, **meta}
-    if not path.is_file():
-        return new
-    try:
-        old = read_json(path)
-    except ValueError as exc:
-        log.warning("%s; it is replaced", exc)
-        return new
-    same = isinstance(old, dict) and all(old.get(k) == meta[k] for k in ("meta.run", "meta.data", "meta.seed"))
-    if not same:
-        log.info("%s holds another evaluation (run, data or seed differ); it is replaced", path)
-        return new
-    drop = tuple(p for t in tasks for p in get_task(t).prefixes)
-    kept = {
-        k: v
-        for k, v in old.items()
-        if not k.startswith("meta.") and not any(k.startswith(p) or k.startswith(BASELINE_PREFIX + p) for p in drop)
-    }
-    merged = {**kept, **metrics}
-    old_run = [t for t in (old.get("meta.tasks_run") or []) if t not in tasks]
-    old_skip = {
-        k: v
-        for k, v in (old.get("meta.tasks_skipped") or {}).items()
-        if not any(k.removeprefix(BASELINE_PREFIX).startswith(t) for t in tasks)
-    }
-    old_figs = dict(old.get("meta.figures") or {})
-    meta = dict(meta)
-    meta["meta.tasks_run"] = [t for t in TASK_NAMES if t in set(old_run) | set(tasks)]
-    meta["meta.tasks_skipped"] = {**old_skip, **meta["meta.tasks_skipped"]}
-    meta["meta.figures"] = {**old_figs, **meta["meta.figures"]}
-    return {**merged, **meta}
+    def __init__(self, cfg: EvaluateConfig, tasks: list[EvalTask], out: Path, *, progress: bool,
+                 stop: StopRequest) -> None:
+        self.cfg, self.tasks, self.out, self.progress, self.stop = cfg, tasks, out, progress, stop
+        # a string: it goes to metrics.json
+        self.device = str(default_device(None if cfg.device == "auto" else cfg.device))
+        #: ``"<network label>: <task>"`` of the tasks evaluated by this call, in order
+        self.finished: list[str] = []
+
+    def run(self, loaded: Any) -> dict:
+        cfg = self.cfg
+        if loaded is None:
+            from xmodal.api import load_run
+
+            loaded = load_run(Path(cfg.run), device=self.device)
+        self.loaded = loaded
+        self.store = _open_store(cfg, loaded)
+        self.views = effective_views(cfg.views, self.store.views if self.store.has_images else 0)
+        save_config(cfg, self.out / CONFIG_NAME)
+        self.book = MetricsBook(self.out / METRICS_NAME, self._meta(), redo=cfg.redo)
+        todo = self._todo()
+        for label, net, prefix, pending in todo:
+            if pending:
+                self._evaluate_network(label, net, prefix, pending, todo)
+        self.book.figures.update(_curves_figure(Path(cfg.run), self.out))
+        merged = self._write(report=True)
+        log.info("evaluation written to %s", self.out)
+        return merged
+
+    def _meta(self) -> dict:
+        return _meta(self.cfg, self.store, self.loaded, views=self.views, device=self.device)
+
+    def _write(self, *, report: bool = False) -> dict:
+        merged = self.book.write(self._meta())
+        if report:
+            write_report(merged, self.out / "report.md", figures=merged.get("meta.figures") or {})
+        return merged
+
+    def _networks(self) -> list[tuple[str, Any, str]]:
+        """``(label, network, metric prefix)``: the run and, if asked, its random-init baseline."""
+        networks = [("run", self.loaded, "")]
+        if self.cfg.baseline == "random":
+            from xmodal.api import random_init_run
+
+            # the LoadedRun carries the run's config and up axis
+            baseline = random_init_run(self.loaded, seed=self.cfg.seed, device=self.device)
+            networks.append(("random init", baseline, BASELINE_PREFIX))
+        return networks
+
+    def _todo(self) -> list[tuple[str, Any, str, list[tuple[EvalTask, str]]]]:
+        """Per network, the ``(task, fingerprint)`` not evaluated into ``out`` yet."""
+        data = data_digest(self.store)
+        todo = []
+        for label, net, prefix in self._networks():
+            weights = weights_digest(net)
+            pending = []
+            for task in self.tasks:
+                fp = task_fingerprint(task, self.cfg, network=prefix, weights=weights, data=data, views=self.views,
+                                      device=self.device)
+                if self.book.is_done(prefix + task.name, fp):
+                    log.info("%s: %s is already evaluated in %s (redo=true evaluates it again)", label, task.name,
+                             self.out / METRICS_NAME)
+                else:
+                    pending.append((task, fp))
+            todo.append((label, net, prefix, pending))
+        return todo
+
+    def _evaluate_network(self, label: str, net: Any, prefix: str, pending: list, todo: list) -> None:
+        """Run the ``pending`` tasks on one network, writing metrics.json after each."""
+        cache = FeatureCache(net, self.store, seed=self.cfg.seed, device=self.device, progress=self.progress)
+        ctx = EvalContext(self.cfg, net, self.store, cache, prefix=prefix, views=self.views, device=self.device,
+                          out=self.out, progress=self.progress, stop=self.stop)
+        forget = (BASELINE_PREFIX,) if not prefix and self.cfg.baseline is None else ()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(pending), desc=f"evaluate {label}", unit="task")
+        for task, fp in pending:
+            if self.stop.requested:
+                raise self._interrupted(todo)
+            key = prefix + task.name
+            ctx.begin(task.name, partial=self.book.partial_state(key, fp),
+                      save_partial=lambda state, key=key, fp=fp: self._save_partial(key, fp, state))
+            if bar is not None:
+                bar.set_postfix_str(task.name)
+            t0 = time.perf_counter()
+            try:
+                _run_task(ctx, task)
+            except TaskStopped:
+                raise self._interrupted(todo, stopped=f"{label}: {task.name}") from None
+            log.info("%s: %s done in %.1f s", label, task.name, time.perf_counter() - t0)
+            skipped = {prefix + k: v for k, v in ctx.skipped.items()}
+            self.book.record(task, prefix, fp, (ctx.metrics, skipped, ctx.figures), forget=forget)
+            self._write()
+            self.finished.append(f"{label}: {task.name}")
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+
+    def _save_partial(self, key: str, fp: str, state: dict) -> None:
+        self.book.save_partial(key, fp, state)
+        self._write()
+
+    def _interrupted(self, todo: list, stopped: Optional[str] = None) -> Interrupted:
+        """Write the report of what is done; the error that says so and how to go on."""
+        self._write(report=True)
+        total = sum(len(pending) for *_, pending in todo)
+        name = signal.Signals(self.stop.signum or signal.SIGTERM).name
+        done = f" ({', '.join(self.finished)})" if self.finished else ""
+        part = f"; {stopped} stopped part-way (the part it finished is saved)" if stopped else ""
+        return Interrupted(
+            f"stopped by {name}: {len(self.finished)} of {total} task evaluations finished{done}{part}; "
+            f"metrics in {self.out / METRICS_NAME}",
+            signum=self.stop.signum or signal.SIGTERM, path=self.out,
+            hint="run the same command again to evaluate the rest; finished tasks are not evaluated again "
+            "(--redo evaluates them anyway)",
+        )

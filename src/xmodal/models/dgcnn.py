@@ -462,6 +462,11 @@ class EdgeConv(_EdgeConvBase):
         process_group: the group to reduce over; ``None`` = the default (world) group.
     """
 
+    #: with fixed BatchNorm statistics (eval mode, frozen BatchNorm) fold BN1 into the per-point terms
+    #: (:class:`_GatherLeaky`); False sends them through the general :class:`_GatherBNLeaky` (same
+    #: result; kept for benchmarks/train_bench.py and the equivalence tests)
+    fold_fixed_bn: bool = True
+
     def __init__(self, in_channels: int, out_channels: int, k: int = 20, *, include_self: bool = True,
                  knn_chunk: int | None = None, fused: bool = True) -> None:
         super().__init__(in_channels, out_channels, k, include_self=include_self, knn_chunk=knn_chunk)
@@ -514,8 +519,8 @@ class EdgeConv(_EdgeConvBase):
         of BN2 (sign-folded mean)."""
         bn1, bn2 = self.bn1, self.bn2
         group = self._stats_group()
-        if _uses_batch_stats(bn1):
-            norm1 = _Norm(bn1.running_mean, bn1.running_var, True, bn1.eps, group)
+        if _uses_batch_stats(bn1) or not self.fold_fixed_bn:
+            norm1 = _Norm(bn1.running_mean, bn1.running_var, _uses_batch_stats(bn1), bn1.eps, group)
             h, *stats1 = _GatherBNLeaky.apply(a, cc, flat, k, bn1.weight, bn1.bias, norm1)
         else:  # fixed statistics: BN1 is an affine map, applied per point before the gather
             cd = _compute_dtype(a.dtype)

@@ -44,10 +44,12 @@ Options beyond the paper (each off in ``paper``; the measurements behind them ar
   batch instead of the three pairs of each sample.
 * ``loss.projected_nce`` with ``model.projection_dim`` (0 = the paper): a contrastive term between
   image and point features projected into one space.
+* ``loss.point_nce`` (0 = the paper): a cross-view term for Fp on two augmented copies of each cloud.
 * ``val.*`` (off): a learning curve on held-out training objects (:class:`ValConfig`).
 * ``optim.point_lr_scale`` (1 = the paper's single learning rate): Fp's learning rate relative
   to the other networks'.
 * ``amp`` ("off" = the paper's float32): mixed precision.
+* ``compile`` (off): ``torch.compile`` of the training forward.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ CROSS_PAIRS = ("sample", "batch", "batch-bce")
 #: dotted keys that may change between a run and its ``--resume`` (they do not change the result
 #: of a step, or, for ``iterations``, only extend the schedule)
 RESUME_MUTABLE_KEYS = frozenset(
-    {"iterations", "checkpoint_every", "device", "data.workers", "data.prefetch_factor"}
+    {"iterations", "checkpoint_every", "device", "data.workers", "data.prefetch_factor", "compile"}
 )
 
 
@@ -180,7 +182,13 @@ class LossConfig:
     #: cosine similarity over ``temperature``, every pair of the batch (the cross-modal term of
     #: CrossPoint, Afham et al. 2022)
     projected_nce: float = 0.0
-    #: temperature of ``projected_nce``
+    #: weight of a cross-view term for the point encoder (0 = off, the paper, where only Fimg has
+    #: one): each cloud is drawn twice with its own subset, rotation and jitter, and InfoNCE on
+    #: their projections (Ff's point projection head, ``model.projection_dim``) must pair the two
+    #: copies of each cloud among the batch's (the intra-modal term of CrossPoint); Fp then runs on
+    #: 2B clouds per step
+    point_nce: float = 0.0
+    #: temperature of ``projected_nce`` and ``point_nce``
     temperature: float = 0.1
 
     def validate(self) -> None:
@@ -190,6 +198,8 @@ class LossConfig:
             raise ConfigError(f"loss.cross_pairs must be one of {list(CROSS_PAIRS)}, got {self.cross_pairs!r}")
         if self.projected_nce < 0:
             raise ConfigError(f"loss.projected_nce must be >= 0, got {self.projected_nce}")
+        if self.point_nce < 0:
+            raise ConfigError(f"loss.point_nce must be >= 0, got {self.point_nce}")
         if not self.temperature > 0:
             raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
         if self.margin < 0:
@@ -336,17 +346,23 @@ class PretrainConfig:
     #: mixed precision: "off" (float32, the default), "auto" (bf16 on CUDA when supported, else
     #: fp16; float32 on the CPU), "bf16" (CUDA or CPU autocast) or "fp16" (CUDA, with a gradient scaler)
     amp: Literal["auto", "bf16", "fp16", "off"] = "off"
+    #: run the training forward through ``torch.compile`` (fused kernels; a speed option that
+    #: changes results only by float rounding). The first steps pay the compilation (about a
+    #: minute on 2 CPU cores); see docs/EXPERIMENTS.md for the measured gain
+    compile: bool = False
 
     def validate(self) -> None:
         for sec in (self.model, self.data, self.loss, self.optim, self.aug, self.val):
             sec.validate()
-        if (self.loss.projected_nce > 0) != (self.model.projection_dim > 0):
+        uses_projection = self.loss.projected_nce > 0 or self.loss.point_nce > 0
+        if uses_projection != (self.model.projection_dim > 0):
             raise ConfigError(
-                "loss.projected_nce > 0 needs model.projection_dim > 0 and the other way round "
-                f"(got loss.projected_nce={self.loss.projected_nce}, model.projection_dim={self.model.projection_dim})"
+                "loss.projected_nce or loss.point_nce > 0 needs model.projection_dim > 0 and the other way round "
+                f"(got loss.projected_nce={self.loss.projected_nce}, loss.point_nce={self.loss.point_nce}, "
+                f"model.projection_dim={self.model.projection_dim})"
             )
-        if self.loss.projected_nce > 0 and not self.loss.use_cross_modal:
-            raise ConfigError("loss.projected_nce needs the point encoder: use loss.mode cm-cv or cm")
+        if uses_projection and not self.loss.use_cross_modal:
+            raise ConfigError("loss.projected_nce and loss.point_nce need the point encoder: use loss.mode cm-cv or cm")
         if self.iterations < 1:
             raise ConfigError(f"iterations must be >= 1, got {self.iterations}")
         if self.batch_size < 2:

@@ -38,6 +38,8 @@ class XModalOutput(NamedTuple):
     #: (3B, P) and (B, P) unit-length projections (``model.projection_dim`` > 0)
     z_img: Optional[torch.Tensor] = None
     z_pts: Optional[torch.Tensor] = None
+    #: (B, P) projection of the second copy of each cloud (``points2`` given)
+    z_pts2: Optional[torch.Tensor] = None
 
 
 class XModalNet(nn.Module):
@@ -50,8 +52,9 @@ class XModalNet(nn.Module):
     * ``"batch"`` / ``"batch-bce"``: ``(3B, B, 2)``, every pair ``(image m, cloud b)``
       (:meth:`xmodal.models.heads.PairClassifier.pair_logits`).
 
-    When Ff has projection heads, ``z_img`` / ``z_pts`` are the projected features. ``points=None``
-    skips Fp and Ff (cross-view-only training).
+    When Ff has projection heads, ``z_img`` / ``z_pts`` are the projected features; ``points2``
+    (B, N, 3), a second copy of each cloud, goes through Fp with ``points`` and gives ``z_pts2``.
+    ``points=None`` skips Fp and Ff (cross-view-only training).
 
     ``freeze_point_bn=True`` keeps every BatchNorm layer of Fp in eval mode even when the
     module is put in train mode (``model.freeze_point_bn``): their running statistics are
@@ -81,21 +84,29 @@ class XModalNet(nn.Module):
             hold_batchnorm_stats(self.point_encoder)
         return self
 
-    def forward(self, images: torch.Tensor, points: Optional[torch.Tensor] = None) -> XModalOutput:
+    def forward(self, images: torch.Tensor, points: Optional[torch.Tensor] = None,
+                points2: Optional[torch.Tensor] = None) -> XModalOutput:
         f_img = self.image_encoder(images)
         if points is None:
             return XModalOutput(f_img)
         b = points.shape[0]
-        f_pts = self.point_encoder(points)
+        if points2 is None:
+            f_pts, f_pts2 = self.point_encoder(points), None
+        else:  # both copies in one pass of Fp
+            f_pts, f_pts2 = self.point_encoder(torch.cat([points, points2])).split(b)
         ff = self.pair_classifier
         if self.all_pairs:
             logits = ff.pair_logits(f_img, f_pts)
         else:  # rows j*B + i pair img_j(i) with p(i)
             logits = ff(f_img, f_pts.repeat(3, 1)).view(3, b, -1).transpose(0, 1)
-        z_img = z_pts = None
+        z_img = z_pts = z_pts2 = None
         if getattr(ff, "projection_dim", 0) > 0:
-            z_img, z_pts = ff.project(f_img, f_pts)
-        return XModalOutput(f_img, f_pts, logits, z_img, z_pts)
+            if f_pts2 is None:
+                z_img, z_pts = ff.project(f_img, f_pts)
+            else:  # the point head sees both copies in one batch (its BatchNorm statistics too)
+                z_img, z_both = ff.project(f_img, torch.cat([f_pts, f_pts2]))
+                z_pts, z_pts2 = z_both.split(b)
+        return XModalOutput(f_img, f_pts, logits, z_img, z_pts, z_pts2)
 
     def networks(self) -> dict[str, nn.Module]:
         """``{"image_encoder", "point_encoder", "pair_classifier"}`` (the modules themselves)."""

@@ -108,13 +108,29 @@ def check_run_dir(out: Path, cfg: PretrainConfig, resume: bool) -> Optional[Chec
     return ckpt
 
 
-def check_resume_data(ckpt: Optional[Checkpoint], fingerprint: dict, data) -> None:
-    """Refuse to resume a run on other data than it was trained on."""
-    if ckpt is None or ckpt.state.get("data") in (None, fingerprint):
+def check_resume_data(ckpt: Optional[Checkpoint], fingerprint: dict, data, *, out: Path,
+                      allow_other_data: bool = False) -> None:
+    """Refuse to resume a run on other data than it was trained on.
+
+    The dataset's settings (``fingerprint``: split, object count, views, points, image size,
+    up axis) must match the checkpoint's always; the dataset folder must be the one recorded in
+    ``run.json`` unless ``allow_other_data`` (a copy moved elsewhere, say).
+    """
+    if ckpt is None:
         return
-    raise ConfigError(
-        f"the run was trained on other data ({ckpt.state['data']}) than {data} ({fingerprint})", path=ckpt.path
-    )
+    if ckpt.state.get("data") not in (None, fingerprint):
+        raise ConfigError(
+            f"the run was trained on other data ({ckpt.state['data']}) than {data} ({fingerprint})", path=ckpt.path
+        )
+    info = out / "run.json"
+    recorded = read_json(info).get("dataset") if info.is_file() else None
+    here = str(Path(data).resolve())
+    if recorded and recorded != here and not allow_other_data:
+        raise ConfigError(
+            f"the run was trained on {recorded}, not on {here}", path=out,
+            hint="pass --data with the run's dataset, or --allow-other-data to continue on this one "
+            "(its settings match the run's)",
+        )
 
 
 def write_run_info(out: Path, cfg: PretrainConfig, info: dict, *, resumed_from: Optional[int]) -> None:

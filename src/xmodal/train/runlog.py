@@ -3,7 +3,8 @@
 ``metrics.jsonl`` holds two kinds of records, both keyed by ``step``:
 
 * training records, one per ``log_every`` steps: the means over the window of each loss part
-  (``loss``, ``triplet``, ``cross``, ``cm_acc``, and ``nce`` when ``loss.projected_nce`` is on;
+  (``loss``, ``triplet``, ``cross``, ``cm_acc``, and ``nce`` / ``point_nce`` when
+  ``loss.projected_nce`` / ``loss.point_nce`` is on;
   ``cross``/``cm_acc`` are null without the cross-modality term), the learning rate, ``time`` (training seconds so far, validation
   excluded) and ``samples_per_s``;
 * validation records (``val.every`` > 0): ``val.*`` metrics of :mod:`xmodal.train.validation`,
@@ -48,7 +49,8 @@ class RunLog:
 
     Args:
         out: the run folder; batch_size: the global batch (for samples/s);
-        use_cross_modal: whether ``cross``/``cm_acc`` are meaningful; use_nce: log ``nce``;
+        use_cross_modal: whether ``cross``/``cm_acc`` are meaningful; extra_terms: the optional
+        loss terms to log (``"nce"``, ``"point_nce"``);
         prior_elapsed: training seconds of the run before this start (resume);
         writer: this process writes files (rank 0); progress: show a tqdm bar;
         start, total: steps done before and at the end (for the bar).
@@ -56,11 +58,11 @@ class RunLog:
 
     def __init__(self, out: Path, *, batch_size: int, use_cross_modal: bool, prior_elapsed: float = 0.0,
                  writer: bool = True, progress: bool = True, start: int = 0, total: int = 0,
-                 use_nce: bool = False) -> None:
+                 extra_terms: tuple = ()) -> None:
         self.path = out / "metrics.jsonl"
         self.batch_size = int(batch_size)
         self.use_cm = bool(use_cross_modal)
-        self.use_nce = bool(use_nce)
+        self.extra_terms = tuple(extra_terms)
         self.prior = float(prior_elapsed)
         self.writer = bool(writer)
         self.window: list[list[float]] = []
@@ -93,7 +95,7 @@ class RunLog:
         mean = np.mean(np.asarray(self.window, dtype=np.float64), axis=0)
         rec: dict = {"step": int(step)}
         for name, value in zip(LOSS_PARTS, mean):
-            if name == "nce" and not self.use_nce:
+            if name in ("nce", "point_nce") and name not in self.extra_terms:
                 continue
             rec[name] = float(value) if (self.use_cm or name in ("loss", "triplet")) else None
         rec["lr"] = float(lr)

@@ -11,7 +11,9 @@ in this fixed order (:meth:`PretrainBatches.plan`):
 4. the point subset (``data.point_subsample: random``: the first ``num_points`` of a
    random permutation per sample; only when the store holds more points);
 5. the image crops/flips for img1, img2, img3 (3 x B), then the rotation angles and the
-   jitter noise of the clouds (see :mod:`xmodal.train.augment`).
+   jitter noise of the clouds (see :mod:`xmodal.train.augment`);
+6. only with ``BatchSpec.second_cloud``: the subset, angles and noise of a second copy of
+   every cloud.
 
 A batch therefore depends on ``(seed, s)`` only: not on what ran before, the number
 of DataLoader workers, or the number of processes. Process ``r`` of ``W`` takes the
@@ -34,9 +36,9 @@ import torch
 
 from xmodal.errors import ConfigError, DataError
 from xmodal.train.augment import augment_points, resize_images, sample_crop_params, sample_point_params
-from xmodal.train.config import AugConfig
+from xmodal.train.config import AugConfig, PretrainConfig
 
-__all__ = ["StepPlan", "PretrainBatches", "LABELS"]
+__all__ = ["StepPlan", "BatchSpec", "PretrainBatches", "LABELS"]
 
 #: labels of the pairs (img1, p), (img2, p), (img3, p): same object, same object, other object
 LABELS = (1, 1, 0)
@@ -60,6 +62,30 @@ class StepPlan:
     flip: np.ndarray
     angles: np.ndarray
     noise: Optional[np.ndarray]
+    #: (point_index, angles, noise) of the second copy of each cloud (``BatchSpec.second_cloud``)
+    second: Optional[tuple] = None
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What a batch holds: the global batch size ``B``, the run seed, points per cloud, image
+    side, augmentation (None: none), how clouds are reduced to ``num_points`` ("random" or
+    "fps") and whether each sample carries a second, independently augmented copy of its cloud
+    (``points2``, for ``loss.point_nce``)."""
+
+    batch_size: int
+    seed: int
+    num_points: int
+    image_size: int
+    aug: Optional[AugConfig] = None
+    point_subsample: str = "random"
+    second_cloud: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: PretrainConfig) -> "BatchSpec":
+        return cls(batch_size=cfg.batch_size, seed=cfg.seed, num_points=cfg.data.num_points,
+                   image_size=cfg.data.image_size, aug=cfg.aug, point_subsample=cfg.data.point_subsample,
+                   second_cloud=cfg.loss.point_nce > 0)
 
 
 class PretrainBatches(torch.utils.data.Dataset):
@@ -67,14 +93,11 @@ class PretrainBatches(torch.utils.data.Dataset):
 
     Args:
         split: a :class:`xmodal.data.store.SplitView` with images (the training split).
-        batch_size: the global batch size ``B``, divisible by ``world_size``.
-        seed: run seed.
-        num_points: points per cloud (<= stored points).
-        image_size: side of the returned images (stored images are resized when different).
+        spec: what a batch holds (:class:`BatchSpec`: global batch size ``B``, divisible by
+            ``world_size``; seed; points per cloud, <= stored points; image side, stored images
+            are resized when different; augmentation; "random" = a fresh subset each step or
+            "fps" = a fixed farthest-point subset per object; a second copy of each cloud).
         up_axis: the dataset's up axis, for the point rotation.
-        aug: augmentation settings (None: no augmentation).
-        point_subsample: "random" (fresh subset each step) or "fps" (fixed farthest-point
-            subset per object, computed once per process).
         start, stop: the steps covered: item ``k`` is step ``start + k``, ``len = stop - start``.
         rank, world_size: this process's slice of the global batch.
         indices: (n,) the object indices of ``split`` to sample from (default: all); the
@@ -86,26 +109,25 @@ class PretrainBatches(torch.utils.data.Dataset):
     (their crop/flip, applied on the training device by
     :func:`xmodal.train.augment.crop_resize_flip`), ``points`` (b, num_points, 3) float32
     (already rotated and jittered), ``labels`` (b, 3) int64 = (1, 1, 0), ``objects`` (b,),
-    ``negatives`` (b,), ``views`` (b, 3), with ``b = B / world_size``.
+    ``negatives`` (b,), ``views`` (b, 3), with ``b = B / world_size``; with
+    ``spec.second_cloud`` also ``points2`` (b, num_points, 3), each cloud again with its own
+    subset, rotation and jitter (drawn after everything else, so the rest of the batch is the same).
     """
 
     def __init__(
         self,
         split,
+        spec: "BatchSpec",
         *,
-        batch_size: int,
-        seed: int,
-        num_points: int,
-        image_size: int,
         up_axis: str = "z",
-        aug: Optional[AugConfig] = None,
-        point_subsample: str = "random",
         start: int = 0,
         stop: int = 1,
         rank: int = 0,
         world_size: int = 1,
         indices: Optional[np.ndarray] = None,
     ) -> None:
+        batch_size, seed, num_points, image_size = spec.batch_size, spec.seed, spec.num_points, spec.image_size
+        aug, point_subsample = spec.aug, spec.point_subsample
         name = getattr(split, "name", "?")
         self.split = split
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
@@ -144,6 +166,7 @@ class PretrainBatches(torch.utils.data.Dataset):
         self.up_axis = up_axis
         self.aug = aug if (aug is not None and aug.enabled) else None
         self.point_subsample = point_subsample
+        self.second_cloud = bool(spec.second_cloud)
         self.start, self.stop = int(start), int(stop)
         self.rank, self.world_size = int(rank), int(world_size)
         self._fps_cache: dict[int, np.ndarray] = {}
@@ -177,6 +200,7 @@ class PretrainBatches(torch.utils.data.Dataset):
             boxes = np.tile(np.array([0, 0, 1, 1], np.float32), (3 * b, 1))
             flip = np.zeros(3 * b, dtype=bool)
             angles, noise = np.zeros(b, np.float32), None
+        second = self._second_cloud_plan(rng, b) if self.second_cloud else None
         return StepPlan(
             step=int(step),
             objects=objects,
@@ -187,7 +211,19 @@ class PretrainBatches(torch.utils.data.Dataset):
             flip=flip.reshape(3, b),
             angles=angles,
             noise=noise,
+            second=second,
         )
+
+    def _second_cloud_plan(self, rng: np.random.Generator, b: int) -> tuple:
+        """A second, independently subsampled and augmented copy of each cloud: (point_index, angles, noise)."""
+        index = None
+        if self.point_subsample == "random" and self.num_points < self.stored_points:
+            index = np.argsort(rng.random((b, self.stored_points)), axis=1)[:, : self.num_points]
+        if self.aug is None:
+            return index, np.zeros(b, np.float32), None
+        a = self.aug
+        angles, noise = sample_point_params(b, self.num_points, rotate=a.rotate, jitter_sigma=a.jitter_sigma, seed=rng)
+        return index, angles, noise
 
     # ------------------------------------------------------------------ loading
     def _points(self, i: int, index: Optional[np.ndarray]) -> np.ndarray:
@@ -218,30 +254,32 @@ class PretrainBatches(torch.utils.data.Dataset):
         if self.stored_size != self.image_size:
             flat = images.reshape((-1,) + images.shape[2:])
             images = resize_images(flat, self.image_size).reshape((3, len(objs)) + (self.image_size,) * 2 + images.shape[4:])
-        pidx = p.point_index[sl] if p.point_index is not None else [None] * len(objs)
-        points = torch.from_numpy(np.stack([self._points(int(i), ix) for i, ix in zip(objs, pidx)]))
-        if self.aug is not None:
-            noise = p.noise[sl] if p.noise is not None else None
-            points = augment_points(
-                points,
-                p.angles[sl],
-                noise,
-                up_axis=self.up_axis,
-                sigma=self.aug.jitter_sigma,
-                clip=self.aug.jitter_clip,
-            )
+        points = self._clouds(objs, p.point_index, p.angles, p.noise, sl)
         b = len(objs)
+        extra = {}
+        if p.second is not None:
+            extra["points2"] = self._clouds(objs, *p.second, sl)
         return {
+            **extra,
             "step": int(step),
             "images": torch.from_numpy(np.ascontiguousarray(images)),
             "boxes": torch.from_numpy(np.ascontiguousarray(p.boxes[:, sl])),
             "flip": torch.from_numpy(np.ascontiguousarray(p.flip[:, sl])),
-            "points": points.contiguous(),
+            "points": points,
             "labels": torch.tensor([LABELS] * b, dtype=torch.int64),
             "objects": torch.from_numpy(objs.copy()),
             "negatives": torch.from_numpy(negs.copy()),
             "views": torch.from_numpy(views.copy()),
         }
+
+    def _clouds(self, objs, point_index, angles, noise, sl) -> torch.Tensor:
+        """The clouds of ``objs`` with this process's slice ``sl`` of a plan's subsets and augmentations."""
+        pidx = point_index[sl] if point_index is not None else [None] * len(objs)
+        points = torch.from_numpy(np.stack([self._points(int(i), ix) for i, ix in zip(objs, pidx)]))
+        if self.aug is None:
+            return points.contiguous()
+        return augment_points(points, angles[sl], noise[sl] if noise is not None else None, up_axis=self.up_axis,
+                              sigma=self.aug.jitter_sigma, clip=self.aug.jitter_clip).contiguous()
 
     def __getitem__(self, k: int) -> dict:
         if not 0 <= k < len(self):

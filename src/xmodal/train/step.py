@@ -36,9 +36,9 @@ from xmodal.transforms import images_to_tensor
 
 __all__ = ["LOSS_PARTS", "StepDiverged", "Stepper", "sample_logits", "batch_positives"]
 
-#: what a step reports, in this order (means over the processes); ``nce`` is the
-#: ``loss.projected_nce`` term (0 when off)
-LOSS_PARTS = ("loss", "triplet", "cross", "cm_acc", "nce")
+#: what a step reports, in this order (means over the processes); ``nce`` and ``point_nce``
+#: are the ``loss.projected_nce`` and ``loss.point_nce`` terms (0 when off)
+LOSS_PARTS = ("loss", "triplet", "cross", "cm_acc", "nce", "point_nce")
 
 
 class StepDiverged(Exception):
@@ -84,7 +84,7 @@ class Stepper:
     amp_dtype: Optional[torch.dtype] = None
     scaler: Any = None
 
-    def _inputs(self, batch: dict) -> tuple[Tensor, Optional[Tensor]]:
+    def _inputs(self, batch: dict) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         device, nb = self.ctx.device, self.ctx.device.type == "cuda"
         images = batch["images"].to(device, non_blocking=nb)  # (3, b, S, S[, 3]) uint8
         b = images.shape[1]
@@ -93,10 +93,12 @@ class Stepper:
             boxes = batch["boxes"].reshape(3 * b, 4).to(device)
             x = crop_resize_flip(x, boxes, batch["flip"].reshape(3 * b).to(device), self.cfg.data.image_size)
         points = batch["points"].to(device, non_blocking=nb) if self.cfg.loss.use_cross_modal else None
-        return x, points
+        points2 = batch["points2"].to(device, non_blocking=nb) if "points2" in batch else None
+        return x, points, points2
 
-    def _losses(self, batch: dict, out) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """``(loss, triplet, cross, cm_acc, nce)`` of an :class:`XModalOutput`; only ``loss`` carries gradient."""
+    def _losses(self, batch: dict, out) -> tuple[Tensor, ...]:
+        """``(loss, triplet, cross, cm_acc, nce, point_nce)`` of an :class:`XModalOutput`; only ``loss``
+        carries gradient."""
         loss_cfg = self.cfg.loss
         f_img = out.f_img.float()
         b = f_img.shape[0] // 3
@@ -104,7 +106,7 @@ class Stepper:
         trip = triplet_loss(f1, f2, f3, margin=loss_cfg.margin)
         zero = trip.new_zeros(())
         if out.logits is None:  # cross-view only: Fp and Ff are not run
-            return trip, trip.detach(), zero, zero, zero
+            return trip, trip.detach(), zero, zero, zero, zero
         logits = out.logits.float()
         labels = batch["labels"].to(self.ctx.device)
         pos = None
@@ -117,14 +119,18 @@ class Stepper:
             pos = batch_positives(batch["objects"], batch["negatives"]).to(self.ctx.device)
             cross = batch_cross_modal_loss(scores, pos) if loss_cfg.cross_pairs == "batch" else batch_pair_bce(scores, pos)
         loss = (trip if loss_cfg.use_cross_view else zero) + loss_cfg.beta * cross
-        nce = zero
+        nce = pnce = zero
         if loss_cfg.projected_nce > 0:
             if pos is None:
                 pos = batch_positives(batch["objects"], batch["negatives"]).to(self.ctx.device)
             sims = out.z_img.float() @ out.z_pts.float().t() / loss_cfg.temperature
             nce = batch_cross_modal_loss(sims, pos)
             loss = loss + loss_cfg.projected_nce * nce
-        return loss, trip.detach(), cross.detach(), pair_accuracy(per_sample, labels), nce.detach()
+        if loss_cfg.point_nce > 0:  # the two copies of cloud i pair with each other among the batch's
+            sims = out.z_pts.float() @ out.z_pts2.float().t() / loss_cfg.temperature
+            pnce = batch_cross_modal_loss(sims, torch.eye(b, dtype=torch.bool, device=sims.device))
+            loss = loss + loss_cfg.point_nce * pnce
+        return loss, trip.detach(), cross.detach(), pair_accuracy(per_sample, labels), nce.detach(), pnce.detach()
 
     def _backward(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -138,9 +144,9 @@ class Stepper:
         self.scheduler.step()
 
     def __call__(self, batch: dict, step: int) -> list[float]:
-        x, points = self._inputs(batch)
+        x, points, points2 = self._inputs(batch)
         with autocast(self.amp_dtype, self.ctx.device):
-            out = self.model(x, points)
+            out = self.model(x, points, points2)
         loss, *parts = self._losses(batch, out)
         with torch.no_grad():
             vec = all_reduce_mean(torch.stack([loss.detach(), *parts]).float(), self.ctx)

@@ -42,7 +42,7 @@ from xmodal.train.distributed import DistContext, barrier, cleanup_distributed, 
 from xmodal.train.model import XModalNet, autocast_dtype, build_optimizer, build_training_model
 from xmodal.train.rundir import check_resume_data, check_run_dir, data_fingerprint, manifest_summary, truncate_metrics, write_run_info
 from xmodal.train.runlog import RunLog
-from xmodal.train.sampler import PretrainBatches
+from xmodal.train.sampler import BatchSpec, PretrainBatches
 from xmodal.train.step import StepDiverged, Stepper
 from xmodal.train.validation import Validator, holdout_split
 from xmodal.utils.lock import output_lock
@@ -58,7 +58,8 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([int(seed), 0x7874, int(step), int(rank)]).generate_state(1)[0])
 
 
-def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = False, progress: bool = True) -> dict:
+def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = False, progress: bool = True,
+             allow_other_data: bool = False) -> dict:
     """Pre-train Fimg, Fp and Ff on the dataset ``data``, writing the run folder ``out``.
 
     Args:
@@ -66,7 +67,10 @@ def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = 
         out: run folder; must not hold a run unless ``resume``.
         cfg: settings (default: ``PretrainConfig()``, the paper's).
         resume: continue from ``out/checkpoints/last.*`` (exactly; only ``iterations`` and the
-            keys in :data:`xmodal.train.config.RESUME_MUTABLE_KEYS` may change).
+            keys in :data:`xmodal.train.config.RESUME_MUTABLE_KEYS` may change) on the dataset the
+            run was trained on.
+        allow_other_data: with ``resume``, accept a dataset folder other than the run's (its
+            settings must still match).
         progress: tqdm progress bar (rank 0).
 
     Returns a summary dict: ``steps``, ``start_step``, ``final`` (the last metrics record),
@@ -92,7 +96,8 @@ def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = 
     lock = output_lock(out, "pretrain") if ctx.is_main else contextlib.nullcontext()
     try:
         with lock, StopRequest() as stop:
-            return _Trainer(store, data, Path(out), cfg, ctx, resume=resume).run(progress=progress, stop=stop)
+            trainer = _Trainer(store, data, Path(out), cfg, ctx, resume=resume, allow_other_data=allow_other_data)
+            return trainer.run(progress=progress, stop=stop)
     finally:
         if store is not data:
             store.close()
@@ -102,7 +107,8 @@ def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = 
 class _Trainer:
     """One call of :func:`pretrain`: set-up in ``__init__``, then :meth:`run`."""
 
-    def __init__(self, store, data, out: Path, cfg: PretrainConfig, ctx: DistContext, *, resume: bool) -> None:
+    def __init__(self, store, data, out: Path, cfg: PretrainConfig, ctx: DistContext, *, resume: bool,
+                 allow_other_data: bool = False) -> None:
         self.store, self.out, self.cfg, self.ctx = store, out, cfg, ctx
         self.data_spec = getattr(store, "root", None) or data
         if cfg.data.split not in store.splits:
@@ -115,7 +121,7 @@ class _Trainer:
         self.ckpt = check_run_dir(out, cfg, resume)
         barrier(ctx)  # every process has checked the folder before rank 0 writes into it
         self.fingerprint = data_fingerprint(store, cfg.data.split, n_train)
-        check_resume_data(self.ckpt, self.fingerprint, data)
+        check_resume_data(self.ckpt, self.fingerprint, self.data_spec, out=out, allow_other_data=allow_other_data)
         self.start = self.ckpt.step if self.ckpt is not None else 0
         self.net = build_training_model(cfg, ctx)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.net)
@@ -150,19 +156,21 @@ class _Trainer:
         barrier(self.ctx)
 
     def _model(self) -> nn.Module:
-        if not self.ctx.distributed:
-            return self.net
-        dev = self.ctx.device
-        return DistributedDataParallel(self.net, device_ids=[dev.index] if dev.type == "cuda" else None,
-                   find_unused_parameters=not self.cfg.loss.use_cross_modal)
+        """The module the steps call: the networks, inside DDP under torchrun, compiled on request.
+
+        Checkpoints and validation use ``self.net`` itself (the same parameters)."""
+        model: nn.Module = self.net
+        if self.ctx.distributed:
+            dev = self.ctx.device
+            model = DistributedDataParallel(self.net, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                            find_unused_parameters=not self.cfg.loss.use_cross_modal)
+        return torch.compile(model) if self.cfg.compile else model
 
     def _loader(self):
         cfg, ctx = self.cfg, self.ctx
         ds = PretrainBatches(
-            self.split, batch_size=cfg.batch_size, seed=cfg.seed, num_points=cfg.data.num_points,
-            image_size=cfg.data.image_size, up_axis=self.store.up_axis, aug=cfg.aug,
-            point_subsample=cfg.data.point_subsample, start=self.start, stop=cfg.iterations,
-            rank=ctx.rank, world_size=ctx.world_size, indices=self.train_idx,
+            self.split, BatchSpec.from_config(cfg), up_axis=self.store.up_axis, start=self.start,
+            stop=cfg.iterations, rank=ctx.rank, world_size=ctx.world_size, indices=self.train_idx,
         )
         return torch.utils.data.DataLoader(
             ds, batch_size=None, shuffle=False, num_workers=cfg.data.workers,
@@ -258,7 +266,9 @@ class _Trainer:
         prior = float(self.ckpt.state.get("elapsed", 0.0)) if self.ckpt is not None else 0.0
         runlog = RunLog(self.out, batch_size=cfg.batch_size, use_cross_modal=cfg.loss.use_cross_modal,
                         prior_elapsed=prior, writer=ctx.is_main, progress=progress,
-                        start=self.start, total=cfg.iterations, use_nce=cfg.loss.projected_nce > 0)
+                        start=self.start, total=cfg.iterations,
+                        extra_terms=tuple(t for t, w in (("nce", cfg.loss.projected_nce),
+                                                          ("point_nce", cfg.loss.point_nce)) if w > 0))
         try:
             if cfg.val.enabled and self.ckpt is None:
                 self._validate(0, runlog)  # the curve starts at the random initialisation

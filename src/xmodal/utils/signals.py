@@ -26,10 +26,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
-    """Context manager: while active, the first SIGTERM/SIGINT sets :attr:`signum` instead of stopping."""
+    """Context manager: while active, the first SIGTERM/SIGINT sets :attr:`signum` instead of stopping.
 
-    def __init__(self, signals=STOP_SIGNALS) -> None:
+    ``until`` names, in the warning logged on the first signal, what the job finishes before it stops.
+    """
+
+    def __init__(self, signals=STOP_SIGNALS, *, until: str = "the current step") -> None:
         self.signals = tuple(signals)
+        self.until = until
         self.signum: Optional[int] = None
         self._old: dict = {}
 
@@ -47,8 +51,8 @@ class StopRequest:
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
-        log.warning("%s received: stopping after the current step (send it again to stop at once)",
-                    signal.Signals(signum).name)
+        log.warning("%s received: stopping after %s (send it again to stop at once)",
+                    signal.Signals(signum).name, self.until)
 
     def _restore(self) -> None:
         for sig, old in self._old.items():

@@ -1,0 +1,195 @@
+"""What a report folder already holds, so that evaluating into it again skips finished work.
+
+``OUT/metrics.json`` records, beside the metrics, ``meta.tasks_done``: for every task evaluated on
+a network (``"svm"`` on the run, ``"baseline.random.svm"`` on its random-init baseline) a
+fingerprint (:func:`task_fingerprint`) of everything its metrics depend on:
+
+* the network: a SHA-256 of every parameter and buffer of Fimg, Fp and Ff, and of its
+  pre-training config (:func:`weights_digest`) - the weights actually evaluated, whether they
+  came from ``encoders.safetensors``, the last checkpoint or :func:`xmodal.api.random_init_run`;
+* the dataset: a SHA-256 of its manifest (:func:`data_digest`; a prepared dataset is a
+  deterministic function of its manifest's source and settings);
+* the seed, the device, the view counts used, the task's own options
+  (:attr:`xmodal.eval.tasks.EvalTask.options`, e.g. ``svm.cs`` or ``partseg.*``) and the xmodal
+  version.
+
+An evaluation into a folder whose ``metrics.json`` holds the same run, data and seed (else the
+file is replaced, as before) skips every task whose fingerprint is recorded and evaluates the
+others; ``redo`` evaluates every task asked for. :class:`MetricsBook` keeps the file's content
+while the evaluation runs and writes it after every task, so a stopped (or killed) evaluation
+keeps what it finished. A task can also save partial progress in ``meta.tasks_partial`` (part
+segmentation: its finished setting/fraction cells), from which the next evaluation with the same
+fingerprint resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from xmodal import __version__
+from xmodal.eval.context import BASELINE_PREFIX
+from xmodal.eval.tasks import TASK_NAMES, EvalTask
+from xmodal.utils.io import read_json, write_json
+
+__all__ = ["IDENTITY_KEYS", "weights_digest", "data_digest", "task_fingerprint", "MetricsBook"]
+
+log = logging.getLogger(__name__)
+
+#: the ``meta.*`` keys that make two evaluations "the same evaluation" (merged into one file)
+IDENTITY_KEYS = ("meta.run", "meta.data", "meta.seed")
+_NETWORKS = ("image_encoder", "point_encoder", "pair_classifier")
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def weights_digest(net: Any) -> str:
+    """SHA-256 of a network's weights (every parameter and buffer of Fimg, Fp, Ff) and config."""
+    h = hashlib.sha256()
+    for name in _NETWORKS:
+        module = getattr(net, name, None)
+        if module is None:
+            continue
+        for key, tensor in sorted(module.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode("utf-8"))
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(_sha(_plain(getattr(net, "config", None))).encode("ascii"))
+    return h.hexdigest()
+
+
+def data_digest(store: Any) -> str:
+    """SHA-256 of a dataset's manifest (its objects' counts, shards, source and build settings)."""
+    return _sha(store.manifest)
+
+
+def task_fingerprint(task: EvalTask, cfg: Any, *, network: str, weights: str, data: str, views: list[int],
+                     device: str) -> str:
+    """What the metrics of ``task`` on one network depend on, hashed (see the module docstring)."""
+    return _sha({
+        "task": task.name,
+        "network": network,
+        "weights": weights,
+        "data": data,
+        "seed": int(cfg.seed),
+        "device": device,
+        "views": [int(v) for v in views],
+        "options": {name: _plain(getattr(cfg, name)) for name in task.options},
+        "xmodal": __version__,
+    })[:32]
+
+
+class MetricsBook:
+    """The content of ``metrics.json`` while an evaluation runs: flat metrics plus bookkeeping.
+
+    Args:
+        path: the ``metrics.json`` file; an evaluation with the same :data:`IDENTITY_KEYS` in it
+            is continued, anything else is replaced.
+        identity: ``{key: value}`` of :data:`IDENTITY_KEYS` of this evaluation.
+        redo: forget which tasks are done (every task asked for is evaluated again).
+    """
+
+    def __init__(self, path: Path, identity: dict, *, redo: bool = False) -> None:
+        self.path = Path(path)
+        self.redo = redo
+        self.metrics: dict[str, Any] = {}
+        self.done: dict[str, str] = {}
+        self.partial: dict[str, dict] = {}
+        self.skipped: dict[str, str] = {}
+        self.figures: dict[str, str] = {}
+        self.tasks_run: set[str] = set()
+        old = self._previous(identity)
+        if old:
+            self.metrics = {k: v for k, v in old.items() if not k.startswith("meta.")}
+            self.done = dict(old.get("meta.tasks_done") or {})
+            self.partial = dict(old.get("meta.tasks_partial") or {})
+            self.skipped = dict(old.get("meta.tasks_skipped") or {})
+            self.figures = dict(old.get("meta.figures") or {})
+            self.tasks_run = set(old.get("meta.tasks_run") or [])
+
+    def _previous(self, identity: dict) -> dict:
+        if not self.path.is_file():
+            return {}
+        try:
+            old = read_json(self.path)
+        except ValueError as exc:
+            log.warning("%s; it is replaced", exc)
+            return {}
+        if not isinstance(old, dict) or any(old.get(k) != identity[k] for k in IDENTITY_KEYS):
+            log.info("%s holds another evaluation (run, data or seed differ); it is replaced", self.path)
+            return {}
+        return old
+
+    def is_done(self, key: str, fingerprint: str) -> bool:
+        """Whether task ``key`` (``prefix + name``) was evaluated with this ``fingerprint``."""
+        return not self.redo and self.done.get(key) == fingerprint
+
+    def partial_state(self, key: str, fingerprint: str) -> dict:
+        """The progress task ``key`` saved with this ``fingerprint`` before it was stopped ({} if none)."""
+        saved = self.partial.get(key)
+        if self.redo or not saved or saved.get("fingerprint") != fingerprint:
+            return {}
+        return dict(saved.get("state") or {})
+
+    def save_partial(self, key: str, fingerprint: str, state: dict) -> None:
+        self.partial[key] = {"fingerprint": fingerprint, "state": state}
+
+    def forget(self, task: EvalTask, prefix: str) -> None:
+        """Drop what the book holds of ``task`` on the network of ``prefix``: metrics, skips, done, partial."""
+        drop = tuple(prefix + p for p in task.prefixes)
+        self.metrics = {k: v for k, v in self.metrics.items() if not (drop and k.startswith(drop))}
+        self.skipped = {k: v for k, v in self.skipped.items()
+                        if not (k.startswith(prefix) and k[len(prefix):].startswith(task.name))}
+        self.done.pop(prefix + task.name, None)
+        self.partial.pop(prefix + task.name, None)
+
+    def record(self, task: EvalTask, prefix: str, fingerprint: str, result: tuple[dict, dict, dict],
+               forget: Iterable[str] = ()) -> None:
+        """Task ``task`` finished on the network of ``prefix``: ``result`` = (metrics, skipped, figures),
+        keys already prefixed. Its earlier results on that network, and on the networks of
+        ``forget`` (prefixes), are dropped."""
+        for p in (prefix, *forget):
+            self.forget(task, p)
+        metrics, skipped, figures = result
+        self.metrics.update(metrics)
+        self.skipped.update(skipped)
+        self.figures.update(figures)
+        self.done[prefix + task.name] = fingerprint
+        self.tasks_run.add(task.name)
+
+    def as_dict(self, meta: dict) -> dict:
+        """The flat ``metrics.json`` content: metrics, ``meta`` and the book's own ``meta.*`` keys."""
+        return {
+            **self.metrics,
+            **meta,
+            "meta.tasks_run": [t for t in TASK_NAMES if t in self.tasks_run],
+            "meta.tasks_skipped": dict(self.skipped),
+            "meta.figures": dict(self.figures),
+            "meta.tasks_done": dict(sorted(self.done.items(), key=lambda kv: _order(kv[0]))),
+            "meta.tasks_partial": dict(self.partial),
+        }
+
+    def write(self, meta: dict) -> dict:
+        """Write ``metrics.json`` (atomically) and return its content."""
+        content = self.as_dict(meta)
+        write_json(self.path, content)
+        return content
+
+
+def _order(key: str) -> tuple:
+    """Run-network tasks first, then the baseline's, each in registry order."""
+    base = key.startswith(BASELINE_PREFIX)
+    name = key.removeprefix(BASELINE_PREFIX)
+    return (base, TASK_NAMES.index(name) if name in TASK_NAMES else len(TASK_NAMES), name)

@@ -1,0 +1,164 @@
+"""Evaluating into a report folder again: finished tasks are kept, not recomputed (xmodal.eval.resume)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import xmodal.eval.fewshot as fewshot_mod
+import xmodal.eval.partseg as partseg_mod
+import xmodal.eval.retrieval as retrieval_mod
+import xmodal.eval.runner as runner
+from xmodal.api import random_init_run
+from xmodal.data.store import write_store
+from xmodal.errors import Interrupted
+from xmodal.eval.config import EvaluateConfig, FewShotConfig, PartSegConfig
+from xmodal.eval.runner import evaluate
+from xmodal.train.config import resolve_pretrain_config
+
+CLASSES = ["a", "b", "c"]
+N = 48
+
+
+def _split(n_per: int, seed: int, *, parts: bool = False) -> dict:
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(len(CLASSES)), n_per)
+    pts = rng.normal(size=(y.size, N, 3)) * (0.3 + 0.2 * y)[:, None, None]
+    out = {"ids": [f"{CLASSES[c]}/{seed}_{i}" for i, c in enumerate(y)], "labels": y, "points": pts.astype(np.float32)}
+    if parts:  # two parts per class: the lower and upper half of each cloud
+        out["point_labels"] = (2 * y[:, None] + (pts[..., 2] > 0)).astype(np.int16)
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    parts = [f"{c}/{p}" for c in CLASSES for p in ("bottom", "top")]
+    write_store(root, classes=CLASSES, splits={"train": _split(5, 0, parts=True), "test": _split(3, 1, parts=True)},
+                part_names=parts)
+    return root
+
+
+def _net(seed: int = 0):
+    return random_init_run(resolve_pretrain_config("smoke", [f"data.num_points={N}"]), seed=seed, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return _net(0)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the evaluations of the fewshot and retrieval tasks (by network prefix)."""
+    counter: Counter = Counter()
+    for mod, name in ((fewshot_mod, "fewshot_task"), (retrieval_mod, "retrieval_task")):
+        real = getattr(mod, name)
+
+        def counted(ctx, real=real, name=name):
+            counter[ctx.prefix + name.removesuffix("_task")] += 1
+            return real(ctx)
+
+        monkeypatch.setattr(mod, name, counted)
+    return counter
+
+
+def _fewshot(episodes: int = 2) -> FewShotConfig:
+    return FewShotConfig(settings=[(2, 2)], episodes=episodes, query=2)
+
+
+def _cfg(store, tmp_path, **kw) -> EvaluateConfig:
+    return EvaluateConfig(run=tmp_path / "run", data=store, out=tmp_path / "r", tasks=["fewshot", "retrieval"],
+                          device="cpu", fewshot=_fewshot(), **kw)
+
+
+def _metrics(m: dict) -> dict:
+    return {k: v for k, v in m.items() if not k.startswith("meta.")}
+
+
+def test_finished_tasks_are_kept_and_only_changed_ones_evaluated_again(store, tmp_path, loaded, calls):
+    cfg = _cfg(store, tmp_path)
+    first = evaluate(cfg, loaded=loaded, progress=False)
+    assert calls == {"fewshot": 1, "retrieval": 1}
+    assert set(first["meta.tasks_done"]) == {"fewshot", "retrieval"}
+    again = evaluate(cfg, loaded=loaded, progress=False)
+    assert calls == {"fewshot": 1, "retrieval": 1}  # nothing evaluated again
+    assert _metrics(again) == _metrics(first) and again["meta.tasks_done"] == first["meta.tasks_done"]
+    # another setting of one task: that task only
+    changed = evaluate(replace(cfg, fewshot=_fewshot(3)), loaded=loaded, progress=False)
+    assert calls == {"fewshot": 2, "retrieval": 1} and changed["meta.fewshot_episodes"] == 3
+    assert changed["meta.tasks_done"]["retrieval"] == first["meta.tasks_done"]["retrieval"]
+    assert changed["meta.tasks_done"]["fewshot"] != first["meta.tasks_done"]["fewshot"]
+    # other weights: every task
+    evaluate(cfg, loaded=_net(1), progress=False)
+    assert calls == {"fewshot": 3, "retrieval": 2}
+    # redo: every task, whatever is recorded
+    evaluate(replace(cfg, redo=True), loaded=_net(1), progress=False)
+    assert calls == {"fewshot": 4, "retrieval": 3}
+
+
+def test_a_baseline_asked_later_evaluates_the_baseline_only(store, tmp_path, loaded, calls):
+    cfg = _cfg(store, tmp_path)
+    evaluate(cfg, loaded=loaded, progress=False)
+    m = evaluate(replace(cfg, baseline="random"), loaded=loaded, progress=False)
+    assert calls == {"fewshot": 1, "retrieval": 1, "baseline.random.fewshot": 1, "baseline.random.retrieval": 1}
+    assert "baseline.random.fewshot3d.2w2s.mean" in m and "baseline.random.fewshot" in m["meta.tasks_done"]
+    # the run's fewshot evaluated again without the baseline: the baseline's (of other settings) goes
+    m = evaluate(replace(cfg, fewshot=_fewshot(3)), loaded=loaded, progress=False)
+    assert "baseline.random.fewshot3d.2w2s.mean" not in m and "baseline.random.fewshot" not in m["meta.tasks_done"]
+    assert "baseline.random.retrieval3d.top1" in m  # untouched
+
+
+class _StopAfter:
+    """A stand-in for StopRequest whose stop is requested once ``cells`` part-segmentation cells ran."""
+
+    cells = 1
+
+    def __init__(self, *args, **kwargs):
+        self.signum = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self):
+        _StopAfter.current = self
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def test_part_segmentation_resumes_at_the_first_cell_not_done(store, tmp_path, loaded, monkeypatch):
+    cfg = EvaluateConfig(run=tmp_path / "run", data=store, out=tmp_path / "r", tasks=["partseg"], device="cpu",
+                         partseg=PartSegConfig(settings=["frozen", "scratch"], fractions=[0.5, 1.0], epochs=1,
+                                               batch_size=4))
+    reference = evaluate(replace(cfg, out=str(tmp_path / "ref")), loaded=loaded, progress=False)
+    ran = []
+    real_run = partseg_mod._Table4.run
+
+    def run_cell(self, setting, pct, sub):
+        ran.append(f"{setting}/{pct}")
+        result = real_run(self, setting, pct, sub)
+        if len(ran) == _StopAfter.cells:
+            _StopAfter.current.signum = 15  # SIGTERM arrives during the first cell
+        return result
+
+    monkeypatch.setattr(partseg_mod._Table4, "run", run_cell)
+    monkeypatch.setattr(runner, "StopRequest", _StopAfter)
+    with pytest.raises(Interrupted, match=r"stopped by SIGTERM: 0 of 1 task evaluations finished; run: partseg "
+                                          r"stopped part-way") as exc:
+        evaluate(cfg, loaded=loaded, progress=False)
+    assert exc.value.signum == 15 and ran == ["frozen/50"]
+    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert list(saved["meta.tasks_partial"]["partseg"]["state"]["cells"]) == ["frozen/50"]
+    assert "partseg" not in saved["meta.tasks_done"] and not any(k.startswith("partseg.") for k in saved)
+    _StopAfter.cells = 0  # never stop
+    m = evaluate(cfg, loaded=loaded, progress=False)
+    assert ran == ["frozen/50", "scratch/50", "frozen/100", "scratch/100"]  # the first cell was not trained again
+    assert _metrics(m) == pytest.approx(_metrics(reference))
+    assert m["meta.tasks_partial"] == {} and "partseg" in m["meta.tasks_done"]
