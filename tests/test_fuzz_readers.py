@@ -765,3 +765,35 @@ def test_fuzz_training_logs(scratch):
             assert out is None or out.stat().st_size > 0
 
     run()
+
+
+@pytest.mark.parametrize("plan_edit, match", [
+    ({"items": {"../../escape": []}}, "split name '../../escape'"),
+    ({"items": {"a/b": []}}, "split name 'a/b'"),
+    ({"shard": {"index": "1", "count": 1}}, "'shard' must be"),
+    ({"shard": {"index": 2, "count": 1}}, "'shard' must be"),
+    ({"settings": {"chunk_size": 0}}, "chunk_size"),
+])
+def test_a_part_plan_cannot_steer_merge_outside_its_folders(tmp_path, plan_edit, match):
+    # merge builds shard paths from a part's plan.json (split names): they must stay inside
+    from xmodal.data.merge import merge_datasets
+
+    part = tmp_path / "part"
+    part.mkdir()
+    plan = {"format_version": 1, "shard": {"index": 1, "count": 1}, "settings": {"chunk_size": 1},
+            "items": {"train": []}, "classes": [], "source": {}, **plan_edit}
+    (part / "plan.json").write_text(json.dumps(plan))
+    manifest = {"format_version": 1, "classes": [], "counts": {"train": 0}, "views": 0, "points": 8,
+                "image_size": None, "grayscale": True, "up_axis": "z", "part_names": None, "source": {},
+                "settings": {}, "failed": [], "shards": {"train": []}, "shard": plan["shard"]}
+    (part / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=re.escape(match)) as info:
+        merge_datasets([part], tmp_path / "out" / "merged")
+    assert str(part) in str(info.value)
+    assert not (tmp_path / "escape").exists()
+    del manifest["up_axis"]  # a part's manifest is read like any store's
+    plan.update({"items": {"train": []}, "shard": {"index": 1, "count": 1}, "settings": {"chunk_size": 1}})
+    (part / "plan.json").write_text(json.dumps(plan))
+    (part / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="lacks keys"):
+        merge_datasets([part], tmp_path / "out" / "merged")

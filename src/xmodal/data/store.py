@@ -52,6 +52,7 @@ __all__ = [
     "StoreError",
     "shard_relpath",
     "shard_path",
+    "validate_manifest",
     "check_stored",
     "H5_ERRORS",
     "failed_relpath",
@@ -428,8 +429,9 @@ def _check_contents(man: dict, path: Path) -> None:
         raise StoreError("; ".join(problems), path=path, hint="re-create the dataset with `xmodal prepare`")
 
 
-def _validate_manifest(man: Any, path: Path) -> dict:
-    """``man`` checked against the manifest contract (keys, types, ranges, shard paths)."""
+def validate_manifest(man: Any, path: Path) -> dict:
+    """``man`` (read from ``path``) checked against the manifest contract: keys, types, ranges,
+    shard paths inside the folder; a :class:`StoreError` naming ``path`` otherwise."""
     if not isinstance(man, dict):
         raise StoreError(f"manifest must be a JSON object, got {type(man).__name__}", path=path)
     version = man.get("format_version")
@@ -837,7 +839,7 @@ class ShapeStore:
             man = read_json(path)
         except ValueError as exc:
             raise StoreError(f"corrupt manifest ({getattr(exc, 'problem', exc)})", path=path) from exc
-        self._init(root, _validate_manifest(man, path))
+        self._init(root, validate_manifest(man, path))
 
     def _init(self, root: Optional[Path], manifest: dict) -> None:
         self.root = root
