@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -24,8 +25,10 @@ import torch
 from torch import nn
 
 from xmodal.config import from_dict, load_config
+from xmodal.errors import ConfigError, MissingInputError
 from xmodal.train.augment import resize_images
 from xmodal.train.checkpoint import (
+    NETS,
     CheckpointError,
     architecture_from_config,
     build_networks,
@@ -36,6 +39,7 @@ from xmodal.train.checkpoint import (
 from xmodal.train.config import PretrainConfig
 from xmodal.transforms import images_to_tensor, points_to_tensor
 from xmodal.utils.device import module_device
+from xmodal.utils.io import read_json
 
 __all__ = [
     "LoadedRun",
@@ -50,6 +54,9 @@ log = logging.getLogger(__name__)
 
 #: attribute set on a loaded image encoder: the image side it was trained on
 IMAGE_SIZE_ATTR = "xmodal_image_size"
+#: largest image side and cloud size a run file may declare (features are computed at that size)
+MAX_IMAGE_SIZE = 4096
+MAX_NUM_POINTS = 1 << 20
 
 
 @dataclass
@@ -111,50 +118,100 @@ def load_run(run, device="cpu", *, prefer: Literal["final", "last"] = "final") -
     (falling back to the encoders).
 
     Raises:
-        FileNotFoundError: ``run`` is not a folder or holds neither file.
-        CheckpointError: a file that cannot be read or does not fit its architecture.
+        MissingInputError: ``run`` is not a folder or holds neither file (a FileNotFoundError).
+        CheckpointError: a file that cannot be read, is inconsistent or does not fit its architecture.
     """
     if prefer not in ("final", "last"):
         raise ValueError(f"prefer must be 'final' or 'last', got {prefer!r}")
     run = Path(run)
     if not run.is_dir():
-        raise FileNotFoundError(f"{run}: not a run folder")
+        raise MissingInputError("not a run folder", path=run)
     has_final = (run / "encoders.json").is_file() and (run / "encoders.safetensors").is_file()
     order = ("final", "last") if prefer == "final" else ("last", "final")
     for what in order:
         if what == "final" and has_final:
             meta, tensors = read_encoders(run)
-            cfg = _config_of(run, meta.get("config"))
-            nets = load_networks(meta["architecture"], tensors, source=run / "encoders.safetensors")
-            return _finish(
-                nets, cfg, image_size=meta["image_size"], num_points=meta["num_points"],
-                up_axis=meta.get("up_axis", "z"), step=meta.get("step", 0), source="final", path=run, device=device,
-            )
+            arch, info = _run_info(meta, run / "encoders.json")
+            cfg = _config_of(run, meta.get("config"), run / "encoders.json")
+            nets = _load_checked(arch, tensors, "", run / "encoders.safetensors", run / "encoders.json")
+            return _finish(nets, cfg, **info, source="final", path=run, device=device)
         if what == "last":
             ckpt = load_checkpoint(run)
             if ckpt is None:
                 continue
-            st = ckpt.state
-            if "architecture" not in st:
-                raise CheckpointError(f"{ckpt.path}: the checkpoint does not record its architecture")
+            state_file = ckpt.path.with_suffix(".json")
+            arch, info = _run_info({**ckpt.state, "step": ckpt.step}, state_file)
             cfg = _config_of(run, None)
-            nets = load_networks(st["architecture"], ckpt.tensors, prefix="model/", source=ckpt.path)
-            return _finish(
-                nets, cfg, image_size=st["image_size"], num_points=st["num_points"],
-                up_axis=st.get("up_axis", "z"), step=ckpt.step, source="last", path=run, device=device,
-            )
-    raise FileNotFoundError(
-        f"{run}: neither encoders.safetensors/encoders.json nor checkpoints/last.safetensors; "
-        "is this a folder written by 'xmodal pretrain'?"
+            nets = _load_checked(arch, ckpt.tensors, "model/", ckpt.path, state_file)
+            return _finish(nets, cfg, **info, source="last", path=run, device=device)
+    raise MissingInputError(
+        "not a run folder written by 'xmodal pretrain' "
+        "(neither encoders.safetensors/encoders.json nor checkpoints/last.safetensors)", path=run,
     )
 
 
-def _config_of(run: Path, embedded: Optional[dict]) -> PretrainConfig:
+def _run_info(meta: dict, path: Path) -> tuple[dict, dict]:
+    """What ``encoders.json`` or a checkpoint's state says about the networks, checked: the
+    ``architecture``, and ``{image_size, num_points, up_axis, step}``."""
+    arch = meta.get("architecture")
+    if not _is_architecture(arch):
+        raise CheckpointError(f"'architecture' must map {', '.join(NETS)} to {{'name': text, 'kwargs': {{...}}}} "
+                              "(no name for the pair classifier)", path=path)
+    info = {"image_size": meta.get("image_size"), "num_points": meta.get("num_points"),
+            "up_axis": meta.get("up_axis", "z"), "step": meta.get("step", 0)}
+    for key, hi in (("image_size", MAX_IMAGE_SIZE), ("num_points", MAX_NUM_POINTS), ("step", None)):
+        v = info[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < (key != "step") or (hi is not None and v > hi):
+            raise CheckpointError(f"'{key}' must be an integer in [{int(key != 'step')}, {hi or 'inf'}], "
+                                  f"got {reprlib.repr(v)}", path=path)
+    if info["up_axis"] not in ("x", "y", "z"):
+        raise CheckpointError(f"'up_axis' must be 'x', 'y' or 'z', got {reprlib.repr(info['up_axis'])}", path=path)
+    return arch, info
+
+
+def _is_architecture(arch) -> bool:
+    """Whether ``arch`` has the layout of :func:`~xmodal.train.checkpoint.architecture_from_config`."""
+    if not isinstance(arch, dict) or not all(isinstance(arch.get(n), dict) for n in NETS):
+        return False
+    named = all(isinstance(arch[n].get("name"), str) for n in NETS[:2])
+    return named and all(isinstance(arch[n].get("kwargs", {}), dict) for n in NETS)
+
+
+def _load_checked(arch: dict, tensors: dict[str, torch.Tensor], prefix: str, source: Path, arch_from: Path) -> dict:
+    """The networks of ``arch`` (read from ``arch_from``) with the weights of ``source``, built
+    only once the architecture is known to fit them: it is first built on the ``meta`` device
+    (no memory), so an architecture that would allocate more than the weights file holds is
+    refused before anything is allocated."""
+    try:
+        with torch.device("meta"):
+            dry = build_networks(json.loads(json.dumps(arch)))
+    except (ConfigError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise CheckpointError(f"the architecture cannot be built ({type(exc).__name__}: {exc})",
+                              path=arch_from) from exc
+    for name in NETS:
+        pre = prefix + name + "/"
+        for key, want in dry[name].state_dict().items():
+            have = tensors.get(pre + key)
+            if have is None or tuple(have.shape) != tuple(want.shape):
+                got = "missing" if have is None else f"of shape {tuple(have.shape)}"
+                raise CheckpointError(f"weights of {name} do not fit the architecture: {pre + key} is {got}, "
+                                      f"expected {tuple(want.shape)}", path=source)
+            if have.is_floating_point() and not bool(torch.isfinite(have).all()):
+                raise CheckpointError(f"{pre + key} holds NaN or infinite values", path=source)
+    return load_networks(arch, tensors, prefix=prefix, source=source)
+
+
+def _config_of(run: Path, embedded: Optional[dict], where: Optional[Path] = None) -> PretrainConfig:
     if embedded is not None:
-        return from_dict(PretrainConfig, embedded)
+        try:
+            if not isinstance(embedded, dict):
+                raise ConfigError(f"expected a mapping, got {type(embedded).__name__}")
+            return from_dict(PretrainConfig, embedded)
+        except ConfigError as exc:
+            raise CheckpointError(f"'config' is not a valid pre-training config: {exc}", path=where) from exc
     path = run / "config.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; cannot tell the run's settings")
+        raise MissingInputError("missing; cannot tell the run's settings", path=path)
     return load_config(PretrainConfig, path)
 
 
@@ -171,8 +228,9 @@ def random_init_run(config=None, seed: int = 0, device="cpu") -> LoadedRun:
     elif isinstance(config, (str, Path)):
         run = Path(config)
         config = _config_of(run, None)
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            up_axis = json.loads((run / "run.json").read_text())["manifest"]["up_axis"] or "z"
+        with contextlib.suppress(OSError, ValueError, LookupError, TypeError):
+            recorded = read_json(run / "run.json")["manifest"]["up_axis"]  # run.json is informative only
+            up_axis = recorded if recorded in ("x", "y", "z") else up_axis
     cfg = config if config is not None else PretrainConfig()
     if not isinstance(cfg, PretrainConfig):
         raise TypeError(f"config must be a PretrainConfig, LoadedRun, run folder or None; got {type(cfg).__name__}")

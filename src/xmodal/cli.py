@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from xmodal import __version__
 from xmodal.config import list_presets
 from xmodal.errors import Interrupted, TrainingDiverged, XmodalError
 from xmodal.eval.tasks import TASK_NAMES
+from xmodal.utils.io import os_error_text
 
 log = logging.getLogger("xmodal")
 
@@ -338,7 +340,7 @@ def _error_line(command: str, exc: BaseException) -> str:
     """``xmodal <command>: error: <where>: <problem>`` plus the hint on a second line, if any."""
     text = str(exc)
     if isinstance(exc, OSError) and not isinstance(exc, XmodalError) and exc.filename is not None:
-        text = f"{exc.filename}: {exc.strerror or exc}"
+        text = os_error_text(exc)
     line = f"xmodal {command}: error: {text}"
     hint = getattr(exc, "hint", None)
     return line + (f"\n  hint: {hint}" if hint else "")
@@ -365,11 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command (with --resume for pretrain) to continue", file=sys.stderr)
         return 130
-    except (XmodalError, OSError, ValueError) as exc:
-        # the user's input or environment (a bad file, a setting, a full disk): one line, no
-        # traceback unless --verbose; anything else is a bug and keeps its traceback
+    except (XmodalError, OSError) as exc:
+        # the user's input or environment (a bad file, a setting, a full disk): one line, with
+        # the traceback above it under --verbose; anything else is a bug and keeps its traceback
         if args.verbose:
-            raise
+            traceback.print_exc(file=sys.stderr)
         print(_error_line(args.command, exc), file=sys.stderr)
         return _exit_code(exc)
 

@@ -18,8 +18,10 @@ silently unused. The resolved config is written next to every run
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import reprlib
 import types
 import typing
 from importlib import resources
@@ -53,6 +55,16 @@ __all__ = [
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def _short_repr() -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother = 3, 60, 60
+    return r
+
+
+#: bounded ``repr`` of a value in an error message (a YAML file may nest aliases exponentially)
+_short = _short_repr().repr
+
+
 def to_dict(cfg: Any) -> dict:
     """Dataclass -> plain nested dict (JSON/YAML-serialisable)."""
     return dataclasses.asdict(cfg)
@@ -84,36 +96,40 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+        raise ConfigError(f"{key}: {_short(value)} does not match {tp}")
     if origin is typing.Literal:
         options = typing.get_args(tp)
         if isinstance(value, bool) and value not in options:
             # YAML 1.1 reads a bare off / no / on / yes as a boolean: give the option back its name
             words = ("off", "no", "false") if value is False else ("on", "yes", "true")
             value = next((w for w in words if w in options), value)
-        if value not in options:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        if not isinstance(value, (str, int, float, bool, type(None))) or value not in options:
+            raise ConfigError(f"{key}: {_short(value)} is not one of {list(options)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             value = [value]
-        (inner, *_) = typing.get_args(tp) or (Any,)
-        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        args = typing.get_args(tp) or (Any,)
+        if origin is tuple and len(args) > 1 and args[1] is not Ellipsis:  # tuple[X, Y]: exactly that many
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {_short(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        items = [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_short(value)}")
         return dict(value)
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_short(value)}")
         return from_dict(tp, value, _prefix=f"{key}.")
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {_short(value)}")
     if tp in (int, float) and isinstance(value, str):
         # YAML 1.1 reads "1e-3" (no dot) as a string; accept plain numeric text
         try:
@@ -124,16 +140,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            return str(value)
+            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float range
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
         return value
+    if tp is str:
+        if isinstance(value, (list, dict, set, tuple)):
+            raise ConfigError(f"{key}: expected a text value, got {_short(value)}")
+        return value if isinstance(value, str) else str(value)
     return value
 
 
@@ -149,9 +171,11 @@ def _field_default(cls, name: str) -> Any:
 
 def from_dict(cls: type[T], data: dict | None, *, _prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (partial) nested dict; missing keys keep defaults."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{_prefix.rstrip('.') or 'config'}: expected a mapping, got {_short(data)}")
     data = dict(data or {})
     types_ = _field_types(cls)
-    unknown = sorted(set(data) - set(types_))
+    unknown = sorted(map(str, set(data) - set(types_)))
     if unknown:
         raise ConfigError(
             f"unknown config key(s) {', '.join(_prefix + u for u in unknown)}; "
@@ -185,8 +209,9 @@ def parse_overrides(items: Iterable[str]) -> dict:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: cannot parse value ({exc})") from exc
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:
+            raise ConfigError(f"override {_short(item)}: cannot parse value ({type(exc).__name__}: "
+                              f"{_short(str(exc))})") from None
         if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 leaves "1e-3" as text
         node = out
@@ -252,7 +277,6 @@ def load_preset(group: str, name_or_path: str, *, _chain: tuple = ()) -> dict:
 def _read_preset(group: str, name_or_path: str) -> tuple[dict, str]:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.exists():
-        text = p.read_text(encoding="utf-8")
         src = str(p)
     else:
         f = _preset_dir(group) / f"{name_or_path}.yaml"
@@ -261,15 +285,32 @@ def _read_preset(group: str, name_or_path: str) -> tuple[dict, str]:
                 f"unknown {group} preset {name_or_path!r}; available: {', '.join(list_presets(group)) or 'none'} "
                 "(or give a path to a .yaml file)"
             )
-        text = f.read_text(encoding="utf-8")
         src = str(f)
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{src}: invalid YAML ({exc})") from exc
+    data = _read_yaml(src)
     if not isinstance(data, dict):
-        raise ConfigError(f"{src}: a preset must be a mapping at top level")
+        raise ConfigError("a preset must be a mapping at top level", path=src)
     return data, src
+
+
+def _read_yaml(path: "str | os.PathLike") -> Any:
+    """The YAML document in ``path`` ({} when empty).
+
+    Raises:
+        ConfigError: naming the file: not UTF-8, not YAML, or nested too deeply to parse.
+        OSError: the file cannot be opened.
+    """
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        return yaml.safe_load(raw.decode("utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (byte {exc.start})", path=path) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML ({exc})", path=path) from None
+    except RecursionError:
+        raise ConfigError("YAML nested too deeply to read", path=path) from None
+    except ValueError as exc:  # a value YAML's constructors refuse (an integer of over 4300 digits, a date)
+        raise ConfigError(f"unreadable YAML value ({exc})", path=path) from None
 
 
 def resolve(cls: type[T], preset: str | None = None, overrides: Iterable[str] | dict = (), *, group: str = "") -> T:
@@ -288,8 +329,17 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def load_config(cls: type[T], path: str | Path) -> T:
-    with open(path, encoding="utf-8") as fh:
-        return from_dict(cls, yaml.safe_load(fh) or {})
+    """The config ``cls`` saved in the YAML file ``path`` (by :func:`save_config`).
+
+    Raises:
+        ConfigError: naming the file: unreadable YAML, or a value the config refuses.
+        OSError: the file cannot be opened.
+    """
+    data = _read_yaml(path)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), path=path, hint=exc.hint) from exc
 
 
 def paths_to_str(cfg: Any, *names: str) -> None:

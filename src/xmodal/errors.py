@@ -25,6 +25,7 @@ class                  raised when
 ``OutputLockedError``  another live process is writing the same output folder
 ``WriteError``         a file could not be written (disk full, permission, I/O error)
 ``Interrupted``        a job stopped on SIGTERM/SIGINT after saving its state
+``MissingPackageError``  an optional package a setting needs is not installed
 =====================  ==============================================================
 """
 
@@ -49,6 +50,7 @@ __all__ = [
     "OutputLockedError",
     "WriteError",
     "Interrupted",
+    "MissingPackageError",
 ]
 
 
@@ -131,6 +133,16 @@ class OutputLockedError(XmodalError, RuntimeError):
 
 class WriteError(XmodalError, OSError):
     """A file could not be written; whatever was there before is left intact."""
+
+
+class MissingPackageError(XmodalError, ImportError):
+    """An optional package that a setting or file needs is not installed (or does not import);
+    ``hint`` names what to install."""
+
+    def __init__(self, message: str, *, package: str, hint: Optional[str] = None):
+        super().__init__(message, hint=hint)
+        self.package = package  # ImportError.name, too
+        self.name = package
 
 
 class Interrupted(XmodalError):

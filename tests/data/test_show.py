@@ -7,6 +7,7 @@ import pytest
 
 from xmodal.data.show import find_object, show
 from xmodal.data.store import write_store
+from xmodal.errors import DataError, StoreError
 
 
 def _store(tmp_path, *, views=4, point_labels=True):
@@ -67,13 +68,13 @@ def test_show_max_views(tmp_path):
 
 def test_unknown_id_names_dataset_and_suggests(tmp_path):
     store = _store(tmp_path)
-    with pytest.raises(LookupError) as info:
+    with pytest.raises(DataError) as info:
         show(store.root, "mug/train/x", tmp_path / "s.png")
     msg = str(info.value)
     assert "mug/train/x" in msg and str(store.root) in msg and "mug/train/a" in msg
     assert not (tmp_path / "s.png").exists()
-    with pytest.raises(LookupError, match="out of range"):
+    with pytest.raises(DataError, match="out of range"):
         find_object(store, 3)
-    with pytest.raises(KeyError, match="no split 'test'"):
+    with pytest.raises(StoreError, match="no split 'test'"):
         find_object(store, 0, split="test")
     assert find_object(store, -1) == ("train", 2)

@@ -133,8 +133,9 @@ def test_real_modelnet_off_folder(modelnet_off_dir):
 
 
 def test_open_source_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="accepted sources"):
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:  # a MissingInputError
         open_source(tmp_path / "missing")
+    assert "accepted sources" in info.value.hint
     f = tmp_path / "one.off"
     _tetra(f)
     with pytest.raises(ValueError, match="is a file"):

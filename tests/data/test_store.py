@@ -134,7 +134,7 @@ def test_points_only_store_and_empty_split(tmp_path):
         sv.image(0, 0)
     te = s.split("test")
     assert te.n == 0 and te.all_points().shape == (0, 16, 3) and te.ids == []
-    with pytest.raises(KeyError, match="no split 'val'"):
+    with pytest.raises(StoreError, match="no split .val."):
         s.split("val")
 
 

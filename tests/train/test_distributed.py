@@ -16,6 +16,7 @@ from torch import nn
 
 from xmodal.config import resolve
 from xmodal.data.store import write_store
+from xmodal.errors import ConfigError
 from xmodal.train.config import PretrainConfig
 from xmodal.train.distributed import GlobalBatchNorm, convert_batchnorm, env_world, resolve_device
 from xmodal.train.trainer import pretrain
@@ -51,7 +52,7 @@ def test_env_and_device(monkeypatch):
     assert env_world() == (1, 2, 1)
     assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA"):
+        with pytest.raises(ConfigError, match="CUDA"):
             resolve_device("cuda:0")
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from xmodal.data.geometry import face_centers
 from xmodal.data.types import Item, Mesh, MeshError, Source
+from xmodal.errors import DataError
 
 __all__ = [
     "CLASSES",
@@ -674,6 +675,8 @@ def make_shape(cls: str, seed: int) -> Mesh:
 # --------------------------------------------------------------------------- source
 
 _SPLITS = ("train", "test")
+#: most objects per class and split of ``builtin:shapes`` (``?train=``/``?test=``)
+MAX_PER_CLASS = 100_000
 
 
 class BuiltinSource(Source):
@@ -691,10 +694,10 @@ class BuiltinSource(Source):
                  classes: Optional[list[str]] = None):
         super().__init__()
         for name, n in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
-            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {n!r}")
+            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 <= n <= MAX_PER_CLASS:
+                raise DataError(f"{name} must be an integer in [0, {MAX_PER_CLASS}], got {n!r}", path="builtin:shapes")
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+            raise DataError(f"seed must be a non-negative integer, got {seed!r}", path="builtin:shapes")
         chosen = list(CLASSES) if classes is None else sorted(set(classes))
         for c in chosen:
             _check_class(c)

@@ -27,7 +27,7 @@ import numpy as np
 from xmodal.data.mesh_io import read_mesh_arrays
 from xmodal.data.sources import SPLIT_DIRS, _check_ratio, _class_key, stratified_holdout
 from xmodal.data.types import Item, Mesh, Source
-from xmodal.errors import DataError, LabelsError
+from xmodal.errors import DataError, LabelsError, MissingInputError
 
 __all__ = [
     "LABELS_SUFFIX",
@@ -87,7 +87,12 @@ def _parse_parts(path: Path) -> list[tuple[str, list[tuple[int, np.ndarray]]]]:
                 raise LabelsError(path, f"line {lineno}: {bad[:30]!r} is not a face index (integers only)")
             if current is None:
                 raise LabelsError(path, f"line {lineno}: face indices before any part name")
-            parts[current].append((lineno, np.array(tokens, dtype=np.int64)))
+            try:
+                parts[current].append((lineno, np.array(tokens, dtype=np.int64)))
+            except (ValueError, OverflowError):  # more digits than any face count
+                big = max(tokens, key=len)
+                raise LabelsError(path, f"line {lineno}: face index {big[:30]}{'...' if len(big) > 30 else ''} "
+                                  "is out of range") from None
         elif len(tokens) == 1 and not _is_number(tokens[0]):
             current = tokens[0]
             parts.setdefault(current, [])
@@ -227,7 +232,7 @@ class LabeledPSBSource(Source):
         self.seed = int(seed)
         self.test_ratio = float(test_ratio)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"Labeled PSB folder {str(self.root)!r} does not exist or is not a folder")
+            raise MissingInputError("Labeled PSB folder does not exist or is not a folder", path=self.root)
         entries: list[tuple[str, str, Path]] = []
         from_folders = []
         for cdir in _category_dirs(self.root):

@@ -36,7 +36,7 @@ from xmodal.config import load_config, save_config
 from xmodal.data.prepare import CONFIG_NAME, clear_outputs, describe_difference, finalize_store, plan_key
 from xmodal.data.prepare_config import PrepareConfig
 from xmodal.data.sharding import format_shard, shard_chunks
-from xmodal.data.store import MANIFEST_NAME, PLAN_NAME, failed_relpath, shard_relpath
+from xmodal.data.store import MANIFEST_NAME, PLAN_NAME, failed_relpath, shard_relpath, validate_manifest
 from xmodal.errors import ConfigError, DataError, MissingInputError, OutputExistsError
 from xmodal.utils.io import atomic_path, read_json, write_json
 from xmodal.utils.lock import output_lock
@@ -84,15 +84,38 @@ def _read_part(path: Path) -> _Part:
     if shard is None:
         raise DataError("was prepared without --shard: it is a whole dataset, not a part", path=path,
                         hint="prepare each part with the same command plus --shard I/N, then merge the parts")
-    shard = (int(shard["index"]), int(shard["count"]))
+    shard = _part_of(plan, path)
     if not (path / MANIFEST_NAME).is_file():
         raise DataError(f"part {format_shard(shard)} is unfinished (no {MANIFEST_NAME} yet)", path=path,
                         hint=f"run its 'xmodal prepare ... --shard {format_shard(shard)}' command again to finish it")
-    manifest = _read_json_of(path / MANIFEST_NAME, path)
+    manifest = validate_manifest(_read_json_of(path / MANIFEST_NAME, path), path / MANIFEST_NAME)
     if manifest.get("shard") != plan["shard"]:
         raise DataError(f"{MANIFEST_NAME} and {PLAN_NAME} describe different parts", path=path,
                         hint="run its 'xmodal prepare' command again")
     return _Part(path, plan, manifest, shard)
+
+
+def _is_count(x, lo: int = 1) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+
+def _part_of(plan: dict, part: Path) -> tuple[int, int]:
+    """The ``(I, N)`` of a part's plan, once what the merge builds paths and counts from is
+    checked: ``shard`` with 1 <= I <= N, ``settings.chunk_size`` >= 1, and ``items`` mapping plain
+    split names (each names a folder of the output: no separator, no ``..``) to lists."""
+    shard, items = plan.get("shard"), plan.get("items")
+    settings = plan.get("settings") if isinstance(plan.get("settings"), dict) else {}
+    if not isinstance(shard, dict) or not _is_count(shard.get("count")) or not _is_count(shard.get("index")) \
+            or shard["index"] > shard["count"]:
+        raise DataError(f"{PLAN_NAME}: 'shard' must be {{'index': I, 'count': N}} with 1 <= I <= N", path=part)
+    if not _is_count(settings.get("chunk_size")) or not isinstance(items, dict) or not all(
+            isinstance(v, list) for v in items.values()):
+        raise DataError(f"{PLAN_NAME}: 'settings.chunk_size' (>= 1) and 'items' (split -> objects) are needed",
+                        path=part)
+    bad = [s for s in items if not s or s in (".", "..") or any(c in s for c in "/\\\0")]
+    if bad:
+        raise DataError(f"{PLAN_NAME}: split name {bad[0]!r} is not a plain folder name", path=part)
+    return shard["index"], shard["count"]
 
 
 def _whole(plan: dict) -> dict:

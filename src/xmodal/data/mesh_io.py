@@ -157,7 +157,7 @@ def _parse_faces(path: Path, block: list[str], n: int) -> np.ndarray:
     if len(tokens) == 4 * n:
         try:
             table = np.array(tokens, dtype=np.int64).reshape(n, 4)
-        except ValueError:
+        except (ValueError, OverflowError):  # not integers, or beyond int64: the general path says which
             table = None
         if table is not None and (table[:, 0] == 3).all():
             return table[:, 1:].copy()
@@ -176,8 +176,8 @@ def _parse_faces(path: Path, block: list[str], n: int) -> np.ndarray:
         corners.extend(row[1 : k + 1])
     try:
         flat = np.array(corners, dtype=np.int64)
-    except ValueError:
-        raise MeshError(path, "non-integer vertex index in face data") from None
+    except (ValueError, OverflowError):
+        raise MeshError(path, "non-integer (or beyond 64-bit) vertex index in face data") from None
     return _fan_triangulate(flat, sizes)
 
 

@@ -59,7 +59,7 @@ from xmodal.data.store import (
 from xmodal.data.prepare_config import PrepareConfig
 from xmodal.data.sharding import format_shard, parse_shard, shard_chunks
 from xmodal.data.types import Item, Mesh, MeshError, PointCloud, Source
-from xmodal.errors import ConfigError, Interrupted, PrepareError
+from xmodal.errors import ConfigError, Interrupted, PrepareError, XmodalError
 from xmodal.utils.io import read_json, write_json
 from xmodal.utils.lock import output_lock
 from xmodal.utils.signals import StopRequest, ignore_stop_signals
@@ -607,6 +607,8 @@ def _collect(futures: dict, progress: _QueueProgress, should_stop, abandon) -> i
             if exc is not None:
                 if stopping:  # e.g. a worker hit by the signal before it could ignore it: not written
                     continue
+                if isinstance(exc, (XmodalError, OSError)):  # the disk, a file: reported as they are
+                    raise exc
                 raise RuntimeError(f"prepare: chunk {key[1]} of split '{key[0]}' failed: {exc}") from exc
             if fut.result() is not None:
                 written += 1
@@ -630,7 +632,8 @@ def finalize_store(out: Path, plan: dict, *, up_axis: str, part_names: Optional[
         rel = shard_relpath(split, c)
         path = out / rel
         if not path.is_file():
-            raise RuntimeError(f"{path}: shard missing after prepare (interrupted?); re-run to finish")
+            raise PrepareError("shard missing after prepare (removed meanwhile?)", path=path,
+                               hint="re-run the same command to finish")
         with h5py.File(path, "r") as f:
             sizes[split].append(int(f["labels"].shape[0]))
         shards[split].append(rel)

@@ -114,8 +114,10 @@ class _Lines:
 
 
 def _int(token: str):
-    """The integer a token spells in plain ASCII digits (optionally signed), else None."""
-    return int(token) if re.fullmatch(r"[+-]?[0-9]+", token) else None
+    """The integer a token spells in plain ASCII digits (optionally signed), else None; None
+    too beyond 18 digits (no count or model id is that large, and Python refuses to convert
+    the longest digit strings)."""
+    return int(token) if re.fullmatch(r"[+-]?[0-9]{1,18}", token) else None
 
 
 def _read_text(path: Path) -> str:

@@ -187,20 +187,22 @@ class PartSegData:
 
     def __post_init__(self):
         if len(self.category_parts) != len(self.category_names):
-            raise ValueError(
-                f"category_parts has {len(self.category_parts)} entries for {len(self.category_names)} categories"
+            raise PartSegError(
+                f"category_parts has {len(self.category_parts)} entries for {len(self.category_names)} categories",
+                path=self.source or None,
             )
         self.category_parts = [sorted(int(p) for p in parts) for parts in self.category_parts]
+        where = self.source or "part-segmentation data"
         for name, parts in zip(self.category_names, self.category_parts):
             if not parts:
-                raise ValueError(f"{self.source or 'data'}: category '{name}' has no parts")
+                raise PartSegError(f"category '{name}' has no parts", path=where)
             if min(parts) < 0 or max(parts) >= self.num_parts:
-                raise ValueError(f"{self.source or 'data'}: category '{name}' has part ids outside 0..{self.num_parts - 1}")
+                raise PartSegError(f"category '{name}' has part ids outside 0..{self.num_parts - 1}", path=where)
         for sname, sp in self.splits.items():
             if sp.n and (sp.category.min() < 0 or sp.category.max() >= self.num_categories):
-                raise ValueError(f"{self.source or 'data'}: split '{sname}' has category ids outside 0..{self.num_categories - 1}")
+                raise PartSegError(f"split '{sname}' has category ids outside 0..{self.num_categories - 1}", path=where)
             if sp.n and (sp.seg.min() < 0 or sp.seg.max() >= self.num_parts):
-                raise ValueError(f"{self.source or 'data'}: split '{sname}' has part ids outside 0..{self.num_parts - 1}")
+                raise PartSegError(f"split '{sname}' has part ids outside 0..{self.num_parts - 1}", path=where)
 
     @property
     def num_parts(self) -> int:
@@ -214,7 +216,8 @@ class PartSegData:
         try:
             return self.splits[name]
         except KeyError:
-            raise KeyError(f"{self.source or 'data'}: no split '{name}' (has {sorted(self.splits)})") from None
+            raise PartSegError(f"no split '{name}' (has {sorted(self.splits)})",
+                               path=self.source or "part-segmentation data") from None
 
     def part_mask(self) -> np.ndarray:
         """``(C, P)`` bool: ``mask[c, p]`` is True when part ``p`` belongs to category ``c``."""

@@ -18,6 +18,7 @@ import numpy as np
 
 from xmodal.data.geometry import to_z_up
 from xmodal.data.store import ShapeStore, open_dataset
+from xmodal.errors import ConfigError, DataError
 from xmodal.utils.io import atomic_path
 
 __all__ = ["show", "find_object"]
@@ -26,15 +27,17 @@ __all__ = ["show", "find_object"]
 def find_object(store: ShapeStore, object_id: Union[str, int], split: Optional[str] = None) -> tuple[str, int]:
     """``(split, index)`` of an object given by id, or by integer index into ``split`` (default train).
 
-    Raises ``LookupError`` naming the dataset and the id, with a few suggestions.
+    Raises:
+        DataError: naming the dataset: no such object (with a few suggestions), an index out
+            of range, or no such split (:class:`~xmodal.errors.StoreError`).
     """
     where = store.root if store.root is not None else "dataset"
     if isinstance(object_id, (int, np.integer)) and not isinstance(object_id, bool):
-        name = split or "train"
+        name = split or _index_split(store, where, int(object_id))
         view = store.split(name)
         i = int(object_id)
         if not -view.n <= i < view.n:
-            raise LookupError(f"{where}: index {i} out of range for split '{name}' with {view.n} objects")
+            raise DataError(f"index {i} out of range for split '{name}' with {view.n} objects", path=where)
         return name, i % view.n if view.n else i
     object_id = str(object_id)
     splits = [split] if split else store.splits
@@ -46,9 +49,18 @@ def find_object(store: ShapeStore, object_id: Union[str, int], split: Optional[s
         except KeyError:
             all_ids.extend(view.ids)
     close = difflib.get_close_matches(object_id, all_ids, n=5, cutoff=0.5) or all_ids[:5]
-    in_split = f" split '{split}' of" if split else ""
+    in_split = f" in split '{split}'" if split else ""
     hint = f"; did you mean one of {close}?" if close else " (it holds no objects)"
-    raise LookupError(f"no object '{object_id}' in{in_split} {where}{hint}")
+    raise DataError(f"no object '{object_id}'{in_split}{hint}", path=where)
+
+
+def _index_split(store: ShapeStore, where, index: int) -> str:
+    """``train``, the split an object index refers to when none is named."""
+    if "train" in store.splits:
+        return "train"
+    splits = ", ".join(store.splits) or "none"
+    raise DataError(f"no split 'train' to take object {index} from (splits: {splits})", path=where,
+                    hint=f"name the split, e.g. --split {store.splits[0]}" if store.splits else None)
 
 
 def show(
@@ -75,7 +87,7 @@ def show(
         The written path.
     """
     if max_views < 0:
-        raise ValueError(f"max_views must be >= 0, got {max_views}")
+        raise ConfigError(f"max_views must be >= 0, got {max_views}")
     store = dataset if isinstance(dataset, ShapeStore) else open_dataset(dataset)
     name, i = find_object(store, object_id, split)
     view = store.split(name)

@@ -19,10 +19,10 @@
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import re
+import reprlib
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -33,8 +33,10 @@ import numpy as np
 
 from xmodal.data.mesh_io import MESH_EXTENSIONS, is_mesh_file, load_mesh
 from xmodal.data.psb import PsbSource, is_psb_root
+from xmodal.data.store import H5_ERRORS, check_stored
 from xmodal.data.types import Item, Mesh, MeshError, PointCloud, Source
-from xmodal.errors import DataError
+from xmodal.errors import ConfigError, DataError, MissingInputError
+from xmodal.utils.io import read_json
 from xmodal.utils.optional import require
 
 __all__ = ["open_source", "MeshFolderSource", "ModelNetH5Source", "stratified_holdout", "BUILTIN_PARAMS", "PSB_PARAMS"]
@@ -69,9 +71,10 @@ def open_source(spec: "str | os.PathLike", *, seed: int = 0, test_ratio: float =
         test_ratio: fraction of each class held out as ``test`` where the data has no split.
 
     Raises:
-        FileNotFoundError: the path does not exist.
-        ValueError: an unknown ``builtin:`` name or parameter, a file instead of a folder,
-            or a folder without usable data; the message lists the accepted forms.
+        MissingInputError: the path does not exist (a FileNotFoundError).
+        ConfigError: ``test_ratio`` outside [0, 1).
+        DataError: an unknown ``builtin:`` name or parameter, a file instead of a folder,
+            or a folder without usable data; the hint lists the accepted forms.
     """
     _check_ratio(test_ratio)
     text = os.fspath(spec)
@@ -84,9 +87,9 @@ def open_source(spec: "str | os.PathLike", *, seed: int = 0, test_ratio: float =
         text, _, query = text.partition("?")
     path = Path(text).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"source {text!r} does not exist; {ACCEPTED_FORMS}")
+        raise MissingInputError("source does not exist", path=text, hint=ACCEPTED_FORMS)
     if not path.is_dir():
-        raise ValueError(f"source {text!r} is a file, not a folder; {ACCEPTED_FORMS}")
+        raise DataError("source is a file, not a folder", path=text, hint=ACCEPTED_FORMS)
     if is_psb_root(path):
         return PsbSource(path, seed=seed, test_ratio=test_ratio, **_parse_options(os.fspath(spec), query, PSB_PARAMS))
     if query:
@@ -120,7 +123,7 @@ def _parse_options(spec: str, query: str, valid: dict[str, str]) -> dict[str, st
 def _open_builtin(spec: str, *, seed: int) -> Source:
     name, _, query = spec[len("builtin:"):].partition("?")
     if name != "shapes":
-        raise ValueError(f"unknown built-in source {spec!r}: the only one is 'builtin:shapes'; {ACCEPTED_FORMS}")
+        raise DataError("unknown built-in source: the only one is 'builtin:shapes'", path=spec, hint=ACCEPTED_FORMS)
     kwargs: dict[str, int] = {"seed": int(seed)}
     keys = {kw: key for key, kw in BUILTIN_PARAMS.items()}
     for kw, value in _parse_options(spec, query, BUILTIN_PARAMS).items():
@@ -134,7 +137,7 @@ def _open_builtin(spec: str, *, seed: int) -> Source:
 
 def _check_ratio(test_ratio: float) -> None:
     if not 0.0 <= float(test_ratio) < 1.0:
-        raise ValueError(f"test_ratio must be in [0, 1), got {test_ratio}")
+        raise ConfigError(f"test_ratio must be in [0, 1), got {test_ratio}")
 
 
 def stratified_holdout(
@@ -232,7 +235,7 @@ class MeshFolderSource(Source):
         self.seed = int(seed)
         self.test_ratio = float(test_ratio)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"mesh folder {str(self.root)!r} does not exist or is not a folder")
+            raise MissingInputError("mesh folder does not exist or is not a folder", path=self.root)
 
         # (class, split, file, base folder the id is made relative to)
         entries: list[tuple[str, str, Path, Path]] = []
@@ -263,7 +266,7 @@ class MeshFolderSource(Source):
             hint = (
                 f" ({len(loose)} mesh files lie directly in it: put them in class sub-folders)" if loose else ""
             )
-            raise ValueError(f"no mesh files found in class sub-folders of {str(self.root)!r}{hint}; {ACCEPTED_FORMS}")
+            raise DataError(f"no mesh files found in class sub-folders{hint}", path=self.root, hint=ACCEPTED_FORMS)
 
         ids = [f"{c}/{s}/{p.stem}" for c, s, p, _ in entries]
         alts = []
@@ -300,7 +303,17 @@ class MeshFolderSource(Source):
 
 # --------------------------------------------------------------------------- HDF5 points
 
+#: most classes a ModelNet40 HDF5 folder without ``shape_names.txt`` may label (named class_<k>)
+MAX_UNNAMED_CLASSES = 10_000
 _H5_NAME = re.compile(r"ply_data_(train|test)_?(\d*)\.h5$")
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False also for a name the OS refuses (too long, bad bytes)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _natural_key(name: str):
@@ -331,15 +344,18 @@ class ModelNetH5Source(Source):
         self.seed = int(seed)
         self.test_ratio = float(test_ratio)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"HDF5 folder {str(self.root)!r} does not exist or is not a folder")
+            raise MissingInputError("HDF5 folder does not exist or is not a folder", path=self.root)
 
         files = {s: self._split_files(s) for s in SPLIT_DIRS}
         if not files["train"] and not files["test"]:
-            raise ValueError(f"no ply_data_train*.h5 or ply_data_test*.h5 files in {str(self.root)!r}; {ACCEPTED_FORMS}")
+            raise DataError("no ply_data_train*.h5 or ply_data_test*.h5 files", path=self.root, hint=ACCEPTED_FORMS)
         raw_names = self._read_names()
         rows = self._read_rows(files, raw_names)
         if raw_names is None:
             n_cls = max(lab for *_, lab, _ in rows) + 1 if rows else 0
+            if n_cls > MAX_UNNAMED_CLASSES:
+                raise DataError(f"class labels go up to {n_cls - 1} and there is no shape_names.txt to name them",
+                                path=self.root, hint="add shape_names.txt (one class name per line)")
             raw_names = [f"class_{i:02d}" for i in range(n_cls)]
             logger.warning("%s: no shape_names.txt; naming classes class_00 .. class_%02d", self.root, n_cls - 1)
         self.classes = sorted(raw_names)
@@ -361,45 +377,65 @@ class ModelNetH5Source(Source):
         names_file = self.root / "shape_names.txt"
         if not names_file.is_file():
             return None
-        raw_names = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
+        try:
+            text = names_file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"not UTF-8 text (byte {exc.start})", path=names_file) from None
+        raw_names = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if len(set(raw_names)) != len(raw_names):
-            raise ValueError(f"{names_file}: duplicate class names")
+            raise DataError("duplicate class names", path=names_file)
         return raw_names
 
     def _read_rows(self, files: dict, raw_names: Optional[list[str]]) -> list[tuple]:
         """``(split, file, row, raw label, original id or None)`` of every row; checks the files
         and sets ``num_points``."""
-        h5py = require("h5py", "reading ModelNet40 HDF5 files")
         rows: list[tuple[str, Path, int, int, Optional[str]]] = []
         self.num_points = None
         for split in SPLIT_DIRS:
             for f in files[split]:
-                with h5py.File(f, "r") as h5:
-                    if "data" not in h5 or "label" not in h5:
-                        raise ValueError(f"{f}: expected datasets 'data' and 'label', found {sorted(h5.keys())}")
-                    shape = h5["data"].shape
-                    labels = np.asarray(h5["label"][...]).reshape(-1).astype(np.int64)
-                self._check_file(f, shape, labels, raw_names)
+                labels = self._read_labels(f, raw_names)
                 orig = self._original_ids(f, len(labels))
                 rows += [(split, f, r, int(lab), orig[r] if orig else None) for r, lab in enumerate(labels)]
         return rows
 
-    def _check_file(self, f: Path, shape: tuple, labels: np.ndarray, raw_names: Optional[list[str]]) -> None:
-        if len(shape) != 3 or shape[2] != 3:
-            raise ValueError(f"{f}: dataset 'data' must have shape (N, P, 3), got {shape}")
-        if len(labels) != shape[0]:
-            raise ValueError(f"{f}: 'label' has {len(labels)} rows but 'data' has {shape[0]}")
+    def _read_labels(self, f: Path, raw_names: Optional[list[str]]) -> np.ndarray:
+        """The (N,) int64 labels of one file, after checking its datasets' layout and sizes."""
+        h5py = require("h5py", "reading ModelNet40 HDF5 files")
+        try:
+            h5 = h5py.File(f, "r")
+        except H5_ERRORS as exc:
+            raise DataError(f"cannot open HDF5 file ({exc})", path=f) from exc
+        with h5:
+            try:
+                if not all(isinstance(h5.get(k), h5py.Dataset) for k in ("data", "label")):
+                    raise DataError(f"expected datasets 'data' and 'label', found {sorted(h5.keys())}", path=f)
+                data, label = h5["data"], h5["label"]
+                self._check_file(f, data, label)
+                labels = np.asarray(label[...]).reshape(-1).astype(np.int64)
+            except H5_ERRORS as exc:
+                raise DataError(f"cannot read 'label' ({type(exc).__name__}: {exc})", path=f) from exc
+        if labels.size and labels.min() < 0:
+            raise DataError(f"negative class label {labels.min()}", path=f)
+        if raw_names is not None and labels.size and labels.max() >= len(raw_names):
+            raise DataError(f"class label {labels.max()} out of range for the {len(raw_names)} names in "
+                            f"{self.root / 'shape_names.txt'}", path=f)
+        return labels
+
+    def _check_file(self, f: Path, data, label) -> None:
+        """Shapes, types and stored sizes of one file's ``data`` (N, P, 3) and ``label`` (N[, 1])."""
+        shape = data.shape
+        if len(shape) != 3 or shape[2] != 3 or shape[1] < 1 or data.dtype.kind not in "fiu":
+            raise DataError(f"dataset 'data' must be numbers of shape (N, P, 3) with P >= 1, got {data.dtype} {shape}",
+                            path=f)
+        if label.shape not in ((shape[0],), (shape[0], 1)) or label.dtype.kind not in "iu":
+            raise DataError(f"'label' ({label.dtype} {label.shape}) must hold one integer per row of 'data' {shape}",
+                            path=f)
+        for ds in (data, label):
+            check_stored(ds, f)
         if self.num_points is None:
             self.num_points = int(shape[1])
         elif shape[1] != self.num_points:
-            raise ValueError(f"{f}: {shape[1]} points per shape, other files have {self.num_points}")
-        if labels.size and labels.min() < 0:
-            raise ValueError(f"{f}: negative class label {labels.min()}")
-        if raw_names is not None and labels.size and labels.max() >= len(raw_names):
-            raise ValueError(
-                f"{f}: class label {labels.max()} out of range for the {len(raw_names)} names in "
-                f"{self.root / 'shape_names.txt'}"
-            )
+            raise DataError(f"{shape[1]} points per shape, other files have {self.num_points}", path=f)
 
     @staticmethod
     def _make_items(rows: list, raw_names: list[str]) -> list[Item]:
@@ -441,12 +477,17 @@ class ModelNetH5Source(Source):
         if not listing.is_file():
             return present
         out = []
-        for ln in listing.read_text().splitlines():
+        try:
+            text = listing.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"not UTF-8 text (byte {exc.start})", path=listing) from None
+        for ln in text.splitlines():
             if not ln.strip():
                 continue
             p = self.root / Path(ln.strip()).name  # listed relative to some other folder: keep the name
-            if not p.is_file():
-                raise FileNotFoundError(f"{listing} lists {ln.strip()!r} but {p} does not exist")
+            if not _is_file(p):
+                raise MissingInputError(f"lists {reprlib.repr(ln.strip())} but {reprlib.repr(str(p))} does not exist",
+                                        path=listing)
             out.append(p)
         unlisted = set(present) - set(out)
         if unlisted:
@@ -460,9 +501,9 @@ class ModelNetH5Source(Source):
             p = self.root / cand
             if p.is_file():
                 try:
-                    ids = json.loads(p.read_text())
+                    ids = read_json(p)
                 except (OSError, ValueError) as exc:
-                    raise ValueError(f"{p}: unreadable id list ({exc})") from None
+                    raise DataError(f"unreadable id list ({getattr(exc, 'problem', exc)})", path=p) from None
                 if not isinstance(ids, list) or len(ids) != n:
                     logger.warning("%s: expected a list of %d ids; ignoring it", p, n)
                     return None
@@ -484,7 +525,7 @@ class ModelNetH5Source(Source):
             h5py = require("h5py", "reading ModelNet40 HDF5 files")
             try:
                 h5 = h5py.File(path, "r")
-            except OSError as exc:
+            except H5_ERRORS as exc:
                 raise MeshError(path, f"cannot open HDF5 file: {exc}") from exc
             self._handles[path] = h5
         return h5
@@ -496,16 +537,19 @@ class ModelNetH5Source(Source):
         gzip chunks of 128 rows, so a single row costs a whole chunk anyway); the last
         block of each file is kept, which makes reading items in order cheap.
         """
-        ds = self._file(item.path)["data"]
         row = int(item.index)
-        if not 0 <= row < ds.shape[0]:
-            raise MeshError(item.path, f"row {row} out of range [0, {ds.shape[0]})")
-        step = ds.chunks[0] if ds.chunks else 1
-        start = row - row % step
-        cached = self._blocks.get(item.path)
-        if cached is None or cached[0] != start:
-            cached = (start, np.asarray(ds[start : start + step], dtype=np.float32))
-            self._blocks[item.path] = cached
+        try:
+            ds = self._file(item.path)["data"]
+            if not 0 <= row < ds.shape[0]:
+                raise MeshError(item.path, f"row {row} out of range [0, {ds.shape[0]})")
+            step = ds.chunks[0] if ds.chunks else 1
+            start = row - row % step
+            cached = self._blocks.get(item.path)
+            if cached is None or cached[0] != start:
+                cached = (start, np.asarray(ds[start : start + step], dtype=np.float32))
+                self._blocks[item.path] = cached
+        except H5_ERRORS as exc:
+            raise MeshError(item.path, f"cannot read row {row} ({type(exc).__name__}: {exc})") from exc
         pts = np.array(cached[1][row - start], dtype=np.float32)
         if not np.isfinite(pts).all():
             raise MeshError(item.path, f"row {row}: non-finite point coordinates")
@@ -526,8 +570,16 @@ class ModelNetH5Source(Source):
         for pos, it in enumerate(items):
             by_file[it.path].append(pos)
         for path, positions in by_file.items():
-            data = self._file(path)["data"][...]
+            try:
+                data = self._file(path)["data"][...]
+            except H5_ERRORS as exc:
+                raise DataError(f"cannot read 'data' ({type(exc).__name__}: {exc})", path=path) from exc
             points[positions] = data[[items[p].index for p in positions]]
+        bad = np.flatnonzero(~np.isfinite(points).all(axis=(1, 2)))
+        if bad.size:
+            it = items[int(bad[0])]
+            raise DataError(f"row {it.index}: non-finite point coordinates ({bad.size} shapes of split '{split}')",
+                            path=it.path)
         labels = np.array([self._label_index[it.label] for it in items], dtype=np.int64)
         return points, labels, [it.id for it in items]
 

@@ -32,15 +32,17 @@ workers (or inherited through ``fork``) and each process opens its own handles.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from xmodal.errors import StoreError
+from xmodal.errors import MissingInputError, StoreError
 from xmodal.utils.io import atomic_path, read_json, write_json
 
 __all__ = [
@@ -49,6 +51,10 @@ __all__ = [
     "PLAN_NAME",
     "StoreError",
     "shard_relpath",
+    "shard_path",
+    "validate_manifest",
+    "check_stored",
+    "H5_ERRORS",
     "failed_relpath",
     "write_shard",
     "read_shard",
@@ -61,6 +67,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: what h5py raises for a damaged file (it has no exception type of its own)
+H5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError)
+#: an HDF5 dataset may declare this many bytes, or 100 times what the file stores of it, at most:
+#: a header claiming far more than the file holds must not make a reader allocate it
+MAX_UNSTORED_BYTES = 256 << 20
 
 #: version of the on-disk layout; readers refuse other versions
 FORMAT_VERSION = 1
@@ -206,8 +218,8 @@ def read_shard(path: str | os.PathLike) -> dict[str, np.ndarray]:
                     ds = f[key]
                     out[key] = np.asarray(ds.asstr()[()], dtype=str) if key == "ids" else ds[()]
             return out
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot read shard ({exc})") from exc
+    except H5_ERRORS as exc:
+        raise StoreError(f"cannot read shard ({exc})", path=path) from exc
 
 
 @dataclass(frozen=True)
@@ -340,28 +352,118 @@ def write_store(
 # --------------------------------------------------------------------------- reader
 
 
-def _validate_manifest(man: Any, path: Path) -> dict:
+def check_stored(ds, path: Path) -> None:
+    """Refuse an HDF5 dataset ``ds`` of file ``path`` whose declared size is far beyond what the
+    file stores of it (a forged or damaged header; real data never compresses 100-fold)."""
+    nominal = int(np.prod(ds.shape, dtype=object)) * ds.dtype.itemsize
+    if nominal > MAX_UNSTORED_BYTES:
+        stored = int(ds.id.get_storage_size())
+        if nominal > 100 * stored:
+            raise StoreError(f"dataset '{ds.name}' declares {ds.shape} ({nominal} bytes) but the file stores "
+                             f"{stored} bytes of it", path=path)
+
+
+def _is_int(x: Any, lo: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+
+def _is_str_list(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+def shard_path(root: Path, rel: Any, manifest: Path) -> Path:
+    """``root / rel`` for a shard path read from ``manifest``; it must stay inside ``root``.
+
+    Raises:
+        StoreError: ``rel`` is not a string, is absolute, or climbs out of the folder (``..``).
+    """
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise StoreError(f"shard path {rel!r} is not a file name", path=manifest)
+    parts = rel.replace("\\", "/").split("/")
+    if rel.startswith(("/", "\\")) or Path(rel).is_absolute() or ".." in parts or ":" in parts[0]:
+        raise StoreError(f"shard path {rel!r} leaves the dataset folder (only paths inside it are read)",
+                         path=manifest)
+    return root / rel
+
+
+def _check_counts(man: dict, path: Path) -> None:
+    """``counts``, ``shards`` and ``shard_sizes`` describe the same splits and add up."""
+    counts, shards = man["counts"], man["shards"]
+    if not isinstance(counts, dict) or not all(_is_int(n) for n in counts.values()):
+        raise StoreError("'counts' must map each split to a number of objects >= 0", path=path)
+    if not isinstance(shards, dict) or not all(_is_str_list(v) for v in shards.values()):
+        raise StoreError("'shards' must map each split to a list of shard paths", path=path)
+    sizes_of = man.get("shard_sizes", {})
+    if not isinstance(sizes_of, dict):
+        raise StoreError("'shard_sizes' must map each split to a list of sizes", path=path)
+    for split, n in counts.items():
+        if split not in shards:
+            raise StoreError(f"split '{split}' has a count but no shard list", path=path)
+        sizes = sizes_of.get(split)
+        if sizes is not None:
+            if not isinstance(sizes, list) or not all(_is_int(x) for x in sizes):
+                raise StoreError(f"shard_sizes of split '{split}' must be a list of integers >= 0", path=path)
+            if len(sizes) != len(shards[split]) or sum(sizes) != n:
+                raise StoreError(f"shard_sizes of split '{split}' do not add up to counts ({n})", path=path)
+
+
+def _check_contents(man: dict, path: Path) -> None:
+    """The types and ranges of what every object holds (views, points, image size, ...)."""
+    problems = []
+    if not _is_str_list(man["classes"]):
+        problems.append("'classes' must be a list of names")
+    if not _is_int(man["views"]) or not _is_int(man["points"]):
+        problems.append("'views' and 'points' must be integers >= 0")
+    size = man["image_size"]
+    if not (size is None or _is_int(size, 1)) or (man["views"] and size is None):
+        problems.append("'image_size' must be an integer >= 1 (null only without views)")
+    if not isinstance(man["grayscale"], bool):
+        problems.append("'grayscale' must be true or false")
+    if man["up_axis"] not in ("x", "y", "z"):
+        problems.append(f"'up_axis' must be 'x', 'y' or 'z', got {reprlib.repr(man['up_axis'])}")
+    if not (man["part_names"] is None or _is_str_list(man["part_names"])):
+        problems.append("'part_names' must be null or a list of names")
+    if not isinstance(man["failed"], list) or not isinstance(man["settings"], dict):
+        problems.append("'failed' must be a list and 'settings' an object")
+    if problems:
+        raise StoreError("; ".join(problems), path=path, hint="re-create the dataset with `xmodal prepare`")
+
+
+def validate_manifest(man: Any, path: Path) -> dict:
+    """``man`` (read from ``path``) checked against the manifest contract: keys, types, ranges,
+    shard paths inside the folder; a :class:`StoreError` naming ``path`` otherwise."""
     if not isinstance(man, dict):
-        raise StoreError(f"{path}: manifest must be a JSON object, got {type(man).__name__}")
+        raise StoreError(f"manifest must be a JSON object, got {type(man).__name__}", path=path)
     version = man.get("format_version")
     if version != FORMAT_VERSION:
         raise StoreError(
-            f"{path}: unsupported format_version {version!r} (this xmodal reads version {FORMAT_VERSION}); "
-            "re-create the dataset with `xmodal prepare`"
+            f"unsupported format_version {reprlib.repr(version)} (this xmodal reads version {FORMAT_VERSION})",
+            path=path, hint="re-create the dataset with `xmodal prepare`",
         )
     missing = [k for k in _REQUIRED_KEYS if k not in man]
     if missing:
-        raise StoreError(f"{path}: manifest lacks keys {missing}")
-    if not isinstance(man["counts"], dict) or not isinstance(man["shards"], dict):
-        raise StoreError(f"{path}: 'counts' and 'shards' must be objects mapping split -> value")
-    for split, n in man["counts"].items():
-        if split not in man["shards"]:
-            raise StoreError(f"{path}: split '{split}' has a count but no shard list")
-        sizes = man.get("shard_sizes", {}).get(split)
-        if sizes is not None:
-            if len(sizes) != len(man["shards"][split]) or sum(sizes) != n:
-                raise StoreError(f"{path}: shard_sizes of split '{split}' do not add up to counts ({n})")
+        raise StoreError(f"manifest lacks keys {missing}", path=path)
+    _check_counts(man, path)
+    _check_contents(man, path)
+    for rels in man["shards"].values():
+        for rel in rels:
+            shard_path(path.parent, rel, path)
     return man
+
+
+def _object_shapes(store: "ShapeStore") -> dict[str, tuple[tuple, str]]:
+    """``{dataset: (shape of one object's entry, accepted dtype kinds)}`` of a store's shards;
+    ``"uint8"`` accepts that dtype only."""
+    n_pts, views, size = store.num_points, store.views, store.image_size
+    image = (views, size, size) if store.grayscale else (views, size, size, 3)
+    return {
+        "ids": ((), "OSU"), "labels": ((), "iu"), "points": ((n_pts, 3), "f"), "point_labels": ((n_pts,), "iu"),
+        "images": (image, "uint8"), "cameras": ((views, 2), "f"),
+    }
+
+
+def _dtype_ok(dtype: np.dtype, kinds: str) -> bool:
+    return dtype == np.uint8 if kinds == "uint8" else dtype.kind in kinds
 
 
 class SplitView:
@@ -377,10 +479,12 @@ class SplitView:
         self.name = name
         self._paths = [Path(p) for p in shard_paths]
         self._points_per_obj = store.num_points
+        self._num_classes = store.num_classes
+        self._shapes = _object_shapes(store)
         self._files: dict[int, Any] = {}
         self._datasets: dict[tuple[int, str], Any] = {}
         self._pid = os.getpid()
-        if sizes is None:  # manifest without shard_sizes: read them from the shards
+        if sizes is None:  # manifest without shard_sizes: read them from the shards (checked on opening)
             sizes = [self._open(k)["labels"].shape[0] for k in range(len(self._paths))]
         self._sizes = np.asarray(sizes, dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(self._sizes)]).astype(np.int64)
@@ -412,14 +516,54 @@ class SplitView:
         f = self._files.get(k)
         if f is None:
             path = self._paths[k]
-            if not path.is_file():
-                raise StoreError(f"{path}: shard listed in {self._store_root / MANIFEST_NAME} is missing")
+            try:
+                is_file = path.is_file()
+            except (OSError, ValueError) as exc:  # a name the OS refuses (too long, ...)
+                raise StoreError(f"shard listed in {self._store_root / MANIFEST_NAME} cannot be opened ({exc})",
+                                 path=path) from None
+            if not is_file:
+                raise StoreError(f"shard listed in {self._store_root / MANIFEST_NAME} is missing", path=path)
             try:
                 f = _h5py().File(path, "r")
-            except OSError as exc:
-                raise StoreError(f"{path}: cannot open shard ({exc})") from exc
+            except H5_ERRORS as exc:
+                raise StoreError(f"cannot open shard ({exc})", path=path) from exc
+            try:
+                self._check_shard(k, f)
+            except BaseException:
+                f.close()
+                raise
             self._files[k] = f
         return f
+
+    def _check_shard(self, k: int, f) -> None:
+        """The datasets of shard ``k`` against the manifest: present, shaped and typed as it
+        says, as many rows as it lists (reads no data, only the HDF5 headers)."""
+        path = self._paths[k]
+        with self._reading(k, "its datasets"):
+            missing = [key for key in ("ids", "labels", "points") if key not in f]
+            if missing:
+                raise StoreError(f"shard lacks the datasets {missing}", path=path)
+            n = f["labels"].shape[0] if f["labels"].ndim == 1 else -1
+            expected = sizes[k] if (sizes := getattr(self, "_sizes", None)) is not None else n
+            if n != expected:
+                raise StoreError(f"shard holds {n} objects, the manifest lists {expected}", path=path)
+            for key, (shape, kinds) in self._shapes.items():
+                if key in f:
+                    ds = f[key]
+                    if ds.shape != (n, *shape) or not _dtype_ok(ds.dtype, kinds):
+                        raise StoreError(f"dataset '{key}' is {ds.dtype} {ds.shape}, expected {(n, *shape)} "
+                                         f"({'/'.join(kinds)})", path=path)
+                    check_stored(ds, path)
+
+    @contextlib.contextmanager
+    def _reading(self, k: int, what: str):
+        """Turn h5py's errors while reading shard ``k`` into a :class:`StoreError` naming it."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except H5_ERRORS as exc:
+            raise StoreError(f"cannot read {what} ({type(exc).__name__}: {exc})", path=self._paths[k]) from exc
 
     def _dataset(self, k: int, key: str):
         """h5py dataset ``key`` of shard ``k`` (None when absent), cached per process:
@@ -468,14 +612,19 @@ class SplitView:
         if key not in self._has:
             nonempty = [k for k in range(len(self._paths)) if self._sizes[k] > 0]
             probe = nonempty[0] if nonempty else (0 if self._paths else None)
-            self._has[key] = probe is not None and key in self._open(probe)
+            if probe is None:
+                self._has[key] = False
+            else:
+                with self._reading(probe, f"'{key}'"):
+                    self._has[key] = key in self._open(probe)
         return self._has[key]
 
     def _concat(self, key: str, decode: bool = False) -> np.ndarray:
         parts = []
         for k in range(len(self._paths)):
-            ds = self._open(k)[key]
-            parts.append(np.asarray(ds.asstr()[()], dtype=object) if decode else ds[()])
+            with self._reading(k, f"'{key}'"):
+                ds = self._open(k)[key]
+                parts.append(np.asarray(ds.asstr()[()], dtype=object) if decode else ds[()])
         if not parts:
             return np.zeros((0,), dtype=object if decode else np.int64)
         return np.concatenate(parts)
@@ -485,7 +634,11 @@ class SplitView:
     def labels(self) -> np.ndarray:
         """Class indices ``(n,)`` int64."""
         if self._labels is None:
-            self._labels = self._concat("labels").astype(np.int64)
+            labels = self._concat("labels").astype(np.int64)
+            if labels.size and (labels.min() < 0 or labels.max() >= self._num_classes):
+                raise StoreError(f"split '{self.name}' has class labels outside 0..{self._num_classes - 1} "
+                                 f"(the manifest names {self._num_classes} classes)", path=self._store_root)
+            self._labels = labels
         return self._labels
 
     @property
@@ -516,15 +669,26 @@ class SplitView:
     def points(self, i: int) -> np.ndarray:
         """Point cloud of object ``i``: ``(N, 3)`` float32."""
         k, r = self._locate(i)
-        return self._dataset(k, "points")[r]
+        with self._reading(k, f"the points of object {r}"):
+            pts = self._dataset(k, "points")[r]
+        if not np.isfinite(pts).all():
+            raise StoreError(f"object {r} has NaN or infinite point coordinates", path=self._paths[k])
+        return pts
 
     def all_points(self) -> np.ndarray:
         """Every point cloud of the split: ``(n, N, 3)`` float32 (one read per shard)."""
+        for k in range(len(self._paths)):  # open (and check) every shard before allocating
+            self._open(k)
         out = np.empty((self.n, self._points_per_obj, 3), dtype=np.float32)
         for k in range(len(self._paths)):
             a, b = int(self._offsets[k]), int(self._offsets[k + 1])
             if b > a:
-                self._open(k)["points"].read_direct(out, dest_sel=np.s_[a:b])
+                with self._reading(k, "'points'"):
+                    self._open(k)["points"].read_direct(out, dest_sel=np.s_[a:b])
+                bad = np.flatnonzero(~np.isfinite(out[a:b]).all(axis=(1, 2)))
+                if bad.size:
+                    raise StoreError(f"object {int(bad[0])} has NaN or infinite point coordinates",
+                                     path=self._paths[k])
         return out
 
     def point_labels(self, i: int) -> Optional[np.ndarray]:
@@ -532,18 +696,21 @@ class SplitView:
         if not self.has_point_labels:
             return None
         k, r = self._locate(i)
-        return self._dataset(k, "point_labels")[r].astype(np.int64)
+        with self._reading(k, f"the point labels of object {r}"):
+            return self._dataset(k, "point_labels")[r].astype(np.int64)
 
     def cameras(self, i: int) -> Optional[np.ndarray]:
         """Camera angles of object ``i``: ``(V, 2)`` float32 ``[azimuth, polar]`` degrees, or None."""
         k, r = self._locate(i)
-        ds = self._dataset(k, "cameras")
-        return None if ds is None else ds[r]
+        with self._reading(k, f"the cameras of object {r}"):
+            ds = self._dataset(k, "cameras")
+            return None if ds is None else ds[r]
 
     def _images_ds(self, k: int, i: int):
-        ds = self._dataset(k, "images")
+        with self._reading(k, "'images'"):
+            ds = self._dataset(k, "images")
         if ds is None:
-            raise StoreError(f"{self._paths[k]}: this dataset has no images (prepared with views=0); object {i}")
+            raise StoreError(f"this dataset has no images (prepared with views=0); object {i}", path=self._paths[k])
         return ds
 
     def image(self, i: int, view: int) -> np.ndarray:
@@ -553,7 +720,8 @@ class SplitView:
         v = int(view)
         if not -ds.shape[1] <= v < ds.shape[1]:
             raise IndexError(f"view {view} out of range: the dataset has {ds.shape[1]} views")
-        return ds[r, v % ds.shape[1]]
+        with self._reading(k, f"view {v} of object {r}"):
+            return ds[r, v % ds.shape[1]]
 
     def images(self, i: int, views: Optional[Iterable[int]] = None) -> np.ndarray:
         """Several views of object ``i``: ``(k, S, S)`` uint8 (``(k, S, S, 3)`` for colour stores).
@@ -566,13 +734,20 @@ class SplitView:
         k, r = self._locate(i)
         ds = self._images_ds(k, i)
         nv = ds.shape[1]
-        if views is None:
+        v = None if views is None else np.asarray(list(views), dtype=np.int64).reshape(-1)
+        if v is not None and v.size and (v.min() < -nv or v.max() >= nv):
+            raise IndexError(f"views {v.tolist()} out of range: the dataset has {nv} views")
+        with self._reading(k, f"the views of object {r}"):
+            return self._read_views(ds, r, v)
+
+    @staticmethod
+    def _read_views(ds, r: int, v: Optional[np.ndarray]) -> np.ndarray:
+        """Views ``v`` (in range; None: all) of row ``r`` of the images dataset ``ds``."""
+        nv = ds.shape[1]
+        if v is None:
             return ds[r]
-        v = np.asarray(list(views), dtype=np.int64).reshape(-1)
         if v.size == 0:
             return np.empty((0,) + tuple(ds.shape[2:]), dtype=np.uint8)
-        if v.min() < -nv or v.max() >= nv:
-            raise IndexError(f"views {v.tolist()} out of range: the dataset has {nv} views")
         v = v % nv
         uniq, inverse = np.unique(v, return_inverse=True)
         if uniq.size == nv:
@@ -654,17 +829,17 @@ class ShapeStore:
         root = Path(root)
         path = root / MANIFEST_NAME
         if not root.is_dir():
-            raise FileNotFoundError(f"{root}: dataset folder does not exist")
+            raise MissingInputError("dataset folder does not exist", path=root)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: no manifest; this folder is not a finished xmodal dataset "
-                "(run `xmodal prepare`, or re-run it to finish an interrupted job)"
+            raise MissingInputError(
+                "no manifest; this folder is not a finished xmodal dataset", path=path,
+                hint="run `xmodal prepare`, or re-run it to finish an interrupted job",
             )
         try:
             man = read_json(path)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise StoreError(f"{path}: corrupt manifest ({exc})") from exc
-        self._init(root, _validate_manifest(man, path))
+        except ValueError as exc:
+            raise StoreError(f"corrupt manifest ({getattr(exc, 'problem', exc)})", path=path) from exc
+        self._init(root, validate_manifest(man, path))
 
     def _init(self, root: Optional[Path], manifest: dict) -> None:
         self.root = root
@@ -737,10 +912,11 @@ class ShapeStore:
         if view is None:
             if name not in self.manifest["counts"]:
                 where = self.root if self.root is not None else "this dataset"
-                raise KeyError(f"{where}: no split '{name}' (splits: {self.splits})")
+                raise StoreError(f"no split '{name}' (splits: {', '.join(self.splits) or 'none'})", path=where)
             rels = self.manifest["shards"][name]
             sizes = self.manifest.get("shard_sizes", {}).get(name)
-            view = SplitView(self, name, [self.root / r for r in rels], sizes)
+            manifest = self.root / MANIFEST_NAME
+            view = SplitView(self, name, [shard_path(self.root, r, manifest) for r in rels], sizes)
             self._views[name] = view
         return view
 
@@ -780,13 +956,15 @@ def open_dataset(path: str | os.PathLike, *, seed: int = 0, test_ratio: float = 
     if path.is_dir() and any(path.glob("ply_data_*.h5")):
         return _open_points_h5(path, seed=seed, test_ratio=test_ratio)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: dataset does not exist")
+        raise MissingInputError("dataset does not exist", path=path)
     if (path / PLAN_NAME).is_file():
-        raise FileNotFoundError(
-            f"{path}: unfinished dataset (plan.json but no manifest.json); re-run `xmodal prepare` to finish it"
+        raise MissingInputError(
+            "unfinished dataset (plan.json but no manifest.json)", path=path,
+            hint="re-run `xmodal prepare` to finish it",
         )
     raise StoreError(
-        f"{path}: not a dataset: expected a prepared store (manifest.json) or a ModelNet40 HDF5 folder (ply_data_*.h5)"
+        "not a dataset: expected a prepared store (manifest.json) or a ModelNet40 HDF5 folder (ply_data_*.h5)",
+        path=path,
     )
 
 

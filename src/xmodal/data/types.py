@@ -21,6 +21,10 @@ __all__ = ["MeshError", "Mesh", "as_mesh", "PointCloud", "Item", "Source"]
 
 logger = logging.getLogger(__name__)
 
+#: largest absolute vertex coordinate of a :class:`Mesh`: the squares of lengths (areas,
+#: normals) of a mesh beyond it overflow float64
+MAX_COORDINATE = 1e150
+
 
 class Mesh:
     """A valid triangle mesh; constructing one validates it.
@@ -40,7 +44,8 @@ class Mesh:
 
     Raises:
         MeshError: ``MeshError(source, reason)``: arrays of the wrong shape, no faces, no
-            vertices, NaN or infinite coordinates, non-integer or out-of-range face indices,
+            vertices, NaN or infinite coordinates (or beyond :data:`MAX_COORDINATE`), non-integer or
+            out-of-range face indices,
             face_labels not one integer per face, zero total surface area (every face
             degenerate).
     """
@@ -100,6 +105,9 @@ def _checked_arrays(vertices, faces, face_labels, where: str):
     if not finite.all():
         n_nan = int(np.isnan(v).any(axis=1).sum())
         raise MeshError(where, f"non-finite vertex coordinates: {int((~finite).sum())} vertices with NaN or inf ({n_nan} NaN)")
+    if np.abs(v).max() > MAX_COORDINATE:
+        raise MeshError(where, f"vertex coordinates up to {np.abs(v).max():.3g}: beyond {MAX_COORDINATE:g}, "
+                        "face areas overflow")
     lo, hi = int(f.min()), int(f.max())
     if lo < 0 or hi >= len(v):
         raise MeshError(where, f"face index out of range: {lo if lo < 0 else hi} not in [0, {len(v)})")

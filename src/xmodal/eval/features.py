@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from xmodal.errors import DataError
 from xmodal.utils.device import default_device
 
 __all__ = [
@@ -114,7 +115,7 @@ def point_features(
     device = default_device(device)
     n = split.n
     if n == 0:
-        raise ValueError(f"split '{split.name}' is empty: no features to compute")
+        raise DataError(f"split '{split.name}' is empty: no features to compute")
     if num_points is None:
         num_points = getattr(run, "num_points", None)
     feats = []
@@ -158,9 +159,9 @@ def view_features(
     device = default_device(device)
     n = split.n
     if n == 0:
-        raise ValueError(f"split '{split.name}' is empty: no features to compute")
+        raise DataError(f"split '{split.name}' is empty: no features to compute")
     if not split.has_images:
-        raise ValueError(f"split '{split.name}' has no images (a points-only dataset): no 2D features")
+        raise DataError(f"split '{split.name}' has no images (a points-only dataset): no 2D features")
     if num_stored is None:
         num_stored = int(split.images(0).shape[0])
     v = min(int(views), int(num_stored))
@@ -258,7 +259,7 @@ class FeatureCache:
 
     def views(self, split: str, v: int) -> np.ndarray:
         if self.num_views == 0:
-            raise ValueError("this dataset has no images (points only): no 2D features")
+            raise DataError("this dataset has no images (points only): no 2D features")
         v = min(int(v), self.num_views)
         cached = self._views.get(split)
         if cached is None or cached.shape[1] < v:

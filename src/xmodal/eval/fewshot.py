@@ -26,6 +26,7 @@ from typing import Iterable
 
 import numpy as np
 
+from xmodal.errors import ConfigError, DataError
 from xmodal.eval.context import NO_IMAGES, TEST
 
 __all__ = ["DEFAULT_SETTINGS", "Episode", "parse_setting", "sample_episodes", "fewshot_eval", "fewshot_task"]
@@ -51,7 +52,7 @@ def parse_setting(setting) -> tuple[int, int]:
             n, k = s.rstrip("s").split("w")
             return int(n), int(k)
         except ValueError:
-            raise ValueError(f"few-shot setting must look like '5w10s', got {setting!r}") from None
+            raise ConfigError(f"few-shot setting must look like '5w10s', got {setting!r}") from None
     n, k = setting
     return int(n), int(k)
 
@@ -67,7 +68,7 @@ def sample_episodes(
 ) -> list[Episode]:
     """Seeded N-way K-shot episodes over objects with class ``labels`` (n,).
 
-    Raises ValueError when fewer than ``n_way`` classes have ``k_shot + 1`` objects.
+    Raises DataError when fewer than ``n_way`` classes have ``k_shot + 1`` objects.
     """
     labels = np.asarray(labels).reshape(-1)
     if n_way < 2 or k_shot < 1 or n_query < 1 or n_episodes < 1:
@@ -75,7 +76,7 @@ def sample_episodes(
     classes, counts = np.unique(labels, return_counts=True)
     eligible = classes[counts >= k_shot + 1]
     if eligible.size < n_way:
-        raise ValueError(
+        raise DataError(
             f"{n_way}-way {k_shot}-shot needs {n_way} classes with >= {k_shot + 1} objects; "
             f"only {eligible.size} of {classes.size} classes have that many"
         )

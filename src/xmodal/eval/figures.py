@@ -7,6 +7,7 @@ no display needed) and written atomically.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -131,6 +132,21 @@ def _colours(k: int):
     return [cmap(i % cmap.N) for i in range(k)]
 
 
+#: values of a training log beyond this magnitude are left out of its curves: no loss, step or
+#: time is that large unless the line is damaged, and matplotlib cannot lay ticks out on such ranges
+MAX_CURVE_VALUE = 1e30
+
+
+def _is_number(x) -> bool:
+    """An int or float (not a bool) of at most :data:`MAX_CURVE_VALUE` in magnitude: what a curve can draw."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and abs(x) <= MAX_CURVE_VALUE
+
+
+def _step_records(metrics_jsonl: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` with a numeric ``step`` (a damaged line has none)."""
+    return [r for r in read_jsonl(metrics_jsonl) if _is_number(r.get("step"))]
+
+
 def smooth(values, window: int) -> np.ndarray:
     """Trailing moving average over ``window`` points, NaN-aware: (n,) -> (n,)."""
     v = np.asarray(values, dtype=np.float64)
@@ -160,8 +176,8 @@ def training_curves_figure(
     the file has no record with a ``step`` and one of ``keys``.
     """
     metrics_jsonl = Path(metrics_jsonl)
-    records = [r for r in read_jsonl(metrics_jsonl) if "step" in r]
-    present = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]
+    records = _step_records(metrics_jsonl)
+    present = [k for k in keys if any(_is_number(r.get(k)) for r in records)]
     if not records or not present:
         log.warning("%s: no training records with %s; no curves drawn", metrics_jsonl, list(keys))
         return None
@@ -170,7 +186,7 @@ def training_curves_figure(
     ncol = len(present)
     fig = _figure(3.2 * ncol, 2.8)
     for j, k in enumerate(present):
-        rs = [r for r in records if isinstance(r.get(k), (int, float))]
+        rs = [r for r in records if _is_number(r.get(k))]
         steps = np.asarray([r["step"] for r in rs], dtype=np.float64)
         vals = np.asarray([r[k] for r in rs], dtype=np.float64)
         ax = fig.add_subplot(1, ncol, j + 1)
@@ -202,7 +218,7 @@ def validation_curve_figure(metrics_jsonl: str | os.PathLike, path: str | os.Pat
     Returns None (and logs) when the log has no validation record.
     """
     metrics_jsonl = Path(metrics_jsonl)
-    records = sorted((r for r in read_jsonl(metrics_jsonl) if any(k.startswith("val.") for k in r)),
+    records = sorted((r for r in _step_records(metrics_jsonl) if any(k.startswith("val.") for k in r)),
                      key=lambda r: r["step"])
     if not records:
         log.info("%s: no validation records (pre-train with val.every > 0 for a learning curve)", metrics_jsonl)
@@ -212,10 +228,10 @@ def validation_curve_figure(metrics_jsonl: str | os.PathLike, path: str | os.Pat
         for row, (xkey, xlabel, scale) in enumerate((("step", "step", 1.0), ("time", "training minutes", 60.0))):
             ax = fig.add_subplot(2, len(VALIDATION_PANELS), row * len(VALIDATION_PANELS) + col + 1)
             for key, style, label in zip(keys, ("-", "--"), ("points (Fp)", "images (Fimg)")):
-                rs = [r for r in records if isinstance(r.get(key), (int, float))]
+                rs = [r for r in records if _is_number(r.get(key))]
                 if not rs:
                     continue
-                x = np.asarray([r.get(xkey, 0.0) for r in rs], dtype=np.float64) / scale
+                x = np.asarray([r[xkey] if _is_number(r.get(xkey)) else 0.0 for r in rs], dtype=np.float64) / scale
                 y = np.asarray([r[key] for r in rs], dtype=np.float64)
                 line = ax.plot(x, y, style, marker="o", markersize=3, label=label)[0]
                 if rs[0]["step"] == 0:

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
+from xmodal.errors import DataError
+
 __all__ = ["SquaredHingeSVC", "squared_hinge_objective"]
 
 
@@ -56,7 +58,7 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
             raise ValueError(f"X must be (n, D) with one label per row, got X {X.shape} and y {y.shape}")
         self.classes_, idx = np.unique(y, return_inverse=True)
         if self.classes_.size < 2:
-            raise ValueError("need at least 2 classes to fit an SVM")
+            raise DataError("need at least 2 classes to fit an SVM")
         dt = torch.float64 if self.dtype == "float64" else torch.float32
         x = torch.as_tensor(X, dtype=dt)
         k = self.classes_.size

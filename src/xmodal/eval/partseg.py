@@ -41,6 +41,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from xmodal.data.shapenetpart import PartSegSplit, ShapeFaces, load_partseg, stratified_subset
+from xmodal.errors import PartSegError
 from xmodal.eval.config import PARTSEG_FRACTIONS as FRACTIONS
 from xmodal.eval.config import PARTSEG_SETTINGS as SETTINGS
 from xmodal.eval.config import PartSegConfig
@@ -130,7 +131,7 @@ def partseg_metrics(
     """
     pred, seg, category = _check_arrays(pred, seg, category)
     if pred.shape[0] == 0:
-        raise ValueError("no shapes to evaluate")
+        raise PartSegError("no shapes to evaluate (the split is empty)")
     ious = shape_ious(pred, seg, category, category_parts)
     per_cat = {}
     for c in np.unique(category):
@@ -370,7 +371,7 @@ def train_partseg(
 
     cfg = PartSegConfig() if cfg is None else cfg
     if train.n == 0:
-        raise ValueError("empty training split")
+        raise PartSegError("the training split is empty")
     device = default_device(device)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -38,6 +38,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from xmodal.data.psb import MISC_CLASS
+from xmodal.errors import DataError
 from xmodal.eval.context import NO_IMAGES, TEST
 from xmodal.eval.descriptors import d2_descriptor
 from xmodal.eval.features import pool_views
@@ -142,7 +143,7 @@ def _check_features(feats, labels) -> tuple[np.ndarray, np.ndarray]:
     if feats.ndim != 2 or feats.shape[0] != labels.shape[0]:
         raise ValueError(f"features {feats.shape} and labels {labels.shape} do not match")
     if not np.isfinite(feats).all():
-        raise ValueError("features contain NaN or infinity")
+        raise DataError("features contain NaN or infinity", hint="the run's weights may be out of range (features overflowed)")
     if feats.shape[0] < 2:
         raise ValueError(f"retrieval needs at least 2 objects, got {feats.shape[0]}")
     return feats, labels

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from xmodal.errors import DataError
 from xmodal.eval.context import NO_IMAGES, TEST, TRAIN
 from xmodal.eval.features import pool_views
 
@@ -61,7 +62,7 @@ def _check_xy(x, y, name: str) -> tuple[np.ndarray, np.ndarray]:
     if x.shape[0] == 0:
         raise ValueError(f"{name} split is empty")
     if not np.isfinite(x).all():
-        raise ValueError(f"{name} features contain NaN or infinity")
+        raise DataError(f"{name} features contain NaN or infinity", hint="the run's weights may be out of range (features overflowed)")
     return x, y
 
 
@@ -74,10 +75,10 @@ def cv_folds(labels: np.ndarray, folds: int = 5) -> int:
     """
     _, counts = np.unique(np.asarray(labels), return_counts=True)
     if counts.size < 2:
-        raise ValueError(f"need at least 2 classes in the training split, got {counts.size}")
+        raise DataError(f"need at least 2 classes in the training split, got {counts.size}")
     smallest = int(counts.min())
     if smallest < 2:
-        raise ValueError(
+        raise DataError(
             "a class of the training split has a single sample: stratified cross-validation of C is impossible "
             "(pass a fixed C instead)"
         )

@@ -74,6 +74,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmodal.errors import ConfigError
+
 __all__ = ["knn", "EdgeConvReference", "EdgeConv", "DGCNN", "sync_edgeconv_stats", "edgeconv_kind"]
 
 _SLOPE = 0.2
@@ -91,7 +93,9 @@ def _check_k(k: int, n: int, include_self: bool) -> None:
     avail = n if include_self else n - 1
     if k < 1 or k > avail:
         what = "points" if include_self else "other points"
-        raise ValueError(f"k={k} neighbours requested but each cloud has only {avail} {what} (N={n})")
+        # the data's cloud size against the model's k (model.k, the run's architecture): a setting
+        raise ConfigError(f"k={k} neighbours requested but each cloud has only {avail} {what} (N={n})",
+                          hint="lower model.k, or use clouds with more points")
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from xmodal.errors import ConfigError
 from xmodal.models.dgcnn import DGCNN
 from xmodal.models.resnet import resnet18
 from xmodal.utils.optional import require
@@ -80,7 +81,7 @@ def _torchvision_encoder(name: str, **kw) -> PluginImageEncoder:
     try:
         model = tvm.get_model(name, weights=kw.pop("weights", None), **kw)
     except ValueError as exc:
-        raise ValueError(f"unknown torchvision model '{name}': {exc}") from exc
+        raise ConfigError(f"unknown torchvision model '{name}': {exc}") from exc
     # Drop the classifier: the attribute differs between families.
     for attr in ("fc", "classifier", "head", "heads"):
         if hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
@@ -115,15 +116,15 @@ def create_image_encoder(name: str = "resnet18", **kw) -> nn.Module:
         **kw: passed to the constructor.
 
     Raises:
-        ValueError: unknown name (the message lists the available ones).
-        ImportError: the plug-in library is not usable (the message names the extra).
+        ConfigError: unknown name (the message lists the available ones).
+        MissingPackageError: the plug-in library is not usable (the hint names the extra).
     """
     if name.startswith("torchvision:"):
         return _torchvision_encoder(name.split(":", 1)[1], **kw)
     if name.startswith("timm:"):
         return _timm_encoder(name.split(":", 1)[1], **kw)
     if name not in IMAGE_ENCODERS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown image encoder '{name}'; available: {', '.join(list_image_encoders())} "
             f"or a '{_PREFIXES[0]}NAME' / '{_PREFIXES[1]}NAME' plug-in"
         )
@@ -134,8 +135,8 @@ def create_point_encoder(name: str = "dgcnn", **kw) -> nn.Module:
     """Build a point encoder by name: ``forward(x (B, N, 3)) -> (B, out_dim)``.
 
     Raises:
-        ValueError: unknown name (the message lists the available ones).
+        ConfigError: unknown name (the message lists the available ones).
     """
     if name not in POINT_ENCODERS:
-        raise ValueError(f"unknown point encoder '{name}'; available: {', '.join(list_point_encoders())}")
+        raise ConfigError(f"unknown point encoder '{name}'; available: {', '.join(list_point_encoders())}")
     return POINT_ENCODERS[name](**kw)

@@ -252,18 +252,18 @@ def load_checkpoint(run: str | Path) -> Optional[Checkpoint]:
             meta = fh.metadata() or {}
         tensors = load_file(str(wpath))
     except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"{wpath}: not a readable safetensors file ({exc})") from exc
+        raise _unreadable(wpath, exc) from exc
     if "xmodal_state" not in meta:
         raise CheckpointError(f"{wpath}: not an xmodal checkpoint (no embedded state)")
-    embedded = json.loads(meta["xmodal_state"])
+    embedded = _checked_state(meta["xmodal_state"], wpath)
     state = embedded
     if jpath.exists():
         try:
-            js = read_json(jpath)
-        except ValueError as exc:
+            js = _checked_state(jpath.read_bytes(), jpath)
+        except (CheckpointError, OSError) as exc:
             log.warning("%s; using the state embedded in %s", exc, wpath)
             js = None
-        if js is not None and int(js.get("step", -1)) != int(embedded["step"]):
+        if js is not None and js["step"] != embedded["step"]:
             log.warning(
                 "%s says step %s but %s holds step %s (a torn checkpoint write); using the weights' own state",
                 jpath, js.get("step"), wpath, embedded["step"],
@@ -275,14 +275,26 @@ def load_checkpoint(run: str | Path) -> Optional[Checkpoint]:
     return Checkpoint(step=int(state["step"]), state=state, tensors=tensors, path=wpath)
 
 
+def _checked_state(blob: "str | bytes", path: Path) -> dict:
+    """A checkpoint's JSON state (``last.json``, or the copy embedded in the weights): an
+    object with an integer ``step`` >= 0, else :class:`CheckpointError` naming ``path``."""
+    try:
+        state = json.loads(blob)
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deeply
+        raise CheckpointError(f"{path}: the checkpoint state is not valid JSON ({type(exc).__name__})") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: the checkpoint state must be an object with an integer 'step' >= 0")
+    return state
+
+
 def restore_checkpoint(ckpt: Checkpoint, *, nets, optimizer=None, scheduler=None, scaler=None, device=None) -> None:
     """Load a :class:`Checkpoint` into networks, optimizer, scheduler and grad scaler."""
     _load_nets(nets, ckpt.tensors, "model/", ckpt.path)
     if optimizer is not None:
-        sd = _join_optimizer(ckpt.tensors, ckpt.state["optimizer"])
         try:
-            optimizer.load_state_dict(sd)
-        except (ValueError, KeyError) as exc:
+            optimizer.load_state_dict(_join_optimizer(ckpt.tensors, ckpt.state["optimizer"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{ckpt.path}: optimizer state does not fit: {exc}") from exc
     if scheduler is not None and ckpt.state.get("scheduler") is not None:
         scheduler.load_state_dict(ckpt.state["scheduler"])
@@ -319,14 +331,30 @@ def read_encoders(run: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     wpath, jpath = run / "encoders.safetensors", run / "encoders.json"
     if not jpath.exists() or not wpath.exists():
         raise CheckpointError(f"{run}: no encoders.json/encoders.safetensors (the run has not finished)")
-    meta = read_json(jpath)
-    if meta.get("format") != ENCODERS_FORMAT:
-        raise CheckpointError(f"{jpath}: not an xmodal encoders file (format={meta.get('format')!r})")
+    try:
+        meta = read_json(jpath)
+    except ValueError as exc:
+        raise CheckpointError(f"{jpath}: unreadable ({getattr(exc, 'problem', exc)})") from exc
+    fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if fmt != ENCODERS_FORMAT:
+        raise CheckpointError(f"{jpath}: not an xmodal encoders file (format={str(fmt)[:40]!r})")
     try:
         tensors = load_file(str(wpath))
-    except Exception as exc:
-        raise CheckpointError(f"{wpath}: not a readable safetensors file ({exc})") from exc
+    except Exception as exc:  # safetensors raises its own error types
+        raise _unreadable(wpath, exc) from exc
     return meta, tensors
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    """The error for a weights file safetensors cannot read; a pickle (``torch.save``) is named as such."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        head = b""
+    if head[:1] == b"\x80" or head == b"PK\x03\x04":
+        return CheckpointError(f"{path}: a pickle / torch.save file, not safetensors (xmodal never unpickles weights)")
+    return CheckpointError(f"{path}: not a readable safetensors file ({exc})")
 
 
 def load_networks(meta_arch: dict, tensors: dict[str, torch.Tensor], *, prefix: str = "", source: Path = Path()) -> dict[str, nn.Module]:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from xmodal.errors import ConfigError
 from xmodal.models.dgcnn import EdgeConv, sync_edgeconv_stats
 
 __all__ = [
@@ -77,7 +78,7 @@ def env_world() -> tuple[int, int, int]:
         world = int(os.environ.get("WORLD_SIZE", 1))
         local = int(os.environ.get("LOCAL_RANK", rank))
     except ValueError as exc:
-        raise RuntimeError(f"malformed RANK/WORLD_SIZE/LOCAL_RANK environment: {exc}") from exc
+        raise ConfigError(f"malformed RANK/WORLD_SIZE/LOCAL_RANK environment: {exc}") from exc
     return rank, world, local
 
 
@@ -90,9 +91,9 @@ def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     dev = torch.device(spec)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {spec!r} requested but CUDA is not available in this torch build/machine")
+            raise ConfigError(f"device {spec!r} requested but CUDA is not available in this torch build/machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            raise ConfigError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return dev
 
 
@@ -103,7 +104,7 @@ def init_distributed(device: str = "auto") -> DistContext:
     owns = False
     if world > 1:
         if not dist.is_available():
-            raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available in this torch build")
+            raise ConfigError("WORLD_SIZE > 1 but torch.distributed is not available in this torch build")
         if not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"
             if dev.type == "cuda":

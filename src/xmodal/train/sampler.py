@@ -34,6 +34,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from xmodal.errors import ConfigError, DataError
 from xmodal.train.augment import augment_points, resize_images, sample_crop_params, sample_point_params
 from xmodal.train.config import AugConfig, PretrainConfig
 
@@ -132,24 +133,24 @@ class PretrainBatches(torch.utils.data.Dataset):
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         self.n = int(split.n) if self.indices is None else len(self.indices)
         if self.n < 2:
-            raise ValueError(f"split '{name}' has {self.n} object(s) to train on; pre-training needs at least 2 (for negatives)")
+            raise DataError(f"split '{name}' has {self.n} object(s) to train on; pre-training needs at least 2 (for negatives)")
         if not getattr(split, "has_images", True):
-            raise ValueError(f"split '{name}' has no images: pre-training needs rendered views (prepare with views >= 2)")
+            raise DataError(f"split '{name}' has no images: pre-training needs rendered views (prepare with views >= 2)")
         first = split.images(0)
         self.num_views = int(first.shape[0])
         self.stored_size = int(first.shape[1])
         if self.num_views < 2:
-            raise ValueError(f"split '{name}' has {self.num_views} view(s) per object; need >= 2 distinct views")
+            raise DataError(f"split '{name}' has {self.num_views} view(s) per object; need >= 2 distinct views")
         self.stored_points = int(split.points(0).shape[0])
         if num_points > self.stored_points:
-            raise ValueError(
+            raise ConfigError(
                 f"data.num_points={num_points} but the dataset stores {self.stored_points} points per object; "
                 f"set data.num_points <= {self.stored_points}"
             )
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad rank/world_size {rank}/{world_size}")
         if batch_size % world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size={batch_size} is not divisible by the number of processes ({world_size}); "
                 "choose a global batch size that is a multiple of it"
             )

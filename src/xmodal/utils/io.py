@@ -11,6 +11,7 @@ left as it was, and :class:`~xmodal.errors.WriteError` names the file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -19,7 +20,9 @@ from typing import Any, Iterator
 
 from xmodal.errors import DataError, WriteError, XmodalError
 
-__all__ = ["atomic_write", "atomic_path", "write_json", "read_json", "append_jsonl", "read_jsonl"]
+__all__ = [
+    "atomic_write", "atomic_path", "write_json", "read_json", "append_jsonl", "read_jsonl", "os_error_text",
+]
 
 
 def _umask() -> int:
@@ -58,11 +61,45 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
+def _file_in_the_way(path: Path) -> "Path | None":
+    """The nearest existing ancestor of ``path`` when it is not a folder (a file blocks ``path``)."""
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def os_error_text(exc: OSError, path: "str | os.PathLike | None" = None) -> str:
+    """``"<file>: <problem>"`` for an :class:`OSError` about ``path`` (default: ``exc.filename``).
+
+    When a file sits where a folder of the path should be (``ENOTDIR``, ``EEXIST`` from a
+    ``mkdir``), that file is the one named: ``"a/file: is a file, not a folder (needed for a/file/sub)"``.
+    """
+    target = Path(os.fsdecode(path if path is not None else exc.filename))
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = _file_in_the_way(target) if exc.errno == errno.ENOTDIR or not target.is_dir() else None
+        if blocker is None and exc.errno == errno.EEXIST and target.exists() and not target.is_dir():
+            blocker = target
+        if blocker is not None:
+            needed = "" if blocker == target else f" (needed for {target})"
+            return f"{blocker}: is a file, not a folder{needed}"
+    return f"{target}: {exc.strerror or exc}"
+
+
 def _write_error(path: Path, exc: OSError) -> WriteError:
-    reason = exc.strerror or str(exc) or type(exc).__name__
     kept = "its previous version is unchanged" if path.exists() else "nothing was written"
-    return WriteError(f"could not be written ({reason}); {kept}", path=path,
-                      hint="free some space or fix the permissions, then run the same command again")
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        return WriteError(f"cannot be written: {blocker} is a file, not a folder; {kept}", path=path,
+                          hint="choose an output path that is not inside a file")
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free some space, then run the same command again"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "fix the permissions (or choose another output), then run the same command again"
+    else:
+        hint = "check the disk and the output path, then run the same command again"
+    return WriteError(f"could not be written ({reason}); {kept}", path=path, hint=hint)
 
 
 @contextlib.contextmanager
@@ -83,12 +120,30 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in ``path``.
+
+    Raises:
+        DataError: naming the file: not UTF-8, not valid JSON, or nested too deeply to parse.
+        OSError: the file cannot be opened (missing, a folder, no permission).
+    """
     path = Path(path)
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    return _parse_json(raw, path)
+
+
+def _parse_json(raw: "bytes | str", path: Path, where: str = "") -> Any:
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}not UTF-8 text (byte {exc.start})", path=path) from None
     except json.JSONDecodeError as exc:
-        raise DataError(f"not valid JSON ({exc})", path=path) from exc
+        raise DataError(f"{where}not valid JSON ({exc})", path=path) from None
+    except RecursionError:
+        raise DataError(f"{where}JSON nested too deeply to read", path=path) from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise DataError(f"{where}not readable JSON ({exc})", path=path) from None
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
@@ -102,20 +157,28 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON-lines file, ignoring a torn (partially written) final line."""
+    """Read a JSON-lines file, ignoring a torn (partially written) final line.
+
+    Raises:
+        DataError: naming the file and line: a line other than the last is not a JSON object.
+    """
     out = []
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.readlines()
+    with open(path, "rb") as fh:
+        lines = fh.read().split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
     for i, line in enumerate(lines):
-        line = line.strip()
-        if not line:
+        if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
+            record = _parse_json(line, Path(path), f"line {i + 1}: ")
+            if not isinstance(record, dict):
+                raise DataError(f"line {i + 1}: expected a JSON object, got {type(record).__name__}", path=path)
+        except DataError:
+            if i == len(lines) - 1:  # torn by a killed writer
                 break
-            raise DataError(f"line {i + 1} is not valid JSON", path=path)
+            raise
+        out.append(record)
     return out
 
 
