@@ -3,7 +3,7 @@
 PyTorch has no switch for it: ``module.train()`` puts every BatchNorm layer back into
 batch-statistics mode, so a wrapper that wants some of them fixed re-applies
 :func:`hold_batchnorm_stats` after each ``train()`` call (see
-:class:`xmodal.train.trainer.XModalNet` and :class:`xmodal.models.partseg.PartSegNet`).
+:class:`xmodal.train.model.XModalNet` and :class:`xmodal.models.partseg.PartSegNet`).
 """
 
 from __future__ import annotations
