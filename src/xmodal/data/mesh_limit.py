@@ -2,28 +2,35 @@
 
 Reading, validating, sampling and rendering one mesh needs memory in proportion to its size,
 and the whole mesh at once (the renderer draws every face into each view; sampling weighs
-every face by its area). Measured by ``benchmarks/memory_bench.py --scan`` (peak resident set
-of one process preparing one object, 224 px, 12 views, 2,048 points; llvmpipe):
+every face by its area). Peak resident set of one process preparing one object (224 px, 12
+views, 2,048 points, llvmpipe; ``benchmarks/memory_bench.py --formats ... --scan ...``; a
+process preparing a 2,000-face mesh peaks at 0.2 GiB):
 
-===============================  =========  ==========  ==================  =============
-mesh                             faces      vertices    file                peak
-===============================  =========  ==========  ==================  =============
-torus, binary PLY                2 M        1 M         38 MB               0.75 GB
-torus, binary PLY                48 M       24 M        912 MB              16.0 GB
-triangle soup, binary PLY        2 M        6 M         98 MB               2.0 GB
-triangle soup, binary STL        2 M        6 M         100 MB              1.8 GB
-torus, OFF (text)                2 M        1 M         74 MB               1.2 GB
-torus, OBJ (text)                2 M        1 M         82 MB               0.8 GB
-===============================  =========  ==========  ==================  =============
+=========================  ======  ========  ======  =========  ===============
+mesh (a torus)             faces   vertices  file    peak       this estimate
+=========================  ======  ========  ======  =========  ===============
+binary PLY                 2 M     1 M       38 MB   0.73 GiB   0.75 GiB
+binary PLY                 8 M     4 M       152 MB  2.63 GiB   2.98 GiB
+binary PLY                 16 M    8 M       304 MB  5.16 GiB   5.96 GiB
+binary PLY                 32 M    16 M      608 MB  10.47 GiB  11.92 GiB
+binary PLY (stages only)   48 M    24 M      912 MB  16.0 GiB   17.88 GiB
+PLY, 3 vertices per face   2 M     6 M       98 MB   1.31 GiB   1.68 GiB
+binary STL (the same)      2 M     6 M       100 MB  1.29 GiB   1.68 GiB
+OFF (text)                 2 M     1 M       74 MB   1.08 GiB   1.12 GiB
+OBJ (text)                 2 M     1 M       76 MB   0.66 GiB   1.12 GiB
+=========================  ======  ========  ======  =========  ===============
 
-No OpenGL limit was met first: the 48 M-face torus (a 576 MB index buffer) renders on
-llvmpipe; OpenGL's own bound is the 32-bit index count of one draw call (~715 M faces), far
-beyond the memory such a mesh needs. Memory is therefore the limit, and it is checked before
-the file is read: :func:`estimate_peak_bytes` (an upper line through the table:
-:data:`BYTES_PER_FACE` per face, :data:`BYTES_PER_VERTEX` per vertex, times
+So about 350 bytes per face for a mesh with shared vertices: some 70 M faces fit in 24 GiB,
+about half as many for a triangle soup (three vertices of its own per face). ("stages only":
+reading, validating, sampling and rendering one after another in one process, not through
+``prepare``.) No OpenGL limit was met first: the 48 M-face mesh (a 576 MB
+index buffer) renders on llvmpipe; OpenGL's own bound is the 32-bit index count of one draw
+call (~715 M faces), far beyond the memory such a mesh needs. Memory is therefore the limit,
+and it is checked before the file is read: :func:`estimate_peak_bytes` (above every
+measurement: :data:`BYTES_PER_FACE` per face plus :data:`BYTES_PER_VERTEX` per vertex, times
 :data:`TEXT_FACTOR` for text formats, whose parsing holds every number as a Python string)
-against the memory one worker may use. Processing a mesh in parts would not lower the peak:
-the largest part is holding and reading the arrays themselves.
+against the memory one worker may use. Processing a mesh in parts would not lower the peak
+much: its largest part is holding and reading the arrays themselves.
 
 :func:`mesh_counts` reads ``(vertices, faces)`` from the file's header (OFF, PLY, binary
 STL) or by counting its lines (OBJ, ASCII STL) without parsing the mesh; GLB / glTF give no
@@ -55,8 +62,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 GiB = float(1 << 30)
-#: peak bytes per face and per vertex of one mesh object (module doc: an upper line through
-#: the measurements, 20-50 % above the binary-format peaks)
+#: peak bytes per face and per vertex of one mesh object (module doc: 3-30 % above the
+#: measured peaks of binary formats, which include the process's own 0.2 GiB)
 BYTES_PER_FACE = 300
 BYTES_PER_VERTEX = 200
 #: text formats (OFF, OBJ, ASCII PLY and STL) need this much more while they are parsed
