@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import h5py
 import numpy as np
 import pytest
 
@@ -28,14 +29,20 @@ def split(tmp_path, arrays):
     return write_store(tmp_path / "ds", classes=["a", "b"], splits={"train": arrays}, chunk_size=SHARD).split("train")
 
 
+def _open_hdf5_files() -> int:
+    return h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE)
+
+
 def test_open_shards_stay_within_max_open(split, arrays):
     split.max_open = 3
+    before = _open_hdf5_files()
     order = np.random.default_rng(1).permutation(np.repeat(np.arange(N), 2))
     for i in order:  # random access touching every shard many times
         assert np.array_equal(split.points(int(i)), arrays["points"][i])
         assert np.array_equal(split.images(int(i), [2, 0]), arrays["images"][i][[2, 0]])
         assert len(split._files) <= 3
     assert {k for k, _ in split._datasets} <= set(split._files)  # no dataset of a closed shard is kept
+    assert _open_hdf5_files() <= before + 3  # the evicted files are closed, not only forgotten
     assert len(split.all_points()) == N and len(split._files) <= 3
     assert split.labels.tolist() == arrays["labels"].tolist() and len(split._files) <= 3
 
