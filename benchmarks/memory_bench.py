@@ -17,7 +17,8 @@ reports its own ``VmHWM`` (``/proc/self/status``) and, sampled every 20 ms, the 
     written shard by shard like ``prepare`` writes it (32 objects per shard, 12 views of 32 px,
     1,024 points per cloud, the same count in ``train`` and ``test``):
 
-    * ``prepare``: a synthetic points source of that many clouds (2 splat views of 32 px);
+    * ``prepare``: a synthetic points source of that many clouds (2 splat views of 32 px),
+      ``workers`` 1 (in the process) and 2 (worker processes);
     * ``pretrain``: the ``smoke`` preset, 30 steps of batch 16, ``data.workers`` 0 and 1;
     * ``point_features`` and ``view_features`` (2 views) of the test split, random-init encoders;
     * ``evaluate --task retrieval`` (3D and 1-view 2D retrieval, the D2 reference).
@@ -280,7 +281,8 @@ def _case_mesh_stages(a: dict) -> dict:
 
 
 class SyntheticPoints:
-    """A points source of ``n`` random clouds per split (``prepare`` of a growing dataset)."""
+    """A points source of ``n`` random clouds (``prepare`` of a growing dataset); picklable, so
+    that ``prepare`` can send it to worker processes."""
 
     kind, up_axis, part_names, description = "points", "z", None, "memory_bench points"
 
@@ -288,7 +290,7 @@ class SyntheticPoints:
         from xmodal.data.types import Item
 
         self.classes = [f"c{i}" for i in range(10)]
-        self.items = [Item(f"{s}/{k:06d}", f"c{k % 10}", s, index=k) for s in ("train", "test") for k in range(n)]
+        self.items = [Item(f"train/{k:06d}", f"c{k % 10}", "train", index=k) for k in range(n)]
 
     def load(self, item):
         from xmodal.data.types import PointCloud
@@ -303,8 +305,8 @@ class SyntheticPoints:
 def _case_prepare(a: dict) -> dict:
     from xmodal.data.prepare import PrepareConfig, prepare
 
-    man = prepare(PrepareConfig(out=a["out"], views=2, points=256, image_size=32), source=SyntheticPoints(a["n"]),
-                  progress=False)
+    man = prepare(PrepareConfig(out=a["out"], views=2, points=256, image_size=32, workers=a["workers"]),
+                  source=SyntheticPoints(a["n"]), progress=False)
     return {"prepared": sum(man["counts"].values())}
 
 
@@ -412,8 +414,9 @@ OBJECT_CASES = ("prepare", "pretrain", "points", "views", "evaluate")
 
 def run_objects(tmp: Path, n: int, only: tuple[str, ...] = OBJECT_CASES) -> None:
     data = synthetic_store(tmp / f"store{n}", n)
-    if "prepare" in only:
-        _row("prepare (points source, 2 views)", n, spawn("prepare", n=n, out=str(tmp / f"prep{n}")))
+    for workers in (1, 2) if "prepare" in only else ():
+        r = spawn("prepare", n=n, out=str(tmp / f"prep{n}"), workers=workers)
+        _row(f"prepare points, 2 views, workers {workers}", n, r)
         shutil.rmtree(tmp / f"prep{n}")
     for workers in (0, 1) if "pretrain" in only else ():
         r = spawn("pretrain", data=str(data), out=str(tmp / f"run{n}_{workers}"), workers=workers)
