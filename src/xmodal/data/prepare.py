@@ -56,6 +56,7 @@ from xmodal.data.store import (
     shard_relpath,
     write_shard,
 )
+from xmodal.data.mesh_limit import MeshLimit
 from xmodal.data.prepare_config import PrepareConfig
 from xmodal.data.sharding import format_shard, parse_shard, shard_chunks
 from xmodal.data.types import Item, Mesh, MeshError, PointCloud, Source
@@ -121,11 +122,16 @@ def _process_object(ctx: _Context, item: Item) -> dict[str, np.ndarray]:
     s = ctx.settings
     n_views, n_points = s["effective_views"], s["points"]
     views_seed, points_seed = object_seeds(s["seed"], item.id)
+    limit = s.get("mesh_limit")  # a MeshLimit: refuse a mesh too large to hold, before reading it
+    if limit is not None and ctx.source.kind == "mesh" and item.path:
+        limit.check_file(item.path)
     obj = ctx.source.load(item)
     where = item.path or item.id
     out: dict[str, np.ndarray] = {}
     angles = sample_view_angles(n_views, seed=views_seed) if n_views else None
     if isinstance(obj, Mesh):
+        if limit is not None:  # formats without counts in the header, before sampling and rendering
+            limit.check(where, len(obj.vertices), len(obj.faces))
         pc = sample_point_cloud(obj, n_points, oversample=s["oversample"], seed=points_seed)
         pts, labels = pc.points, pc.point_labels
         if n_views:
@@ -480,7 +486,13 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
         if n_done_before:
             log.info("resuming %s: %d objects already prepared", out, n_done_before)
         has_pl = src.part_names is not None
-        written = _execute(tasks, src, settings, out, plan["classes"], has_pl, workers=cfg.workers,
+        # the mesh limit travels with the settings to the workers but is not one of the
+        # dataset's settings (plan.json): like workers, it depends on the machine
+        limit = MeshLimit.for_workers(cfg.max_faces, 1 if cfg.workers == 1 else max(1, min(cfg.workers, len(tasks))))
+        if src.kind == "mesh":
+            log.info("mesh size limit: %s", limit.describe())
+        run_settings = {**settings, "mesh_limit": limit}
+        written = _execute(tasks, src, run_settings, out, plan["classes"], has_pl, workers=cfg.workers,
                            progress=progress, should_stop=lambda: stop.requested)
         if written < len(tasks):
             raise _interrupted(out, stop.signum, len(chunks) - len(tasks) + written, len(chunks), shard)

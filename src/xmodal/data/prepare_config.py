@@ -53,6 +53,11 @@ class PrepareConfig:
     render_points: bool = True
     #: surface candidates per output point before farthest point sampling
     oversample: int = 8
+    #: meshes with more faces are listed under ``failed`` instead of prepared; 0: no fixed
+    #: limit, a mesh fails only when it would need more memory than each worker's share of the
+    #: memory available when the job starts (``xmodal.data.mesh_limit``); like ``workers``, it
+    #: is not part of the dataset's settings
+    max_faces: int = 0
     #: replace an existing dataset made with other settings
     overwrite: bool = False
     #: ``I/N``: build only part I of N (1 <= I <= N) of the objects, for ``xmodal merge``
@@ -63,7 +68,7 @@ class PrepareConfig:
         paths_to_str(self, "source", "out")
 
     def validate(self) -> None:
-        for key in ("views", "points", "image_size", "workers", "chunk_size", "oversample"):
+        for key in ("views", "points", "image_size", "workers", "chunk_size", "oversample", "max_faces"):
             val = getattr(self, key)
             if isinstance(val, bool) or not isinstance(val, int):
                 raise ConfigError(f"{key} must be an integer, got {val!r}")
@@ -77,6 +82,8 @@ class PrepareConfig:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.max_faces < 0:
+            raise ConfigError(f"max_faces must be >= 0 (0: limited by the available memory), got {self.max_faces}")
         if self.oversample < 1:
             raise ConfigError(f"oversample must be >= 1, got {self.oversample}")
         if not 0.0 <= float(self.test_ratio) < 1.0:

@@ -65,11 +65,9 @@ def d2_descriptor(points, *, bins: int = D2_BINS, pairs: Optional[int] = D2_PAIR
     Returns:
         (n, bins) float64 histograms, each summing to 1.
     """
-    pts = np.asarray(points, dtype=np.float64)
+    pts = np.asarray(points)  # converted to float64 one block at a time, not whole
     if pts.ndim != 3 or pts.shape[2] != 3 or pts.shape[1] < 2:
         raise ValueError(f"points must be (n, N, 3) with N >= 2, got shape {pts.shape}")
-    if not np.isfinite(pts).all():
-        raise ValueError("points contain NaN or infinity")
     if int(bins) < 1 or (pairs is not None and int(pairs) < 1):
         raise ValueError(f"bins and pairs must be >= 1, got bins={bins}, pairs={pairs}")
     n, n_points, bins = pts.shape[0], pts.shape[1], int(bins)
@@ -77,7 +75,10 @@ def d2_descriptor(points, *, bins: int = D2_BINS, pairs: Optional[int] = D2_PAIR
     per_block = max(1, _BLOCK_VALUES // (3 * len(i)))
     out = np.empty((n, bins), dtype=np.float64)
     for s in range(0, n, per_block):
-        block = _sorted_points(pts[s : s + per_block])
+        block = np.asarray(pts[s : s + per_block], dtype=np.float64)
+        if not np.isfinite(block).all():
+            raise ValueError("points contain NaN or infinity")
+        block = _sorted_points(block)
         dist = np.linalg.norm(block[:, i] - block[:, j], axis=2)  # (b, pairs)
         idx = np.minimum((dist * (bins / D2_RANGE)).astype(np.int64), bins - 1)
         idx += bins * np.arange(block.shape[0])[:, None]  # one histogram per cloud in one bincount

@@ -78,16 +78,20 @@ def view_indices(n: int, num_stored: int, v: int, *, seed: int = 0) -> np.ndarra
     return out
 
 
-def subsample_points(points: np.ndarray, num_points: int, *, seed: int = 0) -> np.ndarray:
+def subsample_points(points: np.ndarray, num_points: int, *, seed: int = 0, start: int = 0) -> np.ndarray:
     """Seeded random subset of ``num_points`` points per cloud: (n, N, 3) -> (n, num_points, 3).
 
-    Object ``i`` keeps the points ``default_rng((seed, i)).permutation(N)[:num_points]``
-    (in increasing order); clouds with ``N <= num_points`` are returned unchanged.
+    Row ``r`` is object ``i = start + r`` (``start``: the index of the first row in the split,
+    for a block of a split) and keeps the points
+    ``default_rng((seed, i)).permutation(N)[:num_points]`` (in increasing order), so a split
+    subsampled block by block equals the split subsampled whole. Clouds with
+    ``N <= num_points`` are returned unchanged.
     """
     n, total = points.shape[:2]
     if num_points >= total:
         return points
-    keep = np.stack([np.sort(np.random.default_rng((int(seed), i)).permutation(total)[:num_points]) for i in range(n)])
+    rows = range(int(start), int(start) + n)
+    keep = np.stack([np.sort(np.random.default_rng((int(seed), i)).permutation(total)[:num_points]) for i in rows])
     return np.take_along_axis(points, keep[:, :, None], axis=1)
 
 
@@ -109,6 +113,10 @@ def point_features(
     with more stored points are reduced to a seeded random subset of that size
     (:func:`subsample_points`), so that DGCNN's k-NN graph has the density it
     was trained with; clouds with fewer points are used as stored.
+
+    The clouds are read block by block (``16 * batch_size`` objects,
+    :meth:`~xmodal.data.store.SplitView.points_range`): only one block of
+    points is in memory at a time, whatever the size of the split.
     """
     from xmodal.api import extract_point_features
 
@@ -118,22 +126,23 @@ def point_features(
         raise DataError(f"split '{split.name}' is empty: no features to compute")
     if num_points is None:
         num_points = getattr(run, "num_points", None)
-    feats = []
-    # encode in blocks of objects so that a progress bar can advance
+    feats: Optional[np.ndarray] = None
+    # encode in blocks of objects: one block of clouds in memory at a time, and a progress bar can advance
     block = max(batch_size, 1) * 16
     it = range(0, n, block)
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc=f"3D features ({split.name})", leave=False, total=-(-n // block))
-    all_pts = split.all_points()
-    if num_points is not None and num_points < all_pts.shape[1]:
-        all_pts = subsample_points(all_pts, int(num_points), seed=seed)
     for s in it:
-        feats.append(
-            extract_point_features(run.point_encoder, all_pts[s : s + block], batch_size=batch_size, device=device)
-        )
-    return np.concatenate(feats).astype(np.float32, copy=False)
+        pts = split.points_range(s, s + block)
+        if num_points is not None:
+            pts = subsample_points(pts, int(num_points), seed=seed, start=s)
+        f = extract_point_features(run.point_encoder, pts, batch_size=batch_size, device=device)
+        if feats is None:  # the output, filled block by block (no list of blocks to concatenate)
+            feats = np.empty((n,) + f.shape[1:], dtype=np.float32)
+        feats[s : s + len(f)] = f
+    return feats
 
 
 def view_features(
@@ -168,9 +177,9 @@ def view_features(
     if v < 1:
         raise ValueError(f"views must be >= 1, got {views}")
     idx = view_indices(n, num_stored, v, seed=seed)
-    chunks: list[np.ndarray] = []
+    feats: Optional[np.ndarray] = None  # the output, filled as the buffered objects are encoded
     buf: list[np.ndarray] = []
-    buffered = 0
+    buffered = first = 0
     # objects per encoder call: whole objects, about batch_size*4 images at once
     # (extract_image_features batches internally; this only bounds memory)
     target = max(batch_size, 1) * 4
@@ -183,11 +192,12 @@ def view_features(
         buf.append(split.images(i, idx[i]))
         buffered += v
         if buffered >= target or i == n - 1:
-            imgs = np.concatenate(buf)
-            chunks.append(extract_image_features(run.image_encoder, imgs, batch_size=batch_size, device=device))
-            buf, buffered = [], 0
-    feats = np.concatenate(chunks).astype(np.float32, copy=False)
-    return feats.reshape(n, v, -1)
+            f = extract_image_features(run.image_encoder, np.concatenate(buf), batch_size=batch_size, device=device)
+            if feats is None:
+                feats = np.empty((n, v) + f.shape[1:], dtype=np.float32)
+            feats[first : i + 1] = f.reshape((i + 1 - first, v) + f.shape[1:])
+            buf, buffered, first = [], 0, i + 1
+    return feats
 
 
 def pool_views(feats: np.ndarray, v: int) -> np.ndarray:

@@ -40,7 +40,7 @@ import numpy as np
 from xmodal.data.psb import MISC_CLASS
 from xmodal.errors import DataError
 from xmodal.eval.context import NO_IMAGES, TEST
-from xmodal.eval.descriptors import d2_descriptor
+from xmodal.eval.descriptors import D2_BINS, d2_descriptor
 from xmodal.eval.features import pool_views
 
 __all__ = [
@@ -50,15 +50,23 @@ __all__ = [
     "pairwise_sq_distances",
     "rank_gallery",
     "rank_gallery_rows",
+    "query_chunk",
     "retrieval_metrics",
     "psb_query_mask",
     "psb_statistics",
     "D2_PREFIX",
     "retrieval_scores",
     "retrieval_task",
+    "split_d2",
 ]
 
 DEFAULT_KS = (1, 5, 10, 20, 50)
+#: clouds read at once for the D2 reference (:func:`split_d2`)
+D2_SPLIT_BLOCK = 512
+#: gallery entries (queries x gallery size) ranked at once when ``chunk`` is None: the ranking
+#: holds ~6 arrays of this many 8-byte values (distances, order, hits, ...), ~100 MB in all,
+#: whatever the number of objects (a fixed 1,024 queries took ~480 MB at 10,000 objects)
+RANK_VALUES = 1 << 21
 #: metric-key prefix of the non-learned D2 reference (not a network: never under baseline.random.)
 D2_PREFIX = "reference.d2."
 #: keys of :func:`psb_statistics`, in psbTable's column order
@@ -109,15 +117,28 @@ def rank_gallery(feats: np.ndarray, *, chunk: int = 1024) -> np.ndarray:
     return np.concatenate([rank_gallery_rows(feats, s, min(s + chunk, n)) for s in range(0, n, chunk)])
 
 
-def retrieval_metrics(feats, labels, *, ks: Sequence[int] = DEFAULT_KS, chunk: int = 1024) -> dict:
+def query_chunk(n: int, chunk: Optional[int] = None) -> int:
+    """Queries ranked at once among ``n`` objects: ``chunk``, or when None as many as keep
+    the ranked entries near :data:`RANK_VALUES` (at least 1), so that memory stays bounded
+    as ``n`` grows."""
+    if chunk is not None:
+        if int(chunk) < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        return int(chunk)
+    return max(1, RANK_VALUES // max(int(n), 1))
+
+
+def retrieval_metrics(feats, labels, *, ks: Sequence[int] = DEFAULT_KS, chunk: Optional[int] = None) -> dict:
     """Top-K accuracy and mAP of leave-one-out retrieval.
 
-    feats: (n, D) global features; labels: (n,) class ids.
+    feats: (n, D) global features; labels: (n,) class ids; chunk: queries ranked at once
+    (memory O(chunk * n); None: :func:`query_chunk`, bounded whatever ``n``).
     Returns ``{"top<K>": float for K in ks, "map": float}`` (fractions in [0, 1]).
     """
     f64, labels = _check_features(feats, labels)
     n = f64.shape[0]
     g = n - 1
+    chunk = query_chunk(n, chunk)
     first = np.empty(n, dtype=np.int64)  # rank (0-based) of the first same-class item; g if none
     ap = np.full(n, np.nan)
     for s in range(0, n, chunk):
@@ -177,7 +198,7 @@ def psb_statistics(
     skip_classes: Iterable[str] = PSB_SKIP_CLASSES,
     min_class_size: int = 3,
     e_top: int = 32,
-    chunk: int = 1024,
+    chunk: Optional[int] = None,
 ) -> dict:
     """NN, first tier, second tier, E-measure and DCG of leave-one-out retrieval (module doc).
 
@@ -188,7 +209,7 @@ def psb_statistics(
         skip_classes: class names whose objects are not queries (default: PSB's "-1").
         min_class_size: smallest class whose objects are queries (psbTable: 3).
         e_top: the E-measure's cut-off (psbTable: 32).
-        chunk: queries ranked at once (memory O(chunk * n)).
+        chunk: queries ranked at once (memory O(chunk * n); None: :func:`query_chunk`).
 
     Returns:
         ``{"nn", "ft", "st", "e", "dcg"}``: fractions in [0, 1], averaged over the queries
@@ -199,6 +220,7 @@ def psb_statistics(
         raise ValueError(f"min_class_size must be >= 2 and e_top >= 1, got {min_class_size} and {e_top}")
     n = feats.shape[0]
     g = n - 1
+    chunk = query_chunk(n, chunk)
     is_query = psb_query_mask(labels, class_names=class_names, skip_classes=skip_classes, min_class_size=min_class_size)
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     size = counts[inverse.reshape(-1)]  # class size of each object, itself included
@@ -225,6 +247,16 @@ def psb_statistics(
     return {k: float(v / n_queries) if n_queries else float("nan") for k, v in sums.items()}
 
 
+def split_d2(split, *, seed: int = 0, block: int = D2_SPLIT_BLOCK) -> np.ndarray:
+    """:func:`~xmodal.eval.descriptors.d2_descriptor` of every cloud of ``split`` (a
+    :class:`~xmodal.data.store.SplitView`): ``(n, bins)``, its clouds read ``block`` objects at a
+    time (a cloud's descriptor does not depend on the others, so the result is that of the
+    whole split at once)."""
+    n = split.n
+    parts = [d2_descriptor(split.points_range(s, min(s + block, n)), seed=seed) for s in range(0, n, block)]
+    return np.concatenate(parts) if parts else np.zeros((0, D2_BINS))
+
+
 def retrieval_scores(feats: np.ndarray, y: np.ndarray, ks: Sequence[int], class_names: Sequence[str]) -> dict:
     """Top-K, mAP and the PSB statistics of one feature set: ``{name: value}``."""
     return {**retrieval_metrics(feats, y, ks=ks), **psb_statistics(feats, y, class_names=class_names)}
@@ -243,7 +275,7 @@ def retrieval_task(ctx) -> None:
     for k, v in retrieval_scores(ctx.cache.points(TEST), y, ks, names).items():
         ctx.put(f"retrieval3d.{k}", v)
     if not ctx.is_baseline:  # the reference does not depend on the network
-        d2 = d2_descriptor(ctx.store.split(TEST).all_points(), seed=ctx.seed)
+        d2 = split_d2(ctx.store.split(TEST), seed=ctx.seed)
         for k, v in retrieval_scores(d2, y, ks, names).items():
             ctx.put(f"{D2_PREFIX}retrieval3d.{k}", v)
     if not ctx.has_images:
