@@ -99,6 +99,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("xmodal.eval.pretext", "pretext_metrics"): "arrays of mismatched shapes from code",
     ("xmodal.eval.retrieval", "rank_gallery"): "feature arrays of the wrong shape / too few, checked by the task",
     ("xmodal.eval.retrieval", "_check_features"): "arrays of mismatched shapes / too few, checked by the task",
+    ("xmodal.eval.retrieval", "query_chunk"): "chunk= of the retrieval API passed by code (no setting names it)",
     ("xmodal.eval.retrieval", "psb_query_mask"): "class names and labels assembled by code",
     ("xmodal.eval.retrieval", "psb_statistics"): "statistic parameters from code",
     ("xmodal.eval.svm", "_check_xy"): "arrays of mismatched shapes from code",
