@@ -15,8 +15,6 @@ import h5py
 import numpy as np
 import pytest
 
-pytest.importorskip("xmodal.data.render")
-pytest.importorskip("xmodal.data.builtin")
 
 from xmodal.data.prepare import PrepareConfig, PrepareError, object_seeds, prepare  # noqa: E402
 from xmodal.data.store import ShapeStore, read_shard, shard_relpath  # noqa: E402

@@ -87,7 +87,7 @@ def test_cli_override_wins_over_a_flag_and_bad_keys_fail_clearly(capsys):
 
 
 def test_prepare_writes_its_resolved_config_beside_the_dataset(tmp_path):
-    pytest.importorskip("xmodal.data.builtin")
+    import xmodal.data.builtin  # noqa: F401  (fails, not skips, if broken)
     from xmodal.data.prepare import CONFIG_NAME, prepare
 
     cfg = PrepareConfig(source="builtin:shapes?train=1&test=0", out=tmp_path / "ds", views=0, points=32, chunk_size=64)

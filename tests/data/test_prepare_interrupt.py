@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("xmodal.data.render")
 
 from xmodal.data.prepare import PrepareConfig, prepare  # noqa: E402
 from xmodal.data.store import ShapeStore, read_shard  # noqa: E402

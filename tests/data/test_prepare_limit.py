@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import trimesh
 
-pytest.importorskip("xmodal.data.render")
 
 from xmodal.data import mesh_limit  # noqa: E402
 from xmodal.data.prepare import PrepareConfig, prepare  # noqa: E402

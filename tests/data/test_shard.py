@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("xmodal.data.render")
 
 from xmodal.cli import main  # noqa: E402
 from xmodal.config import load_config  # noqa: E402

@@ -269,7 +269,7 @@ def _write_fake_h5_folder(root: Path, n=12, npts=32, classes=("cup", "desk", "la
 
 
 def test_open_dataset_raw_h5_folder(tmp_path):
-    pytest.importorskip("xmodal.data.sources")
+    import xmodal.data.sources  # noqa: F401  (fails, not skips, if broken)
     root = _write_fake_h5_folder(tmp_path / "mn")
     ds = open_dataset(root, seed=0, test_ratio=0.25)
     assert ds.root is None and not ds.has_images and ds.views == 0
@@ -287,7 +287,7 @@ def test_open_dataset_raw_h5_folder(tmp_path):
 
 
 def test_open_dataset_real_modelnet_h5(modelnet_h5_dir):
-    pytest.importorskip("xmodal.data.sources")
+    import xmodal.data.sources  # noqa: F401  (fails, not skips, if broken)
     ds = open_dataset(modelnet_h5_dir)
     assert len(ds.classes) == 40
     assert ds.counts["train"] + ds.counts.get("test", 0) == 9843

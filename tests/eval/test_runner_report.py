@@ -294,7 +294,7 @@ def test_report_table4_face_accuracy_and_one_shape_per_category():
 
 
 def test_partseg_runs_on_a_part_labelled_store(tmp_path, run_dir, loaded):
-    pytest.importorskip("xmodal.eval.partseg")
+    import xmodal.eval.partseg  # noqa: F401  (fails, not skips, if broken)
     root = _part_labelled_store(tmp_path / "parts")
     cfg = EvaluateConfig(
         run=run_dir, data=root, tasks=["partseg"], out=tmp_path / "r", device="cpu",

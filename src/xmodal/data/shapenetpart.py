@@ -470,6 +470,35 @@ def _h5_files(root: Path, split: str) -> list[Path]:
     )
 
 
+def _read_shapenetpart_files(h5py, files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """The clouds (n, N, 3), part ids (n, N), categories (n,) and ids ``file:row`` of one split's files."""
+    P, S, C, I = [], [], [], []
+    for f in files:
+        try:
+            h = h5py.File(f, "r")
+        except OSError as exc:
+            raise PartSegError(f"{f}: cannot open HDF5 file ({exc})") from exc
+        with h:
+            seg_key = "pid" if "pid" in h else ("seg" if "seg" in h else None)
+            if "data" not in h or "label" not in h or seg_key is None:
+                raise PartSegError(
+                    f"{f}: expected datasets 'data', 'label' and 'pid' (has {sorted(h.keys())}); "
+                    "a file without 'pid' is a classification release, not ShapeNet-Part"
+                )
+            d, lab, pid = h["data"][()], h["label"][()], h[seg_key][()]
+        if d.ndim != 3 or d.shape[2] < 3:
+            raise PartSegError(f"{f}: 'data' must be (n, N, 3), got {d.shape}")
+        d = d[:, :, :3]
+        lab = np.asarray(lab).reshape(-1)
+        if lab.shape[0] != d.shape[0] or pid.shape != d.shape[:2]:
+            raise PartSegError(f"{f}: 'label' {lab.shape} / 'pid' {pid.shape} do not match 'data' {d.shape}")
+        P.append(d.astype(np.float32))
+        S.append(pid.astype(np.int64))
+        C.append(lab.astype(np.int64))
+        I.extend(f"{f.name}:{r}" for r in range(d.shape[0]))
+    return np.concatenate(P), np.concatenate(S), np.concatenate(C), I
+
+
 def load_shapenetpart_h5(
     root: str | os.PathLike,
     *,
@@ -498,35 +527,7 @@ def load_shapenetpart_h5(
             f"{root}: not a ShapeNet-Part HDF5 folder (no ply_data_{missing[0]}*.h5; expected "
             f"ply_data_{{train,val,test}}*.h5 with datasets 'data', 'label', 'pid')"
         )
-    raw: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]] = {}
-    for split, files in found.items():
-        if not files:
-            continue
-        P, S, C, I = [], [], [], []
-        for f in files:
-            try:
-                h = h5py.File(f, "r")
-            except OSError as exc:
-                raise PartSegError(f"{f}: cannot open HDF5 file ({exc})") from exc
-            with h:
-                seg_key = "pid" if "pid" in h else ("seg" if "seg" in h else None)
-                if "data" not in h or "label" not in h or seg_key is None:
-                    raise PartSegError(
-                        f"{f}: expected datasets 'data', 'label' and 'pid' (has {sorted(h.keys())}); "
-                        "a file without 'pid' is a classification release, not ShapeNet-Part"
-                    )
-                d, lab, pid = h["data"][()], h["label"][()], h[seg_key][()]
-            if d.ndim != 3 or d.shape[2] < 3:
-                raise PartSegError(f"{f}: 'data' must be (n, N, 3), got {d.shape}")
-            d = d[:, :, :3]
-            lab = np.asarray(lab).reshape(-1)
-            if lab.shape[0] != d.shape[0] or pid.shape != d.shape[:2]:
-                raise PartSegError(f"{f}: 'label' {lab.shape} / 'pid' {pid.shape} do not match 'data' {d.shape}")
-            P.append(d.astype(np.float32))
-            S.append(pid.astype(np.int64))
-            C.append(lab.astype(np.int64))
-            I.extend(f"{f.name}:{r}" for r in range(d.shape[0]))
-        raw[split] = (np.concatenate(P), np.concatenate(S), np.concatenate(C), I)
+    raw = {split: _read_shapenetpart_files(h5py, files) for split, files in found.items() if files}
     n_cat = int(max(r[2].max() for r in raw.values() if r[2].size) + 1)
     names_file = root / "all_object_categories.txt"
     if names_file.is_file():
