@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from xmodal.config import resolve
-from xmodal.data.store import open_dataset
+from xmodal.data.datasets import open_dataset
 from xmodal.eval.features import subsample_points
 from xmodal.models.dgcnn import DGCNN
 from xmodal.train.config import PretrainConfig

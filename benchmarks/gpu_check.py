@@ -41,7 +41,8 @@ from xmodal.api import extract_image_features, extract_point_features
 from xmodal.config import resolve
 from xmodal.data.builtin import CLASSES, make_shape
 from xmodal.data.render import Renderer, sample_view_angles
-from xmodal.data.store import open_dataset, write_store
+from xmodal.data.datasets import open_dataset
+from xmodal.data.store import write_store
 from xmodal.train.config import PretrainConfig
 from xmodal.train.distributed import DistContext
 from xmodal.train.model import autocast_dtype, build_optimizer, build_training_model

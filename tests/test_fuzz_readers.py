@@ -40,7 +40,8 @@ from xmodal.data.labeled_psb import read_face_labels
 from xmodal.data.mesh_io import load_mesh
 from xmodal.data.psb import read_cla
 from xmodal.data.sources import ModelNetH5Source
-from xmodal.data.store import ShapeStore, open_dataset, write_store
+from xmodal.data.datasets import open_dataset
+from xmodal.data.store import ShapeStore, write_store
 from xmodal.data.types import Mesh
 from xmodal.errors import ConfigError, DataError, LabelsError, MeshError, StoreError, XmodalError
 from xmodal.eval.config import EvaluateConfig

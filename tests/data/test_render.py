@@ -19,20 +19,20 @@ S = 64
 
 
 def _icosphere(subdiv: int = 2) -> Mesh:
-    trimesh = pytest.importorskip("trimesh")
+    import trimesh
     m = trimesh.creation.icosphere(subdivisions=subdiv)
     return Mesh(np.asarray(m.vertices, dtype=np.float64), np.asarray(m.faces, dtype=np.int64))
 
 
 def _box(size=(1.0, 2.0, 3.0)) -> Mesh:
-    trimesh = pytest.importorskip("trimesh")
+    import trimesh
     m = trimesh.creation.box(extents=size)
     return Mesh(np.asarray(m.vertices, dtype=np.float64), np.asarray(m.faces, dtype=np.int64))
 
 
 def _cone() -> Mesh:
     """Cone with its apex up (+z): base radius 1 at z=0, apex at z=2."""
-    trimesh = pytest.importorskip("trimesh")
+    import trimesh
     m = trimesh.creation.cone(radius=1.0, height=2.0, sections=32)
     return Mesh(np.asarray(m.vertices, dtype=np.float64), np.asarray(m.faces, dtype=np.int64))
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from xmodal.data import store as st
+from xmodal.data.datasets import open_dataset
 from xmodal.data.store import (
     FORMAT_VERSION,
     ShapeStore,
     StoreError,
-    open_dataset,
     read_shard,
     write_shard,
     write_store,

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from xmodal.data.memory import MemoryStore
 from xmodal.data.store import ShapeStore, write_store
 
 N, SHARD = 23, 3  # 8 shards, the last one short
@@ -82,6 +83,6 @@ def test_in_memory_split_points_range(arrays):
 
     man = make_manifest(classes=["a", "b"], counts={"train": N}, shards={"train": []},
                         contents=StoreContents(views=0, points=5, image_size=None))
-    sv = ShapeStore.from_arrays(man, {"train": {k: arrays[k] for k in ("ids", "labels", "points")}}).split("train")
+    sv = MemoryStore(man, {"train": {k: arrays[k] for k in ("ids", "labels", "points")}}).split("train")
     assert np.array_equal(sv.points_range(4, 9), arrays["points"][4:9])
     assert np.array_equal(sv.points_range(0, N), sv.all_points())

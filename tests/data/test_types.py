@@ -98,7 +98,7 @@ def test_as_mesh():
     assert as_mesh(m) is m  # a Mesh is not validated again
     from_pair = as_mesh((TRI_V, TRI_F))
     assert isinstance(from_pair, Mesh) and len(from_pair.faces) == 4
-    trimesh = pytest.importorskip("trimesh")
+    import trimesh
     box = as_mesh(trimesh.creation.box())
     assert isinstance(box, Mesh) and len(box.faces) == 12
     with pytest.raises(MeshError, match="out of range"):

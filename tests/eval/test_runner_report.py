@@ -15,7 +15,7 @@ import torch
 from xmodal.data.store import ShapeStore, write_store
 from xmodal.eval.config import EvaluateConfig, FewShotConfig, PartSegConfig, SvmConfig
 from xmodal.eval.descriptors import d2_descriptor
-from xmodal.eval.report import TABLE_HEADERS, render_report
+from xmodal.eval.report import DASH, TABLE_HEADERS, render_report
 from xmodal.eval.retrieval import PSB_STATS, psb_statistics, retrieval_metrics
 from xmodal.eval.runner import evaluate, resolve_tasks
 from xmodal.transforms import images_to_tensor, points_to_tensor
@@ -340,3 +340,15 @@ def test_evaluate_writes_its_resolved_config_beside_the_report(points_store, run
     assert saved == cfg and saved.out == str(tmp_path / "r")
     assert m["meta.svm_Cs"] == [0.01, 1.0] and m["svm3d.C"] in (0.01, 1.0)
     assert [p.name for p in (tmp_path / "r").glob(".*")] == [LOCK_NAME]
+
+
+def test_table3_columns_follow_the_evaluated_ks():
+    """retrieval.ks=[1,3]: Table 3 shows Top1 and Top3 (the paper's row only where it has that K)."""
+    metrics = {"retrieval3d.top1": 0.5, "retrieval3d.top3": 0.75, "retrieval3d.map": 0.25}
+    lines = render_report(metrics).splitlines()
+    table = lines[lines.index("## Table 3 — 2D and 3D shape retrieval (top-K accuracy, %)") + 2:]
+    assert table[0] == "| network | views | Top1 | Top3 | mAP |"
+    assert table[2] == "| Fp (ours) | — | 50.0 | 75.0 | 25.0 |"
+    paper = next(line for line in table if line.startswith("| paper "))
+    cells = [c.strip() for c in paper.strip("| ").split("|")]
+    assert float(cells[2]) > 0 and cells[3] == DASH  # the paper reports top-1, not top-3

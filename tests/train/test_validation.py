@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from xmodal.config import resolve
-from xmodal.data.store import open_dataset, write_store
+from xmodal.data.datasets import open_dataset
+from xmodal.data.store import write_store
 from xmodal.train.config import PretrainConfig, ValConfig
 from xmodal.train.sampler import BatchSpec, PretrainBatches
 from xmodal.train.trainer import pretrain

@@ -29,16 +29,11 @@ logger = logging.getLogger(__name__)
 #: file extensions :func:`load_mesh` understands (lower case, with the dot)
 MESH_EXTENSIONS = (".off", ".obj", ".ply", ".stl", ".glb", ".gltf")
 
-# Why our own OFF parser rather than ``trimesh.load``?
-# The brief we were given assumed trimesh rejects ModelNet's glued header (``OFF490 518 0``
-# on the first line). Checked with trimesh 5.2.0: it does *not* – its reader splits the text
-# on the ``OFF`` token with a regex, so glued headers, comments and polygons load. We keep
-# a parser of our own because that same reader (a) silently accepts files with fewer face
-# lines than the header declares (a truncated download loads as a partial mesh instead of
-# failing), (b) parses line by line in Python, several times slower than the block-wise numpy
-# parsing below on ModelNet's larger meshes (up to ~300k faces, 12k files), and (c) its
-# tolerance of the glued header is an implementation detail we do not want ModelNet loading
-# to depend on across trimesh versions.
+# OFF is read by our own parser rather than ``trimesh.load`` because trimesh's OFF reader
+# (a) accepts a file with fewer face lines than its header declares, so a truncated download
+# would load as a partial mesh instead of failing, (b) parses line by line in Python, several
+# times slower than the block-wise numpy parsing below on ModelNet's larger meshes, and
+# (c) tolerates ModelNet's glued header (``OFF490 518 0``) only as an implementation detail.
 
 # "OFF" with the optional prefixes of the Geomview family: ST (texture coords), C (colours),
 # N (normals). 4OFF / nOFF (other dimensions) are not 3D triangle meshes and are refused.

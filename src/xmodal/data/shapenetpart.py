@@ -41,7 +41,8 @@ from xmodal.data.labeled_psb import LabeledPSBSource, is_labeled_mesh_folder
 from xmodal.data.geometry import face_areas, face_centers, normalize_unit_sphere
 from xmodal.data.sampling import sample_mesh_points
 from xmodal.data.sources import open_source
-from xmodal.data.types import Mesh
+from xmodal.data.store import ShapeStore
+from xmodal.data.types import Mesh, Source
 from xmodal.errors import PartSegError
 
 __all__ = [
@@ -574,16 +575,14 @@ def from_store(store: Any, *, num_points: Optional[int] = None, seed: int = 0, s
     data for a class no name matches). ``splits`` defaults to every split of the store.
     """
     if isinstance(store, (str, os.PathLike)):
-        from xmodal.data.store import ShapeStore
-
         store = ShapeStore(store)
-    where = str(getattr(store, "root", store))
+    where = str(store.root if store.root is not None else store)
     part_names = list(store.part_names or [])
     if not part_names:
         raise PartSegError(f"{where}: the store has no part_names; it was not prepared from a part-labelled source")
     classes = list(store.classes)
     if splits is None:
-        splits = list(store.manifest.get("counts", {}).keys()) if hasattr(store, "manifest") else ["train", "test"]
+        splits = store.splits
     rng = np.random.default_rng(seed)
     out: dict[str, PartSegSplit] = {}
     for split in splits:
@@ -737,9 +736,9 @@ def load_partseg(
             {k: v.resampled(num_points, seed=int(rng.integers(2**31))) for k, v in d.splits.items()},
             d.category_names, d.part_names, d.category_parts, d.source,
         )
-    if hasattr(path_or_store, "split") and hasattr(path_or_store, "part_names"):
+    if isinstance(path_or_store, ShapeStore):
         return from_store(path_or_store, num_points=num_points, seed=seed)
-    if hasattr(path_or_store, "items") and hasattr(path_or_store, "load") and hasattr(path_or_store, "part_names"):
+    if isinstance(path_or_store, Source):
         return from_source(path_or_store, num_points=2048 if num_points is None else num_points, seed=seed, progress=progress)
     if not isinstance(path_or_store, (str, os.PathLike)):
         raise TypeError(f"cannot load part-segmentation data from a {type(path_or_store).__name__}")

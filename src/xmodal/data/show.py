@@ -17,7 +17,8 @@ from typing import Optional, Union
 import numpy as np
 
 from xmodal.data.geometry import to_z_up
-from xmodal.data.store import ShapeStore, open_dataset
+from xmodal.data.datasets import open_dataset
+from xmodal.data.store import ShapeStore
 from xmodal.errors import ConfigError, DataError
 from xmodal.utils.io import atomic_path
 

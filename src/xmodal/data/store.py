@@ -64,7 +64,6 @@ __all__ = [
     "write_store",
     "ShapeStore",
     "SplitView",
-    "open_dataset",
 ]
 
 log = logging.getLogger(__name__)
@@ -811,65 +810,6 @@ class SplitView:
         return block[inverse.reshape(-1)]
 
 
-class _ArraySplitView(SplitView):
-    """A split held in memory (used for raw point-cloud folders opened as a store)."""
-
-    def __init__(self, name: str, arrays: Mapping[str, np.ndarray]):
-        self._store_root = Path(".")
-        self.name = name
-        self._arrays = {k: v for k, v in arrays.items() if v is not None}
-        n = len(self._arrays["labels"])
-        self._paths = []
-        self._sizes = np.asarray([n], dtype=np.int64)
-        self._offsets = np.asarray([0, n], dtype=np.int64)
-        self._bounds = [0, n]
-        self._points_per_obj = int(self._arrays["points"].shape[1])
-        self._files = {}
-        self._datasets = {}
-        self._pid = os.getpid()
-        self._labels = np.asarray(self._arrays["labels"], dtype=np.int64)
-        self._ids = [str(s) for s in self._arrays["ids"]]
-        self._id_index = None
-        self._has = {k: (k in self._arrays) for k in _SHARD_KEYS}
-
-    def __repr__(self) -> str:
-        return f"SplitView({self.name!r}, n={self.n}, in memory)"
-
-    def _open(self, k: int):
-        return self._arrays
-
-    def _has_key(self, key: str) -> bool:
-        return self._has.get(key, False)
-
-    def close(self) -> None:
-        pass
-
-    def points(self, i: int) -> np.ndarray:
-        _, r = self._locate(i)
-        return self._arrays["points"][r]
-
-    def points_range(self, start: int, stop: int) -> np.ndarray:
-        return np.ascontiguousarray(self._arrays["points"][max(int(start), 0) : max(int(stop), 0)], dtype=np.float32)
-
-    def all_points(self) -> np.ndarray:
-        return np.ascontiguousarray(self._arrays["points"], dtype=np.float32)
-
-    def point_labels(self, i: int) -> Optional[np.ndarray]:
-        if not self.has_point_labels:
-            return None
-        _, r = self._locate(i)
-        return self._arrays["point_labels"][r].astype(np.int64)
-
-    def cameras(self, i: int) -> Optional[np.ndarray]:
-        _, r = self._locate(i)
-        return self._arrays["cameras"][r] if "cameras" in self._arrays else None
-
-    def _images_ds(self, k: int, i: int):
-        if "images" not in self._arrays:
-            raise StoreError(f"this in-memory dataset has no images; object {i}")
-        return self._arrays["images"]
-
-
 class ShapeStore:
     """A prepared dataset folder (see the module docstring for the layout).
 
@@ -896,18 +836,10 @@ class ShapeStore:
         self._init(root, validate_manifest(man, path))
 
     def _init(self, root: Optional[Path], manifest: dict) -> None:
+        """The state every store holds (``root`` None for one held in memory)."""
         self.root = root
         self.manifest = manifest
         self._views: dict[str, SplitView] = {}
-
-    @classmethod
-    def from_arrays(cls, manifest: dict, splits: Mapping[str, Mapping[str, np.ndarray]]) -> "ShapeStore":
-        """An in-memory store with the same reader API (no files)."""
-        self = cls.__new__(cls)
-        self._init(None, manifest)
-        for name, arrays in splits.items():
-            self._views[name] = _ArraySplitView(name, arrays)
-        return self
 
     # -- metadata ------------------------------------------------------------
     @property
@@ -990,84 +922,3 @@ class ShapeStore:
             f"ShapeStore({where!r}, classes={self.num_classes}, counts={self.counts}, "
             f"views={self.views}, points={self.num_points}, image_size={self.image_size})"
         )
-
-
-# --------------------------------------------------------------------------- open_dataset
-
-
-def open_dataset(path: str | os.PathLike, *, seed: int = 0, test_ratio: float = 0.2) -> ShapeStore:
-    """Open a prepared store, or a raw ModelNet40 HDF5 folder as a points-only store.
-
-    * ``path`` with a ``manifest.json`` -> :class:`ShapeStore`.
-    * ``path`` with ``ply_data_*.h5`` files -> an in-memory store (``views == 0``)
-      holding that release's points; the splits are those of
-      :class:`xmodal.data.sources.ModelNetH5Source` (``seed``/``test_ratio`` pick
-      the held-out ``test`` split when the folder has no test files).
-    """
-    path = Path(path)
-    if (path / MANIFEST_NAME).is_file():
-        return ShapeStore(path)
-    if path.is_dir() and any(path.glob("ply_data_*.h5")):
-        return _open_points_h5(path, seed=seed, test_ratio=test_ratio)
-    if not path.exists():
-        raise MissingInputError("dataset does not exist", path=path)
-    if (path / PLAN_NAME).is_file():
-        raise MissingInputError(
-            "unfinished dataset (plan.json but no manifest.json)", path=path,
-            hint="re-run `xmodal prepare` to finish it",
-        )
-    raise StoreError(
-        "not a dataset: expected a prepared store (manifest.json) or a ModelNet40 HDF5 folder (ply_data_*.h5)",
-        path=path,
-    )
-
-
-def _open_points_h5(path: Path, *, seed: int, test_ratio: float) -> ShapeStore:
-    from xmodal.data.sources import open_source
-
-    src = open_source(str(path), seed=seed, test_ratio=test_ratio)
-    split_names = sorted({it.split for it in src.items}, key=lambda s: (s != "train", s != "test", s))
-    arrays = {}
-    for split in split_names:
-        pts, labels, ids = _load_all(src, split)
-        arrays[split] = {"ids": ids, "labels": labels, "points": pts}
-    n_points = next((a["points"].shape[1] for a in arrays.values() if len(a["labels"])), 0)
-    manifest = make_manifest(
-        classes=src.classes,
-        counts={s: len(a["labels"]) for s, a in arrays.items()},
-        shards={s: [] for s in arrays},
-        contents=StoreContents(
-            views=0, points=n_points, image_size=None, grayscale=True,
-            up_axis=getattr(src, "up_axis", "y"), part_names=getattr(src, "part_names", None),
-        ),
-        source=src.describe() if hasattr(src, "describe") else str(path),
-        settings={"seed": seed, "test_ratio": test_ratio, "in_memory": True},
-    )
-    return ShapeStore.from_arrays(manifest, arrays)
-
-
-def _load_all(src, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``(points (n,N,3) float32, labels (n,) int64, ids)`` of one split of a points source."""
-    items = [it for it in src.items if it.split == split]
-    ids = [it.id for it in items]
-    if hasattr(src, "load_all"):
-        res = src.load_all(split)
-        if isinstance(res, dict):
-            pts = res["points"]
-            labels = res.get("labels")
-            ids = [str(s) for s in res.get("ids", ids)]
-        else:
-            pts, labels = res[0], res[1]
-            if len(res) > 2:
-                ids = [str(s) for s in res[2]]
-        pts = np.asarray(pts, dtype=np.float32)
-        if labels is None:
-            lab = {it.id: src.classes.index(it.label) for it in items}
-            labels = [lab[i] for i in ids]
-        return pts, np.asarray(labels, dtype=np.int64).reshape(-1), ids
-    # generic fallback: one object at a time
-    cls_index = {c: i for i, c in enumerate(src.classes)}
-    pts = np.stack([np.asarray(src.load(it).points, dtype=np.float32) for it in items]) if items else np.zeros(
-        (0, 0, 3), np.float32
-    )
-    return pts, np.asarray([cls_index[it.label] for it in items], dtype=np.int64), ids

@@ -414,39 +414,38 @@ def percent_key(fraction: float) -> str:
 
 
 def _pretrained_encoder(run: Any):
-    """(point encoder or None, LoadedRun or None) from a run dir / LoadedRun / module / None."""
+    """(point encoder or None, LoadedRun or None) of ``run``: None, a point encoder module,
+    a :class:`xmodal.api.LoadedRun`, or a run folder (read with :func:`xmodal.api.load_run`)."""
+    from xmodal.api import LoadedRun, load_run  # the API layer loads torch and the models
+
     torch = _torch()
     if run is None:
         return None, None
     if isinstance(run, torch.nn.Module):
         return run, None
-    if hasattr(run, "point_encoder"):
+    if isinstance(run, LoadedRun):
         return run.point_encoder, run
     if isinstance(run, (str, os.PathLike)):
-        from xmodal.api import load_run
-
         loaded = load_run(run, device="cpu")
         return loaded.point_encoder, loaded
     raise TypeError(f"run must be a run directory, a LoadedRun, a point encoder module or None, not {type(run).__name__}")
 
 
 def _scratch_encoder(pretrained, loaded, encoder_factory, seed: int):
+    """A freshly initialised Fp for the ``scratch`` setting (seeded): from ``encoder_factory``,
+    else the run's own architecture, else ``pretrained`` re-initialised, else the default DGCNN."""
+    from xmodal.api import random_init_run
+    from xmodal.models.registry import create_point_encoder
+
     torch = _torch()
     if encoder_factory is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return encoder_factory()
-    if loaded is not None and getattr(loaded, "config", None) is not None:
-        try:
-            from xmodal.api import random_init_run
-        except ImportError:
-            random_init_run = None
-        if random_init_run is not None:
-            return random_init_run(loaded, seed=seed, device="cpu").point_encoder
+    if loaded is not None:
+        return random_init_run(loaded, seed=seed, device="cpu").point_encoder
     if pretrained is not None:
         return reinitialize(pretrained, seed=seed)
-    from xmodal.models.registry import create_point_encoder
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return create_point_encoder("dgcnn")
@@ -462,8 +461,7 @@ class _Encoders:
         if self.pretrained is not None:
             self.state = {k: v.detach().cpu().clone() for k, v in self.pretrained.state_dict().items()}
         # an Fp pre-trained with frozen BatchNorm statistics is fine-tuned the same way
-        run_cfg = getattr(self.loaded, "config", None)
-        self.held_bn = run_cfg is not None and run_cfg.model.freeze_point_bn
+        self.held_bn = self.loaded is not None and self.loaded.config.model.freeze_point_bn
 
     def runnable(self, settings: Sequence[str]) -> list[str]:
         """``settings`` less those that need a pre-trained Fp when there is none."""

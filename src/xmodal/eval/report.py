@@ -302,8 +302,15 @@ def section_table2(m: ReportMetrics) -> list[str]:
     return lines + [""]
 
 
+def _retrieval_ks(m: ReportMetrics) -> tuple[int, ...]:
+    """The K values of the retrieval metrics present (``retrieval.ks``), else the paper's."""
+    tails = (k.rsplit(".top", 1) for k in m.m if k.startswith(("retrieval2d.", "retrieval3d.")))
+    found = {int(t[1]) for t in tails if len(t) == 2 and t[1].isdigit()}
+    return tuple(sorted(found)) or tuple(P.TABLE3_KS)
+
+
 def section_table3(m: ReportMetrics) -> list[str]:
-    ks = P.TABLE3_KS
+    ks = _retrieval_ks(m)
     lines = ["## Table 3 — 2D and 3D shape retrieval (top-K accuracy, %)", ""]
     if not (m.has("retrieval2d.") or m.has("retrieval3d.")):
         why = _skipped(m, "retrieval")
@@ -326,7 +333,8 @@ def section_table3(m: ReportMetrics) -> list[str]:
             )
         rows.extend(extra)
         for name, vals in paper.items():
-            rows.append([f"paper {name}", views] + [_paper(x) for x in vals] + [DASH])
+            by_k = dict(zip(P.TABLE3_KS, vals))
+            rows.append([f"paper {name}", views] + [_paper(by_k.get(k)) for k in ks] + [DASH])
 
     d2 = f"{D2_PREFIX}retrieval3d"
     d2_row = [["D2 (no learning)", "—"] + [_pct(m.get(f"{d2}.top{k}")) for k in ks] + [_pct(m.get(f"{d2}.map"))]]

@@ -14,7 +14,7 @@ fingerprint (:func:`task_fingerprint`) of everything its metrics depend on:
   version.
 
 An evaluation into a folder whose ``metrics.json`` holds the same run, data and seed (else the
-file is replaced, as before) skips every task whose fingerprint is recorded and evaluates the
+file is replaced) skips every task whose fingerprint is recorded and evaluates the
 others; ``redo`` evaluates every task asked for. :class:`MetricsBook` keeps the file's content
 while the evaluation runs and writes it after every task, so a stopped (or killed) evaluation
 keeps what it finished. A task can also save partial progress in ``meta.tasks_partial`` (part

@@ -65,7 +65,7 @@ DEFAULT_KS = (1, 5, 10, 20, 50)
 D2_SPLIT_BLOCK = 512
 #: gallery entries (queries x gallery size) ranked at once when ``chunk`` is None: the ranking
 #: holds ~6 arrays of this many 8-byte values (distances, order, hits, ...), ~100 MB in all,
-#: whatever the number of objects (a fixed 1,024 queries took ~480 MB at 10,000 objects)
+#: whatever the number of objects
 RANK_VALUES = 1 << 21
 #: metric-key prefix of the non-learned D2 reference (not a network: never under baseline.random.)
 D2_PREFIX = "reference.d2."

@@ -94,7 +94,7 @@ def _loss_mode(config: Any) -> Optional[str]:
 
 
 def _open_store(cfg: EvaluateConfig, loaded):
-    from xmodal.data.store import open_dataset
+    from xmodal.data.datasets import open_dataset
 
     store = open_dataset(cfg.data)
     if TEST not in store.splits:

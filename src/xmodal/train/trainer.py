@@ -33,7 +33,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from xmodal.config import to_dict
-from xmodal.data.store import ShapeStore, open_dataset
+from xmodal.data.datasets import open_dataset
+from xmodal.data.store import ShapeStore
 from xmodal.errors import DataError, Interrupted, MissingInputError, TrainingDiverged
 from xmodal.models.dgcnn import edgeconv_kind
 from xmodal.train.checkpoint import architecture_from_config, checkpoint_paths, restore_checkpoint, save_checkpoint, save_encoders
