@@ -299,3 +299,64 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_one_and_resume_completes(f
     s = pretrain(data, out, _cfg(), resume=True, progress=False)  # space freed: the same command completes
     assert s["start_step"] == 3 and s["steps"] == 6
     np.testing.assert_allclose(_losses(out), _losses(full_run[0]), rtol=1e-6, atol=1e-7)
+
+
+def test_resume_of_a_folder_without_a_run_is_refused_and_writes_nothing(data, tmp_path):
+    out = tmp_path / "not_a_run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileNotFoundError, match="no run to resume here"):
+        pretrain(data, out, _cfg(), resume=True, progress=False)
+    assert sorted(p.name for p in out.iterdir() if p.name != ".xmodal.lock") == ["notes.txt"]
+
+
+def test_data_that_does_not_fit_the_settings_writes_nothing(data, tmp_path):
+    """The dataset is checked before the run folder is written: the corrected command can run."""
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="data.num_points=256 but the dataset stores 128") as info:
+        pretrain(data, out, _cfg("data.num_points=256"), progress=False)
+    assert str(data) in str(info.value)  # the dataset is named
+    assert not [p for p in out.iterdir() if not p.name.startswith(".")]
+    pretrain(data, out, _cfg("iterations=1"), progress=False)  # the corrected command runs
+
+
+def test_a_safetensors_write_error_is_a_write_error_naming_the_file(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from xmodal.errors import WriteError
+    from xmodal.train.checkpoint import NETS, save_encoders
+
+    def no_space(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", no_space)
+    with pytest.raises(WriteError, match=r"encoders\.safetensors: could not be written \(No space left") as info:
+        save_encoders(tmp_path, nets={name: torch.nn.Linear(2, 2) for name in NETS}, info={"step": 1})
+    assert "free some space" in info.value.hint
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+def test_safetensors_metadata_is_written_in_sorted_order(tmp_path):
+    """safetensors writes its metadata in hash-map order (which varies between processes);
+    the header is rewritten sorted, so equal content gives equal bytes."""
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    from xmodal.train.checkpoint import _sort_safetensors_metadata
+
+    path = tmp_path / "w.safetensors"
+    tensors = {"a": torch.arange(6.0).reshape(2, 3)}
+    save_file(tensors, str(path), metadata={"zeta": "1", "alpha": "{\"k\": \"caf\u00e9\"}", "mid": "2"})
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    shuffled = {"__metadata__": {"zeta": "1", "mid": "2", "alpha": header["__metadata__"]["alpha"]},
+                **{k: v for k, v in header.items() if k != "__metadata__"}}
+    body = json.dumps(shuffled, separators=(",", ":"), ensure_ascii=False).encode()
+    path.write_bytes(raw[:8] + body + b" " * (n - len(body)) + raw[8 + n:])  # same length, keys unsorted
+    _sort_safetensors_metadata(path)
+    new = path.read_bytes()
+    assert len(new) == len(raw)
+    assert list(json.loads(new[8:8 + n])["__metadata__"]) == ["alpha", "mid", "zeta"]
+    assert torch.equal(load_file(str(path))["a"], tensors["a"])

@@ -24,8 +24,11 @@ step), so a checkpoint needs no RNG state to resume exactly.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -38,6 +41,7 @@ from xmodal.utils.io import atomic_path, read_json, write_json
 
 __all__ = [
     "NETS",
+    "write_safetensors",
     "CHECKPOINT_DIR",
     "CheckpointError",
     "Checkpoint",
@@ -186,6 +190,48 @@ class Checkpoint:
     path: Path = Path()
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with two guarantees it lacks.
+
+    * The same tensors and metadata give the same bytes in every process: safetensors writes
+      the metadata in hash-map order, which changes between processes, so the header is
+      rewritten with the metadata keys sorted (the same JSON, the same length).
+    * A failed write (a full disk, an I/O error) is an :class:`OSError`, which
+      :func:`~xmodal.utils.io.atomic_path` reports as a ``WriteError`` naming the file;
+      safetensors raises its own error type, which is not one.
+    """
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+        _sort_safetensors_metadata(path)
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors' SafetensorError (a Rust I/O error, as text)
+        text = str(exc)
+        code = errno.ENOSPC if "No space left" in text else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} ({text})", str(path)) from exc
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite the header of the safetensors file ``path`` in place with ``__metadata__``'s keys
+    sorted (left as it is should the re-encoded header not have the same length)."""
+    with open(path, "r+b") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(n)
+        header = json.loads(raw.decode("utf-8"))
+        meta = header.get("__metadata__")
+        if not meta:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        old = raw.rstrip(b" ")
+        if new == old or len(new) != len(old):
+            return
+        fh.seek(8)
+        fh.write(new + b" " * (n - len(new)))
+
+
 def save_checkpoint(
     run: str | Path,
     *,
@@ -201,8 +247,6 @@ def save_checkpoint(
     ``extra``: JSON-serialisable entries stored in the state (config hash, architecture,
     elapsed time, ...). Returns the JSON path.
     """
-    from safetensors.torch import save_file
-
     wpath, jpath = checkpoint_paths(run)
     tensors = state_tensors(nets, prefix="model/")
     otensors, ometa = _split_optimizer(optimizer)
@@ -220,7 +264,7 @@ def save_checkpoint(
     state.update(extra or {})
     blob = json.dumps(state, default=_jsonable)
     with atomic_path(wpath, suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "step": str(int(step)), "xmodal_state": blob})
+        write_safetensors(tensors, tmp, {"format": "pt", "step": str(int(step)), "xmodal_state": blob})
     write_json(jpath, json.loads(blob))
     return jpath
 
@@ -311,14 +355,12 @@ def save_encoders(run: str | Path, *, nets: dict[str, nn.Module], info: dict) ->
     info: JSON entries (``architecture``, ``image_size``, ``num_points``, ``up_axis``, ``step``,
     ``config``...) stored in ``encoders.json``.
     """
-    from safetensors.torch import save_file
-
     run = Path(run)
     wpath, jpath = run / "encoders.safetensors", run / "encoders.json"
     meta = {"format": ENCODERS_FORMAT, "format_version": FORMAT_VERSION, "weights": wpath.name}
     meta.update(info)
     with atomic_path(wpath, suffix=".safetensors") as tmp:
-        save_file(state_tensors(nets), str(tmp), metadata={"format": "pt", "step": str(info.get("step", ""))})
+        write_safetensors(state_tensors(nets), tmp, {"format": "pt", "step": str(info.get("step", ""))})
     write_json(jpath, json.loads(json.dumps(meta, default=_jsonable)))
     return wpath, jpath
 

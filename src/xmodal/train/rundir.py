@@ -87,14 +87,18 @@ def check_run_dir(out: Path, cfg: PretrainConfig, resume: bool) -> Optional[Chec
     if not out.is_dir():
         raise MissingInputError("no run folder to resume", path=out)
     saved_cfg = out / "config.yaml"
-    if saved_cfg.is_file():
-        diff = config_diff(load_config(PretrainConfig, saved_cfg), cfg)
-        if diff:
-            raise ConfigError(
-                f"cannot resume with a different config (only {', '.join(sorted(RESUME_MUTABLE_KEYS))} "
-                "may change):\n  " + "\n  ".join(diff),
-                path=saved_cfg,
-            )
+    if not saved_cfg.is_file():
+        raise MissingInputError(
+            "no run to resume here (no config.yaml)", path=out,
+            hint="start a run with `xmodal pretrain` without --resume, or name the run's folder",
+        )
+    diff = config_diff(load_config(PretrainConfig, saved_cfg), cfg)
+    if diff:
+        raise ConfigError(
+            f"cannot resume with a different config (only {', '.join(sorted(RESUME_MUTABLE_KEYS))} "
+            "may change):\n  " + "\n  ".join(diff),
+            path=saved_cfg,
+        )
     ckpt = load_checkpoint(out)
     if ckpt is not None:
         h = ckpt.state.get("config_hash")

@@ -29,7 +29,7 @@ whole (process-local) batch of step ``start + k``; use it with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -88,6 +88,42 @@ class BatchSpec:
                    second_cloud=cfg.loss.point_nce > 0)
 
 
+def check_training_split(split, spec: "BatchSpec", *, n: int, world_size: int = 1,
+                         where: Optional[Any] = None) -> tuple[int, int, int]:
+    """Whether ``n`` objects of ``split`` can feed pre-training with ``spec`` on ``world_size``
+    processes: at least 2 objects, rendered views (at least 2 per object), enough stored points
+    and a batch that divides among the processes. ``where`` (the dataset) is named in the error.
+
+    Returns ``(views per object, stored image size, stored points per object)``.
+    Raises :class:`DataError` / :class:`ConfigError`; reads one object's views and points.
+    """
+    name = getattr(split, "name", "?")
+    if n < 2:
+        raise DataError(f"split '{name}' has {n} object(s) to train on; pre-training needs at least 2 "
+                        "(for negatives)", path=where)
+    if not split.has_images:
+        raise DataError(f"split '{name}' has no images: pre-training needs rendered views (prepare with "
+                        "views >= 2)", path=where)
+    first = split.images(0)
+    num_views, stored_size = int(first.shape[0]), int(first.shape[1])
+    if num_views < 2:
+        raise DataError(f"split '{name}' has {num_views} view(s) per object; need >= 2 distinct views", path=where)
+    stored_points = int(split.points(0).shape[0])
+    if spec.num_points > stored_points:
+        raise ConfigError(
+            f"data.num_points={spec.num_points} but the dataset stores {stored_points} points per object; "
+            f"set data.num_points <= {stored_points}", path=where,
+        )
+    if world_size < 1:
+        raise ValueError(f"bad world_size {world_size}")
+    if spec.batch_size % world_size:
+        raise ConfigError(
+            f"batch_size={spec.batch_size} is not divisible by the number of processes ({world_size}); "
+            "choose a global batch size that is a multiple of it"
+        )
+    return num_views, stored_size, stored_points
+
+
 class PretrainBatches(torch.utils.data.Dataset):
     """Step-indexed batches of (img1, img2, img3, points, labels) for one process.
 
@@ -128,32 +164,14 @@ class PretrainBatches(torch.utils.data.Dataset):
     ) -> None:
         batch_size, seed, num_points, image_size = spec.batch_size, spec.seed, spec.num_points, spec.image_size
         aug, point_subsample = spec.aug, spec.point_subsample
-        name = getattr(split, "name", "?")
         self.split = split
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         self.n = int(split.n) if self.indices is None else len(self.indices)
-        if self.n < 2:
-            raise DataError(f"split '{name}' has {self.n} object(s) to train on; pre-training needs at least 2 (for negatives)")
-        if not getattr(split, "has_images", True):
-            raise DataError(f"split '{name}' has no images: pre-training needs rendered views (prepare with views >= 2)")
-        first = split.images(0)
-        self.num_views = int(first.shape[0])
-        self.stored_size = int(first.shape[1])
-        if self.num_views < 2:
-            raise DataError(f"split '{name}' has {self.num_views} view(s) per object; need >= 2 distinct views")
-        self.stored_points = int(split.points(0).shape[0])
-        if num_points > self.stored_points:
-            raise ConfigError(
-                f"data.num_points={num_points} but the dataset stores {self.stored_points} points per object; "
-                f"set data.num_points <= {self.stored_points}"
-            )
-        if world_size < 1 or not 0 <= rank < world_size:
+        self.num_views, self.stored_size, self.stored_points = check_training_split(
+            split, spec, n=self.n, world_size=world_size
+        )
+        if not 0 <= rank < world_size:
             raise ValueError(f"bad rank/world_size {rank}/{world_size}")
-        if batch_size % world_size:
-            raise ConfigError(
-                f"batch_size={batch_size} is not divisible by the number of processes ({world_size}); "
-                "choose a global batch size that is a multiple of it"
-            )
         if point_subsample not in ("random", "fps"):
             raise ValueError(f"point_subsample must be 'random' or 'fps', got {point_subsample!r}")
         if stop < start:

@@ -43,7 +43,7 @@ from xmodal.train.distributed import DistContext, barrier, cleanup_distributed, 
 from xmodal.train.model import XModalNet, autocast_dtype, build_optimizer, build_training_model
 from xmodal.train.rundir import check_resume_data, check_run_dir, data_fingerprint, manifest_summary, truncate_metrics, write_run_info
 from xmodal.train.runlog import RunLog
-from xmodal.train.sampler import BatchSpec, PretrainBatches
+from xmodal.train.sampler import BatchSpec, PretrainBatches, check_training_split
 from xmodal.train.step import StepDiverged, Stepper
 from xmodal.train.validation import Validator, holdout_split
 from xmodal.utils.lock import output_lock
@@ -119,6 +119,9 @@ class _Trainer:
         if cfg.val.enabled:
             self.train_idx, val_idx = holdout_split(self.split.labels, cfg.val.fraction, seed=cfg.seed)
         n_train = self.split.n if self.train_idx is None else len(self.train_idx)
+        # the data must fit the settings before anything is written into the run folder
+        check_training_split(self.split, BatchSpec.from_config(cfg), n=n_train, world_size=ctx.world_size,
+                             where=self.data_spec)
         self.ckpt = check_run_dir(out, cfg, resume)
         barrier(ctx)  # every process has checked the folder before rank 0 writes into it
         self.fingerprint = data_fingerprint(store, cfg.data.split, n_train)
