@@ -119,6 +119,21 @@ def test_rerun_same_settings_is_noop(tiny, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.h5")} == before
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_damaged_shard_is_built_again(tiny, tmp_path, damage):
+    """A shard cut short (a copy interrupted, a disk error) or overwritten is unreadable: the same
+    command builds it again and leaves the others alone."""
+    out = _copy(tiny, tmp_path / "ds")
+    victim = out / shard_relpath("train", 1)
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[: len(raw) // 2] if damage == "truncate" else b"\x00garbage" * 100)
+    before = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.h5") if p != victim}
+    time.sleep(0.01)
+    prepare(PrepareConfig(source=SPEC, out=out, **TINY), progress=False)
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # untouched
+    _assert_same_store(out, tiny)
+
+
 def test_resume_after_deleting_a_shard(tiny, tmp_path):
     out = _copy(tiny, tmp_path / "ds")
     victim = out / shard_relpath("train", 2)

@@ -106,6 +106,18 @@ def test_ctrl_c_to_the_process_group_stops_the_pool_cleanly(reference, tmp_path)
     _finish_and_compare(out, reference, done, "--workers", "2")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers die with their parent through Linux prctl")
+def test_kill_9_of_the_main_process_takes_its_workers_along(reference, tmp_path):
+    """``kill -9`` reaches only the main process: its idle workers must not live on."""
+    out = tmp_path / "ds"
+    proc = _start(out, "--workers", "2")
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert _group_gone(proc.pid), "a worker process outlived its killed parent"
+    done = {p: t for p, t in _shards(out).items() if len(read_shard(p)["ids"]) == 2}
+    _finish_and_compare(out, reference, done, "--workers", "2")
+
+
 def test_sigterm_stops_a_serial_prepare_with_143(reference, tmp_path):
     out = tmp_path / "ds"
     proc = _start(out)

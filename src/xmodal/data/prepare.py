@@ -54,6 +54,7 @@ from xmodal.data.store import (
     StoreContents,
     make_manifest,
     shard_relpath,
+    shard_rows,
     write_shard,
 )
 from xmodal.data.mesh_limit import MeshLimit
@@ -63,7 +64,7 @@ from xmodal.data.types import Item, Mesh, MeshError, PointCloud, Source
 from xmodal.errors import ConfigError, Interrupted, PrepareError, XmodalError
 from xmodal.utils.io import read_json, write_json
 from xmodal.utils.lock import output_lock
-from xmodal.utils.signals import StopRequest, ignore_stop_signals
+from xmodal.utils.signals import StopRequest, die_with_parent, ignore_stop_signals
 
 __all__ = ["prepare", "object_seeds", "finalize_store", "clear_outputs", "plan_key", "describe_difference",
            "PrepareConfig", "PrepareError", "CONFIG_NAME"]
@@ -220,10 +221,13 @@ def _run_chunk(ctx: _Context, split: str, chunk: int, items: list[Item], report=
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(source: Source, settings: dict, out: str, classes: list[str], has_pl: bool, q, abandon) -> None:
+def _worker_init(source: Source, settings: dict, out: str, classes: list[str], has_pl: bool, q, abandon,
+                 main_pid: int) -> None:
     # SIGTERM/SIGINT sent to the whole process group (Ctrl-C, a scheduler) are the main
     # process's to handle: it sets ``abandon``, and a worker stops between two objects
     ignore_stop_signals()
+    # a worker whose main process was killed (kill -9) would otherwise wait on its queue forever
+    die_with_parent(main_pid)
     # Mesa's llvmpipe starts one raster thread per CPU in every process; with W worker
     # processes that oversubscribes the cores, so each worker rasterises on one thread
     # unless the user chose otherwise. Must be set before the GL context is created.
@@ -421,10 +425,14 @@ def _claim_output(out: Path, plan: dict, overwrite: bool) -> None:
 
 def _pending_chunks(out: Path, items: dict[str, list[Item]], chunk_size: int,
                     chunks: list[tuple[str, int]]) -> list[tuple[str, int, list[Item]]]:
-    """``(split, chunk, items)`` of every chunk of ``chunks`` whose shard is not written yet."""
+    """``(split, chunk, items)`` of every chunk of ``chunks`` whose shard is not written yet, or
+    is written but unreadable (a damaged file is built again, atomically replacing it)."""
     tasks = []
     for split, c in chunks:
-        if not (out / shard_relpath(split, c)).is_file():
+        path = out / shard_relpath(split, c)
+        if shard_rows(path) is None:
+            if path.exists():
+                log.warning("%s: unreadable shard; building it again", path)
             tasks.append((split, c, items[split][c * chunk_size : (c + 1) * chunk_size]))
     return tasks
 
@@ -590,7 +598,7 @@ def _execute_pool(tasks, src, settings, out, classes, has_pl, workers, report, s
         max_workers=min(workers, len(tasks)),
         mp_context=mpctx,
         initializer=_worker_init,
-        initargs=(src, settings, str(out), classes, has_pl, q, abandon),
+        initargs=(src, settings, str(out), classes, has_pl, q, abandon, os.getpid()),
     ) as pool:
         futures = {pool.submit(_worker_chunk, s, c, its): (s, c) for s, c, its in tasks}
         try:
@@ -631,9 +639,6 @@ def _collect(futures: dict, progress: _QueueProgress, should_stop, abandon) -> i
 def finalize_store(out: Path, plan: dict, *, up_axis: str, part_names: Optional[list[str]]) -> dict:
     """Check that every shard of ``plan`` (of its part, for a part's plan) exists, gather counts and
     failures, and write the manifest, last. Used by ``prepare`` and by ``merge``."""
-    from xmodal.data.store import _h5py
-
-    h5py = _h5py()
     s = plan["settings"]
     chunks = shard_chunks({split: len(recs) for split, recs in plan["items"].items()}, s["chunk_size"],
                           _plan_shard(plan))
@@ -643,11 +648,12 @@ def finalize_store(out: Path, plan: dict, *, up_axis: str, part_names: Optional[
     for split, c in chunks:
         rel = shard_relpath(split, c)
         path = out / rel
-        if not path.is_file():
-            raise PrepareError("shard missing after prepare (removed meanwhile?)", path=path,
-                               hint="re-run the same command to finish")
-        with h5py.File(path, "r") as f:
-            sizes[split].append(int(f["labels"].shape[0]))
+        rows = shard_rows(path)
+        if rows is None:
+            what = "unreadable" if path.exists() else "missing"
+            raise PrepareError(f"shard {what} after prepare (changed meanwhile?)", path=path,
+                               hint="re-run `xmodal prepare` of this dataset (or part) to build it again")
+        sizes[split].append(rows)
         shards[split].append(rel)
         fpath = out / failed_relpath(split, c)
         if fpath.is_file():

@@ -59,6 +59,7 @@ __all__ = [
     "failed_relpath",
     "write_shard",
     "read_shard",
+    "shard_rows",
     "StoreContents",
     "make_manifest",
     "write_store",
@@ -230,6 +231,21 @@ def read_shard(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return out
     except H5_ERRORS as exc:
         raise StoreError(f"cannot read shard ({exc})", path=path) from exc
+
+
+def shard_rows(path: str | os.PathLike) -> Optional[int]:
+    """The number of objects in the shard file ``path``; None when there is no such file or it
+    cannot be read as a shard (truncated, not HDF5, no ``labels``): a job that wrote it was cut
+    short and the shard is to be built again."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with _h5py().File(path, "r") as f:
+            labels = f["labels"]
+            return int(labels.shape[0]) if labels.ndim == 1 else None
+    except H5_ERRORS:
+        return None
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Optional
 
-__all__ = ["STOP_SIGNALS", "StopRequest", "ignore_stop_signals"]
+__all__ = ["STOP_SIGNALS", "StopRequest", "die_with_parent", "ignore_stop_signals"]
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +79,29 @@ def ignore_stop_signals(*_args) -> None:
     """
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+#: ``prctl`` option asking the kernel to signal a process when its parent dies (Linux)
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> bool:
+    """Have the kernel kill this process (SIGKILL) when its parent dies, as a worker whose
+    parent was killed with ``kill -9`` must not live on idle. Linux only (``prctl``); elsewhere,
+    and where ``prctl`` is unavailable, nothing is done and False is returned.
+
+    ``parent_pid`` is the parent the caller expects: should it have died before the request
+    took effect, this process exits at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes  # only here: a worker process on Linux
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ok = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+    if ok and os.getppid() != parent_pid:  # the parent died before the request
+        os._exit(1)
+    return ok
