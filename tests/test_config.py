@@ -105,6 +105,15 @@ def test_unknown_preset_names_available(tmp_path):
         load_preset("pretrain", str(bad))
 
 
+def test_broken_yaml_is_one_line_with_its_position(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("optim:\n  lr: [0.1, 0.2\nsteps: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_preset("pretrain", str(bad))
+    text = str(info.value)
+    assert text.startswith(f"{bad}: invalid YAML (line 3, column 6: expected ',' or ']'") and "\n" not in text
+
+
 def test_shipped_pretrain_presets_present():
     assert {"paper", "cpu", "smoke"} <= set(list_presets("pretrain"))
 

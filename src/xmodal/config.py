@@ -292,6 +292,15 @@ def _read_preset(group: str, name_or_path: str) -> tuple[dict, str]:
     return data, src
 
 
+def _yaml_problem(exc: Exception) -> str:
+    """One line for a YAML error: ``line L, column C: <problem> (<context>)``."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f", {context}" if context else "")
+
+
 def _read_yaml(path: "str | os.PathLike") -> Any:
     """The YAML document in ``path`` ({} when empty).
 
@@ -306,7 +315,7 @@ def _read_yaml(path: "str | os.PathLike") -> Any:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text (byte {exc.start})", path=path) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML ({exc})", path=path) from None
+        raise ConfigError(f"invalid YAML ({_yaml_problem(exc)})", path=path) from None
     except RecursionError:
         raise ConfigError("YAML nested too deeply to read", path=path) from None
     except ValueError as exc:  # a value YAML's constructors refuse (an integer of over 4300 digits, a date)

@@ -212,6 +212,20 @@ def test_prepare_skips_a_mesh_with_a_broken_labels_file(tmp_path, labeled_tree):
             assert pts[lab == first, 0].max() < pts[lab == first + 1, 0].min()
 
 
+def test_partseg_data_from_a_raw_folder_skips_a_broken_labels_file(tmp_path, labeled_tree):
+    """What `evaluate --partseg-data RAW_FOLDER` reads: the broken shape is skipped and listed."""
+    from xmodal.data.shapenetpart import load_partseg
+
+    root = labeled_tree(tmp_path / "lpsb", per_category=3, split_levels=True, test_per_category=1)
+    bad = root / "Cup" / "train" / "1_labels.txt"
+    bad.write_text("\n".join(bad.read_text().splitlines()[:2]) + "\n")  # the handle's faces left out
+    data = load_partseg(root, num_points=32, seed=0)
+    assert data.split("train").n == 3 and data.split("test").n == 2
+    assert "Cup/train/1" not in data.split("train").ids
+    assert [r["id"] for r in data.failed] == ["Cup/train/1"]
+    assert data.failed[0]["reason"].startswith(f"{bad}: ") and "no part label" in data.failed[0]["reason"]
+
+
 # ----------------------------------------------------------------------------- real data
 
 

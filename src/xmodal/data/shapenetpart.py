@@ -42,7 +42,7 @@ from xmodal.data.geometry import face_areas, face_centers, normalize_unit_sphere
 from xmodal.data.sampling import sample_mesh_points
 from xmodal.data.sources import open_source
 from xmodal.data.store import ShapeStore
-from xmodal.data.types import Mesh, Source
+from xmodal.data.types import Mesh, MeshError, Source
 from xmodal.errors import PartSegError
 
 __all__ = [
@@ -185,6 +185,8 @@ class PartSegData:
     part_names: list[str]
     category_parts: list[list[int]]
     source: str = ""
+    #: shapes of the source that could not be used: ``{"id", "reason"}`` each (skipped, not fatal)
+    failed: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         if len(self.category_parts) != len(self.category_names):
@@ -604,7 +606,7 @@ def from_store(store: Any, *, num_points: Optional[int] = None, seed: int = 0, s
     if not out:
         raise PartSegError(f"{where}: no shapes in splits {list(splits)}")
     parts = _category_parts_from_names(classes, part_names, out, where=where)
-    return PartSegData(out, classes, part_names, parts, source=where)
+    return PartSegData(out, classes, part_names, parts, source=where, failed=list(store.failed))
 
 
 def _category_parts_from_names(classes, part_names, splits, *, where: str) -> list[list[int]]:
@@ -654,7 +656,9 @@ def from_source(
     ``source`` is a :class:`xmodal.data.types.Source` (or a spec for
     :func:`xmodal.data.sources.open_source`) whose meshes carry ``face_labels``; each mesh is
     sampled with :func:`sample_labelled_mesh` (seed ``(seed, item index, split index)``) and
-    keeps its :class:`ShapeFaces`. A mesh that cannot be loaded raises its ``MeshError``.
+    keeps its :class:`ShapeFaces`. A mesh that cannot be loaded (a broken file, a labels file
+    that does not cover its faces exactly once) is skipped with a warning and listed in
+    :attr:`PartSegData.failed`, as ``xmodal prepare`` lists it under ``failed``.
     """
     if isinstance(source, (str, os.PathLike)):
         source = open_source(source, seed=seed)
@@ -664,25 +668,33 @@ def from_source(
         raise PartSegError(f"{where}: not a part-labelled mesh source (no part_names)")
     classes = list(source.classes)
     out: dict[str, PartSegSplit] = {}
+    failed: list[dict] = []
     for split in splits:
         items = [it for it in source.items if it.split == split]
-        if not items:
-            continue
-        pts = np.empty((len(items), num_points, 3), np.float32)
-        seg = np.empty((len(items), num_points), np.int64)
-        faces = []
+        kept, pts, seg, faces = [], [], [], []
         for i, it in enumerate(_progress(items, len(items), f"sampling {split}", progress)):
-            mesh = source.load(it)
+            try:
+                mesh = source.load(it)
+            except MeshError as exc:
+                logger.warning("skipping %s: %s", it.id, exc)
+                failed.append({"id": it.id, "reason": str(exc)})
+                continue
             if mesh.face_labels is None:
                 raise PartSegError(f"{where}: object '{it.id}' has no face labels")
-            pts[i], seg[i], shape_faces = sample_labelled_mesh(mesh, num_points, seed=(int(seed), i, len(out)))
+            p, sg, shape_faces = sample_labelled_mesh(mesh, num_points, seed=(int(seed), i, len(out)))
+            kept.append(it)
+            pts.append(p)
+            seg.append(sg)
             faces.append(shape_faces)
-        cat = np.array([classes.index(it.label) for it in items], np.int64)
-        out[split] = PartSegSplit(pts, seg, cat, [it.id for it in items], faces)
+        if not kept:
+            continue
+        cat = np.array([classes.index(it.label) for it in kept], np.int64)
+        out[split] = PartSegSplit(np.stack(pts).astype(np.float32), np.stack(seg).astype(np.int64), cat,
+                                  [it.id for it in kept], faces)
     if not out:
         raise PartSegError(f"{where}: no objects in splits {list(splits)}")
     parts = _category_parts_from_names(classes, part_names, out, where=where)
-    return PartSegData(out, classes, part_names, parts, source=where)
+    return PartSegData(out, classes, part_names, parts, source=where, failed=failed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -734,7 +746,7 @@ def load_partseg(
         d = path_or_store
         return PartSegData(
             {k: v.resampled(num_points, seed=int(rng.integers(2**31))) for k, v in d.splits.items()},
-            d.category_names, d.part_names, d.category_parts, d.source,
+            d.category_names, d.part_names, d.category_parts, d.source, d.failed,
         )
     if isinstance(path_or_store, ShapeStore):
         return from_store(path_or_store, num_points=num_points, seed=seed)

@@ -104,6 +104,12 @@ def _open_store(cfg: EvaluateConfig, loaded):
             "%s: images are %s px but the run was trained on %s px; they are resized to the run's size",
             cfg.data, store.image_size, loaded.image_size,
         )
+    run_points = getattr(loaded, "num_points", None)
+    if run_points is not None and store.num_points != run_points:
+        what = (f"a seeded subset of {run_points} points of each cloud is used" if store.num_points > run_points
+                else "the clouds are used as they are (fewer points than trained on)")
+        log.warning("%s: clouds have %d points but the run was trained on %d; %s",
+                    cfg.data, store.num_points, run_points, what)
     return store
 
 

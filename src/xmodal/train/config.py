@@ -439,6 +439,8 @@ def resolve_pretrain_config(
         try:
             base = from_dict(PretrainConfig, load_preset("pretrain", str(path)))
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
+            if exc.path is not None:  # the error names the file already
+                raise
+            raise ConfigError(exc.problem, path=path, hint=exc.hint) from exc
         return apply_overrides(base, overrides)
     return resolve(PretrainConfig, preset, overrides, group="pretrain")
