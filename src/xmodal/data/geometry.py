@@ -47,6 +47,7 @@ __all__ = [
     "degenerate_faces",
     "area_weighted_centroid",
     "normalize_unit_sphere",
+    "vertex_normals_from",
 ]
 
 #: names of the axes a source may call "up", in index order
@@ -259,3 +260,46 @@ def normalize_unit_sphere(points, *, strict: bool = True):
         scale = np.where(scale > 0, scale, 1.0)
     p /= scale[..., None, None]
     return p.astype(out_dtype, copy=False), center, (float(scale) if points.ndim == 2 else scale)
+
+
+def vertex_normals_from(faces: np.ndarray, fn: np.ndarray, areas: np.ndarray, nv: int) -> tuple[np.ndarray, np.ndarray]:
+    """Area-weighted unit vertex normals ``(V, 3)``, robust to inconsistent winding, and the area
+    of the faces around each vertex ``(V,)``, from the face cross products ``fn`` (F, 3) (of
+    length twice the area, :func:`face_cross`) and the face ``areas`` (F,); ``nv`` vertices.
+
+    Where the faces around a vertex are consistently wound this is the usual normalised sum of
+    area-weighted face normals. Where they are not (the summed normal is shorter than half the
+    summed area, as on ModelNet meshes whose faces are wound at random) each face normal is
+    first flipped to agree with the dominant direction of the faces around the vertex (the
+    principal axis of the area-weighted normal tensor); the sign of such normals is arbitrary,
+    which two-sided lighting does not mind. Vertices on no face get ``(0, 0, 1)``.
+    """
+    flat = faces.ravel()
+    w = np.repeat(fn, 3, axis=0)  # one row per face corner, matching ``flat``
+    acc = np.empty((nv, 3))
+    for c in range(3):
+        acc[:, c] = np.bincount(flat, weights=w[:, c], minlength=nv)
+    total = np.bincount(flat, weights=np.repeat(areas, 3), minlength=nv)
+    length = _row_norms(acc)
+    # |sum of cross products| < half their summed length (= the summed area)
+    bad = (length < total) & (total > 0)
+    if bad.any():
+        # sign-align the face normals around inconsistently wound vertices
+        corner = bad[flat]
+        vid, wn = flat[corner], w[corner]
+        wlen = np.maximum(_row_norms(wn), 1e-300)
+        tensor = np.zeros((nv, 3, 3))
+        np.add.at(tensor, vid, wn[:, :, None] * wn[:, None, :] / wlen[:, None, None])
+        _, vec = np.linalg.eigh(tensor[bad])
+        principal = np.zeros((nv, 3))
+        principal[bad] = vec[:, :, 2]
+        sign = np.where(np.einsum("ij,ij->i", wn, principal[vid]) < 0, -1.0, 1.0)
+        fixed = np.zeros((nv, 3))
+        np.add.at(fixed, vid, sign[:, None] * wn)
+        acc[bad] = fixed[bad]
+        length = _row_norms(acc)
+    out = np.zeros((nv, 3))
+    out[:, 2] = 1.0
+    ok = length > 0
+    out[ok] = acc[ok] / length[ok, None]
+    return out, total

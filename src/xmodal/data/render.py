@@ -54,6 +54,7 @@ from xmodal.data.geometry import (
     from_z_up,
     normalize_unit_sphere,
     up_axis_index,
+    vertex_normals_from,
 )
 from xmodal.data.types import Mesh, as_mesh
 
@@ -184,55 +185,13 @@ def view_matrices(
 
 
 def vertex_normals(mesh: Mesh) -> np.ndarray:
-    """Area-weighted vertex normals ``(V, 3)`` (unit length) of ``mesh`` (a
-    :class:`~xmodal.data.types.Mesh` or a ``(vertices, faces)`` pair), robust to
-    inconsistent winding.
-
-    Where the faces around a vertex are consistently wound this is the usual
-    normalised sum of area-weighted face normals.  Where they are not (the summed
-    normal is shorter than half the summed area, as happens on ModelNet meshes whose
-    faces are wound at random) each face normal is first flipped to agree with the
-    dominant direction of the faces around the vertex (the principal axis of the
-    area-weighted normal tensor).  The sign of such normals is arbitrary, which is fine
-    for two-sided lighting.  Vertices on no face get ``(0, 0, 1)``.
-    """
+    """Area-weighted unit vertex normals ``(V, 3)`` of ``mesh`` (a :class:`~xmodal.data.types.Mesh`
+    or a ``(vertices, faces)`` pair), robust to inconsistent winding: see
+    :func:`xmodal.data.geometry.vertex_normals_from`."""
     mesh = as_mesh(mesh)
     cross = face_cross(mesh.vertices, mesh.faces)
-    return _vertex_normals_from(mesh.faces, cross, face_areas(mesh.vertices, mesh.faces, cross=cross), len(mesh.vertices))[0]
-
-
-def _vertex_normals_from(faces: np.ndarray, fn: np.ndarray, areas: np.ndarray, nv: int):
-    """Vertex normals ``(V, 3)`` from the face cross products ``fn`` (F, 3) (length twice the
-    area) and the face ``areas`` (F,); and the area of the faces around each vertex ``(V,)``."""
-    flat = faces.ravel()
-    w = np.repeat(fn, 3, axis=0)  # one row per face corner, matching ``flat``
-    acc = np.empty((nv, 3))
-    for c in range(3):
-        acc[:, c] = np.bincount(flat, weights=w[:, c], minlength=nv)
-    total = np.bincount(flat, weights=np.repeat(areas, 3), minlength=nv)
-    length = np.sqrt(np.einsum("ij,ij->i", acc, acc))
-    # |sum of cross products| < half their summed length (= the summed area)
-    bad = (length < total) & (total > 0)
-    if bad.any():
-        # sign-align the face normals around inconsistently wound vertices
-        corner = bad[flat]
-        vid, wn = flat[corner], w[corner]
-        wlen = np.maximum(np.linalg.norm(wn, axis=1), 1e-300)
-        tensor = np.zeros((nv, 3, 3))
-        np.add.at(tensor, vid, wn[:, :, None] * wn[:, None, :] / wlen[:, None, None])
-        _, vec = np.linalg.eigh(tensor[bad])
-        principal = np.zeros((nv, 3))
-        principal[bad] = vec[:, :, 2]
-        sign = np.where(np.einsum("ij,ij->i", wn, principal[vid]) < 0, -1.0, 1.0)
-        fixed = np.zeros((nv, 3))
-        np.add.at(fixed, vid, sign[:, None] * wn)
-        acc[bad] = fixed[bad]
-        length = np.sqrt(np.einsum("ij,ij->i", acc, acc))
-    out = np.zeros((nv, 3))
-    out[:, 2] = 1.0
-    ok = length > 0
-    out[ok] = acc[ok] / length[ok, None]
-    return out, total
+    areas = face_areas(mesh.vertices, mesh.faces, cross=cross)
+    return vertex_normals_from(mesh.faces, cross, areas, len(mesh.vertices))[0]
 
 
 def estimate_normals(points, k: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -426,7 +385,7 @@ class Renderer:
         fn = face_cross(vertices, faces)
         areas = face_areas(vertices, faces, cross=fn)
         center = area_weighted_centroid(vertices, faces, areas=areas)
-        normals, weight = _vertex_normals_from(faces, fn, areas, len(vertices))
+        normals, weight = vertex_normals_from(faces, fn, areas, len(vertices))
         data = np.empty((len(vertices), 6), dtype=np.float32)
         v = vertices - center
         r2 = np.einsum("ij,ij->i", v, v)
