@@ -65,3 +65,19 @@ def test_print_config_shows_resolved_values(tmp_path, capsys):
     code = main(["-q", "pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--preset", "smoke", "optim.lr=0.125", "--print-config"])
     out = capsys.readouterr().out
     assert code == 0 and "lr: 0.125" in out
+
+
+def test_pretrain_print_config_needs_no_folders(capsys):
+    """`xmodal pretrain --print-config --preset paper` shows §4.1 without a dataset or a run folder."""
+    assert main(["-q", "pretrain", "--print-config", "--preset", "paper"]) == 0
+    out = capsys.readouterr().out
+    for line in ("lr: 0.001", "momentum: 0.9", "weight_decay: 0.0005", "step_size: 40000", "iterations: 120000",
+                 "batch_size: 32", "num_points: 2048", "image_size: 224", "pair_input_norm: none", "amp: 'off'"):
+        assert line in out
+
+
+def test_pretrain_without_data_or_out_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["-q", "pretrain", "--out", str(tmp_path / "r")])
+    assert info.value.code == 2 and "the following arguments are required: --data" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

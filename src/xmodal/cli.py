@@ -212,8 +212,8 @@ def _add_pretrain(sub) -> None:
         "Settings: a preset, then key=value overrides (e.g. loss.mode=cm iterations=500 optim.lr=0.01). "
         "Multi-GPU / multi-node: launch the same command with torchrun.",
     )
-    p.add_argument("--data", required=True, type=Path, help="dataset folder written by 'xmodal prepare'")
-    p.add_argument("--out", required=True, type=Path, help="run folder to write")
+    p.add_argument("--data", type=Path, help="dataset folder written by 'xmodal prepare' (required unless --print-config)")
+    p.add_argument("--out", type=Path, help="run folder to write (required unless --print-config)")
     p.add_argument("--preset", default=None, help=f"{' | '.join(list_presets('pretrain'))} | path/to/config.yaml "
                    "(default: paper; on --resume: the run's saved config)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -222,7 +222,7 @@ def _add_pretrain(sub) -> None:
                    "(its settings must still match)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys for nested fields")
-    p.set_defaults(handler=_run_pretrain)
+    p.set_defaults(handler=_run_pretrain, parser=p)
 
 
 def _run_pretrain(args) -> int:
@@ -230,9 +230,14 @@ def _run_pretrain(args) -> int:
     from xmodal.train.trainer import pretrain
 
     preset = args.preset if (args.preset or args.resume) else "paper"
+    if args.resume and args.out is None:
+        args.parser.error("--resume needs --out (the run folder)")
     cfg = resolve_pretrain_config(preset, args.overrides, run=args.out, resume=args.resume)
     if args.print_config:
         return _print_config(cfg)
+    missing = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if value is None]
+    if missing:
+        args.parser.error(f"the following arguments are required: {', '.join(missing)}")
     summary = pretrain(args.data, args.out, cfg, resume=args.resume, progress=not args.quiet,
                        allow_other_data=args.allow_other_data)
     if summary:
