@@ -26,12 +26,16 @@ from pathlib import Path
 
 from xmodal import __version__
 from xmodal.config import list_presets
+from xmodal.data.prepare_config import PrepareConfig
 from xmodal.errors import Interrupted, TrainingDiverged, XmodalError
+from xmodal.eval.config import DEFAULT_VIEWS
 from xmodal.eval.tasks import TASK_NAMES
 from xmodal.utils.io import os_error_text
 
 log = logging.getLogger("xmodal")
 
+#: the defaults the ``prepare`` flags' help states
+_PREP = PrepareConfig(source="", out="")
 #: ``--task`` choices: the registry's tasks (:mod:`xmodal.eval.tasks`) and ``all``
 EVAL_TASKS = (*TASK_NAMES, "all")
 
@@ -109,13 +113,13 @@ def _add_prepare(sub) -> None:
         "ModelNet40 HDF5 folder, or builtin:shapes[?train=32&test=8]",
     )
     p.add_argument("--out", required=True, type=Path, help="dataset folder to write")
-    p.add_argument("--views", type=_nonneg_int, default=None, help="rendered views per object, V (default 12; the paper uses 180)")
-    p.add_argument("--points", type=_positive_int, default=None, help="points per cloud, N (default 2048)")
-    p.add_argument("--image-size", type=_positive_int, default=None, help="image side in pixels (default 224)")
-    p.add_argument("--workers", type=_positive_int, default=None, help="parallel worker processes (default 1)")
-    p.add_argument("--seed", type=int, default=None, help="seed for cameras, sampling and splits (default 0)")
-    p.add_argument("--chunk-size", type=_positive_int, default=None, help="objects per shard file (default 32)")
-    p.add_argument("--test-ratio", type=float, default=None, help="test fraction where the source has no split (default 0.2)")
+    p.add_argument("--views", type=_nonneg_int, default=None, help=f"rendered views per object, V (default {_PREP.views}; the paper uses 180)")
+    p.add_argument("--points", type=_positive_int, default=None, help=f"points per cloud, N (default {_PREP.points})")
+    p.add_argument("--image-size", type=_positive_int, default=None, help=f"image side in pixels (default {_PREP.image_size})")
+    p.add_argument("--workers", type=_positive_int, default=None, help=f"parallel worker processes (default {_PREP.workers})")
+    p.add_argument("--seed", type=int, default=None, help=f"seed for cameras, sampling and splits (default {_PREP.seed})")
+    p.add_argument("--chunk-size", type=_positive_int, default=None, help=f"objects per shard file (default {_PREP.chunk_size})")
+    p.add_argument("--test-ratio", type=float, default=None, help=f"test fraction where the source has no split (default {_PREP.test_ratio})")
     p.add_argument("--rgb", action="store_true", help="render RGB instead of grayscale (grayscale=false)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing dataset built with other settings")
     p.add_argument("--shard", default=None, metavar="I/N",
@@ -260,7 +264,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--task", action="append", choices=EVAL_TASKS, help="task to run; repeat for several (default: all)")
     p.add_argument("--out", required=True, type=Path, help="report folder to write")
     p.add_argument("--baseline", choices=("random",), default=None, help="also evaluate the same networks at random initialisation")
-    p.add_argument("--views", type=_positive_int, nargs="+", default=None, help="view counts v for the 2D tasks (default 1 12 36 80; capped at the dataset's V)")
+    p.add_argument("--views", type=_positive_int, nargs="+", default=None, help=f"view counts v for the 2D tasks (default {' '.join(map(str, DEFAULT_VIEWS))}; capped at the dataset's V)")
     p.add_argument("--partseg-data", type=Path, default=None, help="part-segmentation data (ShapeNet-Part folder, Labeled PSB folder, or an xmodal dataset with part labels; default: --data)")
     p.add_argument("--partseg-epochs", type=_positive_int, default=None, help="epochs per part-segmentation setting (partseg.epochs)")
     p.add_argument("--partseg-points", type=_positive_int, default=None, help="points per shape for part segmentation (partseg.num_points)")
