@@ -17,6 +17,7 @@ import pytest
 
 
 from xmodal.data.prepare import PrepareConfig, PrepareError, object_seeds, prepare  # noqa: E402
+from xmodal.errors import OutputExistsError
 from xmodal.data.store import ShapeStore, read_shard, shard_relpath  # noqa: E402
 
 SPEC = "builtin:shapes?train=2&test=1"
@@ -194,9 +195,9 @@ def test_kill_mid_run_then_resume(tiny, tmp_path):
 
 def test_different_settings_refused_unless_overwrite(tiny, tmp_path):
     out = _copy(tiny, tmp_path / "ds")
-    with pytest.raises(PrepareError, match=r"points: 256 -> 128"):
+    with pytest.raises(OutputExistsError, match=r"ds: holds a dataset prepared with other settings \(.*points: 256 -> 128"):
         prepare(PrepareConfig(source=SPEC, out=out, **{**TINY, "points": 128}), progress=False)
-    with pytest.raises(PrepareError, match="object list"):
+    with pytest.raises(OutputExistsError, match="object list"):
         prepare(PrepareConfig(source="builtin:shapes?train=1&test=1", out=out, **TINY), progress=False)
     assert ShapeStore(out).num_points == 256  # untouched
     again = {**TINY, "points": 128, "views": 2, "overwrite": True}

@@ -174,7 +174,7 @@ def test_a_part_resumes_as_itself_and_refuses_another_part(built, tmp_path):
     man = prepare(PrepareConfig(out=part, shard=f"1/{N}", **KW), source=_source(), progress=False)
     assert man["shard"] == {"index": 1, "count": N}
     assert {p: p.stat().st_mtime_ns for p in (part / "shards").rglob("*.h5")} == before
-    with pytest.raises(PrepareError, match=f"shard: 1/{N} -> 2/{N}"):
+    with pytest.raises(OutputExistsError, match=f"shard: 1/{N} -> 2/{N}"):
         prepare(PrepareConfig(out=part, shard=f"2/{N}", **KW), source=_source(), progress=False)
 
 
@@ -190,7 +190,7 @@ def test_merge_again_is_a_noop_and_copies_on_request(built, tmp_path):
 
 def test_merge_refuses_another_dataset_in_out_unless_overwrite(built, tmp_path):
     other = _build(tmp_path / "other", points=32, views=0)
-    with pytest.raises(OutputExistsError, match=r"other: holds another dataset \(.*points: 32 -> 64"):
+    with pytest.raises(OutputExistsError, match=r"other: holds a dataset prepared with other settings \(.*points: 32 -> 64"):
         merge_datasets(built["parts"], other)
     assert ShapeStore(other).num_points == 32  # untouched
     merge_datasets(built["parts"], other, overwrite=True)

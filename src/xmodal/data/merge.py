@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Iterable
 
 from xmodal.config import load_config, save_config
-from xmodal.data.prepare import CONFIG_NAME, clear_outputs, describe_difference, finalize_store, plan_key
+from xmodal.data.prepare import CONFIG_NAME, claim_output, describe_difference, finalize_store, plan_key
 from xmodal.data.prepare_config import PrepareConfig
 from xmodal.data.sharding import format_shard, shard_chunks
 from xmodal.data.store import MANIFEST_NAME, PLAN_NAME, failed_relpath, shard_relpath, validate_manifest
 from xmodal.errors import ConfigError, DataError, MissingInputError, OutputExistsError
-from xmodal.utils.io import atomic_path, read_json, write_json
+from xmodal.utils.io import atomic_path, read_json
 from xmodal.utils.lock import output_lock
 
 __all__ = ["merge_datasets"]
@@ -167,29 +167,6 @@ def _check_parts(parts: list[_Part]) -> None:
                             "prepared with the same source and settings (only --shard differs)", path=part.path)
 
 
-def _claim(out: Path, plan: dict, overwrite: bool) -> None:
-    """Check that ``out`` is new, or holds this merge (a re-run), or may be overwritten; write the plan."""
-    plan_path = out / PLAN_NAME
-    if plan_path.is_file():
-        try:
-            old = read_json(plan_path)
-        except ValueError:
-            old = {}
-        if plan_key(old) == plan_key(plan):
-            return
-        what = f"another dataset ({describe_difference(old, plan)})"
-    elif any((out / name).exists() for name in (MANIFEST_NAME, "shards", "failed")):
-        what = f"a dataset without {PLAN_NAME}"
-    else:
-        write_json(plan_path, plan)
-        return
-    if not overwrite:
-        raise OutputExistsError(f"holds {what}", path=out,
-                                hint="choose another --out, or pass --overwrite to replace it")
-    clear_outputs(out)
-    write_json(plan_path, plan)
-
-
 def _link_or_copy(src: Path, dst: Path, link: bool) -> None:
     """Put ``src`` at ``dst`` atomically: a hard link when ``link`` and the file system allow, else a copy."""
     if dst.is_file() and os.path.samefile(src, dst):
@@ -270,7 +247,7 @@ def merge_datasets(parts: Iterable["str | os.PathLike"], out: "str | os.PathLike
             raise DataError(f"the output folder is {part.name} itself; merge into a new folder", path=out)
     plan = _whole(read[0].plan)
     with output_lock(out, "merge"):
-        _claim(out, plan, overwrite)
+        claim_output(out, plan, overwrite, hint="choose another --out, or pass --overwrite to replace it")
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # the manifest comes last, when every shard is in
         n_shards = sum(_gather(part, out, plan, link) for part in read)
         _write_config(read[0].path, out)

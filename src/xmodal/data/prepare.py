@@ -61,7 +61,7 @@ from xmodal.data.mesh_limit import MeshLimit
 from xmodal.data.prepare_config import PrepareConfig
 from xmodal.data.sharding import format_shard, parse_shard, shard_chunks
 from xmodal.data.types import Item, Mesh, MeshError, PointCloud, Source
-from xmodal.errors import ConfigError, Interrupted, PrepareError, XmodalError
+from xmodal.errors import ConfigError, Interrupted, OutputExistsError, PrepareError, XmodalError
 from xmodal.utils.io import read_json, write_json
 from xmodal.utils.lock import output_lock
 from xmodal.utils.signals import StopRequest, die_with_parent, ignore_stop_signals
@@ -396,31 +396,31 @@ def _make_plan(src: Source, spec: Optional[str], settings: dict,
     return plan, items
 
 
-def _claim_output(out: Path, plan: dict, overwrite: bool) -> None:
-    """Check that ``out`` is new, or holds this plan (a resume), or may be overwritten; write the plan."""
+def claim_output(out: Path, plan: dict, overwrite: bool, *,
+                 hint: str = "use another output folder or overwrite=True (--overwrite) to replace it") -> None:
+    """Check that ``out`` is new, or holds this plan (a resume, a re-run), or may be overwritten
+    (``overwrite``: its dataset files are removed); write the plan. Used by ``prepare`` and ``merge``.
+
+    Raises :class:`OutputExistsError` (naming ``out``, with ``hint``) when ``out`` holds another dataset."""
     plan_path = out / PLAN_NAME
     if plan_path.is_file():
         try:
             old = read_json(plan_path)
         except ValueError:
             old = {}
-        if plan_key(old) != plan_key(plan):
-            if not overwrite:
-                raise PrepareError(
-                    f"{out} holds a dataset prepared with different settings ({describe_difference(old, plan)}); "
-                    "use another output folder or overwrite=True (--overwrite) to replace it"
-                )
-            log.info("overwriting %s", out)
-            clear_outputs(out)
-    elif (out / MANIFEST_NAME).is_file() or (out / "shards").is_dir():
-        if not overwrite:
-            raise PrepareError(
-                f"{out} holds a dataset without {PLAN_NAME} (not made by prepare, or older); "
-                "use another output folder or overwrite=True (--overwrite) to replace it"
-            )
-        clear_outputs(out)
-    if not plan_path.is_file():
+        if plan_key(old) == plan_key(plan):
+            return
+        what = f"a dataset prepared with other settings ({describe_difference(old, plan)})"
+    elif any((out / name).exists() for name in (MANIFEST_NAME, "shards", "failed")):
+        what = f"a dataset without {PLAN_NAME} (not made by prepare, or older)"
+    else:
         write_json(plan_path, plan)
+        return
+    if not overwrite:
+        raise OutputExistsError(f"holds {what}", path=out, hint=hint)
+    log.info("overwriting %s", out)
+    clear_outputs(out)
+    write_json(plan_path, plan)
 
 
 def _pending_chunks(out: Path, items: dict[str, list[Item]], chunk_size: int,
@@ -479,7 +479,7 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
     settings = _settings(cfg, src)
     shard = parse_shard(cfg.shard)
     plan, items = _make_plan(src, spec, settings, shard)
-    _claim_output(out, plan, cfg.overwrite)
+    claim_output(out, plan, cfg.overwrite)
     save_config(cfg, out / CONFIG_NAME)
     chunks = shard_chunks({split: len(its) for split, its in items.items()}, cfg.chunk_size, shard)
     if shard is not None and not chunks:
