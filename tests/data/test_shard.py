@@ -22,7 +22,7 @@ from xmodal.data.prepare import PrepareConfig, prepare  # noqa: E402
 from xmodal.data.sharding import parse_shard, plan_chunks, shard_chunks  # noqa: E402
 from xmodal.data.store import ShapeStore, shard_relpath  # noqa: E402
 from xmodal.errors import (  # noqa: E402
-    ConfigError, DataError, MeshError, OutputExistsError, OutputLockedError, PrepareError,
+    ConfigError, DataError, MeshError, OutputExistsError, OutputLockedError,
 )
 
 # 14 classes x (1 train + 1 test) = 28 objects; chunks of 5: train 5+5+4, test 5+5+4 -> 6 chunks
