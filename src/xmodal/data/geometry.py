@@ -287,7 +287,8 @@ def vertex_normals_from(faces: np.ndarray, fn: np.ndarray, areas: np.ndarray, nv
         # sign-align the face normals around inconsistently wound vertices
         corner = bad[flat]
         vid, wn = flat[corner], w[corner]
-        wlen = np.maximum(_row_norms(wn), 1e-300)
+        # np.linalg.norm here (not _row_norms): the exact bits the datasets were prepared with
+        wlen = np.maximum(np.linalg.norm(wn, axis=1), 1e-300)
         tensor = np.zeros((nv, 3, 3))
         np.add.at(tensor, vid, wn[:, :, None] * wn[:, None, :] / wlen[:, None, None])
         _, vec = np.linalg.eigh(tensor[bad])
