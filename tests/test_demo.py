@@ -25,8 +25,8 @@ def test_demo_end_to_end_tiny(tmp_path):
         image_size=32,
         pretrain_preset="smoke",
     )
-    report = demo(apply_overrides(cfg, ["partseg.epochs=1", "partseg.num_points=64", "partseg.fractions=[0.2, 1.0]"]),
-                  progress=False)
+    report = demo(apply_overrides(cfg, ["partseg.epochs=1", "partseg.num_points=64", "partseg.fractions=[0.2, 1.0]",
+                                        "svm.cs=[0.01, 1.0]"]), progress=False)
     assert report.is_file()
     text = report.read_text()
     for table in ("Table 1", "Table 2", "Table 3", "Table 4"):

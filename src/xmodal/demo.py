@@ -53,7 +53,8 @@ def evaluate_config(cfg: DemoConfig) -> EvaluateConfig:
         partseg = dataclasses.replace(partseg, num_points=min(cfg.points, partseg.num_points))
     return EvaluateConfig(
         run=str(out / "run"), data=str(out / "data"), out=str(out / "report"), tasks=list(cfg.tasks),
-        baseline="random", seed=cfg.seed, views=list(cfg.eval_views), fewshot=cfg.fewshot, partseg=partseg,
+        baseline="random", seed=cfg.seed, views=list(cfg.eval_views), svm=cfg.svm, fewshot=cfg.fewshot,
+        partseg=partseg,
     )
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 from xmodal.config import paths_to_str, require_fields
 from xmodal.errors import ConfigError
-from xmodal.eval.config import FewShotConfig, PartSegConfig
+from xmodal.eval.config import FewShotConfig, PartSegConfig, SvmConfig
 from xmodal.eval.tasks import resolve_tasks
 
 __all__ = ["DEMO_SOURCE", "DemoConfig"]
@@ -59,6 +59,8 @@ class DemoConfig:
     tasks: list[str] = field(default_factory=lambda: ["all"])
     #: view counts of the 2D evaluation tasks
     eval_views: list[int] = field(default_factory=lambda: [1, 4, 8, 12])
+    #: the linear SVM's C grid (default: the paper protocol's)
+    svm: SvmConfig = field(default_factory=SvmConfig)
     fewshot: FewShotConfig = field(default_factory=_demo_fewshot)
     #: part segmentation on the demo's own part labels; ``num_points`` is capped at ``points``
     partseg: PartSegConfig = field(default_factory=_demo_partseg)

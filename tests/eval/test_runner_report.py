@@ -156,7 +156,7 @@ def test_evaluate_end_to_end_with_baseline(image_store, run_dir, tmp_path, loade
     out = tmp_path / "report"
     cfg = EvaluateConfig(
         run=run_dir, data=image_store, out=out, baseline="random", views=[1, 3, 80], device="cpu",
-        fewshot=FewShotConfig(settings=[(2, 3), (4, 2)], episodes=3),
+        fewshot=FewShotConfig(settings=[(2, 3), (4, 2)], episodes=3), svm=SvmConfig(cs=[0.01, 1.0]),
     )
     m = evaluate(cfg, loaded=loaded, progress=False)
     on_disk = json.loads((out / "metrics.json").read_text())
@@ -204,7 +204,7 @@ def test_evaluate_end_to_end_with_baseline(image_store, run_dir, tmp_path, loade
 def test_points_only_dataset_skips_image_tasks(points_store, run_dir, tmp_path, loaded):
     out = tmp_path / "r"
     cfg = EvaluateConfig(run=run_dir, data=points_store, tasks=["pretext", "svm", "retrieval", "crossmodal"], out=out,
-                         device="cpu")
+                         device="cpu", svm=SvmConfig(cs=[1.0]))
     m = evaluate(cfg, loaded=loaded, progress=False)
     sk = m["meta.tasks_skipped"]
     for task in ("pretext", "svm2d", "retrieval2d", "crossmodal"):
@@ -219,7 +219,7 @@ def test_points_only_dataset_skips_image_tasks(points_store, run_dir, tmp_path, 
 
 def test_tasks_run_one_at_a_time_are_merged(points_store, run_dir, tmp_path, loaded):
     out = tmp_path / "r"
-    cfg = EvaluateConfig(run=run_dir, data=points_store, tasks=["svm"], out=out, device="cpu")
+    cfg = EvaluateConfig(run=run_dir, data=points_store, tasks=["svm"], out=out, device="cpu", svm=SvmConfig(cs=[1.0]))
     evaluate(cfg, loaded=loaded, progress=False)
     m = evaluate(replace(cfg, tasks=["retrieval"]), loaded=loaded, progress=False)
     assert "svm3d.accuracy" in m and "retrieval3d.top1" in m
@@ -317,7 +317,7 @@ def test_registry_prefixes_cover_every_key_a_task_writes(image_store, run_dir, t
     real_put = EvalContext.put
     monkeypatch.setattr(EvalContext, "put", lambda self, k, v: written.append((self.task, k)) or real_put(self, k, v))
     cfg = EvaluateConfig(
-        run=run_dir, data=image_store, out=tmp_path / "r", views=[1, 3], device="cpu",
+        run=run_dir, data=image_store, out=tmp_path / "r", views=[1, 3], device="cpu", svm=SvmConfig(cs=[1.0]),
         fewshot=FewShotConfig(settings=[(2, 3)], episodes=2), partseg_data=_part_labelled_store(tmp_path / "parts"),
         partseg=PartSegConfig(settings=["frozen"], fractions=[1.0], epochs=1, batch_size=4),
     )
