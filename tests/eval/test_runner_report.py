@@ -352,3 +352,13 @@ def test_table3_columns_follow_the_evaluated_ks():
     paper = next(line for line in table if line.startswith("| paper "))
     cells = [c.strip() for c in paper.strip("| ").split("|")]
     assert float(cells[2]) > 0 and cells[3] == DASH  # the paper reports top-1, not top-3
+
+
+def test_evaluate_warns_when_clouds_differ_from_the_runs_point_count(points_store, run_dir, tmp_path, loaded, caplog):
+    """The run was trained on 48 points; the store holds N: the subset used is said in a warning."""
+    cfg = EvaluateConfig(run=run_dir, data=points_store, tasks=["retrieval"], out=tmp_path / "r", device="cpu")
+    with caplog.at_level("WARNING", logger="xmodal.eval.runner"):
+        evaluate(cfg, loaded=loaded, progress=False)
+    line = next(r.getMessage() for r in caplog.records if "points but the run was trained on" in r.getMessage())
+    assert line == (f"{points_store}: clouds have {N} points but the run was trained on {loaded.num_points}; "
+                    f"a seeded subset of {loaded.num_points} points of each cloud is used")
