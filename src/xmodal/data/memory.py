@@ -39,7 +39,7 @@ class ArraySplitView(SplitView):
         if unknown or missing:
             raise StoreError(f"in-memory split '{name}': missing arrays {missing}, unknown arrays {unknown}")
         n = len(present["labels"])
-        if len(present["ids"]) != n or any(len(v) != n for v in present.values()):
+        if any(len(v) != n for v in present.values()):
             raise StoreError(f"in-memory split '{name}': arrays of different lengths "
                              f"{ {k: len(v) for k, v in present.items()} }")
         super().__init__(store, name, shard_paths=[], sizes=[n])

@@ -302,15 +302,15 @@ def section_table2(m: ReportMetrics) -> list[str]:
     return lines + [""]
 
 
-def _retrieval_ks(m: ReportMetrics) -> tuple[int, ...]:
-    """The K values of the retrieval metrics present (``retrieval.ks``), else the paper's."""
-    tails = (k.rsplit(".top", 1) for k in m.m if k.startswith(("retrieval2d.", "retrieval3d.")))
-    found = {int(t[1]) for t in tails if len(t) == 2 and t[1].isdigit()}
-    return tuple(sorted(found)) or tuple(P.TABLE3_KS)
+def _top_ks(m: ReportMetrics, prefixes: tuple[str, ...]) -> tuple[int, ...]:
+    """The K values of the ``<prefix>…top<K>`` metrics present under ``prefixes``, in order."""
+    tails = (k.rsplit(".top", 1) for k in m.m if k.startswith(prefixes))
+    return tuple(sorted({int(t[1]) for t in tails if len(t) == 2 and t[1].isdigit()}))
 
 
 def section_table3(m: ReportMetrics) -> list[str]:
-    ks = _retrieval_ks(m)
+    # the K values evaluated (``retrieval.ks``), else the paper's
+    ks = _top_ks(m, ("retrieval2d.", "retrieval3d.")) or tuple(P.TABLE3_KS)
     lines = ["## Table 3 — 2D and 3D shape retrieval (top-K accuracy, %)", ""]
     if not (m.has("retrieval2d.") or m.has("retrieval3d.")):
         why = _skipped(m, "retrieval")
@@ -509,9 +509,7 @@ def section_crossmodal(m: ReportMetrics) -> list[str]:
     if not m.has("crossmodal."):
         why = _skipped(m, "crossmodal")
         return lines + [f"_Not evaluated{': ' + why if why else ''}._", ""]
-    ks = sorted(
-        {int(k.rsplit("top", 1)[1]) for k in m.m if k.startswith("crossmodal.img2shape.top")}
-    )
+    ks = _top_ks(m, ("crossmodal.img2shape.",))
     cols = [f"top{k}" for k in ks] + ["exact1"]
     header = ["direction"] + [f"{c} (%)" for c in cols]
     rows = []
