@@ -11,6 +11,7 @@ from xmodal.config import (
     ConfigError,
     apply_overrides,
     check_device,
+    check_keys,
     from_dict,
     list_presets,
     load_config,
@@ -112,6 +113,25 @@ def test_broken_yaml_is_one_line_with_its_position(tmp_path):
         load_preset("pretrain", str(bad))
     text = str(info.value)
     assert text.startswith(f"{bad}: invalid YAML (line 3, column 6: expected ',' or ']'") and "\n" not in text
+
+
+def test_unknown_key_of_a_preset_names_the_preset_file(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("steps: 5\noptim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        resolve(Cfg, str(p))
+    assert str(info.value).startswith(f"{p}: unknown config key(s) optim.lrr; valid keys here: optim.lr")
+    # a mistyped override is the command line's, not the preset's
+    p.write_text("steps: 5\n")
+    with pytest.raises(ConfigError) as info:
+        resolve(Cfg, str(p), ["optim.lrr=1"])
+    assert str(info.value).startswith("unknown config key(s) optim.lrr")
+
+
+def test_check_keys_walks_nested_sections_without_checking_values():
+    check_keys(Cfg, {"steps": "not a number", "optim": {"lr": -5}})
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) optim\.x"):
+        check_keys(Cfg, {"optim": {"x": 1}})
 
 
 def test_shipped_pretrain_presets_present():

@@ -38,6 +38,7 @@ T = TypeVar("T")
 __all__ = [
     "ConfigError",
     "from_dict",
+    "check_keys",
     "to_dict",
     "apply_overrides",
     "parse_overrides",
@@ -169,18 +170,36 @@ def _field_default(cls, name: str) -> Any:
     return None
 
 
+def _refuse_unknown(cls: type, data: dict, prefix: str) -> dict:
+    """The field types of ``cls``; a :class:`ConfigError` listing the keys of ``data`` it lacks."""
+    types_ = _field_types(cls)
+    unknown = sorted(map(str, set(data) - set(types_)))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+            f"valid keys here: {', '.join(prefix + k for k in types_)}"
+        )
+    return types_
+
+
+def check_keys(cls: type, data: dict | None, *, _prefix: str = "") -> None:
+    """Refuse, as :func:`from_dict` would, a key of the nested dict ``data`` that ``cls`` (or one of
+    its nested sections) lacks, without checking or converting any value."""
+    if not isinstance(data, dict):
+        return
+    _refuse_unknown(cls, data, _prefix)
+    for name, value in data.items():
+        default = _field_default(cls, name)
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            check_keys(type(default), value, _prefix=f"{_prefix}{name}.")
+
+
 def from_dict(cls: type[T], data: dict | None, *, _prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (partial) nested dict; missing keys keep defaults."""
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{_prefix.rstrip('.') or 'config'}: expected a mapping, got {_short(data)}")
     data = dict(data or {})
-    types_ = _field_types(cls)
-    unknown = sorted(map(str, set(data) - set(types_)))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(_prefix + u for u in unknown)}; "
-            f"valid keys here: {', '.join(_prefix + k for k in types_)}"
-        )
+    types_ = _refuse_unknown(cls, data, _prefix)
     kwargs = {}
     for name, tp in types_.items():
         if name in data:
@@ -274,18 +293,22 @@ def load_preset(group: str, name_or_path: str, *, _chain: tuple = ()) -> dict:
     return _deep_merge(load_preset(group, parent, _chain=_chain + (name_or_path,)), data)
 
 
-def _read_preset(group: str, name_or_path: str) -> tuple[dict, str]:
+def _preset_source(group: str, name_or_path: str) -> str:
+    """The YAML file of a preset: ``name_or_path`` itself when it is one, else the shipped preset."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.exists():
-        src = str(p)
-    else:
-        f = _preset_dir(group) / f"{name_or_path}.yaml"
-        if not f.is_file():
-            raise ConfigError(
-                f"unknown {group} preset {name_or_path!r}; available: {', '.join(list_presets(group)) or 'none'} "
-                "(or give a path to a .yaml file)"
-            )
-        src = str(f)
+        return str(p)
+    f = _preset_dir(group) / f"{name_or_path}.yaml"
+    if not f.is_file():
+        raise ConfigError(
+            f"unknown {group} preset {name_or_path!r}; available: {', '.join(list_presets(group)) or 'none'} "
+            "(or give a path to a .yaml file)"
+        )
+    return str(f)
+
+
+def _read_preset(group: str, name_or_path: str) -> tuple[dict, str]:
+    src = _preset_source(group, name_or_path)
     data = _read_yaml(src)
     if not isinstance(data, dict):
         raise ConfigError("a preset must be a mapping at top level", path=src)
@@ -327,6 +350,10 @@ def resolve(cls: type[T], preset: str | None = None, overrides: Iterable[str] | 
     data: dict = {}
     if preset:
         data = load_preset(group, preset)
+        try:
+            check_keys(cls, data)
+        except ConfigError as exc:  # the key is the preset's (or a preset's it inherits): name the file
+            raise ConfigError(exc.problem, path=_preset_source(group, preset), hint=exc.hint) from None
     ov = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     return from_dict(cls, _deep_merge(data, ov))
 

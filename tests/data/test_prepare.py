@@ -363,9 +363,15 @@ def test_points_source(tmp_path, views):
 
 def test_points_source_too_few_points_fails_objects(tmp_path):
     src = _fake_h5(tmp_path / "h5")
-    man = prepare(PrepareConfig(source=src, out=tmp_path / "ds", views=0, points=64, image_size=32, chunk_size=4),
-                  progress=False)
+    cfg = PrepareConfig(source=src, out=tmp_path / "ds", views=0, points=64, image_size=32, chunk_size=4)
+    with pytest.raises(PrepareError, match="none of the 6 objects could be prepared") as err:
+        prepare(cfg, progress=False)
+    assert str(src) in str(err.value) and "fewer" in str(err.value)
+    # the manifest, written before the error, lists every failure; the same command says the same
+    man = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert sum(man["counts"].values()) == 0 and len(man["failed"]) == 6
+    with pytest.raises(PrepareError, match="none of the 6"):
+        prepare(cfg, progress=False)
     assert all("fewer" in r["reason"] for r in man["failed"])
     store = ShapeStore(tmp_path / "ds")
     assert store.split("train").all_points().shape == (0, 64, 3)

@@ -268,7 +268,8 @@ def test_merge_cli(built, tmp_path, capsys):
     assert f"dataset of 3 parts written to {tmp_path / 'm'} (14 classes; train: 13, test: 14; 1 failed)" in out
     assert main(["-q", "merge", *parts[:2], "--out", str(tmp_path / "m2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].startswith("xmodal merge: error: part 3/3 of the dataset missing") and "Traceback" not in err
+    assert err[0].startswith(f"xmodal merge: error: {tmp_path / 'm2'}: part 3/3 of the dataset missing")
+    assert "Traceback" not in err
     assert err[1].startswith("  hint: ")
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from xmodal.data.show import find_object, show
 from xmodal.data.store import write_store
-from xmodal.errors import DataError, StoreError
+from xmodal.errors import ConfigError, DataError, StoreError
 
 
 def _store(tmp_path, *, views=4, point_labels=True):
@@ -48,6 +48,20 @@ def test_show_writes_png(tmp_path):
     assert 400 <= w <= 2000 and 300 <= h <= 1500 and w > h  # views beside the cloud
     assert gray.std() > 5  # not a blank canvas
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
+
+
+@pytest.mark.parametrize("name, magic", [("sheet.jpg", b"\xff\xd8\xff"), ("sheet.PDF", b"%PDF"), ("sheet", b"\x89PNG")])
+def test_show_writes_the_format_its_suffix_names(tmp_path, name, magic):
+    store = _store(tmp_path)
+    out = show(store, 0, tmp_path / name)
+    assert out.read_bytes()[: len(magic)] == magic
+
+
+def test_show_refuses_a_format_it_cannot_write(tmp_path):
+    store = _store(tmp_path)
+    with pytest.raises(ConfigError, match=r"sheet\.xyz: cannot write a \.xyz image \(formats: .*png"):
+        show(store, 0, tmp_path / "sheet.xyz")
+    assert not (tmp_path / "sheet.xyz").exists()
 
 
 def test_show_by_index_into_folder_points_only(tmp_path):

@@ -115,3 +115,15 @@ def test_resume_uses_saved_config_as_base(tmp_path, caplog):
     # without resume the preset is the base
     fresh = resolve_pretrain_config("smoke", [], run=tmp_path, resume=False)
     assert fresh.optim.lr == 0.001 and fresh.seed == 0
+
+
+@pytest.mark.parametrize("text, problem", [("model:\n  kk: 3\n", "unknown config key(s) model.kk"),
+                                           ("iterations: [1\n", "invalid YAML (line 2"),
+                                           ("iterations: -4\n", "iterations")])
+def test_broken_saved_config_is_named_once(tmp_path, text, problem):
+    (tmp_path / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        resolve_pretrain_config(None, [], run=tmp_path, resume=True)
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / 'config.yaml'}: ") and problem in msg
+    assert msg.count("config.yaml") == 1

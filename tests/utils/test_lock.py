@@ -53,3 +53,31 @@ def test_lock_is_released_after_the_block(tmp_path):
     with output_lock(tmp_path, "prepare"):
         pass
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_folder_created_by_a_job_that_wrote_nothing_is_removed(tmp_path):
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError):
+        with output_lock(out, "prepare"):
+            assert (out / LOCK_NAME).is_file()
+            raise RuntimeError("bad input")
+    assert not out.exists()
+
+
+def test_a_folder_with_output_or_that_existed_before_stays(tmp_path):
+    out = tmp_path / "new"
+    with output_lock(out, "prepare"):
+        (out / "plan.json").write_text("{}")
+    assert (out / "plan.json").is_file()
+    before = tmp_path / "before"
+    before.mkdir()
+    with output_lock(before, "prepare"):
+        pass
+    assert before.is_dir() and [p.name for p in before.iterdir()] == [LOCK_NAME]
+
+
+def test_cli_with_a_missing_source_leaves_no_output_folder(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "xmodal", "prepare", "--source", str(tmp_path / "nothing"),
+                           "--out", str(tmp_path / "ds")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "nothing" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ds").exists()

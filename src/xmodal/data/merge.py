@@ -142,8 +142,9 @@ def _difference(a: _Part, b: _Part) -> str:
     return ", ".join(diffs)
 
 
-def _check_parts(parts: list[_Part]) -> None:
-    """All N parts of one dataset, each once, built alike; else a :class:`DataError` naming the part."""
+def _check_parts(parts: list[_Part], out: Path) -> None:
+    """All N parts of one dataset, each once, built alike; else a :class:`DataError` naming the part
+    (or ``out``, the dataset being merged, when a part is missing)."""
     first = parts[0]
     n = first.shard[1]
     seen: dict[tuple[int, int], _Part] = {}
@@ -159,7 +160,7 @@ def _check_parts(parts: list[_Part]) -> None:
     if missing:
         raise DataError(f"part {', '.join(missing)} of the dataset missing (given: "
                         f"{', '.join(p.name for p in sorted(parts, key=lambda p: p.shard))})",
-                        hint="pass every part's folder, or build the missing ones with --shard")
+                        path=out, hint="pass every part's folder, or build the missing ones with --shard")
     for part in parts[1:]:
         diff = _difference(first, part)
         if diff:
@@ -240,7 +241,7 @@ def merge_datasets(parts: Iterable["str | os.PathLike"], out: "str | os.PathLike
     read = [_read_part(Path(p)) for p in parts]
     if not read:
         raise ConfigError("merge: no parts given")
-    _check_parts(read)
+    _check_parts(read, out)
     read.sort(key=lambda p: p.shard)
     for part in read:
         if out.exists() and os.path.samefile(out, part.path):

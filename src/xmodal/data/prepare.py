@@ -462,7 +462,8 @@ def prepare(cfg: PrepareConfig, *, source: Optional[Source] = None, progress: bo
     Raises:
         ConfigError: a bad setting, or a missing ``source`` / ``out``.
         PrepareError: ``out`` holds a store or plan made with other settings (or another part)
-            and ``cfg.overwrite`` is False.
+            and ``cfg.overwrite`` is False; or not one object could be prepared (raised after the
+            manifest, which lists every failure with its reason, is written).
     """
     cfg.validate()
     cfg.require_paths(source=source is None)
@@ -504,7 +505,16 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
                            progress=progress, should_stop=lambda: stop.requested)
         if written < len(tasks):
             raise _interrupted(out, stop.signum, len(chunks) - len(tasks) + written, len(chunks), shard)
-    return finalize_store(out, plan, up_axis=src.up_axis, part_names=src.part_names)
+    manifest = finalize_store(out, plan, up_axis=src.up_axis, part_names=src.part_names)
+    n_failed = len(manifest.get("failed", []))
+    if n_failed and not sum(manifest["counts"].values()):
+        first = manifest["failed"][0]
+        raise PrepareError(
+            f"none of the {n_failed} objects could be prepared (the first, {first.get('id')}: {first.get('reason')})",
+            path=cfg.source or out,
+            hint=f"every failure and its reason is listed under 'failed' in {out / MANIFEST_NAME}",
+        )
+    return manifest
 
 
 def _interrupted(out: Path, signum: Optional[int], written: int, total: int,

@@ -73,22 +73,29 @@ def show(
     max_views: int = 12,
     dpi: int = 100,
 ) -> Path:
-    """Write a PNG contact sheet of one object and return its path.
+    """Write a contact sheet of one object and return its path.
 
     Args:
         dataset: a store folder, a raw ModelNet40 HDF5 folder, or an open :class:`ShapeStore`.
         object_id: an object id (searched in ``split``, or every split) or an integer
             index into ``split`` (default ``"train"``).
-        out: PNG file to write (atomically); an existing folder gets ``<id>.png`` inside.
+        out: image file to write (atomically), in the format its suffix names (``.png``, ``.pdf``,
+            ``.svg``, ``.jpg``, ...: what matplotlib writes; PNG without a suffix); an existing
+            folder gets ``<id>.png`` inside.
         split: split to look in.
         max_views: at most this many views are shown (the first ones).
-        dpi: resolution of the PNG.
+        dpi: resolution of a raster image.
 
     Returns:
         The written path.
     """
     if max_views < 0:
         raise ConfigError(f"max_views must be >= 0, got {max_views}")
+    out = Path(out)
+    if out.is_dir():
+        fmt = "png"
+    else:
+        fmt = image_format(out)
     store = dataset if isinstance(dataset, ShapeStore) else open_dataset(dataset)
     name, i = find_object(store, object_id, split)
     view = store.split(name)
@@ -100,14 +107,27 @@ def show(
     images = view.images(i, range(n_views)) if n_views else None
     cams = view.cameras(i) if n_views else None
 
-    out = Path(out)
     if out.is_dir():
         out = out / (re.sub(r"[^A-Za-z0-9._-]+", "_", oid) + ".png")
 
     fig = _draw(oid, cls, name, i, images, cams, pts, plab, store.part_names, store.up_axis)
-    with atomic_path(out, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+    with atomic_path(out, suffix=f".{fmt}") as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi)
     return out
+
+
+def image_format(path: Path) -> str:
+    """The matplotlib format named by ``path``'s suffix (``"png"`` without one); a
+    :class:`~xmodal.errors.ConfigError` naming the path for a suffix matplotlib cannot write."""
+    from matplotlib.figure import Figure
+
+    fmt = path.suffix[1:].lower()
+    if not fmt:
+        return "png"
+    supported = Figure().canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise ConfigError(f"cannot write a {path.suffix} image (formats: {', '.join(sorted(supported))})", path=path)
+    return fmt
 
 
 def _draw(oid, cls, split, index, images, cams, pts, plab, part_names, up_axis):

@@ -6,7 +6,9 @@ refused at once with :class:`~xmodal.errors.OutputLockedError`, naming the proce
 (its pid, command and start time are written into the lock file). The operating system releases
 the lock when the holder exits, however it exits (``kill -9`` included), so a stale lock file
 never blocks: only a live holder does. The file itself is left in place (deleting it could let a
-third process lock a file that a second one is about to lock).
+third process lock a file that a second one is about to lock), except in one case: a folder that
+the lock created and in which the job wrote nothing (it failed on its input first) is removed
+again, lock file and all, so a mistyped command leaves no empty output folder behind.
 
 On platforms without ``fcntl`` (Windows) the lock is not taken, with a debug message.
 """
@@ -54,6 +56,7 @@ def output_lock(folder: "str | os.PathLike", command: str) -> Iterator[Path]:
         OutputLockedError: another live process holds it; the message names that process.
     """
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     if fcntl is None:  # pragma: no cover - Windows
@@ -77,4 +80,16 @@ def output_lock(folder: "str | os.PathLike", command: str) -> Iterator[Path]:
         os.write(fd, json.dumps(info).encode("utf-8"))
         yield path
     finally:
+        if created:
+            _remove_if_only_lock(folder, path)
         os.close(fd)  # releases the flock
+
+
+def _remove_if_only_lock(folder: Path, lock: Path) -> None:
+    """Remove ``folder`` if it holds nothing but ``lock`` (called while the lock is still held)."""
+    try:
+        if [p.name for p in folder.iterdir()] == [lock.name]:
+            lock.unlink()
+            folder.rmdir()
+    except OSError:  # someone else's file appeared meanwhile, or no permission: leave it
+        pass
