@@ -88,7 +88,7 @@ def test_trained_run_loads_and_differs_from_random(trained, inputs):
     f2 = extract_image_features(run.image_encoder, imgs)
     f3 = extract_point_features(run.point_encoder, pts)
     assert f2.shape == (5, 512) and f3.shape == (5, 512) and f2.dtype == f3.dtype == np.float32
-    rnd = random_init_run(run)
+    rnd = run.at_random_init()
     assert rnd.up_axis == "y"
     assert not np.allclose(extract_image_features(rnd.image_encoder, imgs), f2)
     assert not np.allclose(extract_point_features(rnd.point_encoder, pts), f3)

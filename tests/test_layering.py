@@ -98,3 +98,33 @@ def test_lower_layers_do_not_import_upper_ones(lower, upper):
 def test_cycle_finder_finds_a_planted_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+MAX_LINES, MAX_PARAMS = 80, 10
+
+
+def _oversized(tree: ast.Module) -> list[tuple[str, int, int]]:
+    """``(name, lines, parameters)`` of every function of ``tree`` over the limits (``self`` and
+    ``cls`` not counted)."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, [a.vararg, a.kwarg])]
+            n = len([p for p in params if p.arg not in ("self", "cls")])
+            lines = node.end_lineno - node.lineno + 1
+            if lines > MAX_LINES or n > MAX_PARAMS:
+                out.append((node.name, lines, n))
+    return out
+
+
+def test_no_function_over_80_lines_or_10_parameters():
+    bad = {str(p.relative_to(SRC)): o for p in sorted(SRC.rglob("*.py")) if (o := _oversized(ast.parse(p.read_text())))}
+    assert not bad, bad
+
+
+def test_size_check_finds_a_long_function_and_a_wide_one():
+    long_fn = "def f():\n" + "    x = 1\n" * MAX_LINES
+    wide_fn = f"def g(self, {', '.join(f'a{i}' for i in range(MAX_PARAMS))}, *, b): pass\n"
+    assert _oversized(ast.parse(long_fn + wide_fn)) == [("f", MAX_LINES + 1, 0), ("g", 1, MAX_PARAMS + 1)]
+    assert _oversized(ast.parse("def h(self, a, b):\n    return a\n")) == []

@@ -39,7 +39,6 @@ from xmodal.train.checkpoint import (
 from xmodal.train.config import PretrainConfig
 from xmodal.transforms import images_to_tensor, points_to_tensor
 from xmodal.utils.device import module_device
-from xmodal.utils.io import read_json
 
 __all__ = [
     "LoadedRun",
@@ -90,6 +89,12 @@ class LoadedRun:
         for m in (self.image_encoder, self.point_encoder, self.pair_classifier):
             m.to(device)
         return self
+
+    def at_random_init(self, seed: int = 0, device=None) -> "LoadedRun":
+        """The same networks (this run's config and up axis) at random initialisation, on
+        ``device`` (default: this run's): the random-init baseline of an evaluation."""
+        return random_init_run(self.config, seed=seed, device=self.device if device is None else device,
+                               up_axis=self.up_axis)
 
 
 def _finish(nets: dict, cfg: PretrainConfig, *, image_size, num_points, up_axis, step, source, path, device) -> LoadedRun:
@@ -215,25 +220,16 @@ def _config_of(run: Path, embedded: Optional[dict], where: Optional[Path] = None
     return load_config(PretrainConfig, path)
 
 
-def random_init_run(config=None, seed: int = 0, device="cpu") -> LoadedRun:
-    """The architecture of ``config`` at random initialisation (evaluation's random baseline).
-
-    config: a :class:`PretrainConfig`, a :class:`LoadedRun` (its config and up axis are
-    used), a run folder, or None (the default config). ``seed`` fixes the weights (the
-    global RNG is untouched).
+def random_init_run(config: Optional[PretrainConfig] = None, *, seed: int = 0, device="cpu",
+                    up_axis: str = "z") -> LoadedRun:
+    """The architecture of ``config`` (default: ``PretrainConfig()``, the paper's) at random
+    initialisation: evaluation's random baseline. ``seed`` fixes the weights (the global RNG is
+    untouched). For the baseline of a loaded run use :meth:`LoadedRun.at_random_init`; for a run
+    folder, ``load_run(folder).at_random_init()``.
     """
-    up_axis = "z"
-    if isinstance(config, LoadedRun):
-        up_axis, config = config.up_axis, config.config
-    elif isinstance(config, (str, Path)):
-        run = Path(config)
-        config = _config_of(run, None)
-        with contextlib.suppress(OSError, ValueError, LookupError, TypeError):
-            recorded = read_json(run / "run.json")["manifest"]["up_axis"]  # run.json is informative only
-            up_axis = recorded if recorded in ("x", "y", "z") else up_axis
     cfg = config if config is not None else PretrainConfig()
     if not isinstance(cfg, PretrainConfig):
-        raise TypeError(f"config must be a PretrainConfig, LoadedRun, run folder or None; got {type(cfg).__name__}")
+        raise TypeError(f"config must be a PretrainConfig or None, got {type(cfg).__name__}")
     nets = build_networks(architecture_from_config(cfg), seed=seed)
     return _finish(
         nets, cfg, image_size=cfg.data.image_size, num_points=cfg.data.num_points,

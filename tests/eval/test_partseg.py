@@ -220,10 +220,11 @@ def test_training_learns_tiny_task():
     assert m["oa"] > 0.7  # chance: 1/2 for A, 1/3 for B
 
 
-@pytest.mark.parametrize("held_bn", [False, True])
-def test_run_partseg_from_run_dir(tmp_path, monkeypatch, held_bn):
+@pytest.mark.parametrize("held_bn, finetune_bn", [(False, "pretraining"), (True, "pretraining"), (True, "train")])
+def test_run_partseg_from_run_dir(tmp_path, monkeypatch, held_bn, finetune_bn):
     """A run folder written like `xmodal pretrain` does: Fp is read with xmodal.api.load_run.
-    A run pre-trained with frozen Fp BatchNorm statistics is fine-tuned with them frozen too."""
+    A run pre-trained with frozen Fp BatchNorm statistics is fine-tuned with them frozen too,
+    unless partseg.finetune_point_bn=train."""
     import xmodal.api  # noqa: F401  (fails, not skips, if broken)
     import xmodal.models.partseg as partseg_mod
     from xmodal.config import apply_overrides, to_dict
@@ -245,14 +246,15 @@ def test_run_partseg_from_run_dir(tmp_path, monkeypatch, held_bn):
     })
     data = PartSegData({"train": _tiny_split(2, 32, 0), "test": _tiny_split(1, 32, 1)}, ["A", "B"],
                        ["A/l", "A/r", "B/lo", "B/mid", "B/hi"], PARTS)
-    res = run_partseg(PartSegConfig(fractions=[1.0], epochs=1, batch_size=4), tmp_path / "run", data,
+    res = run_partseg(PartSegConfig(fractions=[1.0], epochs=1, batch_size=4, finetune_point_bn=finetune_bn),
+                      tmp_path / "run", data,
                       device="cpu", progress=False)
     keys = {f"partseg.{s}.100.{m}" for s in ("frozen", "finetune", "scratch") for m in ("oa", "class_miou", "instance_miou")}
     assert set(res) == keys | {"partseg.100.n_train", "partseg.100.one_per_category"}
     assert all(0.0 <= res[k] <= 1.0 for k in keys)
     # settings run in the order frozen, finetune, scratch; only finetune holds Fp's BatchNorm
     # statistics, and only for a run pre-trained that way
-    assert built == [(True, False), (False, held_bn), (False, False)]
+    assert built == [(True, False), (False, held_bn and finetune_bn == "pretraining"), (False, False)]
 
 
 def test_finetune_with_held_batchnorm_trains_weights_but_keeps_statistics():

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-import types
 from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
+from xmodal.api import random_init_run
 from xmodal.data.store import ShapeStore, write_store
 from xmodal.eval.config import EvaluateConfig, FewShotConfig, PartSegConfig, SvmConfig
 from xmodal.eval.descriptors import d2_descriptor
 from xmodal.eval.report import DASH, TABLE_HEADERS, render_report
 from xmodal.eval.retrieval import PSB_STATS, psb_statistics, retrieval_metrics
 from xmodal.eval.runner import evaluate, resolve_tasks
-from xmodal.transforms import images_to_tensor, points_to_tensor
+from xmodal.train.config import resolve_pretrain_config
 from xmodal.utils.lock import LOCK_NAME
 
 CLASSES = ["cone", "cube", "ring", "rod"]
@@ -70,73 +67,13 @@ def _part_labelled_store(root):
     return root
 
 
-# ------------------------------------------------------------------ a run: real api when present, else a fake
-
-
-class _PointNetish(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.ReLU(), torch.nn.Linear(64, 512))
-
-    def forward(self, x):  # (B, N, 3) -> (B, 512)
-        return self.mlp(x).max(dim=1).values
-
-
-class _Pair(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(1024, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
-
-    def forward(self, fi, fp):
-        return self.mlp(torch.cat([fi, fp], dim=1))
-
-
-class _FakeRun:
-    def __init__(self, seed: int = 0):
-        torch.manual_seed(seed)
-        self.image_encoder = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 16, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveMaxPool2d(2),
-            torch.nn.Flatten(), torch.nn.Linear(64, 512),
-        ).eval()
-        self.point_encoder = _PointNetish().eval()
-        self.pair_classifier = _Pair().eval()
-        self.config = {"fake": True}
-        self.image_size, self.num_points = S, N
-
-
-def _fake_api() -> types.ModuleType:
-    mod = types.ModuleType("xmodal.api")
-
-    def _extract(encoder, x, batch_size, device):
-        outs = []
-        with torch.no_grad():
-            for s in range(0, len(x), batch_size):
-                outs.append(encoder(x[s : s + batch_size]).numpy())
-        return np.concatenate(outs)
-
-    mod.load_run = lambda run, device="cpu": _FakeRun(0)
-    mod.random_init_run = lambda config, seed=0, device="cpu": _FakeRun(seed + 1)
-    mod.extract_image_features = lambda enc, images, *, batch_size=64, device=None: _extract(
-        enc, images_to_tensor(images), batch_size, device
-    )
-    mod.extract_point_features = lambda enc, points, *, batch_size=32, device=None: _extract(
-        enc, points_to_tensor(points), batch_size, device
-    )
-    return mod
+# ------------------------------------------------------------------ a run
 
 
 @pytest.fixture
-def loaded(monkeypatch):
-    """A LoadedRun: ``random_init_run`` of the smoke config when xmodal.api exists, else a fake."""
-    try:
-        api = importlib.import_module("xmodal.api")
-        from xmodal.train.config import resolve_pretrain_config
-
-        cfg = resolve_pretrain_config("smoke", ["data.num_points=48"])  # 32 px images, k = 8
-        return api.random_init_run(cfg, seed=0, device="cpu")
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "xmodal.api", _fake_api())
-        return _FakeRun(0)
+def loaded():
+    """A LoadedRun: the smoke config's networks at random initialisation (32 px images, k = 8)."""
+    return random_init_run(resolve_pretrain_config("smoke", ["data.num_points=48"]), seed=0, device="cpu")
 
 
 @pytest.fixture
@@ -294,7 +231,6 @@ def test_report_table4_face_accuracy_and_one_shape_per_category():
 
 
 def test_partseg_runs_on_a_part_labelled_store(tmp_path, run_dir, loaded):
-    import xmodal.eval.partseg  # noqa: F401  (fails, not skips, if broken)
     root = _part_labelled_store(tmp_path / "parts")
     cfg = EvaluateConfig(
         run=run_dir, data=root, tasks=["partseg"], out=tmp_path / "r", device="cpu",

@@ -434,7 +434,6 @@ def _pretrained_encoder(run: Any):
 def _scratch_encoder(pretrained, loaded, encoder_factory, seed: int):
     """A freshly initialised Fp for the ``scratch`` setting (seeded): from ``encoder_factory``,
     else the run's own architecture, else ``pretrained`` re-initialised, else the default DGCNN."""
-    from xmodal.api import random_init_run
     from xmodal.models.registry import create_point_encoder
 
     torch = _torch()
@@ -443,7 +442,7 @@ def _scratch_encoder(pretrained, loaded, encoder_factory, seed: int):
             torch.manual_seed(seed)
             return encoder_factory()
     if loaded is not None:
-        return random_init_run(loaded, seed=seed, device="cpu").point_encoder
+        return loaded.at_random_init(seed=seed, device="cpu").point_encoder
     if pretrained is not None:
         return reinitialize(pretrained, seed=seed)
     with torch.random.fork_rng(devices=[]):
@@ -524,7 +523,8 @@ class _Table4:
             model = PartSegNet(
                 encoder, data.num_parts, data.num_categories,
                 use_category=cfg.use_category, dropout=cfg.dropout, freeze_encoder=(setting == "frozen"),
-                freeze_encoder_bn=(setting == "finetune" and self.encoders.held_bn),
+                freeze_encoder_bn=(setting == "finetune" and self.encoders.held_bn
+                                   and cfg.finetune_point_bn == "pretraining"),
             )
             train_partseg(
                 model, sub, cfg, seed=seed, device=self.device, progress=self.progress,
@@ -604,7 +604,7 @@ def run_partseg(
         log_dir: when given, per-epoch records go to ``partseg_<setting>_<percent>.jsonl``,
             followed by one final ``{"split": "test", ...}`` record with per-category mIoU.
         encoder_factory: no-argument callable building a fresh encoder for ``scratch``
-            (default: :func:`xmodal.api.random_init_run` of the run's config, else a
+            (default: :meth:`xmodal.api.LoadedRun.at_random_init`, the run's architecture, else a
             re-initialised copy of the pre-trained encoder, else the default DGCNN).
         resume: cells finished earlier (not trained again) and hooks around each cell
             (:class:`PartSegResume`); the ``partseg`` task uses it to resume a stopped evaluation.

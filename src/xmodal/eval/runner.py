@@ -233,10 +233,7 @@ class _Evaluation:
         """``(label, network, metric prefix)``: the run and, if asked, its random-init baseline."""
         networks = [("run", self.loaded, "")]
         if self.cfg.baseline == "random":
-            from xmodal.api import random_init_run
-
-            # the LoadedRun carries the run's config and up axis
-            baseline = random_init_run(self.loaded, seed=self.cfg.seed, device=self.device)
+            baseline = self.loaded.at_random_init(seed=self.cfg.seed, device=self.device)
             networks.append(("random init", baseline, BASELINE_PREFIX))
         return networks
 
