@@ -313,7 +313,7 @@ def _case_prepare(a: dict) -> dict:
 def _case_pretrain(a: dict) -> dict:
     from xmodal.train.trainer import pretrain
 
-    pretrain(a["data"], a["out"], _smoke_config(a["workers"]), progress=False)
+    pretrain(_smoke_config(a["workers"]).with_paths(a["data"], a["out"]), progress=False)
     return {}
 
 

@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
         },
         up_axis="y",
     )
-    pretrain(root / "data", root / "run", _cfg("iterations=2", "checkpoint_every=2"), progress=False)
+    pretrain(_cfg("iterations=2", "checkpoint_every=2").with_paths(root / "data", root / "run"), progress=False)
     return root / "run"
 
 

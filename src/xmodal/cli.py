@@ -217,7 +217,8 @@ def _add_pretrain(sub) -> None:
         "Settings: a preset, then key=value overrides (e.g. loss.mode=cm iterations=500 optim.lr=0.01). "
         "Multi-GPU / multi-node: launch the same command with torchrun.",
     )
-    p.add_argument("--data", type=Path, help="dataset folder written by 'xmodal prepare' (required unless --print-config)")
+    p.add_argument("--data", type=Path, help="dataset folder written by 'xmodal prepare' (data.path; required unless "
+                   "--print-config; on --resume: default the run's)")
     p.add_argument("--out", type=Path, help="run folder to write (required unless --print-config)")
     p.add_argument("--preset", default=None, help=f"{' | '.join(list_presets('pretrain'))} | path/to/config.yaml "
                    "(default: paper; on --resume: the run's saved config)")
@@ -238,13 +239,13 @@ def _run_pretrain(args) -> int:
     if args.resume and args.out is None:
         args.parser.error("--resume needs --out (the run folder)")
     cfg = resolve_pretrain_config(preset, args.overrides, run=args.out, resume=args.resume)
+    cfg = cfg.with_paths(data=args.data, out=args.out)  # on --resume --data defaults to the run's dataset
     if args.print_config:
         return _print_config(cfg)
-    missing = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if value is None]
+    missing = [flag for flag, value in (("--data", cfg.data.path), ("--out", cfg.out)) if not value]
     if missing:
         args.parser.error(f"the following arguments are required: {', '.join(missing)}")
-    summary = pretrain(args.data, args.out, cfg, resume=args.resume, progress=not args.quiet,
-                       allow_other_data=args.allow_other_data)
+    summary = pretrain(cfg, resume=args.resume, progress=not args.quiet, allow_other_data=args.allow_other_data)
     if summary:
         print(f"run written to {args.out}")
     return 0

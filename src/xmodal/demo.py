@@ -84,7 +84,7 @@ def demo(cfg: DemoConfig, *, progress: bool = True) -> Path:
         resume = (run / "checkpoints").is_dir()
         pcfg = resolve_pretrain_config(cfg.pretrain_preset, pretrain_overrides(cfg), run=run, resume=resume)
         log.info("demo 2/3: pre-training (%d iterations) -> %s", pcfg.iterations, run)
-        pretrain(data, run, pcfg, resume=resume, progress=progress)
+        pretrain(pcfg.with_paths(data=data, out=run), resume=resume, progress=progress)
 
     ecfg = evaluate_config(cfg)
     log.info("demo 3/3: evaluating -> %s", ecfg.out)

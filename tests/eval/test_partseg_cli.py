@@ -55,7 +55,7 @@ def _smoke_run(tmp_path):
     }
     write_store(tmp_path / "ds", classes=["a", "b"], splits=splits)
     cfg = resolve(PretrainConfig, "smoke", ["iterations=2", "data.num_points=48"], group="pretrain")
-    pretrain(tmp_path / "ds", tmp_path / "run", cfg, progress=False)
+    pretrain(cfg.with_paths(tmp_path / "ds", tmp_path / "run"), progress=False)
 
 
 @pytest.mark.slow

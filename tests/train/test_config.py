@@ -21,7 +21,7 @@ def test_presets_are_shipped_and_valid():
 PAPER = {
     "model": {"image_encoder": "resnet18", "point_encoder": "dgcnn", "k": 20, "pair_hidden": 256,
               "pair_input_norm": "none", "freeze_point_bn": False, "projection_dim": 0},
-    "data": {"image_size": 224, "num_points": 2048, "point_subsample": "random", "split": "train",
+    "data": {"path": "", "image_size": 224, "num_points": 2048, "point_subsample": "random", "split": "train",
              "workers": 6, "prefetch_factor": 2},
     "loss": {"mode": "cm-cv", "margin": 1.0, "beta": 1.0, "cross_pairs": "sample", "projected_nce": 0.0,
              "point_nce": 0.0, "temperature": 0.1},
@@ -31,7 +31,7 @@ PAPER = {
             "rotate": True, "jitter_sigma": 0.02, "jitter_clip": None},
     "val": {"every": 0, "fraction": 0.1, "views": 12, "folds": 3, "Cs": (0.001, 0.01, 0.1)},
     "iterations": 120000, "batch_size": 32, "log_every": 10, "checkpoint_every": 2000, "seed": 0,
-    "device": "auto", "amp": "off", "compile": False,
+    "device": "auto", "amp": "off", "compile": False, "out": "",
 }
 
 
@@ -127,3 +127,13 @@ def test_broken_saved_config_is_named_once(tmp_path, text, problem):
     msg = str(info.value)
     assert msg.startswith(f"{tmp_path / 'config.yaml'}: ") and problem in msg
     assert msg.count("config.yaml") == 1
+
+
+def test_paths_are_set_by_with_paths_required_to_run_and_free_to_change_on_resume(tmp_path):
+    cfg = resolve(PretrainConfig, "smoke", group="pretrain")
+    with pytest.raises(ConfigError, match=r"data\.path, out: required"):
+        cfg.require_paths()
+    cfg.with_paths(out="r").require_paths(data=False)
+    moved = cfg.with_paths(data=tmp_path / "ds", out="r")
+    assert moved.data.path == str(tmp_path / "ds") and moved.out == "r" and cfg.data.path == ""
+    assert config_hash(moved) == config_hash(cfg) and config_diff(cfg, moved) == []

@@ -89,7 +89,7 @@ def test_two_processes_match_one(tmp_path, extra):
     # for the process group but stay in eval mode.
     overrides = ["iterations=4", "checkpoint_every=4", "batch_size=4", "optim.lr=1e-9", "model.k=128", *extra]
     one = tmp_path / "one"
-    pretrain(data, one, resolve(PretrainConfig, "smoke", overrides, group="pretrain"), progress=False)
+    pretrain(resolve(PretrainConfig, "smoke", overrides, group="pretrain").with_paths(data, one), progress=False)
 
     two = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))

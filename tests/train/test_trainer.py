@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import xmodal.train.step
-from xmodal.config import ConfigError, resolve
+from xmodal.config import ConfigError, load_config, resolve
 from xmodal.data.store import write_store
 from xmodal.train.checkpoint import checkpoint_paths, load_checkpoint
 from xmodal.train.config import PretrainConfig
@@ -48,7 +48,7 @@ def data(tmp_path_factory):
 def full_run(data, tmp_path_factory):
     """6 smoke steps, checkpoint every 3."""
     out = tmp_path_factory.mktemp("runs") / "full"
-    summary = pretrain(data, out, _cfg(), progress=False)
+    summary = pretrain(_cfg().with_paths(data, out), progress=False)
     return out, summary
 
 
@@ -80,40 +80,40 @@ def test_run_folder_contents(full_run, data):
 def test_exact_resume(full_run, data, tmp_path):
     ref = _losses(full_run[0])
     out = tmp_path / "resumed"
-    pretrain(data, out, _cfg("iterations=3"), progress=False)
+    pretrain(_cfg("iterations=3").with_paths(data, out), progress=False)
     assert load_checkpoint(out).step == 3
     # as if the first run had logged step 4 and died before its next checkpoint
     with open(out / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps({"step": 4, "loss": 123.0, "triplet": 0, "cross": 0}) + "\n")
-    s = pretrain(data, out, _cfg("iterations=6"), resume=True, progress=False)
+    s = pretrain(_cfg("iterations=6").with_paths(data, out), resume=True, progress=False)
     assert s["start_step"] == 3 and s["steps"] == 6
     recs = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose(_losses(out), ref, rtol=1e-6, atol=1e-7)
     assert read_json(out / "run.json")["resumed"][0]["from_step"] == 3
     # resuming a finished run is a no-op that keeps its files
-    s2 = pretrain(data, out, _cfg("iterations=6"), resume=True, progress=False)
+    s2 = pretrain(_cfg("iterations=6").with_paths(data, out), resume=True, progress=False)
     assert s2["start_step"] == 6 and len(read_jsonl(out / "metrics.jsonl")) == 6
 
 
 def test_refuses_to_overwrite_or_change_config(full_run, data, tmp_path):
     out = full_run[0]
     with pytest.raises(FileExistsError, match="already holds a run") as info:
-        pretrain(data, out, _cfg(), progress=False)
+        pretrain(_cfg().with_paths(data, out), progress=False)
     assert "--resume" in info.value.hint
     with pytest.raises(ConfigError, match="optim.lr"):
-        pretrain(data, out, _cfg("optim.lr=0.5"), resume=True, progress=False)
+        pretrain(_cfg("optim.lr=0.5").with_paths(data, out), resume=True, progress=False)
     with pytest.raises(ConfigError, match="already at step 6"):
-        pretrain(data, out, _cfg("iterations=4"), resume=True, progress=False)
+        pretrain(_cfg("iterations=4").with_paths(data, out), resume=True, progress=False)
     with pytest.raises(FileNotFoundError):
-        pretrain(data, tmp_path / "nothing", _cfg(), resume=True, progress=False)
+        pretrain(_cfg().with_paths(data, tmp_path / "nothing"), resume=True, progress=False)
 
 
 def test_loss_falls_when_overfitting(tmp_path):
     data = tmp_path / "data"
     _store(data, n=4, views=2)
     out = tmp_path / "run"
-    pretrain(data, out, _cfg("iterations=12", "checkpoint_every=12", "aug.enabled=false"), progress=False)
+    pretrain(_cfg("iterations=12", "checkpoint_every=12", "aug.enabled=false").with_paths(data, out), progress=False)
     loss = _losses(out)[:, 0]
     assert np.isfinite(loss).all()
     assert loss[-4:].mean() < 0.5 * loss[:4].mean(), loss
@@ -125,7 +125,7 @@ def test_projected_nce_falls_and_is_logged(tmp_path):
     out = tmp_path / "run"
     cfg = _cfg("iterations=30", "checkpoint_every=30", "aug.enabled=false", "loss.projected_nce=1.0",
                "model.projection_dim=8", "optim.lr=0.01")
-    pretrain(data, out, cfg, progress=False)
+    pretrain(cfg.with_paths(data, out), progress=False)
     nce = np.array([r["nce"] for r in read_jsonl(out / "metrics.jsonl")])
     assert np.isfinite(nce).all() and nce[-5:].mean() < 0.8 * nce[:5].mean(), nce
     assert read_json(out / "encoders.json")["architecture"]["pair_classifier"]["kwargs"]["projection_dim"] == 8
@@ -139,7 +139,7 @@ def test_point_nce_pairs_the_two_copies_of_each_cloud(tmp_path):
     out = tmp_path / "run"
     cfg = _cfg("iterations=30", "checkpoint_every=30", "loss.point_nce=1.0", "model.projection_dim=8",
                "optim.lr=0.01")
-    pretrain(data, out, cfg, progress=False)
+    pretrain(cfg.with_paths(data, out), progress=False)
     pnce = np.array([r["point_nce"] for r in read_jsonl(out / "metrics.jsonl")])
     assert np.isfinite(pnce).all() and pnce[-5:].mean() < 0.8 * pnce[:5].mean(), pnce
     assert "nce" not in read_jsonl(out / "metrics.jsonl")[0]
@@ -153,7 +153,7 @@ def test_batch_cross_modal_loss_falls_when_overfitting(tmp_path, pairs):
     out = tmp_path / "run"
     cfg = _cfg("iterations=30", "checkpoint_every=30", "aug.enabled=false", "loss.mode=cm",
                f"loss.cross_pairs={pairs}", "optim.lr=0.01", "model.pair_input_norm=batch")
-    pretrain(data, out, cfg, progress=False)
+    pretrain(cfg.with_paths(data, out), progress=False)
     cross = _losses(out)[:, 2]
     assert np.isfinite(cross).all()
     assert cross[-5:].mean() < 0.7 * cross[:5].mean(), cross
@@ -171,7 +171,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(data, tmp_path, monkeypatch):
     monkeypatch.setattr(xmodal.train.step, "cross_modal_loss", flaky)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="step 5: the cross loss is nan") as info:
-        pretrain(data, out, _cfg(), progress=False)
+        pretrain(_cfg().with_paths(data, out), progress=False)
     assert info.value.step == 5 and info.value.checkpoint == checkpoint_paths(out)[1]
     ckpt = load_checkpoint(out)
     assert ckpt.step == 3
@@ -182,7 +182,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(data, tmp_path, monkeypatch):
 
 def test_cross_view_only_mode(data, tmp_path):
     out = tmp_path / "cv"
-    s = pretrain(data, out, _cfg("iterations=2", "checkpoint_every=2", "loss.mode=cv"), progress=False)
+    s = pretrain(_cfg("iterations=2", "checkpoint_every=2", "loss.mode=cv").with_paths(data, out), progress=False)
     rec = s["final"]
     assert rec["cross"] is None and rec["cm_acc"] is None and rec["loss"] == pytest.approx(rec["triplet"])
 
@@ -227,7 +227,7 @@ def test_freeze_point_bn_run_keeps_fp_statistics_and_trains_its_affine(data, tmp
     from xmodal.api import load_run
 
     out = tmp_path / "frozen"
-    pretrain(data, out, _cfg("iterations=3", "checkpoint_every=3", "model.freeze_point_bn=true"), progress=False)
+    pretrain(_cfg("iterations=3", "checkpoint_every=3", "model.freeze_point_bn=true").with_paths(data, out), progress=False)
     run = load_run(out)
     fp_bns = [m for m in run.point_encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     img_bns = [m for m in run.image_encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -246,19 +246,19 @@ def test_resume_on_another_dataset_folder_needs_consent(data, tmp_path):
     import shutil
 
     out = tmp_path / "run"
-    pretrain(data, out, _cfg("iterations=3"), progress=False)
+    pretrain(_cfg("iterations=3").with_paths(data, out), progress=False)
     copy = tmp_path / "copy"
     shutil.copytree(data, copy)
     with pytest.raises(ConfigError, match="was trained on .*data.*, not on .*copy") as info:
-        pretrain(copy, out, _cfg("iterations=4"), resume=True, progress=False)
+        pretrain(_cfg("iterations=4").with_paths(copy, out), resume=True, progress=False)
     assert "--allow-other-data" in info.value.hint
-    s = pretrain(copy, out, _cfg("iterations=4"), resume=True, progress=False, allow_other_data=True)
+    s = pretrain(_cfg("iterations=4").with_paths(copy, out), resume=True, progress=False, allow_other_data=True)
     assert s["start_step"] == 3 and s["steps"] == 4
     assert read_json(out / "run.json")["dataset"] == str(copy.resolve())
     other = tmp_path / "other"
     _store(other, n=5)  # other settings (object count) are refused even with consent
     with pytest.raises(ConfigError, match="trained on other data"):
-        pretrain(other, out, _cfg("iterations=5"), resume=True, progress=False, allow_other_data=True)
+        pretrain(_cfg("iterations=5").with_paths(other, out), resume=True, progress=False, allow_other_data=True)
 
 
 @pytest.mark.slow
@@ -266,8 +266,8 @@ def test_compiled_training_matches_eager(data, tmp_path):
     """compile=true runs the same steps through torch.compile: the same losses up to float rounding."""
     # a small learning rate keeps the smoke dynamics from amplifying rounding differences
     base = ("iterations=3", "checkpoint_every=3", "optim.lr=1e-5")
-    eager = pretrain(data, tmp_path / "eager", _cfg(*base), progress=False)
-    compiled = pretrain(data, tmp_path / "compiled", _cfg(*base, "compile=true"), progress=False)
+    eager = pretrain(_cfg(*base).with_paths(data, tmp_path / "eager"), progress=False)
+    compiled = pretrain(_cfg(*base, "compile=true").with_paths(data, tmp_path / "compiled"), progress=False)
     assert compiled["steps"] == 3
     np.testing.assert_allclose(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rtol=1e-2, atol=1e-3)
     enc = read_json(tmp_path / "compiled" / "encoders.json")
@@ -291,12 +291,12 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_one_and_resume_completes(f
     out = tmp_path / "run"
     monkeypatch.setattr("xmodal.utils.io.os.replace", full_disk)
     with pytest.raises(WriteError, match=r"last\.safetensors: could not be written \(No space left on device\)"):
-        pretrain(data, out, _cfg(), progress=False)  # checkpoints at steps 3 and 6: the second fails
+        pretrain(_cfg().with_paths(data, out), progress=False)  # checkpoints at steps 3 and 6: the second fails
     monkeypatch.undo()
     ckpt = load_checkpoint(out)
     assert ckpt.step == 3 and not (out / "encoders.safetensors").exists()
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporary file left
-    s = pretrain(data, out, _cfg(), resume=True, progress=False)  # space freed: the same command completes
+    s = pretrain(_cfg().with_paths(data, out), resume=True, progress=False)  # space freed: the same command completes
     assert s["start_step"] == 3 and s["steps"] == 6
     np.testing.assert_allclose(_losses(out), _losses(full_run[0]), rtol=1e-6, atol=1e-7)
 
@@ -306,7 +306,7 @@ def test_resume_of_a_folder_without_a_run_is_refused_and_writes_nothing(data, tm
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(FileNotFoundError, match="no run to resume here"):
-        pretrain(data, out, _cfg(), resume=True, progress=False)
+        pretrain(_cfg().with_paths(data, out), resume=True, progress=False)
     assert sorted(p.name for p in out.iterdir() if p.name != ".xmodal.lock") == ["notes.txt"]
 
 
@@ -314,10 +314,10 @@ def test_data_that_does_not_fit_the_settings_writes_nothing(data, tmp_path):
     """The dataset is checked before the run folder is written: the corrected command can run."""
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match="data.num_points=256 but the dataset stores 128") as info:
-        pretrain(data, out, _cfg("data.num_points=256"), progress=False)
+        pretrain(_cfg("data.num_points=256").with_paths(data, out), progress=False)
     assert str(data) in str(info.value)  # the dataset is named
-    assert not [p for p in out.iterdir() if not p.name.startswith(".")]
-    pretrain(data, out, _cfg("iterations=1"), progress=False)  # the corrected command runs
+    assert not out.exists()  # the folder the lock created is removed again, nothing was written
+    pretrain(_cfg("iterations=1").with_paths(data, out), progress=False)  # the corrected command runs
 
 
 def test_a_safetensors_write_error_is_a_write_error_naming_the_file(tmp_path, monkeypatch):
@@ -360,3 +360,13 @@ def test_safetensors_metadata_is_written_in_sorted_order(tmp_path):
     assert len(new) == len(raw)
     assert list(json.loads(new[8:8 + n])["__metadata__"]) == ["alpha", "mid", "zeta"]
     assert torch.equal(load_file(str(path))["a"], tensors["a"])
+
+
+def test_cli_resume_without_data_uses_the_runs_dataset(data, tmp_path):
+    from xmodal.cli import main
+
+    out = tmp_path / "run"
+    assert main(["-q", "pretrain", "--data", str(data), "--out", str(out), "--preset", "smoke", "iterations=1"]) == 0
+    assert load_config(PretrainConfig, out / "config.yaml").data.path == str(data)
+    assert main(["-q", "pretrain", "--out", str(out), "--resume", "iterations=2"]) == 0
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r][-1] == 2

@@ -100,7 +100,7 @@ def test_pretrain_with_validation_logs_a_curve_and_never_trains_on_held_out(data
     cfg = resolve(PretrainConfig, "smoke", ["iterations=5", "val.every=2", "val.fraction=0.25", "val.views=2"],
                   group="pretrain")
     out = tmp_path / "run"
-    pretrain(data, out, cfg, progress=False)
+    pretrain(cfg.with_paths(data, out), progress=False)
     recs = read_jsonl(out / "metrics.jsonl")
     val_steps = [r["step"] for r in recs if "val.svm3d" in r]
     assert val_steps == [0, 2, 4, 5]

@@ -54,9 +54,11 @@ Options beyond the paper (each off in ``paper``; the measurements behind them ar
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -87,7 +89,8 @@ CROSS_PAIRS = ("sample", "batch", "batch-bce")
 #: dotted keys that may change between a run and its ``--resume`` (they do not change the result
 #: of a step, or, for ``iterations``, only extend the schedule)
 RESUME_MUTABLE_KEYS = frozenset(
-    {"iterations", "checkpoint_every", "device", "data.workers", "data.prefetch_factor", "compile"}
+    {"iterations", "checkpoint_every", "device", "data.workers", "data.prefetch_factor", "compile",
+     "data.path", "out"}
 )
 
 
@@ -133,6 +136,9 @@ class ModelConfig:
 class DataConfig:
     """What the networks see and how batches are loaded."""
 
+    #: the dataset folder written by ``xmodal prepare`` (``--data``; a resume may name a copy,
+    #: see ``allow_other_data`` of :func:`~xmodal.train.trainer.pretrain`)
+    path: str = ""
     #: side of the (square) images fed to Fimg; stored images of another size are resized
     image_size: int = 224
     #: points per cloud fed to Fp; must not exceed the stored number
@@ -350,6 +356,25 @@ class PretrainConfig:
     #: changes results only by float rounding). The first steps pay the compilation (about a
     #: minute on 2 CPU cores); see docs/EXPERIMENTS.md for the measured gain
     compile: bool = False
+    #: the run folder to write (``--out``)
+    out: str = ""
+
+    def with_paths(self, data: "str | os.PathLike | None" = None, out: "str | os.PathLike | None" = None
+                   ) -> "PretrainConfig":
+        """A copy with the dataset folder (``data.path``) and/or the run folder (``out``) set."""
+        cfg = self
+        if data is not None:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)))
+        if out is not None:
+            cfg = dataclasses.replace(cfg, out=str(out))
+        return cfg
+
+    def require_paths(self, *, data: bool = True) -> None:
+        """Raise :class:`ConfigError` unless ``out`` (and, with ``data=True``, ``data.path``) is given."""
+        missing = [key for key, value, needed in (("data.path", self.data.path, data), ("out", self.out, True))
+                   if needed and value in ("", None)]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)}: required, but not given (--data / --out)")
 
     def validate(self) -> None:
         for sec in (self.model, self.data, self.loss, self.optim, self.aug, self.val):

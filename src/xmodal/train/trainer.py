@@ -59,14 +59,19 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([int(seed), 0x7874, int(step), int(rank)]).generate_state(1)[0])
 
 
-def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = False, progress: bool = True,
-             allow_other_data: bool = False) -> dict:
-    """Pre-train Fimg, Fp and Ff on the dataset ``data``, writing the run folder ``out``.
+def pretrain(cfg: PretrainConfig, *, store: Optional[ShapeStore] = None, resume: bool = False,
+             progress: bool = True, allow_other_data: bool = False) -> dict:
+    """Pre-train Fimg, Fp and Ff on the dataset ``cfg.data.path``, writing the run folder ``cfg.out``.
+
+    >>> cfg = resolve_pretrain_config("cpu").with_paths(data="ds", out="runs/cpu")  # doctest: +SKIP
+    >>> summary = pretrain(cfg)  # doctest: +SKIP
 
     Args:
-        data: dataset folder (``xmodal prepare``) or an open :class:`ShapeStore` with images.
-        out: run folder; must not hold a run unless ``resume``.
-        cfg: settings (default: ``PretrainConfig()``, the paper's).
+        cfg: the run's settings (:class:`~xmodal.train.config.PretrainConfig`), with the dataset
+            folder ``data.path`` (``xmodal prepare``) and the run folder ``out`` (which must not
+            hold a run unless ``resume``). The resolved config is written to ``out/config.yaml``.
+        store: an open :class:`ShapeStore` (with images) to train on instead of opening
+            ``cfg.data.path`` (which may then be empty).
         resume: continue from ``out/checkpoints/last.*`` (exactly; only ``iterations`` and the
             keys in :data:`xmodal.train.config.RESUME_MUTABLE_KEYS` may change) on the dataset the
             run was trained on.
@@ -85,35 +90,36 @@ def pretrain(data, out, cfg: Optional[PretrainConfig] = None, *, resume: bool = 
     Raises:
         TrainingDiverged: a NaN/inf loss (the checkpoint on disk is the last good one).
         OutputExistsError: ``out`` holds a run and ``resume`` is False.
-        ConfigError: resuming with changed settings or on other data.
+        ConfigError: a missing ``data.path`` / ``out``; resuming with changed settings or on other data.
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process calls this; rank 0 writes.
     """
-    cfg = cfg if cfg is not None else PretrainConfig()
     cfg.validate()
-    if resume and not Path(out).is_dir():  # checked before the lock creates the folder
+    cfg.require_paths(data=store is None)
+    out = Path(cfg.out)
+    if resume and not out.is_dir():  # checked before the lock creates the folder
         raise MissingInputError("no run folder to resume", path=out)
     ctx = init_distributed(cfg.device)
-    store = data if isinstance(data, ShapeStore) else open_dataset(data)
+    data = store if store is not None else open_dataset(cfg.data.path)
     lock = output_lock(out, "pretrain") if ctx.is_main else contextlib.nullcontext()
     try:
         with lock, StopRequest() as stop:
-            trainer = _Trainer(store, data, Path(out), cfg, ctx, resume=resume, allow_other_data=allow_other_data)
+            trainer = _Trainer(data, out, cfg, ctx, resume=resume, allow_other_data=allow_other_data)
             return trainer.run(progress=progress, stop=stop)
     finally:
-        if store is not data:
-            store.close()
+        if store is None:
+            data.close()
         cleanup_distributed(ctx)
 
 
 class _Trainer:
     """One call of :func:`pretrain`: set-up in ``__init__``, then :meth:`run`."""
 
-    def __init__(self, store, data, out: Path, cfg: PretrainConfig, ctx: DistContext, *, resume: bool,
+    def __init__(self, store: ShapeStore, out: Path, cfg: PretrainConfig, ctx: DistContext, *, resume: bool,
                  allow_other_data: bool = False) -> None:
         self.store, self.out, self.cfg, self.ctx = store, out, cfg, ctx
-        self.data_spec = getattr(store, "root", None) or data
+        self.data_spec = getattr(store, "root", None) or cfg.data.path or "<in-memory store>"
         if cfg.data.split not in store.splits:
-            raise DataError(f"no split '{cfg.data.split}' (has {store.splits})", path=getattr(store, "root", data))
+            raise DataError(f"no split '{cfg.data.split}' (has {store.splits})", path=self.data_spec)
         self.split = store.split(cfg.data.split)
         self.train_idx, val_idx = None, None
         if cfg.val.enabled:
@@ -139,13 +145,13 @@ class _Trainer:
         self.validator = None
         if val_idx is not None and ctx.is_main:
             self.validator = Validator(self.split, val_idx, cfg.val, num_points=cfg.data.num_points, seed=cfg.seed)
-        self._write_run_info(data, n_val=0 if val_idx is None else len(val_idx))
+        self._write_run_info(n_val=0 if val_idx is None else len(val_idx))
 
-    def _write_run_info(self, data, *, n_val: int) -> None:
+    def _write_run_info(self, *, n_val: int) -> None:
         if self.ctx.is_main:
-            root = getattr(self.store, "root", None) or data
+            root = getattr(self.store, "root", None) or self.cfg.data.path
             info = {
-                "dataset": str(Path(root).resolve()),
+                "dataset": str(Path(root).resolve()) if root else "<in-memory store>",
                 "split": self.cfg.data.split,
                 "manifest": manifest_summary(self.store),
                 "objects_trained_on": self.fingerprint["n"],
