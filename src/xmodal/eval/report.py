@@ -174,14 +174,14 @@ def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
     lines += _setup_retrieval(m)
     item(
         "pretext (Table 1)",
-        f"{m.get('pretext.num_pairs') or '10 x n_test'} pairs of each kind from the test split, half positive, "
+        f"{m.get('pretext.num_pairs') or '?'} pairs of each kind from the test split, half positive, "
         "half negative; views drawn from each object's cached random views",
     )
     item(
         "few-shot",
         "episodes drawn from the test split (as CrossPoint); support and query disjoint; "
-        f"{meta.get('fewshot_query', 20)} queries per class (fewer if unavailable), "
-        f"{meta.get('fewshot_episodes', 10)} episodes, linear SVM with C = 1",
+        f"{meta.get('fewshot_query', '?')} queries per class (fewer if unavailable), "
+        f"{meta.get('fewshot_episodes', '?')} episodes, linear SVM with C = 1",
     )
     if m.get("crossmodal.gallery_size") is not None:
         item(
