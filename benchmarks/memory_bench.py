@@ -453,6 +453,8 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args.child, json.loads(args.child_args))))
         return 0
+    if args.tmp:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="xmodal_membench_", dir=args.tmp))
     try:
         print(f"{'what':<34}{'size':>10}{'peak MiB':>11}{'worker MiB':>12}{'seconds':>9}")
