@@ -97,3 +97,9 @@ def test_cli_bad_override_is_a_clear_error(capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "fewshot.querry" in err and "fewshot.query" in err and "Traceback" not in err
+
+
+def test_finetune_trains_batchnorm_by_default():
+    from xmodal.eval.config import PartSegConfig
+
+    assert PartSegConfig().finetune_point_bn == "train"

@@ -223,9 +223,8 @@ def test_training_learns_tiny_task():
 @pytest.mark.parametrize("held_bn, finetune_bn", [(False, "pretraining"), (True, "pretraining"), (True, "train")])
 def test_run_partseg_from_run_dir(tmp_path, monkeypatch, held_bn, finetune_bn):
     """A run folder written like `xmodal pretrain` does: Fp is read with xmodal.api.load_run.
-    A run pre-trained with frozen Fp BatchNorm statistics is fine-tuned with them frozen too,
-    unless partseg.finetune_point_bn=train."""
-    import xmodal.api  # noqa: F401  (fails, not skips, if broken)
+    A run pre-trained with frozen Fp BatchNorm statistics is fine-tuned with them frozen only
+    under partseg.finetune_point_bn=pretraining (the default trains them, as scratch does)."""
     import xmodal.models.partseg as partseg_mod
     from xmodal.config import apply_overrides, to_dict
     from xmodal.train.checkpoint import architecture_from_config, build_networks, save_encoders

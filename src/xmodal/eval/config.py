@@ -131,9 +131,10 @@ class PartSegConfig:
     #: batch size of the test-split predictions
     eval_batch_size: int = 32
     #: how ``finetune`` treats the BatchNorm layers of an Fp pre-trained with frozen statistics
-    #: (``model.freeze_point_bn``): ``pretraining`` keeps them frozen, as they were pre-trained;
-    #: ``train`` trains them as ordinary BatchNorm (as ``scratch`` does). No effect on other Fps.
-    finetune_point_bn: Literal["pretraining", "train"] = "pretraining"
+    #: (``model.freeze_point_bn``): ``train`` trains them as ordinary BatchNorm, as ``scratch``
+    #: does (chosen on a validation split of Labeled PSB, docs/EXPERIMENTS.md); ``pretraining``
+    #: keeps them frozen, as they were pre-trained. No effect on other Fps.
+    finetune_point_bn: Literal["pretraining", "train"] = "train"
     #: log the val split's metrics every ``val_every`` epochs (0: never; logging only)
     val_every: int = 0
 

@@ -459,7 +459,7 @@ class _Encoders:
         self.state = None
         if self.pretrained is not None:
             self.state = {k: v.detach().cpu().clone() for k, v in self.pretrained.state_dict().items()}
-        # an Fp pre-trained with frozen BatchNorm statistics is fine-tuned the same way
+        # an Fp pre-trained with frozen BatchNorm statistics (finetune_point_bn decides how it is fine-tuned)
         self.held_bn = self.loaded is not None and self.loaded.config.model.freeze_point_bn
 
     def runnable(self, settings: Sequence[str]) -> list[str]:
