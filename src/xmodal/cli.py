@@ -242,7 +242,8 @@ def _run_pretrain(args) -> int:
     cfg = cfg.with_paths(data=args.data, out=args.out)  # on --resume --data defaults to the run's dataset
     if args.print_config:
         return _print_config(cfg)
-    missing = [flag for flag, value in (("--data", cfg.data.path), ("--out", cfg.out)) if not value]
+    # on --resume a missing dataset is reported by pretrain, after it has checked the run folder
+    missing = [flag for flag, value in (("--data", cfg.data.path or args.resume), ("--out", cfg.out)) if not value]
     if missing:
         args.parser.error(f"the following arguments are required: {', '.join(missing)}")
     summary = pretrain(cfg, resume=args.resume, progress=not args.quiet, allow_other_data=args.allow_other_data)

@@ -14,6 +14,7 @@ from xmodal.config import ConfigError, load_config, resolve
 from xmodal.data.store import write_store
 from xmodal.train.checkpoint import checkpoint_paths, load_checkpoint
 from xmodal.train.config import PretrainConfig
+from xmodal.errors import MissingInputError
 from xmodal.train.trainer import TrainingDiverged, pretrain
 from xmodal.utils.io import read_json, read_jsonl
 
@@ -370,3 +371,16 @@ def test_cli_resume_without_data_uses_the_runs_dataset(data, tmp_path):
     assert load_config(PretrainConfig, out / "config.yaml").data.path == str(data)
     assert main(["-q", "pretrain", "--out", str(out), "--resume", "iterations=2"]) == 0
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r][-1] == 2
+
+
+@pytest.mark.parametrize("make_folder", [False, True])
+def test_resume_without_data_or_run_names_the_folder(tmp_path, make_folder):
+    from xmodal.cli import main
+
+    out = tmp_path / "run"
+    if make_folder:
+        out.mkdir()
+    with pytest.raises(MissingInputError, match="no run to resume here" if make_folder else "no run folder to resume"):
+        pretrain(_cfg().with_paths(out=out), resume=True, progress=False)
+    assert main(["-q", "pretrain", "--out", str(out), "--resume"]) == 2
+    assert out.exists() == make_folder

@@ -31,6 +31,7 @@ __all__ = [
     "RUN_FILES",
     "manifest_summary",
     "data_fingerprint",
+    "check_resumable",
     "check_run_dir",
     "check_resume_data",
     "write_run_info",
@@ -74,6 +75,20 @@ def _check_fresh(out: Path) -> None:
         )
 
 
+def check_resumable(out: Path) -> Path:
+    """The saved config of the run in ``out``; a :class:`MissingInputError` naming ``out`` when
+    there is no folder or no run (``config.yaml``) in it."""
+    if not out.is_dir():
+        raise MissingInputError("no run folder to resume", path=out)
+    saved_cfg = out / "config.yaml"
+    if not saved_cfg.is_file():
+        raise MissingInputError(
+            "no run to resume here (no config.yaml)", path=out,
+            hint="start a run with `xmodal pretrain` without --resume, or name the run's folder",
+        )
+    return saved_cfg
+
+
 def check_run_dir(out: Path, cfg: PretrainConfig, resume: bool) -> Optional[Checkpoint]:
     """Validate the run folder; return the checkpoint to resume from (None for a fresh run).
 
@@ -84,14 +99,7 @@ def check_run_dir(out: Path, cfg: PretrainConfig, resume: bool) -> Optional[Chec
     if not resume:
         _check_fresh(out)
         return None
-    if not out.is_dir():
-        raise MissingInputError("no run folder to resume", path=out)
-    saved_cfg = out / "config.yaml"
-    if not saved_cfg.is_file():
-        raise MissingInputError(
-            "no run to resume here (no config.yaml)", path=out,
-            hint="start a run with `xmodal pretrain` without --resume, or name the run's folder",
-        )
+    saved_cfg = check_resumable(out)
     diff = config_diff(load_config(PretrainConfig, saved_cfg), cfg)
     if diff:
         raise ConfigError(

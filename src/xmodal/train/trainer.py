@@ -35,13 +35,14 @@ from torch.nn.parallel import DistributedDataParallel
 from xmodal.config import to_dict
 from xmodal.data.datasets import open_dataset
 from xmodal.data.store import ShapeStore
-from xmodal.errors import DataError, Interrupted, MissingInputError, TrainingDiverged
+from xmodal.errors import DataError, Interrupted, TrainingDiverged
 from xmodal.models.dgcnn import edgeconv_kind
 from xmodal.train.checkpoint import architecture_from_config, checkpoint_paths, restore_checkpoint, save_checkpoint, save_encoders
 from xmodal.train.config import PretrainConfig, config_hash
 from xmodal.train.distributed import DistContext, barrier, cleanup_distributed, init_distributed
 from xmodal.train.model import XModalNet, autocast_dtype, build_optimizer, build_training_model
-from xmodal.train.rundir import check_resume_data, check_run_dir, data_fingerprint, manifest_summary, truncate_metrics, write_run_info
+from xmodal.train.rundir import (check_resumable, check_resume_data, check_run_dir, data_fingerprint, manifest_summary,
+                                 truncate_metrics, write_run_info)
 from xmodal.train.runlog import RunLog
 from xmodal.train.sampler import BatchSpec, PretrainBatches, check_training_split
 from xmodal.train.step import StepDiverged, Stepper
@@ -94,10 +95,11 @@ def pretrain(cfg: PretrainConfig, *, store: Optional[ShapeStore] = None, resume:
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process calls this; rank 0 writes.
     """
     cfg.validate()
-    cfg.require_paths(data=store is None)
+    cfg.require_paths(data=False)
     out = Path(cfg.out)
-    if resume and not out.is_dir():  # checked before the lock creates the folder
-        raise MissingInputError("no run folder to resume", path=out)
+    if resume:  # checked before the lock creates the folder
+        check_resumable(out)
+    cfg.require_paths(data=store is None)
     ctx = init_distributed(cfg.device)
     data = store if store is not None else open_dataset(cfg.data.path)
     lock = output_lock(out, "pretrain") if ctx.is_main else contextlib.nullcontext()
