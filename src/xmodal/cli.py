@@ -193,8 +193,9 @@ def _add_show(sub) -> None:
     p.add_argument("dataset", type=Path, help="dataset folder written by 'xmodal prepare'")
     p.add_argument("--object", required=True, help="object id (e.g. chair/train/chair_0001) or index within --split")
     p.add_argument("--split", default=None, help="split to look in (default: any; for an index: train)")
-    p.add_argument("--out", required=True, type=Path, help="image file to write, in the format its suffix names (.png, .pdf, .svg, .jpg; PNG without "
-                   "one), or a folder for ID.png")
+    p.add_argument("--out", required=True, type=Path,
+                   help="image file to write, in the format its suffix names (.png, .pdf, .svg, .jpg; PNG "
+                   "without one), or a folder for ID.png")
     p.add_argument("--max-views", type=_positive_int, default=12, help="views to show (default 12)")
     p.set_defaults(handler=_run_show)
 
