@@ -20,6 +20,7 @@ from xmodal.models.batchnorm import hold_batchnorm_stats
 from xmodal.train.checkpoint import NETS, architecture_from_config, build_networks
 from xmodal.train.config import PretrainConfig
 from xmodal.train.distributed import DistContext, convert_batchnorm
+from xmodal.utils.device import cpu_has_native_bf16
 
 __all__ = ["XModalOutput", "XModalNet", "build_training_model", "build_optimizer", "autocast_dtype", "autocast"]
 
@@ -160,6 +161,9 @@ def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
         return None
     if device.type != "cuda":
         if amp == "bf16":
+            if cpu_has_native_bf16() is False:
+                log.warning("amp=bf16 on a CPU without native bfloat16 (no avx512_bf16 / amx_bf16): autocast "
+                            "is emulated and may be slower than float32 (amp=off)")
             return torch.bfloat16
         if amp == "fp16":
             log.warning("amp=fp16 is ignored on %s: use amp=bf16 for mixed precision on the CPU", device)

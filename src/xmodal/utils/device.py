@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-__all__ = ["default_device", "module_device"]
+__all__ = ["default_device", "module_device", "cpu_has_native_bf16"]
 
 
 def default_device(device: Any = None):
@@ -24,3 +24,20 @@ def module_device(module, default: Any = "cpu"):
     for t in (*module.parameters(), *module.buffers()):
         return t.device
     return torch.device(default)
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> Optional[bool]:
+    """Whether this CPU computes in bfloat16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag of
+    ``cpuinfo``); None where that cannot be told (no such file: not Linux). torch offers no public
+    query of its own; without these instructions CPU bf16 autocast is emulated and can be slower
+    than float32."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) if flags else None

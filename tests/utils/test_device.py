@@ -1,0 +1,35 @@
+"""Device helpers (xmodal.utils.device) and the CPU autocast choice that reads them."""
+
+import logging
+
+import torch
+
+import xmodal.train.model as model_mod
+from xmodal.train.model import autocast_dtype
+from xmodal.utils.device import cpu_has_native_bf16
+
+
+def _cpuinfo(tmp_path, flags):
+    p = tmp_path / "cpuinfo"
+    p.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    return str(p)
+
+
+def test_native_bf16_read_from_the_cpu_flags(tmp_path):
+    assert cpu_has_native_bf16(_cpuinfo(tmp_path, "fpu sse2 avx2 avx512f avx512_bf16")) is True
+    assert cpu_has_native_bf16(_cpuinfo(tmp_path, "fpu sse2 avx2 amx_tile amx_bf16")) is True
+    assert cpu_has_native_bf16(_cpuinfo(tmp_path, "fpu sse2 avx2 avx512f avx512bw")) is False
+    assert cpu_has_native_bf16(str(tmp_path / "absent")) is None
+    (tmp_path / "noflags").write_text("processor\t: 0\n")
+    assert cpu_has_native_bf16(str(tmp_path / "noflags")) is None
+
+
+def test_cpu_bf16_warns_only_without_native_support(monkeypatch, caplog):
+    cpu = torch.device("cpu")
+    for native, warned in ((False, True), (True, False), (None, False)):
+        monkeypatch.setattr(model_mod, "cpu_has_native_bf16", lambda native=native: native)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="xmodal.train.model"):
+            assert autocast_dtype("bf16", cpu) is torch.bfloat16
+        assert ("emulated" in caplog.text) is warned
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("off", cpu) is None
