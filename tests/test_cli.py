@@ -48,6 +48,21 @@ def test_pretrain_collects_overrides():
     assert args.overrides == ["optim.lr=0.1", "iterations=3"] and args.preset == "smoke"
 
 
+def test_overrides_may_follow_an_option(capsys):
+    argv = ["-q", "pretrain", "optim.lr=0.125", "--preset", "smoke", "iterations=3", "--data", "d", "out=r",
+            "--print-config"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.125" in out and "iterations: 3" in out and "path: d" in out and "out: r" in out
+
+
+@pytest.mark.parametrize("stray", ["--bogus", "plain"])
+def test_stray_arguments_are_still_refused(stray, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["-q", "pretrain", "iterations=3", "--preset", "smoke", stray, "--print-config"])
+    assert info.value.code == 2 and f"unrecognized arguments: {stray}" in capsys.readouterr().err
+
+
 def test_missing_source_is_a_clear_error(tmp_path, capsys):
     code = main(["-q", "prepare", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

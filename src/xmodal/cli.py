@@ -249,7 +249,7 @@ def _run_pretrain(args) -> int:
         args.parser.error(f"the following arguments are required: {', '.join(missing)}")
     summary = pretrain(cfg, resume=args.resume, progress=not args.quiet, allow_other_data=args.allow_other_data)
     if summary:
-        print(f"run written to {args.out}")
+        print(f"run written to {cfg.out}")
     return 0
 
 
@@ -367,9 +367,22 @@ def _exit_code(exc: BaseException) -> int:
     return 2
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``key=value`` overrides may also follow an option
+    (``--preset cpu iterations=10``): argparse takes one run of positionals only, and leaves a
+    second run unrecognised."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stray = [e for e in extra if e.startswith("-") or "=" not in e]
+        if stray or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
