@@ -10,7 +10,7 @@ from xmodal.train.config import PretrainConfig, config_diff, config_hash, resolv
 
 def test_presets_are_shipped_and_valid():
     shipped = set(list_presets("pretrain"))
-    assert {"paper", "paper-stable", "cpu", "cpu-long", "demo", "smoke"} <= shipped
+    assert {"paper", "paper-stable", "cpu", "cpu-bf16", "cpu-long", "demo", "smoke"} <= shipped
     for name in sorted(shipped):
         cfg = resolve(PretrainConfig, name, group="pretrain")
         cfg.validate()
@@ -137,3 +137,10 @@ def test_paths_are_set_by_with_paths_required_to_run_and_free_to_change_on_resum
     moved = cfg.with_paths(data=tmp_path / "ds", out="r")
     assert moved.data.path == str(tmp_path / "ds") and moved.out == "r" and cfg.data.path == ""
     assert config_hash(moved) == config_hash(cfg) and config_diff(cfg, moved) == []
+
+
+def test_cpu_bf16_is_the_cpu_preset_under_bf16_and_nothing_else():
+    cpu = to_dict(resolve(PretrainConfig, "cpu", group="pretrain"))
+    bf16 = to_dict(resolve(PretrainConfig, "cpu-bf16", group="pretrain"))
+    assert bf16["amp"] == "bf16" and cpu["amp"] == "off"
+    assert {**bf16, "amp": "off"} == cpu
