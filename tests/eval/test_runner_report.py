@@ -298,3 +298,16 @@ def test_evaluate_warns_when_clouds_differ_from_the_runs_point_count(points_stor
     line = next(r.getMessage() for r in caplog.records if "points but the run was trained on" in r.getMessage())
     assert line == (f"{points_store}: clouds have {N} points but the run was trained on {loaded.num_points}; "
                     f"a seeded subset of {loaded.num_points} points of each cloud is used")
+
+
+def test_no_point_count_warning_when_only_partseg_data_is_read(points_store, run_dir, tmp_path, loaded, caplog):
+    """`--task partseg --partseg-data D` never reads the clouds of `--data`: no warning about them."""
+    parts = _part_labelled_store(tmp_path / "parts")
+    cfg = EvaluateConfig(
+        run=run_dir, data=points_store, tasks=["partseg"], partseg_data=str(parts), out=tmp_path / "r", device="cpu",
+        partseg=PartSegConfig(settings=["frozen"], fractions=[1.0], epochs=1, batch_size=4),
+    )
+    with caplog.at_level("WARNING", logger="xmodal.eval.runner"):
+        m = evaluate(cfg, loaded=loaded, progress=False)
+    assert "partseg.frozen.100.instance_miou" in m
+    assert "points but the run was trained on" not in caplog.text
