@@ -165,6 +165,11 @@ def test_paths_to_str_and_require_fields(tmp_path):
     require_fields(cfg, "out")
     with pytest.raises(ConfigError, match="^out: required"):
         require_fields(Outer(), "out")
+    # a dotted name is a field of a nested section
+    require_fields(Outer(), "optim.lr")
+    with pytest.raises(ConfigError, match="^name, optim.lr: required") as info:
+        require_fields(Cfg(name="", optim=Optim(lr=None)), "name", "steps", "optim.lr", hint="give them")
+    assert info.value.hint == "give them"
 
 
 @pytest.mark.parametrize("device, ok", [("auto", True), ("cpu", True), ("cuda", True), ("cuda:1", True),

@@ -18,6 +18,7 @@ silently unused. The resolved config is written next to every run
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -26,7 +27,7 @@ import types
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Optional, TypeVar
 
 import yaml
 
@@ -390,16 +391,17 @@ def paths_to_str(cfg: Any, *names: str) -> None:
             setattr(cfg, name, os.fspath(value))
 
 
-def require_fields(cfg: Any, *names: str) -> None:
-    """Raise :class:`ConfigError` naming every field of ``names`` that is empty (``""`` or None).
+def require_fields(cfg: Any, *names: str, hint: Optional[str] = None) -> None:
+    """Raise :class:`ConfigError` (with ``hint``) naming every field of ``names`` that is empty
+    (``""`` or None); a dotted name (``data.path``) is a field of a nested section.
 
     Inputs and outputs of a stage (``source``, ``out``, ...) have no default, yet a config
     without them is valid (it can be printed, nested or completed later); the stage calls
     this before it runs.
     """
-    missing = [n for n in names if getattr(cfg, n) in ("", None)]
+    missing = [n for n in names if functools.reduce(getattr, n.split("."), cfg) in ("", None)]
     if missing:
-        raise ConfigError(f"{', '.join(missing)}: required, but not given")
+        raise ConfigError(f"{', '.join(missing)}: required, but not given", hint=hint)
 
 
 def check_device(key: str, device: str) -> None:

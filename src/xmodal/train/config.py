@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from xmodal.config import ConfigError, apply_overrides, from_dict, load_preset, resolve, to_dict
+from xmodal.config import ConfigError, apply_overrides, from_dict, load_preset, require_fields, resolve, to_dict
 
 __all__ = [
     "ModelConfig",
@@ -371,10 +371,7 @@ class PretrainConfig:
 
     def require_paths(self, *, data: bool = True) -> None:
         """Raise :class:`ConfigError` unless ``out`` (and, with ``data=True``, ``data.path``) is given."""
-        missing = [key for key, value, needed in (("data.path", self.data.path, data), ("out", self.out, True))
-                   if needed and value in ("", None)]
-        if missing:
-            raise ConfigError(f"{', '.join(missing)}: required, but not given (--data / --out)")
+        require_fields(self, *(("data.path", "out") if data else ("out",)), hint="--data / --out on the command line")
 
     def validate(self) -> None:
         for sec in (self.model, self.data, self.loss, self.optim, self.aug, self.val):

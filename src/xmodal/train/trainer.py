@@ -119,7 +119,9 @@ class _Trainer:
     def __init__(self, store: ShapeStore, out: Path, cfg: PretrainConfig, ctx: DistContext, *, resume: bool,
                  allow_other_data: bool = False) -> None:
         self.store, self.out, self.cfg, self.ctx = store, out, cfg, ctx
-        self.data_spec = getattr(store, "root", None) or cfg.data.path or "<in-memory store>"
+        #: the dataset's folder ("" for an in-memory store), and how messages name the dataset
+        self.data_root = getattr(store, "root", None) or cfg.data.path
+        self.data_spec = self.data_root or "<in-memory store>"
         if cfg.data.split not in store.splits:
             raise DataError(f"no split '{cfg.data.split}' (has {store.splits})", path=self.data_spec)
         self.split = store.split(cfg.data.split)
@@ -151,9 +153,8 @@ class _Trainer:
 
     def _write_run_info(self, *, n_val: int) -> None:
         if self.ctx.is_main:
-            root = getattr(self.store, "root", None) or self.cfg.data.path
             info = {
-                "dataset": str(Path(root).resolve()) if root else "<in-memory store>",
+                "dataset": str(Path(self.data_root).resolve()) if self.data_root else self.data_spec,
                 "split": self.cfg.data.split,
                 "manifest": manifest_summary(self.store),
                 "objects_trained_on": self.fingerprint["n"],
