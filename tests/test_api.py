@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -17,7 +18,7 @@ from xmodal.api import (
     load_run,
     random_init_run,
 )
-from xmodal.config import resolve, save_config
+from xmodal.config import resolve
 from xmodal.data.store import write_store
 from xmodal.train.checkpoint import CheckpointError, architecture_from_config, save_encoders
 from xmodal.train.config import PretrainConfig
@@ -78,6 +79,23 @@ def test_round_trip_gives_the_in_memory_features(tmp_path, inputs):
     )
     fi = torch.randn(2, 512)
     torch.testing.assert_close(loaded.pair_classifier(fi, fi), mem.pair_classifier(fi, fi))
+
+
+def test_point_init_is_part_of_the_architecture_and_of_the_random_baseline(tmp_path):
+    cfg = _cfg()
+    assert "init" not in architecture_from_config(cfg)["point_encoder"]["kwargs"]  # older runs read the same
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, point_init="kaiming"))
+    arch = architecture_from_config(cfg)
+    assert arch["point_encoder"]["kwargs"]["init"] == "kaiming"
+    mem = random_init_run(cfg, seed=0)
+    w = mem.point_encoder.edge_convs[3].conv1.weight  # fan-in 2 x 64
+    assert abs(w.std().item() - (2 / (1 + 0.2**2) / 128) ** 0.5) < 0.01
+    run = tmp_path / "run"
+    nets = {"image_encoder": mem.image_encoder, "point_encoder": mem.point_encoder, "pair_classifier": mem.pair_classifier}
+    info = {"architecture": arch, "image_size": 32, "num_points": 128, "up_axis": "z", "step": 0}
+    save_encoders(run, nets=nets, info={**info, "config": xmodal.config.to_dict(cfg)})
+    baseline = load_run(run).at_random_init(seed=0)  # the random baseline of such a run is He-initialised too
+    torch.testing.assert_close(baseline.point_encoder.edge_convs[3].conv1.weight, w)
 
 
 def test_trained_run_loads_and_differs_from_random(trained, inputs):

@@ -356,3 +356,46 @@ def test_folded_fixed_statistics_equal_the_general_fused_path():
     _close(gx1, gx2, 1e-12, "input grad")
     for a, b in zip(gp1, gp2):
         _close(a, b, 1e-10, "param grad")
+
+
+def _block_scales(model: DGCNN) -> list[float]:
+    """Mean |activation| of each EdgeConv block's output, BatchNorm at its initial statistics."""
+    model.eval()
+    with torch.no_grad():
+        blocks = model.forward_features(_points(3, b=4, n=128))["blocks"]
+    return [b.abs().mean().item() for b in blocks]
+
+
+def test_kaiming_init_keeps_the_deep_blocks_at_the_first_blocks_scale():
+    torch.manual_seed(0)
+    default = _block_scales(DGCNN(k=K))
+    torch.manual_seed(0)
+    kaiming = _block_scales(DGCNN(k=K, init="kaiming"))
+    # the default initialisation shrinks every block's output (with identity BatchNorm nothing
+    # rescales it): the last block is orders of magnitude below the first
+    assert default[-1] < default[0] / 50
+    # He initialisation keeps each layer at its input's scale
+    assert kaiming[-1] > kaiming[0] / 4
+    for scales in (default, kaiming):
+        assert all(s > 0 for s in scales)
+
+
+def test_init_changes_only_the_convolution_weights_and_is_seeded():
+    torch.manual_seed(0)
+    a = DGCNN(k=K, init="kaiming").state_dict()
+    torch.manual_seed(0)
+    b = DGCNN(k=K, init="kaiming").state_dict()
+    torch.manual_seed(0)
+    d = DGCNN(k=K).state_dict()
+    assert list(a) == list(d)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+        if ".conv" in key or key.startswith("conv"):
+            assert not torch.equal(a[key], d[key]), key
+        else:
+            torch.testing.assert_close(a[key], d[key])
+
+
+def test_unknown_init_is_refused():
+    with pytest.raises(ValueError, match="init must be one of"):
+        DGCNN(k=K, init="xavier")

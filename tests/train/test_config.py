@@ -20,7 +20,8 @@ def test_presets_are_shipped_and_valid():
 #: where it does not (margin, beta, crop range, k), and every option beyond the paper off
 PAPER = {
     "model": {"image_encoder": "resnet18", "point_encoder": "dgcnn", "k": 20, "pair_hidden": 256,
-              "pair_input_norm": "none", "freeze_point_bn": False, "projection_dim": 0},
+              "pair_input_norm": "none", "freeze_point_bn": False, "projection_dim": 0,
+              "point_init": "default"},
     "data": {"path": "", "image_size": 224, "num_points": 2048, "point_subsample": "random", "split": "train",
              "workers": 6, "prefetch_factor": 2},
     "loss": {"mode": "cm-cv", "margin": 1.0, "beta": 1.0, "cross_pairs": "sample", "projected_nce": 0.0,
@@ -90,6 +91,7 @@ def test_overrides_apply_and_bad_keys_fail():
         ("log_every=4", "multiple of log_every"),
         ("optim.gamma=0", "gamma"),
         ("aug.jitter_clip=-1", "jitter_clip"),
+        ("model.point_init=xavier", "model.point_init"),
     ],
 )
 def test_validation_rejects_bad_values(override, match):

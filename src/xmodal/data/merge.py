@@ -37,7 +37,7 @@ from xmodal.data.prepare import CONFIG_NAME, claim_output, describe_difference, 
 from xmodal.data.prepare_config import PrepareConfig
 from xmodal.data.sharding import format_shard, shard_chunks
 from xmodal.data.store import MANIFEST_NAME, PLAN_NAME, failed_relpath, shard_relpath, validate_manifest
-from xmodal.errors import ConfigError, DataError, MissingInputError, OutputExistsError
+from xmodal.errors import ConfigError, DataError, MissingInputError
 from xmodal.utils.io import atomic_path, read_json
 from xmodal.utils.lock import output_lock
 

@@ -76,9 +76,11 @@ from torch import Tensor, nn
 
 from xmodal.errors import ConfigError
 
-__all__ = ["knn", "EdgeConvReference", "EdgeConv", "DGCNN", "sync_edgeconv_stats", "edgeconv_kind"]
+__all__ = ["knn", "EdgeConvReference", "EdgeConv", "DGCNN", "POINT_INITS", "sync_edgeconv_stats", "edgeconv_kind"]
 
 _SLOPE = 0.2
+#: weight initialisations of :class:`DGCNN` (``init=``; ``model.point_init``)
+POINT_INITS = ("default", "kaiming")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -617,6 +619,13 @@ class DGCNN(nn.Module):
         include_self: whether a point is its own neighbour (DGCNN convention: yes).
         knn_chunk: query chunk size for the kNN distances (``None``: all at once, O(B*N^2)).
         fused: with ``fast``, use the fused autograd kernels (else plain autograd ops).
+        init: how the convolution weights start: ``"default"`` (PyTorch's, as the reference DGCNN
+            code; with BatchNorm in training mode the scale does not matter) or ``"kaiming"`` (He
+            normal for LeakyReLU(0.2), fan-in: every layer keeps the scale of its input). With
+            frozen BatchNorm statistics (the identity) nothing rescales the activations, and under
+            ``"default"`` each EdgeConv block's output is about 7x smaller than its input, so the
+            deep blocks contribute almost nothing and get ~100x smaller relative gradients
+            (docs/EXPERIMENTS.md).
 
     Attributes:
         out_dim: ``emb_dims``.
@@ -624,10 +633,12 @@ class DGCNN(nn.Module):
 
     def __init__(self, k: int = 20, channels: tuple[int, ...] = (64, 64, 64, 128), emb_dims: int = 512,
                  fast: bool = True, *, include_self: bool = True, knn_chunk: int | None = None,
-                 fused: bool = True) -> None:
+                 fused: bool = True, init: str = "default") -> None:
         super().__init__()
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if init not in POINT_INITS:
+            raise ValueError(f"init must be one of {list(POINT_INITS)}, got {init!r}")
         self.k, self.fast, self.channels = int(k), bool(fast), tuple(int(c) for c in channels)
         self.out_dim = int(emb_dims)
         blocks = []
@@ -641,6 +652,10 @@ class DGCNN(nn.Module):
         self.edge_convs = nn.ModuleList(blocks)
         self.conv_out = nn.Conv1d(sum(self.channels), emb_dims, kernel_size=1, bias=False)
         self.bn_out = nn.BatchNorm1d(emb_dims)
+        if init == "kaiming":
+            for m in self.modules():
+                if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                    nn.init.kaiming_normal_(m.weight, a=_SLOPE, mode="fan_in", nonlinearity="leaky_relu")
 
     def _check(self, x: Tensor) -> None:
         if x.ndim != 3 or x.shape[-1] != 3:

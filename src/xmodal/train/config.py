@@ -40,6 +40,10 @@ Options beyond the paper (each off in ``paper``; the measurements behind them ar
 * ``model.freeze_point_bn`` (false = the paper): Fp's BatchNorm layers keep their initial
   statistics (mean 0, variance 1) and learn only their scale and shift; the encoder then behaves
   identically in training and evaluation.
+* ``model.point_init`` ("default" = the reference code's PyTorch initialisation): "kaiming"
+  initialises Fp's convolutions with He normal for LeakyReLU(0.2). Under frozen BatchNorm
+  statistics the default's weights shrink every EdgeConv block's output about 7x, so the last two
+  blocks feed the global feature almost nothing and learn ~100x slower than the first.
 * ``loss.cross_pairs`` ("sample" = the paper): Ff trained on every (image, cloud) pair of the
   batch instead of the three pairs of each sample.
 * ``loss.projected_nce`` with ``model.projection_dim`` (0 = the paper): a contrastive term between
@@ -114,6 +118,10 @@ class ModelConfig:
     #: size of the shared space of Ff's projection heads (0 = none, the paper); needed by
     #: ``loss.projected_nce``
     projection_dim: int = 0
+    #: initialisation of Fp's convolution weights: "default" (PyTorch's, the reference DGCNN
+    #: code's) or "kaiming" (He normal for LeakyReLU; with ``freeze_point_bn`` nothing else keeps
+    #: the deep blocks' activations at the scale of the first's). See the module docstring
+    point_init: str = "default"
 
     def validate(self) -> None:
         if not self.image_encoder or not self.point_encoder:
@@ -124,7 +132,11 @@ class ModelConfig:
             raise ConfigError(f"model.pair_hidden must be >= 1, got {self.pair_hidden}")
         if self.projection_dim < 0:
             raise ConfigError(f"model.projection_dim must be >= 0, got {self.projection_dim}")
+        from xmodal.models.dgcnn import POINT_INITS
         from xmodal.models.heads import PAIR_INPUT_NORMS
+
+        if self.point_init not in POINT_INITS:
+            raise ConfigError(f"model.point_init must be one of {list(POINT_INITS)}, got {self.point_init!r}")
 
         if self.pair_input_norm not in PAIR_INPUT_NORMS:
             raise ConfigError(
