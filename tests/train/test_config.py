@@ -99,6 +99,14 @@ def test_validation_rejects_bad_values(override, match):
         resolve(PretrainConfig, "smoke", [override], group="pretrain")
 
 
+def test_point_init_is_refused_for_an_encoder_it_does_not_apply_to():
+    with pytest.raises(ConfigError, match="applies to DGCNN point encoders"):
+        resolve(PretrainConfig, "smoke", ["model.point_encoder=pointnet", "model.point_init=kaiming"], group="pretrain")
+    cfg = resolve(PretrainConfig, "smoke", ["model.point_encoder=dgcnn_reference", "model.point_init=kaiming"],
+                  group="pretrain")
+    assert cfg.model.point_init == "kaiming"
+
+
 def test_hash_ignores_resume_mutable_keys():
     a = resolve(PretrainConfig, "smoke", group="pretrain")
     b = resolve(PretrainConfig, "smoke", ["iterations=50", "data.workers=3"], group="pretrain")

@@ -81,7 +81,7 @@ def architecture_from_config(cfg) -> dict:
     """
     m = cfg.model
     point_kw = {"k": int(m.k)} if _is_dgcnn(m.point_encoder) else {}
-    if m.point_init != "default":  # only when set, so the architecture of older runs reads the same
+    if m.point_init != "default" and _is_dgcnn(m.point_encoder):  # only when set: older runs read the same
         point_kw["init"] = str(m.point_init)
     pair_kw = {"hidden": int(m.pair_hidden), "input_norm": str(m.pair_input_norm)}
     if m.projection_dim > 0:

@@ -137,7 +137,8 @@ class ModelConfig:
 
         if self.point_init not in POINT_INITS:
             raise ConfigError(f"model.point_init must be one of {list(POINT_INITS)}, got {self.point_init!r}")
-
+        if self.point_init != "default" and not self.point_encoder.lower().startswith("dgcnn"):
+            raise ConfigError(f"model.point_init applies to DGCNN point encoders, not {self.point_encoder!r}")
         if self.pair_input_norm not in PAIR_INPUT_NORMS:
             raise ConfigError(
                 f"model.pair_input_norm must be one of {list(PAIR_INPUT_NORMS)}, got {self.pair_input_norm!r}"
