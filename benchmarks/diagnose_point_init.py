@@ -65,14 +65,14 @@ def main(argv=None) -> int:
         scores = validator(net.eval(), torch.device("cpu"), image_size=cfg.data.image_size)
         rows[init] = (scales, ratios, scores)
     names = list(POINT_INITS)
-    print("mean |activation|       " + "".join(f"{n:>12s}" for n in names))
+    print("mean |activation|" + " " * 11 + "".join(f"{n:>12s}" for n in names))
     for i, label in enumerate(["block 1", "block 2", "block 3", "block 4", "global feature"]):
-        print(f"  {label:21s} " + "".join(f"{rows[n][0][i]:12.2e}" for n in names))
+        print(f"  {label:26s}" + "".join(f"{rows[n][0][i]:12.2e}" for n in names))
     print("relative gradient |dW|/|W|")
     for layer in rows[names[0]][1]:
-        print(f"  {layer:21s} " + "".join(f"{rows[n][1][layer]:12.2e}" for n in names))
+        print(f"  {layer:26s}" + "".join(f"{rows[n][1][layer]:12.2e}" for n in names))
     for key in ("val.svm3d", "val.retrieval3d.top1"):
-        print(f"{key:23s} " + "".join(f"{rows[n][2][key]:12.4f}" for n in names))
+        print(f"{key:28s}" + "".join(f"{rows[n][2][key]:12.4f}" for n in names))
     return 0
 
 

@@ -624,7 +624,7 @@ class DGCNN(nn.Module):
             normal for LeakyReLU(0.2), fan-in: every layer keeps the scale of its input). With
             frozen BatchNorm statistics (the identity) nothing rescales the activations, and under
             ``"default"`` each EdgeConv block's output is about 7x smaller than its input, so the
-            deep blocks contribute almost nothing and get ~100x smaller relative gradients
+            deep blocks contribute almost nothing and get ~75x smaller relative gradients
             (docs/EXPERIMENTS.md).
 
     Attributes:
