@@ -24,6 +24,7 @@ import torch
 
 from xmodal.config import resolve
 from xmodal.data.datasets import open_dataset
+from xmodal.models.batchnorm import hold_batchnorm_stats
 from xmodal.models.dgcnn import POINT_INITS
 from xmodal.train.config import PretrainConfig
 from xmodal.train.distributed import DistContext
@@ -32,10 +33,7 @@ from xmodal.train.validation import Validator, holdout_split
 
 
 def _scales_and_gradients(fp, clouds: torch.Tensor) -> tuple[list[float], dict[str, float]]:
-    fp.train()
-    for m in fp.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()  # frozen statistics, as model.freeze_point_bn trains
+    hold_batchnorm_stats(fp.train())  # frozen statistics, as model.freeze_point_bn trains
     fp.zero_grad()
     feats = fp.forward_features(clouds)
     scales = [b.abs().mean().item() for b in feats["blocks"]] + [feats["global"].abs().mean().item()]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmodal.data.datasets import open_dataset
+from xmodal.models.batchnorm import hold_batchnorm_stats
 from xmodal.models.dgcnn import DGCNN, POINT_INITS
 from xmodal.train.config import ValConfig
 from xmodal.train.validation import Validator, holdout_split
@@ -93,10 +94,7 @@ def main(argv=None) -> int:
     score(0)
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
-        fp.train()
-        for m in fp.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()  # frozen statistics, as model.freeze_point_bn
+        hold_batchnorm_stats(fp.train())  # frozen statistics, as model.freeze_point_bn
         clouds = [split.points(int(i)) for i in rng.choice(train_idx, args.batch, replace=False)]
         views = [_view(p, rng, args.strong, 512) for p in clouds] + [_view(p, rng, args.strong, 512) for p in clouds]
         loss = _nt_xent(head(fp(torch.from_numpy(np.stack(views)))))

@@ -29,8 +29,14 @@ __all__ = [
     "create_point_encoder",
     "list_image_encoders",
     "list_point_encoders",
+    "is_dgcnn",
     "PluginImageEncoder",
 ]
+
+
+def is_dgcnn(name: str) -> bool:
+    """Whether the point-encoder ``name`` is a DGCNN (takes ``k`` and ``init``)."""
+    return name.lower().split(":")[-1].startswith("dgcnn")
 
 
 def _dgcnn_reference(**kw) -> DGCNN:

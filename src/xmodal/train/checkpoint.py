@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from xmodal.errors import CheckpointError
+from xmodal.models.registry import is_dgcnn
 from xmodal.utils.io import atomic_path, read_json, write_json
 
 __all__ = [
@@ -68,10 +69,6 @@ FORMAT_VERSION = 1
 # --------------------------------------------------------------------------- architecture
 
 
-def _is_dgcnn(name: str) -> bool:
-    return name.lower().split(":")[-1].startswith("dgcnn")
-
-
 def architecture_from_config(cfg) -> dict:
     """Names and constructor kwargs of Fimg, Fp and Ff for a :class:`PretrainConfig`.
 
@@ -80,9 +77,11 @@ def architecture_from_config(cfg) -> dict:
     :func:`build_networks` from the encoders' ``out_dim``.
     """
     m = cfg.model
-    point_kw = {"k": int(m.k)} if _is_dgcnn(m.point_encoder) else {}
-    if m.point_init != "default" and _is_dgcnn(m.point_encoder):  # only when set: older runs read the same
-        point_kw["init"] = str(m.point_init)
+    point_kw = {}
+    if is_dgcnn(m.point_encoder):
+        point_kw["k"] = int(m.k)
+        if m.point_init != "default":  # only when set: the architecture of older runs reads the same
+            point_kw["init"] = str(m.point_init)
     pair_kw = {"hidden": int(m.pair_hidden), "input_norm": str(m.pair_input_norm)}
     if m.projection_dim > 0:
         pair_kw["projection_dim"] = int(m.projection_dim)

@@ -134,10 +134,11 @@ class ModelConfig:
             raise ConfigError(f"model.projection_dim must be >= 0, got {self.projection_dim}")
         from xmodal.models.dgcnn import POINT_INITS
         from xmodal.models.heads import PAIR_INPUT_NORMS
+        from xmodal.models.registry import is_dgcnn
 
         if self.point_init not in POINT_INITS:
             raise ConfigError(f"model.point_init must be one of {list(POINT_INITS)}, got {self.point_init!r}")
-        if self.point_init != "default" and not self.point_encoder.lower().split(":")[-1].startswith("dgcnn"):
+        if self.point_init != "default" and not is_dgcnn(self.point_encoder):
             raise ConfigError(f"model.point_init applies to DGCNN point encoders, not {self.point_encoder!r}")
         if self.pair_input_norm not in PAIR_INPUT_NORMS:
             raise ConfigError(
