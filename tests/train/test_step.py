@@ -57,3 +57,54 @@ def test_point_lr_scale_gives_fp_its_own_learning_rate():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
     plain, _ = build_optimizer(resolve(PretrainConfig, "smoke", group="pretrain"), net)
     assert len(plain.param_groups) == 1
+
+
+def _trust_stepper(trust_value: float):
+    from xmodal.config import resolve
+    from xmodal.train.config import PretrainConfig
+    from xmodal.train.distributed import DistContext
+    from xmodal.train.model import build_optimizer, build_training_model
+    from xmodal.train.step import Stepper
+    from xmodal.train.trust import trust_params
+
+    cfg = resolve(PretrainConfig, "smoke", [f"optim.point_trust={trust_value}", "optim.lr=0.01",
+                                            "optim.momentum=0", "optim.weight_decay=0",
+                                            "model.freeze_point_bn=true"], group="pretrain")
+    net = build_training_model(cfg, DistContext())
+    opt, sched = build_optimizer(cfg, net)
+    trust = trust_params(net.point_encoder) if trust_value > 0 else ()
+    return net, Stepper(net, cfg, DistContext(), opt, sched, trust=trust)
+
+
+def test_point_trust_moves_every_fp_weight_by_the_same_fraction():
+    """With optim.point_trust = 0.5 and plain SGD (no momentum, no decay), one step changes each Fp
+    weight tensor by exactly lr * 0.5 of its norm; Fimg's weights take their plain gradient."""
+    torch.manual_seed(0)
+    net, stepper = _trust_stepper(0.5)
+    points = torch.randn(4, 64, 3)
+    images = torch.randn(6, 3, 32, 32)
+    loss = net.point_encoder(points).pow(2).mean() + net.image_encoder(images).pow(2).mean()
+    fp = [p for p in net.point_encoder.parameters() if p.dim() >= 2]
+    before = [p.detach().clone() for p in fp]
+    img = [p for p in net.image_encoder.parameters() if p.dim() >= 2][0]
+    img_before = img.detach().clone()
+    stepper._backward(loss)
+    for p, p0 in zip(fp, before):
+        moved = (p.detach() - p0).norm() / p0.norm()
+        torch.testing.assert_close(moved, torch.tensor(0.01 * 0.5), rtol=1e-4, atol=0)
+    assert (img.detach() - img_before).norm() > 0
+    # Fimg's step is its raw gradient times lr: not rescaled to the trust fraction
+    assert not torch.isclose((img.detach() - img_before).norm() / img_before.norm(), torch.tensor(0.005), rtol=1e-2)
+
+
+def test_point_trust_off_leaves_fp_gradients_alone():
+    """Without the option the deep EdgeConv blocks move far less than the first (the imbalance it fixes)."""
+    torch.manual_seed(0)
+    net, stepper = _trust_stepper(0.0)
+    assert stepper.trust == ()
+    loss = net.point_encoder(torch.randn(4, 64, 3)).pow(2).mean()
+    fp = [p for p in net.point_encoder.parameters() if p.dim() >= 2]
+    before = [p.detach().clone() for p in fp]
+    stepper._backward(loss)
+    moved = [float((p.detach() - p0).norm() / p0.norm()) for p, p0 in zip(fp, before)]
+    assert max(moved) > 2 * min(moved)

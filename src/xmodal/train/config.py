@@ -52,6 +52,9 @@ Options beyond the paper (each off in ``paper``; the measurements behind them ar
 * ``val.*`` (off): a learning curve on held-out training objects (:class:`ValConfig`).
 * ``optim.point_lr_scale`` (1 = the paper's single learning rate): Fp's learning rate relative
   to the other networks'.
+* ``optim.point_trust`` (0 = the paper's plain SGD): each Fp weight tensor's gradient rescaled to
+  a fixed fraction of its norm before the step (LARS's layer-wise trust ratio), so the deep
+  EdgeConv blocks learn at the first block's rate.
 * ``amp`` ("off" = the paper's float32): mixed precision.
 * ``compile`` (off): ``torch.compile`` of the training forward.
 """
@@ -250,6 +253,10 @@ class OptimConfig:
     #: only through Ff, and its gradients are about ten times smaller relative to its weights than
     #: Fimg's (docs/EXPERIMENTS.md)
     point_lr_scale: float = 1.0
+    #: LARS-style trust ratio for Fp (0 = off, the paper): before each step every Fp weight
+    #: tensor's gradient is rescaled to ``point_trust`` times the tensor's norm, so each EdgeConv
+    #: block moves by the same fraction per step (:mod:`xmodal.train.trust`)
+    point_trust: float = 0.0
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -264,6 +271,8 @@ class OptimConfig:
             raise ConfigError(f"optim.gamma must be in (0, 1], got {self.gamma}")
         if not self.point_lr_scale > 0:
             raise ConfigError(f"optim.point_lr_scale must be > 0, got {self.point_lr_scale}")
+        if not self.point_trust >= 0:
+            raise ConfigError(f"optim.point_trust must be >= 0 (0 = off), got {self.point_trust}")
 
 
 @dataclass
@@ -432,7 +441,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 #: fields added after runs had been saved, with the value that reproduces those runs: a field at
 #: that value is left out of :func:`config_hash`, so a run saved before the field existed keeps its
 #: hash and resumes. A new field joins this table (a test pins the hash of the defaults)
-HASH_NEUTRAL_VALUES: dict[str, Any] = {"model.point_init": "default"}
+HASH_NEUTRAL_VALUES: dict[str, Any] = {"model.point_init": "default", "optim.point_trust": 0.0}
 
 
 def config_hash(cfg: PretrainConfig) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ from xmodal.train.augment import crop_resize_flip
 from xmodal.train.config import PretrainConfig
 from xmodal.train.distributed import DistContext, all_reduce_mean
 from xmodal.train.model import autocast
+from xmodal.train.trust import apply_trust_ratio_
 from xmodal.transforms import images_to_tensor
 
 __all__ = ["LOSS_PARTS", "StepDiverged", "Stepper", "sample_logits", "batch_positives"]
@@ -71,7 +72,9 @@ def batch_positives(objects: Tensor, negatives: Tensor) -> Tensor:
 class Stepper:
     """Runs training steps of ``model`` (an :class:`XModalNet`, possibly inside DDP).
 
-    ``amp_dtype``: the autocast dtype (None: float32); ``scaler``: a CUDA grad scaler for fp16.
+    ``amp_dtype``: the autocast dtype (None: float32); ``scaler``: a CUDA grad scaler for fp16;
+    ``trust``: the tensors whose gradients :func:`~xmodal.train.trust.apply_trust_ratio_` rescales
+    to ``cfg.optim.point_trust`` times their norm before each step (empty: none).
     Calling it with a batch and its 1-based step number returns the :data:`LOSS_PARTS`
     values (floats, averaged over processes) or raises :class:`StepDiverged`.
     """
@@ -83,6 +86,7 @@ class Stepper:
     scheduler: Any
     amp_dtype: Optional[torch.dtype] = None
     scaler: Any = None
+    trust: Sequence[Tensor] = ()
 
     def _inputs(self, batch: dict) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         device, nb = self.ctx.device, self.ctx.device.type == "cuda"
@@ -136,10 +140,15 @@ class Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None and self.scaler.is_enabled():
             self.scaler.scale(loss).backward()
+            if self.trust:  # the ratio needs the true gradients; step() will not unscale twice
+                self.scaler.unscale_(self.optimizer)
+                apply_trust_ratio_(self.trust, self.cfg.optim.point_trust)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
+            if self.trust:
+                apply_trust_ratio_(self.trust, self.cfg.optim.point_trust)
             self.optimizer.step()
         self.scheduler.step()
 
