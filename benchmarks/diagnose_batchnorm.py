@@ -1,7 +1,8 @@
 """Why ordinary-BatchNorm pre-training starts below the random-init baseline (docs/EXPERIMENTS.md).
 
-For the random-initialised Fp of a pre-training preset (default ``cpu``), on the held-out
-validation objects of a dataset's training split (the objects ``val.fraction`` sets aside):
+For the random-initialised Fp of a pre-training preset (default ``cpu-fp32``: the
+default-initialised network of the figures in docs/EXPERIMENTS.md), on the held-out validation
+objects of a dataset's training split (the objects ``val.fraction`` sets aside):
 
 1. the validation SVM / retrieval with BatchNorm at its initial statistics (mean 0, variance 1:
    the identity) — how a random-init network is evaluated — and with the statistics measured on
@@ -11,7 +12,7 @@ validation objects of a dataset's training split (the objects ``val.fraction`` s
 
 Usage::
 
-    python benchmarks/diagnose_batchnorm.py --data mn40 [--preset cpu] [--batches 40]
+    python benchmarks/diagnose_batchnorm.py --data mn40 [--preset cpu-fp32] [--batches 40]
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _near_linear(fp_weights: dict, k: int, clouds: torch.Tensor) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="dataset folder (xmodal prepare)")
-    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--preset", default="cpu-fp32")
     ap.add_argument("--batches", type=int, default=40, help="training batches of 16 clouds to measure statistics on")
     args = ap.parse_args(argv)
     cfg = resolve(PretrainConfig, args.preset, ["val.every=1", "val.views=0", "model.freeze_point_bn=false",

@@ -10,7 +10,7 @@ from xmodal.train.config import PretrainConfig, config_diff, config_hash, resolv
 
 def test_presets_are_shipped_and_valid():
     shipped = set(list_presets("pretrain"))
-    assert {"paper", "paper-stable", "cpu", "cpu-bf16", "cpu-long", "demo", "smoke"} <= shipped
+    assert {"paper", "paper-stable", "cpu", "cpu-fp32", "cpu-long", "demo", "smoke"} <= shipped
     for name in sorted(shipped):
         cfg = resolve(PretrainConfig, name, group="pretrain")
         cfg.validate()
@@ -109,14 +109,14 @@ def test_point_init_is_refused_for_an_encoder_it_does_not_apply_to():
 
 
 def test_a_new_field_at_its_neutral_value_keeps_the_hash_of_older_runs():
-    cpu = resolve(PretrainConfig, "cpu", group="pretrain")
-    # the hash in the checkpoints of `cpu` runs saved before model.point_init existed: a field
-    # added since (without an entry in HASH_NEUTRAL_VALUES) or a changed default breaks it, and
-    # with it `--resume` of every such run
+    cpu = resolve(PretrainConfig, "cpu-fp32", group="pretrain")
+    # the hash in the checkpoints of runs of the earlier `cpu` preset (now `cpu-fp32`), saved
+    # before model.point_init existed: a field added since (without an entry in
+    # HASH_NEUTRAL_VALUES) or a changed default breaks it, and with it `--resume` of every such run
     assert config_hash(cpu) == "cd1dd34d38ff2f59"
-    kaiming = resolve(PretrainConfig, "cpu", ["model.point_init=kaiming"], group="pretrain")
+    kaiming = resolve(PretrainConfig, "cpu-fp32", ["model.point_init=kaiming"], group="pretrain")
     assert config_hash(kaiming) != config_hash(cpu)
-    trust = resolve(PretrainConfig, "cpu", ["optim.point_trust=1"], group="pretrain")
+    trust = resolve(PretrainConfig, "cpu-fp32", ["optim.point_trust=1"], group="pretrain")
     assert config_hash(trust) != config_hash(cpu)
 
 
@@ -162,8 +162,16 @@ def test_paths_are_set_by_with_paths_required_to_run_and_free_to_change_on_resum
     assert config_hash(moved) == config_hash(cfg) and config_diff(cfg, moved) == []
 
 
-def test_cpu_bf16_is_the_cpu_preset_under_bf16_and_nothing_else():
+def test_cpu_fp32_is_the_cpu_preset_without_bf16_on_its_own_schedule_and_nothing_else():
     cpu = to_dict(resolve(PretrainConfig, "cpu", group="pretrain"))
-    bf16 = to_dict(resolve(PretrainConfig, "cpu-bf16", group="pretrain"))
-    assert bf16["amp"] == "bf16" and cpu["amp"] == "off"
-    assert {**bf16, "amp": "off"} == cpu
+    fp32 = to_dict(resolve(PretrainConfig, "cpu-fp32", group="pretrain"))
+    assert (cpu["amp"], fp32["amp"]) == ("bf16", "off")
+    assert (cpu["model"]["point_init"], fp32["model"]["point_init"]) == ("kaiming", "default")
+    assert (cpu["iterations"], fp32["iterations"]) == (4000, 2000)
+    # both decay the learning rate after 65 % of their schedule
+    assert (cpu["optim"]["step_size"], fp32["optim"]["step_size"]) == (2600, 1300)
+    same = {**fp32, "amp": "bf16", "iterations": 4000, "model": {**fp32["model"], "point_init": "kaiming"},
+            "optim": {**fp32["optim"], "step_size": 2600}}
+    assert same == cpu
+
+
