@@ -173,5 +173,3 @@ def test_cpu_fp32_is_the_cpu_preset_without_bf16_on_its_own_schedule_and_nothing
     same = {**fp32, "amp": "bf16", "iterations": 4000, "model": {**fp32["model"], "point_init": "kaiming"},
             "optim": {**fp32["optim"], "step_size": 2600}}
     assert same == cpu
-
-

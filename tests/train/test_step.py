@@ -59,7 +59,7 @@ def test_point_lr_scale_gives_fp_its_own_learning_rate():
     assert len(plain.param_groups) == 1
 
 
-def _trust_stepper(trust_value: float):
+def _trust_stepper(trust_value: float, scaler=None):
     from xmodal.config import resolve
     from xmodal.train.config import PretrainConfig
     from xmodal.train.distributed import DistContext
@@ -73,35 +73,75 @@ def _trust_stepper(trust_value: float):
     net = build_training_model(cfg, DistContext())
     opt, sched = build_optimizer(cfg, net)
     trust = trust_params(net.point_encoder) if trust_value > 0 else ()
-    return net, Stepper(net, cfg, DistContext(), opt, sched, trust=trust)
+    return net, Stepper(net, cfg, DistContext(), opt, sched, scaler=scaler, trust=trust)
+
+
+class _RecordingScaler:
+    """A stand-in for a CUDA fp16 GradScaler (scale 1024) that records the order of its calls."""
+
+    def __init__(self):
+        self.calls, self.scale_value = [], 1024.0
+
+    def is_enabled(self):
+        return True
+
+    def scale(self, loss):
+        self.calls.append("scale")
+        return loss * self.scale_value
+
+    def unscale_(self, optimizer):
+        self.calls.append("unscale_")
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.div_(self.scale_value)
+
+    def step(self, optimizer):
+        self.calls.append("step")
+        optimizer.step()
+
+    def update(self):
+        self.calls.append("update")
+
+
+def _check_one_trust_step(net, stepper, coefficient, lr=0.01):
+    torch.manual_seed(1)
+    loss = net.point_encoder(torch.randn(4, 64, 3)).pow(2).mean() + net.image_encoder(torch.randn(6, 3, 32, 32)).pow(2).mean()
+    fp = [p for p in net.point_encoder.parameters() if p.dim() >= 2]
+    img = [p for p in net.image_encoder.parameters() if p.dim() >= 2]
+    fp_before = [p.detach().clone() for p in fp]
+    img_before = [p.detach().clone() for p in img]
+    stepper._backward(loss)
+    for p, p0 in zip(fp, fp_before):
+        # plain SGD (no momentum, no decay): the update is lr times the rescaled gradient, whose
+        # norm is coefficient x the weights' norm
+        torch.testing.assert_close(p.grad.norm(), coefficient * p0.norm(), rtol=1e-4, atol=0)
+        torch.testing.assert_close((p.detach() - p0).norm() / p0.norm(), torch.tensor(lr * coefficient), rtol=1e-4, atol=0)
+    for p, p0 in zip(img, img_before):  # Fimg keeps its raw gradient
+        torch.testing.assert_close(p.detach(), p0 - lr * p.grad, rtol=1e-5, atol=1e-7)
+    ratios = [float(p.grad.norm() / p0.norm()) for p, p0 in zip(img, img_before) if p.grad.abs().sum() > 0]
+    assert max(ratios) > 1.5 * min(ratios)  # not rescaled: Fimg's relative gradients differ per layer
 
 
 def test_point_trust_moves_every_fp_weight_by_the_same_fraction():
-    """With optim.point_trust = 0.5 and plain SGD (no momentum, no decay), one step changes each Fp
-    weight tensor by exactly lr * 0.5 of its norm; Fimg's weights take their plain gradient."""
-    torch.manual_seed(0)
+    """With optim.point_trust = 0.5 and plain SGD, one step changes each Fp weight tensor by exactly
+    lr * 0.5 of its norm; Fimg's weights take their plain gradient."""
     net, stepper = _trust_stepper(0.5)
-    points = torch.randn(4, 64, 3)
-    images = torch.randn(6, 3, 32, 32)
-    loss = net.point_encoder(points).pow(2).mean() + net.image_encoder(images).pow(2).mean()
-    fp = [p for p in net.point_encoder.parameters() if p.dim() >= 2]
-    before = [p.detach().clone() for p in fp]
-    img = [p for p in net.image_encoder.parameters() if p.dim() >= 2][0]
-    img_before = img.detach().clone()
-    stepper._backward(loss)
-    for p, p0 in zip(fp, before):
-        moved = (p.detach() - p0).norm() / p0.norm()
-        torch.testing.assert_close(moved, torch.tensor(0.01 * 0.5), rtol=1e-4, atol=0)
-    assert (img.detach() - img_before).norm() > 0
-    # Fimg's step is its raw gradient times lr: not rescaled to the trust fraction
-    assert not torch.isclose((img.detach() - img_before).norm() / img_before.norm(), torch.tensor(0.005), rtol=1e-2)
+    _check_one_trust_step(net, stepper, 0.5)
+
+
+def test_point_trust_under_a_grad_scaler_rescales_the_unscaled_gradients():
+    """Rescaling before unscale_ would leave Fp's step 1024x too small: the exact fractions fail."""
+    scaler = _RecordingScaler()
+    net, stepper = _trust_stepper(0.5, scaler=scaler)
+    _check_one_trust_step(net, stepper, 0.5)
+    assert scaler.calls == ["scale", "unscale_", "step", "update"]
 
 
 def test_point_trust_off_leaves_fp_gradients_alone():
     """Without the option the deep EdgeConv blocks move far less than the first (the imbalance it fixes)."""
     torch.manual_seed(0)
     net, stepper = _trust_stepper(0.0)
-    assert stepper.trust == ()
     loss = net.point_encoder(torch.randn(4, 64, 3)).pow(2).mean()
     fp = [p for p in net.point_encoder.parameters() if p.dim() >= 2]
     before = [p.detach().clone() for p in fp]

@@ -181,6 +181,32 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(data, tmp_path, monkeypatch):
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("trust", [0.0, 0.5])
+def test_pretrain_applies_the_point_trust_ratio_to_fp_weights_only(data, tmp_path, monkeypatch, trust):
+    """optim.point_trust reaches the step through pretrain(): every step rescales exactly Fp's weight
+    tensors with the configured coefficient; at 0 nothing is rescaled."""
+    real = xmodal.train.step.apply_trust_ratio_
+    calls = []
+
+    def spy(params, coefficient):
+        calls.append((sorted(tuple(p.shape) for p in params), coefficient))
+        return real(params, coefficient)
+
+    monkeypatch.setattr(xmodal.train.step, "apply_trust_ratio_", spy)
+    out = tmp_path / "run"
+    pretrain(_cfg("iterations=2", "checkpoint_every=2", f"optim.point_trust={trust}").with_paths(data, out),
+             progress=False)
+    if trust == 0:
+        assert calls == []
+        return
+    from xmodal.api import load_encoders
+
+    _, fp = load_encoders(out)
+    fp_weights = sorted(tuple(p.shape) for p in fp.parameters() if p.dim() >= 2)
+    assert len(fp_weights) > 0
+    assert calls == [(fp_weights, trust)] * 2
+
+
 def test_cross_view_only_mode(data, tmp_path):
     out = tmp_path / "cv"
     s = pretrain(_cfg("iterations=2", "checkpoint_every=2", "loss.mode=cv").with_paths(data, out), progress=False)

@@ -2,7 +2,7 @@
 
 The schema is a tree of dataclasses resolved by :mod:`xmodal.config`:
 dataclass defaults <- a preset (``configs/pretrain/*.yaml``: ``paper``, ``paper-stable``,
-``cpu``, ``cpu-long``, ``demo``, ``smoke``) <- ``key=value`` overrides (``optim.lr=0.01``). The
+``cpu``, ``cpu-fp32``, ``cpu-long``, ``demo``, ``smoke``) <- ``key=value`` overrides (``optim.lr=0.01``). The
 defaults are the paper's §4.1 settings with every option beyond the paper off; the presets say
 why they differ.
 
@@ -54,7 +54,7 @@ Options beyond the paper (each off in ``paper``; the measurements behind them ar
   to the other networks'.
 * ``optim.point_trust`` (0 = the paper's plain SGD): each Fp weight tensor's gradient rescaled to
   a fixed fraction of its norm before the step (LARS's layer-wise trust ratio), so the deep
-  EdgeConv blocks learn at the first block's rate.
+  EdgeConv blocks get gradients at the first block's scale.
 * ``amp`` ("off" = the paper's float32): mixed precision.
 * ``compile`` (off): ``torch.compile`` of the training forward.
 """
@@ -254,8 +254,9 @@ class OptimConfig:
     #: Fimg's (docs/EXPERIMENTS.md)
     point_lr_scale: float = 1.0
     #: LARS-style trust ratio for Fp (0 = off, the paper): before each step every Fp weight
-    #: tensor's gradient is rescaled to ``point_trust`` times the tensor's norm, so each EdgeConv
-    #: block moves by the same fraction per step (:mod:`xmodal.train.trust`)
+    #: tensor's gradient is rescaled to ``point_trust`` times the tensor's norm (momentum and weight
+    #: decay then act as usual), so the deep EdgeConv blocks are not left ~75x behind the first
+    #: (:mod:`xmodal.train.trust`)
     point_trust: float = 0.0
 
     def validate(self) -> None:

@@ -163,7 +163,8 @@ def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
         if amp == "bf16":
             if cpu_has_native_bf16() is False:
                 log.warning("amp=bf16 on a CPU without native bfloat16 (no avx512_bf16 / amx_bf16): autocast "
-                            "is emulated and may be slower than float32 (amp=off)")
+                            "is emulated and may be slower than float32 (amp=off; for such a CPU the preset "
+                            "cpu-fp32 replaces cpu)")
             return torch.bfloat16
         if amp == "fp16":
             log.warning("amp=fp16 is ignored on %s: use amp=bf16 for mixed precision on the CPU", device)

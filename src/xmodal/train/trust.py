@@ -2,7 +2,7 @@
 
 LARS (You, Gitman and Ginsburg 2017, "Large Batch Training of Convolutional Networks",
 arXiv:1708.03888) gives each layer the local learning rate ``η · ‖w‖ / ‖∇w‖``, so that every
-layer moves by the same fraction of its weights per step whatever the scale of its gradient.
+layer's gradient step is the same fraction of its weights whatever the scale of its gradient.
 Here it is applied to the gradients before the ordinary SGD step (``optim.point_trust``), to
 Fp's weight tensors only: under frozen BatchNorm statistics and PyTorch's default initialisation
 the deep EdgeConv blocks get gradients ~75x smaller relative to their weights than the first
