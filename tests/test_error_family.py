@@ -113,6 +113,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("xmodal.losses", "pair_scores"): "logits of the wrong shape from code",
     ("xmodal.losses", "_check_matrix"): "tensors of the wrong shape/dtype from code",
     ("xmodal.losses", "batch_cross_modal_loss"): "batch invariant of the sampler",
+    ("xmodal.train.trust", "apply_trust_ratio_"): "coefficient= from code; optim.point_trust is validated by the config",
     ("xmodal.losses", "batch_pair_bce"): "batch invariant of the sampler",
     ("xmodal.losses", "TripletLoss.__init__"): "reduction= from code",
     ("xmodal.losses", "CrossModalLoss.__init__"): "reduction= from code",
