@@ -5,7 +5,7 @@ Fp alone (DGCNN with frozen BatchNorm statistics, as the ``cpu`` preset trains i
 projection head are trained with InfoNCE (SimCLR's NT-Xent, temperature 0.1) between two views
 of each cloud of a batch. A view: optionally (``--strong``) cut away the points nearest to a
 random point of the cloud (up to a quarter of them), then a random subset of 512 points, a
-rotation about the up axis (y), optionally (``--strong``) an anisotropic scale in [2/3, 3/2] per
+rotation about the store's up axis, optionally (``--strong``) an anisotropic scale in [2/3, 3/2] per
 axis and a translation in [-0.2, 0.2], then Gaussian jitter (σ 0.01). Adam, no images, no Ff.
 Every ``--every`` steps the validation objects of the ``cpu`` preset's curve (10 % of each class
 of the training split, never trained on) are scored as ``val.every`` does.
@@ -31,6 +31,7 @@ from torch import nn
 from xmodal.data.datasets import open_dataset
 from xmodal.models.batchnorm import hold_batchnorm_stats
 from xmodal.models.dgcnn import DGCNN, POINT_INITS
+from xmodal.train.augment import rotation_matrices
 from xmodal.train.config import ValConfig
 from xmodal.train.validation import Validator, holdout_split
 
@@ -43,13 +44,12 @@ class _PointsOnly(nn.Module):
         self.point_encoder = fp
 
 
-def _view(p: np.ndarray, rng: np.random.Generator, strong: bool, num_points: int) -> np.ndarray:
+def _view(p: np.ndarray, rng: np.random.Generator, strong: bool, num_points: int, up_axis: str) -> np.ndarray:
     if strong:
         d = ((p - p[rng.integers(len(p))]) ** 2).sum(1)
         p = p[np.argsort(d)[int(rng.uniform(0, 0.25) * len(p)):]]
     p = p[rng.choice(len(p), num_points, replace=False)]
-    a = rng.uniform(0, 2 * np.pi)
-    rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    rot = rotation_matrices(np.array([rng.uniform(0, 2 * np.pi)]), up_axis)[0].double().numpy()
     p = p @ rot.T
     if strong:
         p = p * rng.uniform(2 / 3, 3 / 2, size=3) + rng.uniform(-0.2, 0.2, size=3)
@@ -67,7 +67,7 @@ def _nt_xent(z: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True, help="dataset folder (xmodal prepare), up axis y")
+    ap.add_argument("--data", required=True, help="dataset folder (xmodal prepare)")
     ap.add_argument("--init", choices=POINT_INITS, default="kaiming")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16, help="clouds per step (2 views each)")
@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    split = open_dataset(args.data).split("train")
+    store = open_dataset(args.data)
+    split = store.split("train")
     train_idx, val_idx = holdout_split(split.labels, 0.1, seed=args.seed)
     validator = Validator(split, val_idx, ValConfig(every=1, views=0), num_points=512, seed=args.seed)
     fp = DGCNN(k=16, init=args.init)
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     for step in range(1, args.steps + 1):
         hold_batchnorm_stats(fp.train())  # frozen statistics, as model.freeze_point_bn
         clouds = [split.points(int(i)) for i in rng.choice(train_idx, args.batch, replace=False)]
-        views = [_view(p, rng, args.strong, 512) for p in clouds] + [_view(p, rng, args.strong, 512) for p in clouds]
+        views = [_view(p, rng, args.strong, 512, store.up_axis) for _ in range(2) for p in clouds]
         loss = _nt_xent(head(fp(torch.from_numpy(np.stack(views)))))
         opt.zero_grad()
         loss.backward()
