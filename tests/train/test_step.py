@@ -65,15 +65,13 @@ def _trust_stepper(trust_value: float, scaler=None):
     from xmodal.train.distributed import DistContext
     from xmodal.train.model import build_optimizer, build_training_model
     from xmodal.train.step import Stepper
-    from xmodal.train.trust import trust_params
 
     cfg = resolve(PretrainConfig, "smoke", [f"optim.point_trust={trust_value}", "optim.lr=0.01",
                                             "optim.momentum=0", "optim.weight_decay=0",
                                             "model.freeze_point_bn=true"], group="pretrain")
     net = build_training_model(cfg, DistContext())
     opt, sched = build_optimizer(cfg, net)
-    trust = trust_params(net.point_encoder) if trust_value > 0 else ()
-    return net, Stepper(net, cfg, DistContext(), opt, sched, scaler=scaler, trust=trust)
+    return net, Stepper(net, cfg, DistContext(), opt, sched, scaler=scaler)  # trust: from the config
 
 
 class _RecordingScaler:
@@ -136,6 +134,23 @@ def test_point_trust_under_a_grad_scaler_rescales_the_unscaled_gradients():
     net, stepper = _trust_stepper(0.5, scaler=scaler)
     _check_one_trust_step(net, stepper, 0.5)
     assert scaler.calls == ["scale", "unscale_", "step", "update"]
+
+
+def test_stepper_takes_fp_weights_for_the_trust_ratio_through_a_compile_wrapper():
+    """A Stepper built without trust= finds Fp's weights itself, also inside torch.compile's
+    wrapper (what the trainer passes with compile=true), and none with the option off."""
+    from xmodal.train.step import Stepper, unwrap_model
+    from xmodal.train.trust import trust_params
+
+    net, stepper = _trust_stepper(0.5)
+    fp_weights = trust_params(net.point_encoder)
+    assert len(fp_weights) > 4 and all(p.dim() >= 2 for p in fp_weights)
+    assert [id(p) for p in stepper.trust] == [id(p) for p in fp_weights]
+    compiled = torch.compile(net)  # wrapping compiles nothing until it is called
+    assert unwrap_model(compiled) is net and unwrap_model(net) is net
+    wrapped = Stepper(compiled, stepper.cfg, stepper.ctx, stepper.optimizer, stepper.scheduler)
+    assert [id(p) for p in wrapped.trust] == [id(p) for p in fp_weights]
+    assert _trust_stepper(0.0)[1].trust == ()
 
 
 def test_point_trust_off_leaves_fp_gradients_alone():

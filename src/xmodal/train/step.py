@@ -32,14 +32,26 @@ from xmodal.train.augment import crop_resize_flip
 from xmodal.train.config import PretrainConfig
 from xmodal.train.distributed import DistContext, all_reduce_mean
 from xmodal.train.model import autocast
-from xmodal.train.trust import apply_trust_ratio_
+from xmodal.train.trust import apply_trust_ratio_, trust_params
 from xmodal.transforms import images_to_tensor
 
-__all__ = ["LOSS_PARTS", "StepDiverged", "Stepper", "sample_logits", "batch_positives"]
+__all__ = ["LOSS_PARTS", "StepDiverged", "Stepper", "sample_logits", "batch_positives", "unwrap_model"]
 
 #: what a step reports, in this order (means over the processes); ``nce`` and ``point_nce``
 #: are the ``loss.projected_nce`` and ``loss.point_nce`` terms (0 when off)
 LOSS_PARTS = ("loss", "triplet", "cross", "cm_acc", "nce", "point_nce")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside ``model``'s ``torch.compile`` and ``DistributedDataParallel`` wrappers
+    (``model`` itself when it has none)."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 class StepDiverged(Exception):
@@ -74,7 +86,9 @@ class Stepper:
 
     ``amp_dtype``: the autocast dtype (None: float32); ``scaler``: a CUDA grad scaler for fp16;
     ``trust``: the tensors whose gradients :func:`~xmodal.train.trust.apply_trust_ratio_` rescales
-    to ``cfg.optim.point_trust`` times their norm before each step (empty: none).
+    to ``cfg.optim.point_trust`` times their norm before each step; ``None`` (the default) takes
+    Fp's weights (:func:`~xmodal.train.trust.trust_params` of the model's ``point_encoder``,
+    through DDP and ``torch.compile`` wrappers) when ``optim.point_trust > 0``, else none.
     Calling it with a batch and its 1-based step number returns the :data:`LOSS_PARTS`
     values (floats, averaged over processes) or raises :class:`StepDiverged`.
     """
@@ -86,7 +100,12 @@ class Stepper:
     scheduler: Any
     amp_dtype: Optional[torch.dtype] = None
     scaler: Any = None
-    trust: Sequence[Tensor] = ()
+    trust: Optional[Sequence[Tensor]] = None
+
+    def __post_init__(self) -> None:
+        if self.trust is None:
+            on = self.cfg.optim.point_trust > 0
+            self.trust = trust_params(unwrap_model(self.model).point_encoder) if on else ()
 
     def _inputs(self, batch: dict) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         device, nb = self.ctx.device, self.ctx.device.type == "cuda"
@@ -138,17 +157,16 @@ class Stepper:
 
     def _backward(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None and self.scaler.is_enabled():
-            self.scaler.scale(loss).backward()
-            if self.trust:  # the ratio needs the true gradients; step() will not unscale twice
+        scaled = self.scaler is not None and self.scaler.is_enabled()
+        (self.scaler.scale(loss) if scaled else loss).backward()
+        if self.trust:
+            if scaled:  # the ratio needs the true gradients; scaler.step() will not unscale twice
                 self.scaler.unscale_(self.optimizer)
-                apply_trust_ratio_(self.trust, self.cfg.optim.point_trust)
+            apply_trust_ratio_(self.trust, self.cfg.optim.point_trust)
+        if scaled:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
-            if self.trust:
-                apply_trust_ratio_(self.trust, self.cfg.optim.point_trust)
             self.optimizer.step()
         self.scheduler.step()
 

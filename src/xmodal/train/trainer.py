@@ -46,7 +46,6 @@ from xmodal.train.rundir import (check_resumable, check_resume_data, check_run_d
 from xmodal.train.runlog import RunLog
 from xmodal.train.sampler import BatchSpec, PretrainBatches, check_training_split
 from xmodal.train.step import StepDiverged, Stepper
-from xmodal.train.trust import trust_params
 from xmodal.train.validation import Validator, holdout_split
 from xmodal.utils.lock import output_lock
 from xmodal.utils.signals import StopRequest, ignore_stop_signals
@@ -254,9 +253,7 @@ class _Trainer:
 
     def _loop(self, runlog: RunLog, stop: StopRequest) -> Optional[Path]:
         """Run the steps ``start+1 .. iterations``; returns the last checkpoint written (or None)."""
-        trust = trust_params(self.net.point_encoder) if self.cfg.optim.point_trust > 0 else ()
-        stepper = Stepper(self._model(), self.cfg, self.ctx, self.optimizer, self.scheduler, self.amp_dtype, self.scaler,
-                          trust=trust)
+        stepper = Stepper(self._model(), self.cfg, self.ctx, self.optimizer, self.scheduler, self.amp_dtype, self.scaler)
         last_ckpt = checkpoint_paths(self.out)[1] if self.ckpt is not None else None
         dev = self.ctx.device
         fork = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
