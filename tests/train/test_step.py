@@ -153,6 +153,22 @@ def test_stepper_takes_fp_weights_for_the_trust_ratio_through_a_compile_wrapper(
     assert _trust_stepper(0.0)[1].trust == ()
 
 
+def test_unwrap_model_sees_through_ddp_and_compile(tmp_path):
+    """DDP (a one-process gloo group) inside torch.compile: the trainer's wrapping under torchrun."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from xmodal.train.step import unwrap_model
+
+    net = torch.nn.Linear(3, 2)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(net)
+        assert unwrap_model(ddp) is net and unwrap_model(torch.compile(ddp)) is net
+    finally:
+        dist.destroy_process_group()
+
+
 def test_point_trust_off_leaves_fp_gradients_alone():
     """Without the option the deep EdgeConv blocks move far less than the first (the imbalance it fixes)."""
     torch.manual_seed(0)
