@@ -11,7 +11,8 @@ evaluation does with its own test split. The runs must share ``seed`` and ``val.
 Printed per run, then for the first run's networks at random initialisation: the validation
 accuracy of that SVM, its C and cross-validation score on the training objects, and leave-one-out
 retrieval top-1 / mAP among the validation objects. Each cloud is a seeded random subset of
-``--points`` of its stored points (``--subsample-seed``), as :func:`xmodal.eval.features.point_features` takes it.
+``--points`` of its stored points (``--subsample-seed``), through
+:func:`xmodal.eval.features.point_features`, as the evaluation takes it.
 
 Usage::
 
@@ -23,12 +24,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 
-from xmodal.api import extract_point_features, load_run
+from xmodal.api import load_run
 from xmodal.data.datasets import open_dataset
-from xmodal.eval.features import subsample_points
+from xmodal.eval.features import point_features
 from xmodal.eval.retrieval import retrieval_metrics
 from xmodal.eval.svm import linear_svm_eval
 from xmodal.train.validation import holdout_split
@@ -57,13 +57,12 @@ def main(argv=None) -> None:
     labels = split.labels
     train_idx, val_idx = holdout_split(labels, first.val.fraction, seed=first.seed)
     points = args.points or runs[0][1].num_points
-    clouds = subsample_points(split.points_range(0, split.n).astype(np.float32), points, seed=args.subsample_seed)
     print(f"{len(train_idx)} training objects fit the SVM, {len(val_idx)} validation objects score it; {points} points")
 
     runs.append(("random init (first run's networks)", runs[0][1].at_random_init(0)))
     for name, run in runs:
         t0 = time.perf_counter()
-        f = extract_point_features(run.point_encoder, clouds, batch_size=64)
+        f = point_features(run, split, batch_size=64, num_points=points, seed=args.subsample_seed)
         svm = linear_svm_eval(f[train_idx], labels[train_idx], f[val_idx], labels[val_idx], Cs=args.cs, folds=3)
         ret = retrieval_metrics(f[val_idx], labels[val_idx], ks=(1,))
         print(f"{name}: SVM {100 * svm['accuracy']:.2f} % (C {svm['C']:g}, CV on the training objects "
