@@ -14,9 +14,24 @@ retrieval top-1 / mAP among the validation objects. Each cloud is a seeded rando
 ``--points`` of its stored points (``--subsample-seed``), through
 :func:`xmodal.eval.features.point_features`, as the evaluation takes it.
 
+With ``--fold-seeds N`` and ``--sample-seeds N`` it also measures how much the curve's SVM moves
+by chance on the same features, for two ways of computing a curve point:
+
+* the curve as built (``val.svm3d``): cross-validation on the validation objects alone
+  (:func:`xmodal.train.validation.cv_svm_accuracy` with the run's ``val.folds`` and ``val.Cs``),
+  once per fold assignment seed;
+* an SVM fitted on a seeded class-stratified sample of ``--train-sample`` training objects (C by
+  3-fold cross-validation on the sample, the run's ``val.Cs``), scored on the validation
+  objects, once per sample seed: what a curve fitted on training objects would cost and give.
+
+Each prints, per seed, every encoder's accuracy and the differences the curve is read for (each
+run against random initialisation, the second run against the first).
+
 Usage::
 
     python benchmarks/probe_val_svm.py --data mn40 runs/mn40-kai-4k runs/mn40-norot
+    python benchmarks/probe_val_svm.py --data mn40 runs/mn40-kai-4k runs/mn40-norot --fold-seeds 5 \
+        --sample-seeds 4 --train-sample 2000
 """
 
 from __future__ import annotations
@@ -24,14 +39,31 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from xmodal.api import load_run
 from xmodal.data.datasets import open_dataset
+from xmodal.data.sources import stratified_holdout
 from xmodal.eval.features import point_features
 from xmodal.eval.retrieval import retrieval_metrics
 from xmodal.eval.svm import linear_svm_eval
-from xmodal.train.validation import holdout_split
+from xmodal.train.validation import cv_svm_accuracy, holdout_split
+
+
+def _spread(name: str, rows: list[dict], names: list[str]) -> None:
+    """Print per-seed accuracies (%) of every encoder, the differences the curve is read for, and
+    the mean and range of each over the seeds."""
+    diffs = {f"{n} - random init": (n, names[-1]) for n in names[:-1]}
+    if len(names) > 2:
+        diffs[f"{names[1]} - {names[0]}"] = (names[1], names[0])
+    print(f"\n{name}")
+    cols = {n: [r[n] for r in rows] for n in names}
+    cols.update({d: [r[a] - r[b] for r in rows] for d, (a, b) in diffs.items()})
+    for label, vals in cols.items():
+        v = np.asarray(vals)
+        print(f"  {label}: " + " ".join(f"{x:6.2f}" for x in v)
+              + f"   mean {v.mean():6.2f}, range {v.max() - v.min():.2f}")
 
 
 def main(argv=None) -> None:
@@ -42,6 +74,11 @@ def main(argv=None) -> None:
     ap.add_argument("--subsample-seed", type=int, default=0)
     ap.add_argument("--cs", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2], help="C grid of the SVM")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--fold-seeds", type=int, default=0,
+                    help="score the curve's estimator (CV on the validation objects) with this many fold seeds")
+    ap.add_argument("--sample-seeds", type=int, default=0,
+                    help="score an SVM fitted on --train-sample training objects with this many sample seeds")
+    ap.add_argument("--train-sample", type=int, default=2000, help="training objects in each sample")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -49,10 +86,10 @@ def main(argv=None) -> None:
     runs = [(r, load_run(r)) for r in args.runs]
     first = runs[0][1].config
     for name, r in runs[1:]:
-        if (r.config.seed, r.config.val.fraction) != (first.seed, first.val.fraction):
-            raise SystemExit(f"{name}: seed / val.fraction differ from {args.runs[0]}'s: not the same validation split")
-    if not first.val.fraction > 0:
-        raise SystemExit(f"{args.runs[0]} has no validation split (val.fraction = {first.val.fraction})")
+        if (r.config.seed, r.config.val.fraction, r.config.val.enabled) != (first.seed, first.val.fraction, True):
+            raise SystemExit(f"{name}: seed / val.fraction / the curve differ from {args.runs[0]}'s: not the same validation split")
+    if not first.val.enabled:
+        raise SystemExit(f"{args.runs[0]} trained without the validation curve (val.every = 0): no object was held out")
     split = open_dataset(args.data).split("train")
     labels = split.labels
     train_idx, val_idx = holdout_split(labels, first.val.fraction, seed=first.seed)
@@ -60,14 +97,38 @@ def main(argv=None) -> None:
     print(f"{len(train_idx)} training objects fit the SVM, {len(val_idx)} validation objects score it; {points} points")
 
     runs.append(("random init (first run's networks)", runs[0][1].at_random_init(0)))
+    feats = {}
     for name, run in runs:
         t0 = time.perf_counter()
         f = point_features(run, split, batch_size=64, num_points=points, seed=args.subsample_seed)
+        feats[name] = f
         svm = linear_svm_eval(f[train_idx], labels[train_idx], f[val_idx], labels[val_idx], Cs=args.cs, folds=3)
         ret = retrieval_metrics(f[val_idx], labels[val_idx], ks=(1,))
         print(f"{name}: SVM {100 * svm['accuracy']:.2f} % (C {svm['C']:g}, CV on the training objects "
               f"{100 * svm['cv_score']:.2f} %), retrieval top-1 {100 * ret['top1']:.2f} / mAP {100 * ret['map']:.2f}"
               f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+
+    names = [name for name, _ in runs]
+    val = first.val
+    if args.fold_seeds > 0:
+        t0 = time.perf_counter()
+        rows = [{n: 100 * cv_svm_accuracy(f[val_idx], labels[val_idx], folds=val.folds, seed=s, Cs=val.Cs)
+                 for n, f in feats.items()} for s in range(args.fold_seeds)]
+        _spread(f"the curve's SVM ({val.folds}-fold CV on the {len(val_idx)} validation objects, C in "
+                f"{list(val.Cs)}), fold seeds 0..{args.fold_seeds - 1}  [{time.perf_counter() - t0:.0f} s]",
+                rows, names)
+    if args.sample_seeds > 0:
+        t0 = time.perf_counter()
+        frac = min(args.train_sample / len(train_idx), 0.99)
+        rows, sizes = [], set()
+        for s in range(args.sample_seeds):
+            pick = train_idx[stratified_holdout(labels[train_idx], frac, seed=1000 + s)]
+            sizes.add(len(pick))
+            rows.append({n: 100 * linear_svm_eval(f[pick], labels[pick], f[val_idx], labels[val_idx],
+                                                  Cs=val.Cs, folds=3)["accuracy"] for n, f in feats.items()})
+        _spread(f"an SVM fitted on {sorted(sizes)} sampled training objects (C in {list(val.Cs)} by 3-fold CV "
+                f"on the sample), scored on the validation objects, sample seeds 0..{args.sample_seeds - 1}  "
+                f"[{time.perf_counter() - t0:.0f} s]", rows, names)
 
 
 if __name__ == "__main__":
