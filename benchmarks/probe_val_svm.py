@@ -5,8 +5,9 @@ The learning curve (``val.every``) scores the validation objects alone: a 3-fold
 SVM on 785 ModelNet40 objects, about 520 to fit per fold. This probe fits the linear SVM of
 :mod:`xmodal.eval.svm` on the features of the ~7,000 objects the runs trained on (C chosen by
 3-fold cross-validation among them) and scores it once on the validation objects, as the held-out
-evaluation does with its own test split. The runs must share ``seed`` and ``val.fraction``
-(checked): the validation objects are those their curves held out, never trained on.
+evaluation does with its own test split. The runs must have trained with the curve on and share
+``seed`` and ``val.fraction`` (checked): the validation objects are those their curves held out,
+never trained on.
 
 Printed per run, then for the first run's networks at random initialisation: the validation
 accuracy of that SVM, its C and cross-validation score on the training objects, and leave-one-out
@@ -85,11 +86,11 @@ def main(argv=None) -> None:
 
     runs = [(r, load_run(r)) for r in args.runs]
     first = runs[0][1].config
-    for name, r in runs[1:]:
-        if (r.config.seed, r.config.val.fraction, r.config.val.enabled) != (first.seed, first.val.fraction, True):
-            raise SystemExit(f"{name}: seed / val.fraction / the curve differ from {args.runs[0]}'s: not the same validation split")
-    if not first.val.enabled:
-        raise SystemExit(f"{args.runs[0]} trained without the validation curve (val.every = 0): no object was held out")
+    for name, r in runs:
+        if not r.config.val.enabled:
+            raise SystemExit(f"{name} trained without the validation curve (val.every = 0): no object was held out")
+        if (r.config.seed, r.config.val.fraction) != (first.seed, first.val.fraction):
+            raise SystemExit(f"{name}: seed / val.fraction differ from {args.runs[0]}'s: not the same validation split")
     split = open_dataset(args.data).split("train")
     labels = split.labels
     train_idx, val_idx = holdout_split(labels, first.val.fraction, seed=first.seed)
