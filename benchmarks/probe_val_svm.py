@@ -15,6 +15,10 @@ retrieval top-1 / mAP among the validation objects. Each cloud is a seeded rando
 ``--points`` of its stored points (``--subsample-seed``), through
 :func:`xmodal.eval.features.point_features`, as the evaluation takes it.
 
+With ``--point-subsets 1 2`` each encoder is also scored with its features averaged over 2 point
+subsets that together cover each stored cloud (``xmodal evaluate point_subsets=2``), and the
+difference each averaging makes is printed per encoder.
+
 With ``--fold-seeds N`` and ``--sample-seeds N`` it also measures how much the curve's SVM moves
 by chance on the same features, for two ways of computing a curve point:
 
@@ -33,6 +37,7 @@ Usage::
     python benchmarks/probe_val_svm.py --data mn40 runs/mn40-kai-4k runs/mn40-norot
     python benchmarks/probe_val_svm.py --data mn40 runs/mn40-kai-4k runs/mn40-norot --fold-seeds 5 \
         --sample-seeds 4 --train-sample 2000
+    python benchmarks/probe_val_svm.py --data mn40 runs/mn40-kai-4k --point-subsets 1 2
 """
 
 from __future__ import annotations
@@ -73,6 +78,9 @@ def main(argv=None) -> None:
     ap.add_argument("--data", required=True, help="the store the runs trained on")
     ap.add_argument("--points", type=int, default=None, help="points per cloud (default: the first run's)")
     ap.add_argument("--subsample-seed", type=int, default=0)
+    ap.add_argument("--point-subsets", type=int, nargs="+", default=[1],
+                    help="point subsets averaged per cloud, one or more settings (the chance measurements "
+                    "below use the first)")
     ap.add_argument("--cs", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2], help="C grid of the SVM")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--fold-seeds", type=int, default=0,
@@ -97,17 +105,36 @@ def main(argv=None) -> None:
     points = args.points or runs[0][1].num_points
     print(f"{len(train_idx)} training objects fit the SVM, {len(val_idx)} validation objects score it; {points} points")
 
-    runs.append(("random init (first run's networks)", runs[0][1].at_random_init(0)))
-    feats = {}
+    # the first run's start: its networks at random initialisation under its own training seed
+    runs.append(("random init (first run's networks)", runs[0][1].at_random_init(first.seed)))
+    if min(args.point_subsets) < 1:
+        raise SystemExit("--point-subsets: every setting must be >= 1")
+    feats, scores = {}, {}
     for name, run in runs:
-        t0 = time.perf_counter()
-        f = point_features(run, split, batch_size=64, num_points=points, seed=args.subsample_seed)
-        feats[name] = f
-        svm = linear_svm_eval(f[train_idx], labels[train_idx], f[val_idx], labels[val_idx], Cs=args.cs, folds=3)
-        ret = retrieval_metrics(f[val_idx], labels[val_idx], ks=(1,))
-        print(f"{name}: SVM {100 * svm['accuracy']:.2f} % (C {svm['C']:g}, CV on the training objects "
-              f"{100 * svm['cv_score']:.2f} %), retrieval top-1 {100 * ret['top1']:.2f} / mAP {100 * ret['map']:.2f}"
-              f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+        for k in args.point_subsets:
+            t0 = time.perf_counter()
+            f = point_features(run, split, batch_size=64, num_points=points, seed=args.subsample_seed, subsets=k)
+            if k == args.point_subsets[0]:
+                feats[name] = f
+            svm = linear_svm_eval(f[train_idx], labels[train_idx], f[val_idx], labels[val_idx], Cs=args.cs, folds=3)
+            ret = retrieval_metrics(f[val_idx], labels[val_idx], ks=(1,))
+            scores[name, k] = (100 * svm["accuracy"], 100 * ret["top1"])
+            tag = f" [{k} point subsets]" if len(args.point_subsets) > 1 else ""
+            print(f"{name}{tag}: SVM {100 * svm['accuracy']:.2f} % (C {svm['C']:g}, CV on the training objects "
+                  f"{100 * svm['cv_score']:.2f} %), retrieval top-1 {100 * ret['top1']:.2f} / mAP "
+                  f"{100 * ret['map']:.2f}  [{time.perf_counter() - t0:.0f} s]", flush=True)
+    if len(args.point_subsets) > 1:
+        k0 = args.point_subsets[0]
+        print(f"\npoint subsets against {k0} (SVM / retrieval top-1 points):")
+        for name, _ in runs:
+            for k in args.point_subsets[1:]:
+                (s0, r0), (s1, r1) = scores[name, k0], scores[name, k]
+                print(f"  {name}, {k} subsets: {s1 - s0:+.2f} / {r1 - r0:+.2f}")
+        base = runs[-1][0]
+        for name, _ in runs[:-1]:
+            for k in args.point_subsets:
+                print(f"  {name} - random init at {k} subsets: SVM {scores[name, k][0] - scores[base, k][0]:+.2f}, "
+                      f"top-1 {scores[name, k][1] - scores[base, k][1]:+.2f}")
 
     names = [name for name, _ in runs]
     val = first.val

@@ -81,6 +81,21 @@ def test_round_trip_gives_the_in_memory_features(tmp_path, inputs):
     torch.testing.assert_close(loaded.pair_classifier(fi, fi), mem.pair_classifier(fi, fi))
 
 
+def test_random_init_at_the_runs_seed_is_the_weights_training_starts_from():
+    from xmodal.train.distributed import DistContext
+    from xmodal.train.model import build_training_model
+
+    cfg = _cfg("seed=5", "model.point_init=kaiming")
+    start = build_training_model(cfg, DistContext()).networks()
+    for seed, same in ((5, True), (6, False)):
+        rnd = random_init_run(cfg, seed=seed)
+        for name, module in start.items():
+            theirs = getattr(rnd, name).state_dict()
+            for key, tensor in module.state_dict().items():
+                if tensor.is_floating_point() and tensor.numel() > 1 and tensor.std() > 0:  # random tensors only
+                    assert torch.equal(tensor, theirs[key]) is same, (seed, name, key)
+
+
 def test_point_init_is_part_of_the_architecture_and_of_the_random_baseline(tmp_path):
     cfg = _cfg()
     assert "init" not in architecture_from_config(cfg)["point_encoder"]["kwargs"]  # older runs read the same

@@ -268,6 +268,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--task", action="append", choices=EVAL_TASKS, help="task to run; repeat for several (default: all)")
     p.add_argument("--out", required=True, type=Path, help="report folder to write")
     p.add_argument("--baseline", choices=("random",), default=None, help="also evaluate the same networks at random initialisation")
+    p.add_argument("--baseline-seed", type=int, default=None,
+                   help="seed of the random-init baseline's weights (default: the run's own training seed, i.e. the weights it started from)")
+    p.add_argument("--point-subsets", type=_positive_int, default=None,
+                   help="average each object's 3D feature over this many point subsets that together cover its stored cloud "
+                   "(default 1, the paper's protocol; beyond the paper)")
     p.add_argument("--views", type=_positive_int, nargs="+", default=None, help=f"view counts v for the 2D tasks (default {' '.join(map(str, DEFAULT_VIEWS))}; capped at the dataset's V)")
     p.add_argument("--partseg-data", type=Path, default=None, help="part-segmentation data (ShapeNet-Part folder, Labeled PSB folder, or an xmodal dataset with part labels; default: --data)")
     p.add_argument("--partseg-epochs", type=_positive_int, default=None, help="epochs per part-segmentation setting (partseg.epochs)")
@@ -281,7 +286,7 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(handler=_run_evaluate)
 
 
-_EVALUATE_FLAGS = ("run", "data", "out", "baseline", "views", "partseg_data", "seed", "device")
+_EVALUATE_FLAGS = ("run", "data", "out", "baseline", "baseline_seed", "point_subsets", "views", "partseg_data", "seed", "device")
 #: flag -> field of the ``partseg`` section
 _PARTSEG_FLAGS = {"partseg_epochs": "epochs", "partseg_points": "num_points"}
 

@@ -75,6 +75,40 @@ def test_point_features_stream_blocks_and_equal_the_whole_split(split):
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_point_features_average_subsets_that_cover_each_cloud(split):
+    run = SimpleNamespace(point_encoder=_PointStub(), num_points=5)
+    got = point_features(run, split, batch_size=4, device="cpu", seed=3, subsets=3)  # 12 points: 5 + 5 + 2 and 3 wrapped
+    pts = split.all_points()
+    # the slow obvious reference: per object, its permutation cut into consecutive blocks of 5 (wrapping around)
+    for i in (0, 1, 16, N - 1):
+        perm = np.random.default_rng((3, i)).permutation(POINTS)
+        blocks = [np.sort(perm[np.arange(j * 5, j * 5 + 5) % POINTS]) for j in range(3)]
+        assert set(np.concatenate(blocks).tolist()) == set(range(POINTS))  # every point is used
+        want = np.mean([_PointStub()(torch.from_numpy(pts[i : i + 1, b])).numpy()[0] for b in blocks], axis=0)
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+    # one subset is the features of subsample_points' subset 0, unchanged
+    np.testing.assert_allclose(point_features(run, split, device="cpu", seed=3, subsets=1),
+                               _PointStub()(torch.from_numpy(subsample_points(pts, 5, seed=3))).numpy(), rtol=1e-6)
+    # a cloud no larger than the subset: every subset is the whole cloud
+    whole = SimpleNamespace(point_encoder=_PointStub(), num_points=POINTS)
+    np.testing.assert_allclose(point_features(whole, split, device="cpu", subsets=3),
+                               _PointStub()(torch.from_numpy(pts)).numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="subsets"):
+        point_features(run, split, device="cpu", subsets=0)
+
+
+def test_subsample_point_subsets_partition_the_cloud():
+    pts = np.random.default_rng(2).normal(size=(4, 24, 3))
+    assert np.array_equal(subsample_points(pts, 8, seed=1, subset=0), subsample_points(pts, 8, seed=1))
+    parts = [subsample_points(pts, 8, seed=1, subset=j) for j in range(3)]
+    for i in range(4):  # three disjoint blocks of 8 hold the 24 points once each
+        rows = sorted(tuple(p) for part in parts for p in part[i])
+        assert rows == sorted(tuple(p) for p in pts[i])
+    assert np.array_equal(subsample_points(pts, 8, seed=1, subset=3), parts[0])  # subset 3 wraps to subset 0
+    with pytest.raises(ValueError, match="subset"):
+        subsample_points(pts, 8, subset=-1)
+
+
 def test_subsample_points_by_block_equals_whole():
     pts = np.random.default_rng(1).normal(size=(10, 30, 3))
     whole = subsample_points(pts, 8, seed=5)

@@ -75,12 +75,12 @@ def test_cli_flags_map_onto_the_config(tmp_path, capsys):
     argv = ["-q", "evaluate", "--run", "r", "--data", "d", "--out", "o", "--task", "svm", "--task", "partseg",
             "--baseline", "random", "--partseg-data", str(tmp_path / "snp"), "--partseg-epochs", "3",
             "--partseg-points", "64", "--seed", "4", "--device", "cpu", "partseg.lr=0.01", "--views", "1", "4",
-            "--print-config"]
+            "--baseline-seed", "7", "--point-subsets", "2", "--print-config"]
     assert main(argv) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     want = apply_overrides(
         EvaluateConfig(run="r", data="d", out="o", tasks=["svm", "partseg"], baseline="random", seed=4, device="cpu",
-                       views=[1, 4], partseg_data=str(tmp_path / "snp")),
+                       views=[1, 4], partseg_data=str(tmp_path / "snp"), baseline_seed=7, point_subsets=2),
         ["partseg.epochs=3", "partseg.num_points=64", "partseg.lr=0.01"],
     )
     assert from_dict(EvaluateConfig, printed) == want

@@ -138,6 +138,49 @@ def test_evaluate_end_to_end_with_baseline(image_store, run_dir, tmp_path, loade
     assert [p.name for p in out.glob(".*")] == [LOCK_NAME]  # no temporary files left behind, only the lock
 
 
+def test_random_baseline_is_the_runs_own_initial_weights_unless_seeded(points_store, run_dir, tmp_path, monkeypatch):
+    import xmodal.eval.runner as runner
+
+    digests = []  # the weights evaluated: the run's, then the baseline's
+    real = runner.weights_digest
+    monkeypatch.setattr(runner, "weights_digest", lambda net: digests.append(real(net)) or digests[-1])
+    # a "run" whose weights are those of its config's random init at its own training seed, 5
+    start = random_init_run(resolve_pretrain_config("smoke", ["data.num_points=48", "seed=5"]), seed=5, device="cpu")
+    cfg = EvaluateConfig(run=run_dir, data=points_store, out=tmp_path / "a", tasks=["retrieval"], baseline="random",
+                         device="cpu")
+    m = evaluate(cfg, loaded=start, progress=False)
+    assert m["meta.baseline_seed"] == 5 and m["meta.run_seed"] == 5
+    assert len(digests) == 2 and digests[0] == digests[1]  # the baseline is the run's start itself
+    assert "the very weights it started from" in (tmp_path / "a" / "report.md").read_text()
+    digests.clear()
+    m = evaluate(replace(cfg, out=str(tmp_path / "b"), baseline_seed=6), loaded=start, progress=False)
+    assert m["meta.baseline_seed"] == 6 and m["meta.run_seed"] == 5
+    assert len(digests) == 2 and digests[0] != digests[1]
+    assert "the very weights it started from" not in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_point_subsets_average_the_3d_features(points_store, run_dir, tmp_path, loaded, monkeypatch):
+    import xmodal.eval.features as features
+
+    subsets_asked, computed = [], []
+    real = features.point_features
+
+    def recorded(*a, **kw):
+        subsets_asked.append(kw["subsets"])
+        computed.append(real(*a, **kw))
+        return computed[-1]
+
+    monkeypatch.setattr(features, "point_features", recorded)
+    cfg = EvaluateConfig(run=run_dir, data=points_store, out=tmp_path / "r", tasks=["retrieval"], device="cpu")
+    one = evaluate(cfg, loaded=loaded, progress=False)
+    two = evaluate(replace(cfg, point_subsets=2), loaded=loaded, progress=False)  # same folder: evaluated again
+    assert subsets_asked == [1, 2]  # the test split (retrieval's gallery), once per setting
+    assert one["meta.point_subsets"] == 1 and two["meta.point_subsets"] == 2
+    assert not np.allclose(computed[0], computed[1])  # 64 stored points, 48 per subset: other features
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "mean of Fp over 2 seeded subsets" in report
+
+
 def test_points_only_dataset_skips_image_tasks(points_store, run_dir, tmp_path, loaded):
     out = tmp_path / "r"
     cfg = EvaluateConfig(run=run_dir, data=points_store, tasks=["pretext", "svm", "retrieval", "crossmodal"], out=out,

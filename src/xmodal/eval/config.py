@@ -177,12 +177,20 @@ class EvaluateConfig:
     tasks: list[str] = field(default_factory=lambda: ["all"])
     #: ``random``: also evaluate the same networks at random initialisation
     baseline: Optional[Literal["random"]] = None
-    #: seeds view choice, pairs, CV folds, episodes, t-SNE, part segmentation and the baseline
+    #: seed of the random-init baseline's weights; null: the run's own training seed, so that the
+    #: baseline is the very weights the run started from
+    baseline_seed: Optional[int] = None
+    #: seeds view choice, point subsets, pairs, CV folds, episodes, t-SNE and part segmentation
     seed: int = 0
     #: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N"
     device: str = "auto"
     #: view counts v of the 2D tasks (capped at the dataset's V, deduplicated)
     views: list[int] = field(default_factory=lambda: list(DEFAULT_VIEWS))
+    #: Fp's feature of an object is the mean over this many seeded point subsets of the size the
+    #: run trained on, consecutive blocks of one permutation of the stored cloud (2 subsets of a
+    #: 1,024-point cloud at 512 points use every point once). 1: one subset, the paper's protocol;
+    #: more is test-time averaging beyond the paper, at that many encodings per object
+    point_subsets: int = 1
     #: evaluate again the tasks ``out/metrics.json`` already holds for the same run, data, seed
     #: and task settings (false: they are kept, not recomputed; see :mod:`xmodal.eval.resume`)
     redo: bool = False
@@ -204,6 +212,8 @@ class EvaluateConfig:
         resolve_tasks(self.tasks)
         if not self.views or any(v < 1 for v in self.views):
             raise ConfigError(f"views must be a non-empty list of integers >= 1, got {self.views}")
+        if self.point_subsets < 1:
+            raise ConfigError(f"point_subsets must be >= 1, got {self.point_subsets}")
         if self.baseline not in (None, "random"):
             raise ConfigError(f"baseline must be null or 'random', got {self.baseline!r}")
         check_device("device", self.device)

@@ -2,7 +2,9 @@
 
 Every evaluation task works on *global* features of the frozen encoders:
 
-* 3D: ``Fp(points)`` — one 512-d vector per object (:func:`point_features`);
+* 3D: ``Fp(points)`` — one 512-d vector per object (:func:`point_features`): Fp on a seeded
+  subset of the stored cloud of the size trained on, or (``subsets > 1``, beyond the paper) the
+  mean of Fp over several such subsets that together cover the cloud;
 * 2D: ``Fimg(view)`` for ``v`` seeded-random distinct stored views per object
   (:func:`view_features`), max-pooled over the views into one vector per object
   (:func:`pool_views`, Sec. 4.3 of the paper: "each extracted feature for 2D
@@ -78,20 +80,27 @@ def view_indices(n: int, num_stored: int, v: int, *, seed: int = 0) -> np.ndarra
     return out
 
 
-def subsample_points(points: np.ndarray, num_points: int, *, seed: int = 0, start: int = 0) -> np.ndarray:
+def subsample_points(points: np.ndarray, num_points: int, *, seed: int = 0, start: int = 0,
+                     subset: int = 0) -> np.ndarray:
     """Seeded random subset of ``num_points`` points per cloud: (n, N, 3) -> (n, num_points, 3).
 
     Row ``r`` is object ``i = start + r`` (``start``: the index of the first row in the split,
-    for a block of a split) and keeps the points
-    ``default_rng((seed, i)).permutation(N)[:num_points]`` (in increasing order), so a split
+    for a block of a split). With ``perm = default_rng((seed, i)).permutation(N)`` it keeps the
+    points ``perm[(subset * num_points + j) % N]`` for ``j < num_points`` (in increasing order):
+    subset 0 is ``perm[:num_points]``, and subsets ``0 .. ceil(N / num_points) - 1`` are
+    consecutive blocks of the same permutation that together hold every point (disjoint when
+    ``num_points`` divides ``N``; the last one wraps around to the start otherwise). A split
     subsampled block by block equals the split subsampled whole. Clouds with
     ``N <= num_points`` are returned unchanged.
     """
     n, total = points.shape[:2]
     if num_points >= total:
         return points
+    if subset < 0:
+        raise ValueError(f"subset must be >= 0, got {subset}")
+    take = (int(subset) * int(num_points) + np.arange(int(num_points))) % total
     rows = range(int(start), int(start) + n)
-    keep = np.stack([np.sort(np.random.default_rng((int(seed), i)).permutation(total)[:num_points]) for i in rows])
+    keep = np.stack([np.sort(np.random.default_rng((int(seed), i)).permutation(total)[take]) for i in rows])
     return np.take_along_axis(points, keep[:, :, None], axis=1)
 
 
@@ -103,6 +112,7 @@ def point_features(
     device: Any = None,
     num_points: Optional[int] = None,
     seed: int = 0,
+    subsets: int = 1,
     progress: bool = False,
 ) -> np.ndarray:
     """Global point features of every object of ``split``: ``(n, 512)`` float32.
@@ -114,6 +124,12 @@ def point_features(
     (:func:`subsample_points`), so that DGCNN's k-NN graph has the density it
     was trained with; clouds with fewer points are used as stored.
 
+    ``subsets`` (beyond the paper, which encodes one cloud per object): the feature is the mean
+    of Fp over subsets ``0 .. subsets - 1`` of :func:`subsample_points` (2 subsets of a 1,024-point
+    cloud at 512 points use every point once); it costs ``subsets`` encodings per object. With no
+    subsampling (the cloud is not larger than ``num_points``) every subset is the whole cloud and
+    Fp runs once.
+
     The clouds are read block by block (``16 * batch_size`` objects,
     :meth:`~xmodal.data.store.SplitView.points_range`): only one block of
     points is in memory at a time, whatever the size of the split.
@@ -121,6 +137,9 @@ def point_features(
     from xmodal.api import extract_point_features
 
     device = default_device(device)
+    subsets = int(subsets)
+    if subsets < 1:
+        raise ValueError(f"subsets must be >= 1, got {subsets}")
     n = split.n
     if n == 0:
         raise DataError(f"split '{split.name}' is empty: no features to compute")
@@ -136,9 +155,17 @@ def point_features(
         it = tqdm(it, desc=f"3D features ({split.name})", leave=False, total=-(-n // block))
     for s in it:
         pts = split.points_range(s, s + block)
-        if num_points is not None:
-            pts = subsample_points(pts, int(num_points), seed=seed, start=s)
-        f = extract_point_features(run.point_encoder, pts, batch_size=batch_size, device=device)
+        if num_points is None or int(num_points) >= pts.shape[1]:
+            f = extract_point_features(run.point_encoder, pts, batch_size=batch_size, device=device)
+        else:
+            f = None
+            for j in range(subsets):  # a running sum: one subset's features in memory at a time
+                fj = extract_point_features(run.point_encoder, subsample_points(pts, int(num_points), seed=seed, start=s,
+                                                                                subset=j),
+                                            batch_size=batch_size, device=device)
+                f = fj if f is None else f + fj
+            if subsets > 1:
+                f = f / np.float32(subsets)
         if feats is None:  # the output, filled block by block (no list of blocks to concatenate)
             feats = np.empty((n,) + f.shape[1:], dtype=np.float32)
         feats[s : s + len(f)] = f
@@ -219,7 +246,8 @@ def pool_views(feats: np.ndarray, v: int) -> np.ndarray:
 class FeatureCache:
     """Memoised frozen features of one run on one dataset.
 
-    ``points(split_name) -> (n, 512)``; ``views(split_name, v) -> (n, v, 512)``.
+    ``points(split_name) -> (n, 512)`` (:func:`point_features` with ``point_subsets`` subsets);
+    ``views(split_name, v) -> (n, v, 512)``.
     View features are kept once per split at the largest ``v`` asked so far;
     a smaller ``v`` is served as a prefix (see the module docstring), a larger
     one recomputes and replaces the entry.
@@ -234,11 +262,13 @@ class FeatureCache:
         device: Any = None,
         point_batch_size: int = 32,
         image_batch_size: int = 64,
+        point_subsets: int = 1,
         progress: bool = False,
     ):
         self.run = run
         self.store = store
         self.seed = int(seed)
+        self.point_subsets = int(point_subsets)
         self.device = default_device(device)
         self.point_batch_size = point_batch_size
         self.image_batch_size = image_batch_size
@@ -263,6 +293,7 @@ class FeatureCache:
                 batch_size=self.point_batch_size,
                 device=self.device,
                 seed=self.seed,
+                subsets=self.point_subsets,
                 progress=self.progress,
             )
         return self._points[split]

@@ -160,6 +160,14 @@ def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
     req, used = meta.get("views_requested"), meta.get("views_used")
     if req is not None:
         item("views v (2D tasks)", f"requested {list(req)}, used {list(used or [])} (capped at the dataset's stored views)")
+    subsets = int(meta.get("point_subsets") or 1)
+    item(
+        "3D features",
+        "Fp on one seeded random subset of each stored cloud, of the size the run trained on (all of it when "
+        "the cloud is not larger)" if subsets == 1 else
+        f"the mean of Fp over {subsets} seeded subsets of each stored cloud, of the size the run trained on: "
+        "consecutive blocks of one random permutation of its points (test-time averaging, beyond the paper)",
+    )
     item(
         "2D features",
         "each object's feature is the max-pool of the Fimg features of v seeded-random distinct stored views "
@@ -192,8 +200,12 @@ def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
     if m.has_base:
         item(
             "baseline",
-            "`random init`: the same architecture at random initialisation (seeded), same protocol; its "
-            "BatchNorm layers keep their initial statistics (mean 0, variance 1) and so pass features "
+            "`random init`: the same architecture at random initialisation, same protocol"
+            + (f" (weights seeded with {meta['baseline_seed']}"
+               + (", the run's own training seed: the very weights it started from)"
+                  if meta.get("baseline_seed") == meta.get("run_seed") else ")")
+               if meta.get("baseline_seed") is not None else " (seeded)")
+            + "; its BatchNorm layers keep their initial statistics (mean 0, variance 1) and so pass features "
             "through un-normalised",
         )
     item("tasks run", ", ".join(meta.get("tasks_run") or []))

@@ -9,7 +9,7 @@ fingerprint (:func:`task_fingerprint`) of everything its metrics depend on:
   came from ``encoders.safetensors``, the last checkpoint or :func:`xmodal.api.random_init_run`;
 * the dataset: a SHA-256 of its manifest (:func:`data_digest`; a prepared dataset is a
   deterministic function of its manifest's source and settings);
-* the seed, the device, the view counts used, the task's own options
+* the seed, the device, the view counts used, the point subsets per 3D feature, the task's own options
   (:attr:`xmodal.eval.tasks.EvalTask.options`, e.g. ``svm.cs`` or ``partseg.*``) and the xmodal
   version.
 
@@ -78,7 +78,11 @@ def data_digest(store: Any) -> str:
 def task_fingerprint(task: EvalTask, cfg: Any, *, network: str, weights: str, data: str, views: list[int],
                      device: str) -> str:
     """What the metrics of ``task`` on one network depend on, hashed (see the module docstring)."""
+    # point_subsets joins the hash only away from its default, so that the fingerprints written
+    # before the option existed still match the same evaluation
+    subsets = int(getattr(cfg, "point_subsets", 1))
     return _sha({
+        **({"point_subsets": subsets} if subsets != 1 else {}),
         "task": task.name,
         "network": network,
         "weights": weights,

@@ -137,6 +137,22 @@ def _curves_figure(run_dir: Path, out: Path) -> dict:
     return figures
 
 
+def _baseline_seed(cfg: EvaluateConfig, loaded) -> int:
+    """The seed of the random-init baseline's weights: ``cfg.baseline_seed``, else the run's own
+    training seed (so the baseline is the weights the run started from: training builds its
+    networks with :func:`~xmodal.train.checkpoint.build_networks` under that seed, as
+    :func:`xmodal.api.random_init_run` does), else 0 for a run without a config."""
+    if cfg.baseline_seed is not None:
+        return int(cfg.baseline_seed)
+    run_seed = getattr(getattr(loaded, "config", None), "seed", None)
+    return int(run_seed) if run_seed is not None else 0
+
+
+def _baseline_meta(cfg: EvaluateConfig, loaded) -> dict:
+    run_seed = getattr(getattr(loaded, "config", None), "seed", None)
+    return {"meta.baseline_seed": _baseline_seed(cfg, loaded), "meta.run_seed": None if run_seed is None else int(run_seed)}
+
+
 def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], device: str) -> dict:
     """The ``meta.*`` keys of metrics.json that describe this evaluation (the :class:`MetricsBook`
     adds the tasks done, skipped and partly done, and the figures)."""
@@ -154,6 +170,8 @@ def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], device: str) 
         "meta.fewshot_query": int(cfg.fewshot.query),
         "meta.fewshot_episodes": int(cfg.fewshot.episodes),
         "meta.baseline": cfg.baseline,
+        **(_baseline_meta(cfg, loaded) if cfg.baseline == "random" else {}),
+        "meta.point_subsets": int(cfg.point_subsets),
         "meta.time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
@@ -168,7 +186,9 @@ def evaluate(cfg: EvaluateConfig, *, loaded: Any = None, progress: bool = True) 
             :func:`xmodal.data.store.open_dataset`: an xmodal store, or a raw ModelNet40 HDF5
             folder, points only; needs a ``test`` split), ``out`` (report folder, created),
             ``tasks``, ``baseline`` (``"random"`` also evaluates :func:`xmodal.api.random_init_run`
-            of the run's config, seeded with ``seed``, stored as ``baseline.random.<key>``),
+            of the run's config, seeded with ``baseline_seed``, by default the run's own training
+            seed, stored as ``baseline.random.<key>``), ``point_subsets`` (3D features averaged
+            over that many point subsets),
             ``seed``, ``device``, ``views``, ``redo`` (evaluate tasks already in ``OUT`` again)
             and each task's options.
         loaded: an already loaded :class:`xmodal.api.LoadedRun` to use instead of loading ``cfg.run``.
@@ -235,7 +255,7 @@ class _Evaluation:
         """``(label, network, metric prefix)``: the run and, if asked, its random-init baseline."""
         networks = [("run", self.loaded, "")]
         if self.cfg.baseline == "random":
-            baseline = self.loaded.at_random_init(seed=self.cfg.seed, device=self.device)
+            baseline = self.loaded.at_random_init(seed=_baseline_seed(self.cfg, self.loaded), device=self.device)
             networks.append(("random init", baseline, BASELINE_PREFIX))
         return networks
 
@@ -259,7 +279,8 @@ class _Evaluation:
 
     def _evaluate_network(self, label: str, net: Any, prefix: str, pending: list, todo: list) -> None:
         """Run the ``pending`` tasks on one network, writing metrics.json after each."""
-        cache = FeatureCache(net, self.store, seed=self.cfg.seed, device=self.device, progress=self.progress)
+        cache = FeatureCache(net, self.store, seed=self.cfg.seed, device=self.device,
+                             point_subsets=self.cfg.point_subsets, progress=self.progress)
         ctx = EvalContext(self.cfg, net, self.store, cache, prefix=prefix, views=self.views, device=self.device,
                           out=self.out, progress=self.progress, stop=self.stop)
         forget = (BASELINE_PREFIX,) if not prefix and self.cfg.baseline is None else ()
