@@ -160,9 +160,8 @@ def point_features(
         else:
             f = None
             for j in range(subsets):  # a running sum: one subset's features in memory at a time
-                fj = extract_point_features(run.point_encoder, subsample_points(pts, int(num_points), seed=seed, start=s,
-                                                                                subset=j),
-                                            batch_size=batch_size, device=device)
+                sub = subsample_points(pts, int(num_points), seed=seed, start=s, subset=j)
+                fj = extract_point_features(run.point_encoder, sub, batch_size=batch_size, device=device)
                 f = fj if f is None else f + fj
             if subsets > 1:
                 f = f / np.float32(subsets)

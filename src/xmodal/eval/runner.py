@@ -108,8 +108,10 @@ def _open_store(cfg: EvaluateConfig, loaded):
         )
     run_points = getattr(loaded, "num_points", None)
     if run_points is not None and store.num_points != run_points:
-        what = (f"a seeded subset of {run_points} points of each cloud is used" if store.num_points > run_points
-                else "the clouds are used as they are (fewer points than trained on)")
+        k = int(cfg.point_subsets)
+        what = ((f"a seeded subset of {run_points} points of each cloud is used" if k == 1 else
+                 f"each cloud's 3D feature is the mean over {k} seeded subsets of {run_points} points")
+                if store.num_points > run_points else "the clouds are used as they are (fewer points than trained on)")
         log.warning("%s: clouds have %d points but the run was trained on %d; %s",
                     cfg.data, store.num_points, run_points, what)
     return store
