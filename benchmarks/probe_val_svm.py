@@ -16,7 +16,8 @@ retrieval top-1 / mAP among the validation objects. Each cloud is a seeded rando
 :func:`xmodal.eval.features.point_features`, as the evaluation takes it.
 
 With ``--point-subsets 1 2`` each encoder is also scored with its features averaged over 2 point
-subsets that together cover each stored cloud (``xmodal evaluate point_subsets=2``), and the
+subsets, consecutive blocks of one permutation of each stored cloud (``xmodal evaluate
+--point-subsets 2``; at 512 of 1,024 points they hold every point once), and the
 difference each averaging makes is printed per encoder.
 
 With ``--fold-seeds N`` and ``--sample-seeds N`` it also measures how much the curve's SVM moves

@@ -271,8 +271,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--baseline-seed", type=int, default=None,
                    help="seed of the random-init baseline's weights (default: the run's own training seed, i.e. the weights it started from)")
     p.add_argument("--point-subsets", type=_positive_int, default=None,
-                   help="average each object's 3D feature over this many point subsets that together cover its stored cloud "
-                   "(default 1, the paper's protocol; beyond the paper)")
+                   help="average each object's 3D feature over this many point subsets of the size trained on, consecutive "
+                   "blocks of one permutation of its stored cloud (default 1, the paper's protocol; beyond the paper)")
     p.add_argument("--views", type=_positive_int, nargs="+", default=None, help=f"view counts v for the 2D tasks (default {' '.join(map(str, DEFAULT_VIEWS))}; capped at the dataset's V)")
     p.add_argument("--partseg-data", type=Path, default=None, help="part-segmentation data (ShapeNet-Part folder, Labeled PSB folder, or an xmodal dataset with part labels; default: --data)")
     p.add_argument("--partseg-epochs", type=_positive_int, default=None, help="epochs per part-segmentation setting (partseg.epochs)")

@@ -77,10 +77,11 @@ def test_point_features_stream_blocks_and_equal_the_whole_split(split):
 
 def test_point_features_average_subsets_that_cover_each_cloud(split):
     run = SimpleNamespace(point_encoder=_PointStub(), num_points=5)
-    got = point_features(run, split, batch_size=4, device="cpu", seed=3, subsets=3)  # 12 points: 5 + 5 + 2 and 3 wrapped
+    # blocks of 16 objects; 12 points: 5 + 5 + 2 and 3 wrapped around
+    got = point_features(run, split, batch_size=1, device="cpu", seed=3, subsets=3)
     pts = split.all_points()
     # the slow obvious reference: per object, its permutation cut into consecutive blocks of 5 (wrapping around)
-    for i in (0, 1, 16, N - 1):
+    for i in (0, 1, 15, 16, N - 1):
         perm = np.random.default_rng((3, i)).permutation(POINTS)
         blocks = [np.sort(perm[np.arange(j * 5, j * 5 + 5) % POINTS]) for j in range(3)]
         assert set(np.concatenate(blocks).tolist()) == set(range(POINTS))  # every point is used
@@ -89,10 +90,14 @@ def test_point_features_average_subsets_that_cover_each_cloud(split):
     # one subset is the features of subsample_points' subset 0, unchanged
     np.testing.assert_allclose(point_features(run, split, device="cpu", seed=3, subsets=1),
                                _PointStub()(torch.from_numpy(subsample_points(pts, 5, seed=3))).numpy(), rtol=1e-6)
-    # a cloud no larger than the subset: every subset is the whole cloud
-    whole = SimpleNamespace(point_encoder=_PointStub(), num_points=POINTS)
+    # a cloud no larger than the subset: every subset is the whole cloud, encoded once
+    encoded = []
+    counting = _PointStub()
+    counting.register_forward_hook(lambda module, args, out: encoded.append(len(args[0])))
+    whole = SimpleNamespace(point_encoder=counting, num_points=POINTS)
     np.testing.assert_allclose(point_features(whole, split, device="cpu", subsets=3),
                                _PointStub()(torch.from_numpy(pts)).numpy(), rtol=1e-6)
+    assert sum(encoded) == N
     with pytest.raises(ValueError, match="subsets"):
         point_features(run, split, device="cpu", subsets=0)
 

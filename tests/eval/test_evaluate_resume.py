@@ -162,3 +162,20 @@ def test_part_segmentation_resumes_at_the_first_cell_not_done(store, tmp_path, l
     assert ran == ["frozen/50", "scratch/50", "frozen/100", "scratch/100"]  # the first cell was not trained again
     assert _metrics(m) == pytest.approx(_metrics(reference))
     assert m["meta.tasks_partial"] == {} and "partseg" in m["meta.tasks_done"]
+
+
+def test_point_subsets_change_the_fingerprint_of_3d_tasks_only_and_1_keeps_the_old_one():
+    from xmodal import __version__
+    from xmodal.eval.resume import _plain, _sha, task_fingerprint
+    from xmodal.eval.tasks import get_task
+
+    cfg = EvaluateConfig(run="r", data="d", out="o")
+    kw = dict(network="", weights="w", data="d", views=[1], device="cpu")
+    for name in ("svm", "retrieval", "partseg"):
+        task = get_task(name)
+        one = task_fingerprint(task, cfg, point_subsets=1, **kw)
+        before = {"task": name, "network": "", "weights": "w", "data": "d", "seed": 0, "device": "cpu", "views": [1],
+                  "options": {o: _plain(getattr(cfg, o)) for o in task.options}, "xmodal": __version__}
+        assert one == _sha(before)[:32]  # the hash written before the option existed: those reports still match
+        two = task_fingerprint(task, cfg, point_subsets=2, **kw)
+        assert (two != one) is (name != "partseg")  # part segmentation trains on the clouds, not on 3D features

@@ -179,6 +179,16 @@ def test_point_subsets_average_the_3d_features(points_store, run_dir, tmp_path, 
     assert not np.allclose(computed[0], computed[1])  # 64 stored points, 48 per subset: other features
     report = (tmp_path / "r" / "report.md").read_text()
     assert "mean of Fp over 2 seeded subsets" in report
+    assert "meta.baseline_seed" not in two  # no baseline asked
+
+
+def test_point_subsets_without_subsampling_are_one_encoding(points_store, run_dir, tmp_path, caplog):
+    whole = random_init_run(resolve_pretrain_config("smoke", [f"data.num_points={N}"]), seed=0, device="cpu")
+    cfg = EvaluateConfig(run=run_dir, data=points_store, out=tmp_path / "r", tasks=["retrieval"], device="cpu",
+                         point_subsets=3)
+    m = evaluate(cfg, loaded=whole, progress=False)
+    assert m["meta.point_subsets"] == 1 and "has no effect" in caplog.text
+    assert "mean of Fp" not in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_points_only_dataset_skips_image_tasks(points_store, run_dir, tmp_path, loaded):

@@ -189,7 +189,8 @@ class EvaluateConfig:
     #: Fp's feature of an object is the mean over this many seeded point subsets of the size the
     #: run trained on, consecutive blocks of one permutation of the stored cloud (2 subsets of a
     #: 1,024-point cloud at 512 points use every point once). 1: one subset, the paper's protocol;
-    #: more is test-time averaging beyond the paper, at that many encodings per object
+    #: more is test-time averaging beyond the paper, at that many encodings per object (no effect,
+    #: with a warning, where the clouds have no more points than the run trained on)
     point_subsets: int = 1
     #: evaluate again the tasks ``out/metrics.json`` already holds for the same run, data, seed
     #: and task settings (false: they are kept, not recomputed; see :mod:`xmodal.eval.resume`)

@@ -4,7 +4,7 @@ Every evaluation task works on *global* features of the frozen encoders:
 
 * 3D: ``Fp(points)`` — one 512-d vector per object (:func:`point_features`): Fp on a seeded
   subset of the stored cloud of the size trained on, or (``subsets > 1``, beyond the paper) the
-  mean of Fp over several such subsets that together cover the cloud;
+  mean of Fp over several such subsets, consecutive blocks of one permutation of the cloud;
 * 2D: ``Fimg(view)`` for ``v`` seeded-random distinct stored views per object
   (:func:`view_features`), max-pooled over the views into one vector per object
   (:func:`pool_views`, Sec. 4.3 of the paper: "each extracted feature for 2D

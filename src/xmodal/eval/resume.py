@@ -9,7 +9,8 @@ fingerprint (:func:`task_fingerprint`) of everything its metrics depend on:
   came from ``encoders.safetensors``, the last checkpoint or :func:`xmodal.api.random_init_run`;
 * the dataset: a SHA-256 of its manifest (:func:`data_digest`; a prepared dataset is a
   deterministic function of its manifest's source and settings);
-* the seed, the device, the view counts used, the point subsets per 3D feature, the task's own options
+* the seed, the device, the view counts used, the point subsets per 3D feature (tasks that read
+  3D features), the task's own options
   (:attr:`xmodal.eval.tasks.EvalTask.options`, e.g. ``svm.cs`` or ``partseg.*``) and the xmodal
   version.
 
@@ -76,11 +77,14 @@ def data_digest(store: Any) -> str:
 
 
 def task_fingerprint(task: EvalTask, cfg: Any, *, network: str, weights: str, data: str, views: list[int],
-                     device: str) -> str:
-    """What the metrics of ``task`` on one network depend on, hashed (see the module docstring)."""
-    # point_subsets joins the hash only away from its default, so that the fingerprints written
-    # before the option existed still match the same evaluation
-    subsets = int(getattr(cfg, "point_subsets", 1))
+                     device: str, point_subsets: int = 1) -> str:
+    """What the metrics of ``task`` on one network depend on, hashed (see the module docstring).
+
+    ``point_subsets``: the 3D features' subsets in effect (1 where the clouds are not subsampled);
+    it joins the hash of the tasks that read 3D features, and only away from 1, so that the
+    fingerprints written before the option existed still match the same evaluation.
+    """
+    subsets = int(point_subsets) if task.point_features else 1
     return _sha({
         **({"point_subsets": subsets} if subsets != 1 else {}),
         "task": task.name,

@@ -108,7 +108,7 @@ def _open_store(cfg: EvaluateConfig, loaded):
         )
     run_points = getattr(loaded, "num_points", None)
     if run_points is not None and store.num_points != run_points:
-        k = int(cfg.point_subsets)
+        k = _point_subsets(cfg, store, loaded)
         what = ((f"a seeded subset of {run_points} points of each cloud is used" if k == 1 else
                  f"each cloud's 3D feature is the mean over {k} seeded subsets of {run_points} points")
                 if store.num_points > run_points else "the clouds are used as they are (fewer points than trained on)")
@@ -137,6 +137,15 @@ def _curves_figure(run_dir: Path, out: Path) -> dict:
         if path is not None:
             figures[caption] = path.name
     return figures
+
+
+def _point_subsets(cfg: EvaluateConfig, store, loaded) -> int:
+    """The point subsets in effect: ``cfg.point_subsets``, or 1 where the clouds are not subsampled
+    (no more stored points than the run trained on: every subset would be the whole cloud)."""
+    run_points = getattr(loaded, "num_points", None)
+    if run_points is None or store.num_points <= run_points:
+        return 1
+    return int(cfg.point_subsets)
 
 
 def _baseline_seed(cfg: EvaluateConfig, loaded) -> int:
@@ -173,7 +182,7 @@ def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], device: str) 
         "meta.fewshot_episodes": int(cfg.fewshot.episodes),
         "meta.baseline": cfg.baseline,
         **(_baseline_meta(cfg, loaded) if cfg.baseline == "random" else {}),
-        "meta.point_subsets": int(cfg.point_subsets),
+        "meta.point_subsets": _point_subsets(cfg, store, loaded),
         "meta.time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
@@ -233,6 +242,12 @@ class _Evaluation:
         self.loaded = loaded
         self.store = _open_store(cfg, loaded)
         self.views = effective_views(cfg.views, self.store.views if self.store.has_images else 0)
+        self.point_subsets = _point_subsets(cfg, self.store, loaded)
+        if self.point_subsets != cfg.point_subsets:
+            log.warning("point_subsets=%d has no effect: the clouds of %s have no more points (%d) than the run "
+                        "trained on, so each is encoded whole, once", cfg.point_subsets, cfg.data, self.store.num_points)
+        if cfg.baseline_seed is not None and cfg.baseline != "random":
+            log.warning("baseline_seed=%d has no effect without baseline=random", cfg.baseline_seed)
         save_config(cfg, self.out / CONFIG_NAME)
         self.book = MetricsBook(self.out / METRICS_NAME, self._meta(), redo=cfg.redo)
         todo = self._todo()
@@ -270,6 +285,7 @@ class _Evaluation:
             pending = []
             for task in self.tasks:
                 fp = task_fingerprint(task, self.cfg, network=prefix, weights=weights, data=data, views=self.views,
+                                      point_subsets=self.point_subsets,
                                       device=self.device)
                 if self.book.is_done(prefix + task.name, fp):
                     log.info("%s: %s is already evaluated in %s (redo=true evaluates it again)", label, task.name,
@@ -282,7 +298,7 @@ class _Evaluation:
     def _evaluate_network(self, label: str, net: Any, prefix: str, pending: list, todo: list) -> None:
         """Run the ``pending`` tasks on one network, writing metrics.json after each."""
         cache = FeatureCache(net, self.store, seed=self.cfg.seed, device=self.device,
-                             point_subsets=self.cfg.point_subsets, progress=self.progress)
+                             point_subsets=self.point_subsets, progress=self.progress)
         ctx = EvalContext(self.cfg, net, self.store, cache, prefix=prefix, views=self.views, device=self.device,
                           out=self.out, progress=self.progress, stop=self.stop)
         forget = (BASELINE_PREFIX,) if not prefix and self.cfg.baseline is None else ()
