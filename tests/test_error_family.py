@@ -78,6 +78,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("xmodal.eval.features", "effective_views"): "view counts from a validated EvaluateConfig",
     ("xmodal.eval.features", "view_indices"): "v is capped by the caller",
     ("xmodal.eval.features", "view_features"): "views >= 1 guaranteed by the caller",
+    ("xmodal.eval.features", "subsample_points"): "subset index from code (point_features counts from 0)",
+    ("xmodal.eval.features", "point_features"): "subsets from a validated EvaluateConfig (point_subsets >= 1) / code",
     ("xmodal.eval.features", "pool_views"): "feature arrays of the wrong shape from code",
     ("xmodal.eval.fewshot", "sample_episodes"): "episode sizes from a validated config",
     ("xmodal.eval.fewshot", "fewshot_eval"): "feature/label arrays of mismatched shapes from code",

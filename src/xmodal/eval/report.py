@@ -129,6 +129,30 @@ def _skipped(m: ReportMetrics, *tasks: str) -> Optional[str]:
     return "; ".join(reasons) if reasons else None
 
 
+def _point_features_text(meta: Mapping[str, Any]) -> str:
+    """How the 3D features were taken (``meta.point_subsets``)."""
+    subsets = int(meta.get("point_subsets") or 1)
+    if subsets == 1:
+        return ("Fp on one seeded random subset of each stored cloud, of the size the run trained on (all of it "
+                "when the cloud is not larger)")
+    return (f"the mean of Fp over {subsets} seeded subsets of each stored cloud, of the size the run trained on: "
+            "consecutive blocks of one random permutation of its points (test-time averaging, beyond the paper)")
+
+
+def _baseline_text(meta: Mapping[str, Any]) -> str:
+    """What the random-init baseline is (``meta.baseline_seed`` against ``meta.run_seed``)."""
+    seed = meta.get("baseline_seed")
+    if seed is None:
+        seeded = " (seeded)"
+    elif seed == meta.get("run_seed"):
+        seeded = f" (weights seeded with {seed}, the run's own training seed: the very weights it started from)"
+    else:
+        seeded = f" (weights seeded with {seed})"
+    return ("`random init`: the same architecture at random initialisation, same protocol" + seeded
+            + "; its BatchNorm layers keep their initial statistics (mean 0, variance 1) and so pass features "
+            "through un-normalised")
+
+
 def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
     meta = {k[5:]: v for k, v in m.m.items() if k.startswith("meta.")}
     lines = ["## Setup", ""]
@@ -160,14 +184,7 @@ def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
     req, used = meta.get("views_requested"), meta.get("views_used")
     if req is not None:
         item("views v (2D tasks)", f"requested {list(req)}, used {list(used or [])} (capped at the dataset's stored views)")
-    subsets = int(meta.get("point_subsets") or 1)
-    item(
-        "3D features",
-        "Fp on one seeded random subset of each stored cloud, of the size the run trained on (all of it when "
-        "the cloud is not larger)" if subsets == 1 else
-        f"the mean of Fp over {subsets} seeded subsets of each stored cloud, of the size the run trained on: "
-        "consecutive blocks of one random permutation of its points (test-time averaging, beyond the paper)",
-    )
+    item("3D features", _point_features_text(meta))
     item(
         "2D features",
         "each object's feature is the max-pool of the Fimg features of v seeded-random distinct stored views "
@@ -198,16 +215,7 @@ def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
             "ranked by Ff's 'same object' probability",
         )
     if m.has_base:
-        item(
-            "baseline",
-            "`random init`: the same architecture at random initialisation, same protocol"
-            + (f" (weights seeded with {meta['baseline_seed']}"
-               + (", the run's own training seed: the very weights it started from)"
-                  if meta.get("baseline_seed") == meta.get("run_seed") else ")")
-               if meta.get("baseline_seed") is not None else " (seeded)")
-            + "; its BatchNorm layers keep their initial statistics (mean 0, variance 1) and so pass features "
-            "through un-normalised",
-        )
+        item("baseline", _baseline_text(meta))
     item("tasks run", ", ".join(meta.get("tasks_run") or []))
     sk = meta.get("tasks_skipped") or {}
     if sk:
