@@ -148,6 +148,12 @@ def _point_subsets(cfg: EvaluateConfig, store, loaded) -> int:
     return int(cfg.point_subsets)
 
 
+def _run_seed(loaded) -> Optional[int]:
+    """The run's training seed (``config.seed``), None for a run without a config."""
+    seed = getattr(getattr(loaded, "config", None), "seed", None)
+    return None if seed is None else int(seed)
+
+
 def _baseline_seed(cfg: EvaluateConfig, loaded) -> int:
     """The seed of the random-init baseline's weights: ``cfg.baseline_seed``, else the run's own
     training seed (so the baseline is the weights the run started from: training builds its
@@ -155,16 +161,11 @@ def _baseline_seed(cfg: EvaluateConfig, loaded) -> int:
     :func:`xmodal.api.random_init_run` does), else 0 for a run without a config."""
     if cfg.baseline_seed is not None:
         return int(cfg.baseline_seed)
-    run_seed = getattr(getattr(loaded, "config", None), "seed", None)
-    return int(run_seed) if run_seed is not None else 0
+    run_seed = _run_seed(loaded)
+    return run_seed if run_seed is not None else 0
 
 
-def _baseline_meta(cfg: EvaluateConfig, loaded) -> dict:
-    run_seed = getattr(getattr(loaded, "config", None), "seed", None)
-    return {"meta.baseline_seed": _baseline_seed(cfg, loaded), "meta.run_seed": None if run_seed is None else int(run_seed)}
-
-
-def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], device: str) -> dict:
+def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], point_subsets: int, device: str) -> dict:
     """The ``meta.*`` keys of metrics.json that describe this evaluation (the :class:`MetricsBook`
     adds the tasks done, skipped and partly done, and the figures)."""
     return {
@@ -181,8 +182,9 @@ def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], device: str) 
         "meta.fewshot_query": int(cfg.fewshot.query),
         "meta.fewshot_episodes": int(cfg.fewshot.episodes),
         "meta.baseline": cfg.baseline,
-        **(_baseline_meta(cfg, loaded) if cfg.baseline == "random" else {}),
-        "meta.point_subsets": _point_subsets(cfg, store, loaded),
+        **({"meta.baseline_seed": _baseline_seed(cfg, loaded), "meta.run_seed": _run_seed(loaded)}
+           if cfg.baseline == "random" else {}),
+        "meta.point_subsets": point_subsets,
         "meta.time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
@@ -260,7 +262,8 @@ class _Evaluation:
         return merged
 
     def _meta(self) -> dict:
-        return _meta(self.cfg, self.store, self.loaded, views=self.views, device=self.device)
+        return _meta(self.cfg, self.store, self.loaded, views=self.views, point_subsets=self.point_subsets,
+                     device=self.device)
 
     def _write(self, *, report: bool = False) -> dict:
         merged = self.book.write(self._meta())
