@@ -36,6 +36,8 @@ def weight_changes(trained: torch.nn.Module, start: torch.nn.Module) -> dict[str
             continue
         w0 = before[name].detach()
         n0 = float(w0.norm())
+        if n0 == 0:  # a tensor that starts at zero has no relative change
+            continue
         out[name] = (float((w.detach() - w0).norm()) / n0, float(w.detach().norm()) / n0)
     return out
 
@@ -54,7 +56,7 @@ def overall_change(trained: torch.nn.Module, start: torch.nn.Module) -> tuple[fl
     return ((diff / den) ** 0.5, (now / den) ** 0.5) if den > 0 else (0.0, 0.0)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders")
     ap.add_argument("--per-tensor", action="store_true", help="also print every weight tensor of Fp")
@@ -72,7 +74,8 @@ def main(argv=None) -> None:
         if args.per_tensor:
             for name, (rel, ratio) in weight_changes(run.point_encoder, start.point_encoder).items():
                 print(f"    {name:32s} change {rel:.3f}  |W|/|W0| {ratio:.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
