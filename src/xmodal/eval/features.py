@@ -33,6 +33,7 @@ from xmodal.utils.device import default_device
 
 __all__ = [
     "view_indices",
+    "clouds_subsampled",
     "subsample_points",
     "point_features",
     "view_features",
@@ -80,6 +81,13 @@ def view_indices(n: int, num_stored: int, v: int, *, seed: int = 0) -> np.ndarra
     return out
 
 
+def clouds_subsampled(stored: int, num_points: Optional[int]) -> bool:
+    """Whether clouds of ``stored`` points are reduced to ``num_points`` before Fp sees them: only
+    when they hold more (the rule of :func:`subsample_points` and :func:`point_features`; ``None``:
+    no reduction asked)."""
+    return num_points is not None and int(num_points) < int(stored)
+
+
 def subsample_points(points: np.ndarray, num_points: int, *, seed: int = 0, start: int = 0,
                      subset: int = 0) -> np.ndarray:
     """Seeded random subset of ``num_points`` points per cloud: (n, N, 3) -> (n, num_points, 3).
@@ -94,7 +102,7 @@ def subsample_points(points: np.ndarray, num_points: int, *, seed: int = 0, star
     ``N <= num_points`` are returned unchanged.
     """
     n, total = points.shape[:2]
-    if num_points >= total:
+    if not clouds_subsampled(total, num_points):
         return points
     if subset < 0:
         raise ValueError(f"subset must be >= 0, got {subset}")
@@ -155,7 +163,7 @@ def point_features(
         it = tqdm(it, desc=f"3D features ({split.name})", leave=False, total=-(-n // block))
     for s in it:
         pts = split.points_range(s, s + block)
-        if num_points is None or int(num_points) >= pts.shape[1]:
+        if not clouds_subsampled(pts.shape[1], num_points):
             f = extract_point_features(run.point_encoder, pts, batch_size=batch_size, device=device)
         else:
             f = None

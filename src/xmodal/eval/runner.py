@@ -48,7 +48,7 @@ from xmodal.config import save_config
 from xmodal.errors import DataError, Interrupted
 from xmodal.eval.config import EvaluateConfig
 from xmodal.eval.context import BASELINE_PREFIX, NO_IMAGES, TEST, EvalContext, TaskStopped
-from xmodal.eval.features import FeatureCache, effective_views
+from xmodal.eval.features import FeatureCache, clouds_subsampled, effective_views
 from xmodal.eval.report import write_report
 from xmodal.eval.resume import MetricsBook, data_digest, task_fingerprint, weights_digest
 from xmodal.eval.tasks import EvalTask, get_task, resolve_tasks
@@ -142,10 +142,8 @@ def _curves_figure(run_dir: Path, out: Path) -> dict:
 def _point_subsets(cfg: EvaluateConfig, store, loaded) -> int:
     """The point subsets in effect: ``cfg.point_subsets``, or 1 where the clouds are not subsampled
     (no more stored points than the run trained on: every subset would be the whole cloud)."""
-    run_points = getattr(loaded, "num_points", None)
-    if run_points is None or store.num_points <= run_points:
-        return 1
-    return int(cfg.point_subsets)
+    subsampled = clouds_subsampled(store.num_points, getattr(loaded, "num_points", None))
+    return int(cfg.point_subsets) if subsampled else 1
 
 
 def _run_seed(loaded) -> Optional[int]:
