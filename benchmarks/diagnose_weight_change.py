@@ -26,32 +26,32 @@ import torch
 from xmodal.api import load_run
 
 
-def weight_changes(trained: torch.nn.Module, start: torch.nn.Module) -> dict[str, tuple[float, float]]:
-    """``{name: (|W - W0| / |W0|, |W| / |W0|)}`` for every parameter of ``trained`` with 2 or more
-    dimensions; ``start`` must have the same parameter names and shapes."""
+def _weight_pairs(trained: torch.nn.Module, start: torch.nn.Module):
+    """``(name, W, W0)`` for every parameter of ``trained`` with 2 or more dimensions (matrices and
+    convolution kernels); ``start`` must have the same parameter names and shapes."""
     before = dict(start.named_parameters())
-    out = {}
     for name, w in trained.named_parameters():
-        if w.dim() < 2:
-            continue
-        w0 = before[name].detach()
+        if w.dim() >= 2:
+            yield name, w.detach(), before[name].detach()
+
+
+def weight_changes(trained: torch.nn.Module, start: torch.nn.Module) -> dict[str, tuple[float, float]]:
+    """``{name: (|W - W0| / |W0|, |W| / |W0|)}`` per weight tensor (a tensor that starts at zero has
+    no relative change and is left out)."""
+    out = {}
+    for name, w, w0 in _weight_pairs(trained, start):
         n0 = float(w0.norm())
-        if n0 == 0:  # a tensor that starts at zero has no relative change
-            continue
-        out[name] = (float((w.detach() - w0).norm()) / n0, float(w.detach().norm()) / n0)
+        if n0 > 0:
+            out[name] = (float((w - w0).norm()) / n0, float(w.norm()) / n0)
     return out
 
 
 def overall_change(trained: torch.nn.Module, start: torch.nn.Module) -> tuple[float, float]:
-    """``(|W - W0| / |W0|, |W| / |W0|)`` over all weight tensors (2 or more dimensions) together."""
-    before = dict(start.named_parameters())
+    """``(|W - W0| / |W0|, |W| / |W0|)`` over all weight tensors together."""
     diff = now = den = 0.0
-    for name, w in trained.named_parameters():
-        if w.dim() < 2:
-            continue
-        w0 = before[name].detach()
-        diff += float(((w.detach() - w0) ** 2).sum())
-        now += float((w.detach() ** 2).sum())
+    for _, w, w0 in _weight_pairs(trained, start):
+        diff += float(((w - w0) ** 2).sum())
+        now += float((w ** 2).sum())
         den += float((w0 ** 2).sum())
     return ((diff / den) ** 0.5, (now / den) ** 0.5) if den > 0 else (0.0, 0.0)
 
@@ -67,13 +67,14 @@ def main(argv=None) -> int:
         o = run.config.optim
         print(f"{path} (step {run.step}, seed {run.config.seed}, lr {o.lr:g}, point_lr_scale {o.point_lr_scale:g})")
         for enc in ("image_encoder", "point_encoder"):
-            rel = sorted(r for r, _ in weight_changes(getattr(run, enc), getattr(start, enc)).values())
+            per_tensor = weight_changes(getattr(run, enc), getattr(start, enc))
+            rel = sorted(r for r, _ in per_tensor.values())
             change, norm = overall_change(getattr(run, enc), getattr(start, enc))
             print(f"  {enc}: relative change {change:.3f}, |W|/|W0| {norm:.3f} "
                   f"(one tensor: min {rel[0]:.3f}, median {rel[len(rel) // 2]:.3f}, max {rel[-1]:.3f})")
-        if args.per_tensor:
-            for name, (rel, ratio) in weight_changes(run.point_encoder, start.point_encoder).items():
-                print(f"    {name:32s} change {rel:.3f}  |W|/|W0| {ratio:.3f}")
+            if args.per_tensor and enc == "point_encoder":
+                for name, (r, ratio) in per_tensor.items():
+                    print(f"    {name:32s} change {r:.3f}  |W|/|W0| {ratio:.3f}")
     return 0
 
 
