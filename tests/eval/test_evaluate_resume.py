@@ -179,3 +179,25 @@ def test_point_subsets_change_the_fingerprint_of_3d_tasks_only_and_1_keeps_the_o
         assert one == _sha(before)[:32]  # the hash written before the option existed: those reports still match
         two = task_fingerprint(task, cfg, point_subsets=2, **kw)
         assert (two != one) is (name != "partseg")  # part segmentation trains on the clouds, not on 3D features
+
+
+def test_tasks_from_calls_with_other_settings_are_named_in_the_report(store, tmp_path, loaded, caplog):
+    """meta.* describes the latest call; a task kept from an earlier call under another baseline
+    seed keeps its own settings in meta.tasks_settings, and the report lists it."""
+    cfg = _cfg(store, tmp_path, baseline="random", baseline_seed=3)
+    first = evaluate(cfg, loaded=loaded, progress=False)
+    assert first["meta.tasks_settings"]["baseline.random.retrieval"] == {"point_subsets": 1, "baseline_seed": 3,
+                                                                        "views": []}
+    assert "earlier call" not in (tmp_path / "r" / "report.md").read_text()
+    m = evaluate(replace(cfg, baseline_seed=5, tasks=["fewshot"]), loaded=loaded, progress=False)
+    assert m["meta.baseline_seed"] == 5
+    assert m["meta.tasks_settings"]["baseline.random.fewshot"]["baseline_seed"] == 5
+    assert m["meta.tasks_settings"]["baseline.random.retrieval"]["baseline_seed"] == 3
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "- **evaluated by an earlier call under other settings**" in report
+    assert "  - `baseline.random.retrieval`: baseline seed 3" in report
+    assert "earlier call under other settings (baseline.random.retrieval: {'baseline_seed': 3})" in caplog.text
+    assert "baseline.random.fewshot`" not in report.split("earlier call")[1].split("\n\n")[0]
+    # the same again with seed 3: nothing differs any more
+    evaluate(replace(cfg, tasks=["fewshot"]), loaded=loaded, progress=False)
+    assert "earlier call" not in (tmp_path / "r" / "report.md").read_text()

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 from xmodal.eval import paper_numbers as P
 from xmodal.eval.descriptors import D2_BINS, D2_PAIRS
 from xmodal.eval.retrieval import D2_PREFIX, PSB_STATS
+from xmodal.eval.resume import settings_differing
 from xmodal.eval.tasks import report_tasks
 from xmodal.utils.io import atomic_write
 
@@ -217,6 +218,7 @@ def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
     if m.has_base:
         item("baseline", _baseline_text(meta))
     item("tasks run", ", ".join(meta.get("tasks_run") or []))
+    lines += _other_settings_lines(m.m)
     sk = meta.get("tasks_skipped") or {}
     if sk:
         lines.append("- **skipped**:")
@@ -226,6 +228,23 @@ def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
         "comparable with ours only on the same data. Accuracies are in %."
     )
     return lines + [""]
+
+
+#: how the report names the per-task settings of ``meta.tasks_settings``
+_SETTING_NAMES = {"views": "views", "point_subsets": "point subsets", "baseline_seed": "baseline seed"}
+
+
+def _other_settings_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """The tasks of this folder evaluated by an earlier call under other settings than the above."""
+    differing = settings_differing(dict(metrics))
+    if not differing:
+        return []
+    lines = ["- **evaluated by an earlier call under other settings** than those above (evaluate again "
+             "with `--redo` and these tasks to make the report uniform):"]
+    for key, settings in differing.items():
+        said = ", ".join(f"{_SETTING_NAMES.get(k, k)} {v}" for k, v in settings.items())
+        lines.append(f"  - `{key}`: {said}")
+    return lines
 
 
 def _setup_retrieval(m: ReportMetrics) -> list[str]:

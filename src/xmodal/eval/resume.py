@@ -21,6 +21,11 @@ while the evaluation runs and writes it after every task, so a stopped (or kille
 keeps what it finished. A task can also save partial progress in ``meta.tasks_partial`` (part
 segmentation: its finished setting/fraction cells), from which the next evaluation with the same
 fingerprint resumes.
+
+The top-level ``meta.*`` keys describe the latest call; the settings each finished task was
+evaluated under (views, point subsets, the baseline's seed: those the report's setup describes)
+are kept per task in ``meta.tasks_settings``, so a folder filled by several calls with different
+settings says which figure came from which (:func:`settings_differing`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -39,7 +44,8 @@ from xmodal.eval.context import BASELINE_PREFIX
 from xmodal.eval.tasks import TASK_NAMES, EvalTask
 from xmodal.utils.io import read_json, write_json
 
-__all__ = ["IDENTITY_KEYS", "weights_digest", "data_digest", "task_fingerprint", "MetricsBook"]
+__all__ = ["IDENTITY_KEYS", "weights_digest", "data_digest", "task_fingerprint", "MetricsBook",
+           "settings_differing"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +123,7 @@ class MetricsBook:
         self.partial: dict[str, dict] = {}
         self.skipped: dict[str, str] = {}
         self.figures: dict[str, str] = {}
+        self.settings: dict[str, dict] = {}
         self.tasks_run: set[str] = set()
         old = self._previous(identity)
         if old:
@@ -125,6 +132,7 @@ class MetricsBook:
             self.partial = dict(old.get("meta.tasks_partial") or {})
             self.skipped = dict(old.get("meta.tasks_skipped") or {})
             self.figures = dict(old.get("meta.figures") or {})
+            self.settings = dict(old.get("meta.tasks_settings") or {})
             self.tasks_run = set(old.get("meta.tasks_run") or [])
 
     def _previous(self, identity: dict) -> dict:
@@ -162,14 +170,18 @@ class MetricsBook:
                         if not (k.startswith(prefix) and k[len(prefix):].startswith(task.name))}
         self.done.pop(prefix + task.name, None)
         self.partial.pop(prefix + task.name, None)
+        self.settings.pop(prefix + task.name, None)
 
     def record(self, task: EvalTask, prefix: str, fingerprint: str, result: tuple[dict, dict, dict],
-               forget: Iterable[str] = ()) -> None:
+               forget: Iterable[str] = (), settings: Optional[dict] = None) -> None:
         """Task ``task`` finished on the network of ``prefix``: ``result`` = (metrics, skipped, figures),
-        keys already prefixed. Its earlier results on that network, and on the networks of
-        ``forget`` (prefixes), are dropped."""
+        keys already prefixed; ``settings``: what it was evaluated under (``meta.tasks_settings``).
+        Its earlier results on that network, and on the networks of ``forget`` (prefixes), are
+        dropped."""
         for p in (prefix, *forget):
             self.forget(task, p)
+        if settings:
+            self.settings[prefix + task.name] = dict(settings)
         metrics, skipped, figures = result
         self.metrics.update(metrics)
         self.skipped.update(skipped)
@@ -187,6 +199,7 @@ class MetricsBook:
             "meta.figures": dict(self.figures),
             "meta.tasks_done": dict(sorted(self.done.items(), key=lambda kv: _order(kv[0]))),
             "meta.tasks_partial": dict(self.partial),
+            "meta.tasks_settings": dict(sorted(self.settings.items(), key=lambda kv: _order(kv[0]))),
         }
 
     def write(self, meta: dict) -> dict:
@@ -194,6 +207,24 @@ class MetricsBook:
         content = self.as_dict(meta)
         write_json(self.path, content)
         return content
+
+
+def settings_differing(metrics: dict) -> dict[str, dict]:
+    """``{task key: {setting: value}}`` of the tasks in ``metrics`` (a ``metrics.json`` content)
+    evaluated under another value of a setting than the latest call's ``meta.<setting>``: only the
+    settings that differ, for the tasks finished and recorded in ``meta.tasks_settings`` (a setting
+    the latest call does not state, e.g. the baseline's seed of a call without a baseline, is not
+    compared)."""
+    latest = {"views": metrics.get("meta.views_used"), "point_subsets": metrics.get("meta.point_subsets"),
+              "baseline_seed": metrics.get("meta.baseline_seed")}
+    done = metrics.get("meta.tasks_done") or {}
+    out = {}
+    for key, settings in (metrics.get("meta.tasks_settings") or {}).items():
+        differ = {k: v for k, v in settings.items()
+                  if key in done and latest.get(k) is not None and v != latest[k]}
+        if differ:
+            out[key] = differ
+    return out
 
 
 def _order(key: str) -> tuple:

@@ -50,7 +50,7 @@ from xmodal.eval.config import EvaluateConfig
 from xmodal.eval.context import BASELINE_PREFIX, NO_IMAGES, TEST, EvalContext, TaskStopped
 from xmodal.eval.features import FeatureCache, clouds_subsampled, effective_views
 from xmodal.eval.report import write_report
-from xmodal.eval.resume import MetricsBook, data_digest, task_fingerprint, weights_digest
+from xmodal.eval.resume import MetricsBook, data_digest, settings_differing, task_fingerprint, weights_digest
 from xmodal.eval.tasks import EvalTask, get_task, resolve_tasks
 from xmodal.utils.device import default_device
 from xmodal.utils.lock import output_lock
@@ -257,6 +257,11 @@ class _Evaluation:
         self.book.figures.update(_curves_figure(Path(cfg.run), self.out))
         merged = self._write(report=True)
         log.info("evaluation written to %s", self.out)
+        differing = settings_differing(merged)
+        if differing:
+            log.warning("%s also holds tasks evaluated by an earlier call under other settings (%s); the report "
+                        "lists them, --redo with those tasks evaluates them again", self.out,
+                        "; ".join(f"{k}: {v}" for k, v in differing.items()))
         return merged
 
     def _meta(self) -> dict:
@@ -323,13 +328,26 @@ class _Evaluation:
                 raise self._interrupted(todo, stopped=f"{label}: {task.name}") from None
             log.info("%s: %s done in %.1f s", label, task.name, time.perf_counter() - t0)
             skipped = {prefix + k: v for k, v in ctx.skipped.items()}
-            self.book.record(task, prefix, fp, (ctx.metrics, skipped, ctx.figures), forget=forget)
+            self.book.record(task, prefix, fp, (ctx.metrics, skipped, ctx.figures), forget=forget,
+                             settings=self._task_settings(task, prefix))
             self._write()
             self.finished.append(f"{label}: {task.name}")
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
+
+    def _task_settings(self, task: EvalTask, prefix: str) -> dict:
+        """The settings of this call that ``task``'s figures on the network of ``prefix`` depend on
+        and the report describes (kept per task: ``meta.tasks_settings``)."""
+        settings: dict[str, Any] = {}
+        if task.images != "unused":
+            settings["views"] = list(self.views)
+        if task.point_features:
+            settings["point_subsets"] = self.point_subsets
+        if prefix == BASELINE_PREFIX:
+            settings["baseline_seed"] = _baseline_seed(self.cfg, self.loaded)
+        return settings
 
     def _save_partial(self, key: str, fp: str, state: dict) -> None:
         self.book.save_partial(key, fp, state)
