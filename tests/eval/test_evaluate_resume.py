@@ -110,6 +110,7 @@ def test_a_baseline_asked_later_evaluates_the_baseline_only(store, tmp_path, loa
     # the run's fewshot evaluated again without the baseline: the baseline's (of other settings) goes
     m = evaluate(replace(cfg, fewshot=_fewshot(3)), loaded=loaded, progress=False)
     assert "baseline.random.fewshot3d.2w2s.mean" not in m and "baseline.random.fewshot" not in m["meta.tasks_done"]
+    assert "baseline.random.fewshot" not in m["meta.tasks_settings"]
     assert "baseline.random.retrieval3d.top1" in m  # untouched
 
 
@@ -181,23 +182,81 @@ def test_point_subsets_change_the_fingerprint_of_3d_tasks_only_and_1_keeps_the_o
         assert (two != one) is (name != "partseg")  # part segmentation trains on the clouds, not on 3D features
 
 
+def _report(tmp_path) -> str:
+    return (tmp_path / "r" / "report.md").read_text()
+
+
+def _other_settings(report: str) -> list[str]:
+    """The report's lines listing tasks evaluated under other settings ([] when there are none)."""
+    lines = report.splitlines()
+    heads = [i for i, line in enumerate(lines) if line.startswith("- **evaluated by an earlier call under other settings**")]
+    if not heads:
+        return []
+    out = []
+    for line in lines[heads[0] + 1:]:
+        if not line.startswith("  - "):
+            break
+        out.append(line)
+    return out
+
+
 def test_tasks_from_calls_with_other_settings_are_named_in_the_report(store, tmp_path, loaded, caplog):
     """meta.* describes the latest call; a task kept from an earlier call under another baseline
     seed keeps its own settings in meta.tasks_settings, and the report lists it."""
-    cfg = _cfg(store, tmp_path, baseline="random", baseline_seed=3)
+    cfg = replace(_cfg(store, tmp_path, baseline="random", baseline_seed=3), tasks=["pretext", "fewshot", "retrieval"])
     first = evaluate(cfg, loaded=loaded, progress=False)
-    assert first["meta.tasks_settings"]["baseline.random.retrieval"] == {"point_subsets": 1, "baseline_seed": 3,
-                                                                        "views": []}
-    assert "earlier call" not in (tmp_path / "r" / "report.md").read_text()
+    # points only: views [] for the tasks that could read images; pretext needs images, so it was
+    # skipped whole and has no settings to describe
+    assert first["meta.tasks_settings"]["baseline.random.retrieval"] == {"views": [], "point_subsets": 1,
+                                                                        "baseline_seed": 3}
+    assert first["meta.tasks_settings"]["retrieval"] == {"views": [], "point_subsets": 1}
+    assert "pretext" in first["meta.tasks_skipped"] and "baseline.random.pretext" not in first["meta.tasks_settings"]
+    assert _other_settings(_report(tmp_path)) == []
     m = evaluate(replace(cfg, baseline_seed=5, tasks=["fewshot"]), loaded=loaded, progress=False)
     assert m["meta.baseline_seed"] == 5
     assert m["meta.tasks_settings"]["baseline.random.fewshot"]["baseline_seed"] == 5
     assert m["meta.tasks_settings"]["baseline.random.retrieval"]["baseline_seed"] == 3
-    report = (tmp_path / "r" / "report.md").read_text()
-    assert "- **evaluated by an earlier call under other settings**" in report
-    assert "  - `baseline.random.retrieval`: baseline seed 3" in report
+    assert _other_settings(_report(tmp_path)) == ["  - `baseline.random.retrieval`: baseline seed 3"]
     assert "earlier call under other settings (baseline.random.retrieval: {'baseline_seed': 3})" in caplog.text
-    assert "baseline.random.fewshot`" not in report.split("earlier call")[1].split("\n\n")[0]
-    # the same again with seed 3: nothing differs any more
+    # a call without a baseline states no seed: the kept baseline figures have two, so each is listed
+    evaluate(replace(cfg, baseline=None, baseline_seed=None, tasks=["retrieval"]), loaded=loaded, progress=False)
+    assert _other_settings(_report(tmp_path)) == ["  - `baseline.random.retrieval`: baseline seed 3",
+                                                  "  - `baseline.random.fewshot`: baseline seed 5"]
+    # asking for the task again with seed 3 re-evaluates it (its fingerprint differs): nothing differs any more
     evaluate(replace(cfg, tasks=["fewshot"]), loaded=loaded, progress=False)
-    assert "earlier call" not in (tmp_path / "r" / "report.md").read_text()
+    assert _other_settings(_report(tmp_path)) == []
+    # and without a baseline the report still states the one seed all baseline figures have
+    evaluate(replace(cfg, baseline=None, baseline_seed=None, tasks=["retrieval"]), loaded=loaded, progress=False)
+    assert _other_settings(_report(tmp_path)) == [] and "(weights seeded with 3)" in _report(tmp_path)
+
+
+def test_tasks_of_a_folder_written_before_the_settings_record_get_theirs_when_found_done(store, tmp_path, loaded):
+    cfg = _cfg(store, tmp_path, baseline="random")
+    evaluate(cfg, loaded=loaded, progress=False)
+    path = tmp_path / "r" / "metrics.json"
+    old = json.loads(path.read_text())
+    del old["meta.tasks_settings"]
+    path.write_text(json.dumps(old))
+    m = evaluate(replace(cfg, tasks=["retrieval"]), loaded=loaded, progress=False)
+    # retrieval was found done under this call's settings (same fingerprint); fewshot's are unknown
+    assert set(m["meta.tasks_settings"]) == {"retrieval", "baseline.random.retrieval"}
+
+
+def test_settings_differing_compares_each_recorded_setting_with_the_stated_one():
+    from xmodal.eval.resume import baseline_seed_in_effect, settings_differing
+
+    metrics = {
+        "meta.views_used": [1, 12], "meta.point_subsets": 2, "meta.baseline_seed": 0,
+        "meta.tasks_done": {"svm": "a", "retrieval": "b", "baseline.random.svm": "c", "pretext": "d"},
+        "meta.tasks_settings": {
+            "svm": {"views": [1, 12], "point_subsets": 1},  # other point subsets
+            "retrieval": {"views": [12], "point_subsets": 2},  # other views
+            "baseline.random.svm": {"views": [1, 12], "point_subsets": 2, "baseline_seed": 0},  # the same
+            "pretext": {"views": [1]},  # views differ, but not done any more: not listed
+        },
+    }
+    metrics["meta.tasks_done"].pop("pretext")
+    assert settings_differing(metrics) == {"svm": {"point_subsets": 1}, "retrieval": {"views": [12]}}
+    assert baseline_seed_in_effect(metrics) == 0
+    unstated = {**metrics, "meta.baseline_seed": None}
+    assert baseline_seed_in_effect(unstated) == 0 and "baseline.random.svm" not in settings_differing(unstated)

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 from xmodal.eval import paper_numbers as P
 from xmodal.eval.descriptors import D2_BINS, D2_PAIRS
 from xmodal.eval.retrieval import D2_PREFIX, PSB_STATS
-from xmodal.eval.resume import settings_differing
+from xmodal.eval.resume import baseline_seed_in_effect, settings_differing
 from xmodal.eval.tasks import report_tasks
 from xmodal.utils.io import atomic_write
 
@@ -216,7 +216,7 @@ def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
             "ranked by Ff's 'same object' probability",
         )
     if m.has_base:
-        item("baseline", _baseline_text(meta))
+        item("baseline", _baseline_text({**meta, "baseline_seed": baseline_seed_in_effect(m.m)}))
     item("tasks run", ", ".join(meta.get("tasks_run") or []))
     lines += _other_settings_lines(m.m)
     sk = meta.get("tasks_skipped") or {}
@@ -239,8 +239,9 @@ def _other_settings_lines(metrics: Mapping[str, Any]) -> list[str]:
     differing = settings_differing(dict(metrics))
     if not differing:
         return []
-    lines = ["- **evaluated by an earlier call under other settings** than those above (evaluate again "
-             "with `--redo` and these tasks to make the report uniform):"]
+    lines = ["- **evaluated by an earlier call under other settings** than those above (`--task` with these "
+             "tasks and the settings above evaluates them again; their fingerprints differ, so no `--redo` is "
+             "needed):"]
     for key, settings in differing.items():
         said = ", ".join(f"{_SETTING_NAMES.get(k, k)} {v}" for k, v in settings.items())
         lines.append(f"  - `{key}`: {said}")

@@ -45,7 +45,7 @@ from xmodal.eval.tasks import TASK_NAMES, EvalTask
 from xmodal.utils.io import read_json, write_json
 
 __all__ = ["IDENTITY_KEYS", "weights_digest", "data_digest", "task_fingerprint", "MetricsBook",
-           "settings_differing"]
+           "baseline_seed_in_effect", "settings_differing"]
 
 log = logging.getLogger(__name__)
 
@@ -175,19 +175,25 @@ class MetricsBook:
     def record(self, task: EvalTask, prefix: str, fingerprint: str, result: tuple[dict, dict, dict],
                forget: Iterable[str] = (), settings: Optional[dict] = None) -> None:
         """Task ``task`` finished on the network of ``prefix``: ``result`` = (metrics, skipped, figures),
-        keys already prefixed; ``settings``: what it was evaluated under (``meta.tasks_settings``).
-        Its earlier results on that network, and on the networks of ``forget`` (prefixes), are
-        dropped."""
+        keys already prefixed; ``settings``: what it was evaluated under (``meta.tasks_settings``;
+        None for a task skipped whole). Its earlier results on that network, and on the networks of
+        ``forget`` (prefixes), are dropped."""
         for p in (prefix, *forget):
             self.forget(task, p)
-        if settings:
-            self.settings[prefix + task.name] = dict(settings)
         metrics, skipped, figures = result
         self.metrics.update(metrics)
         self.skipped.update(skipped)
         self.figures.update(figures)
         self.done[prefix + task.name] = fingerprint
         self.tasks_run.add(task.name)
+        self.note_settings(prefix + task.name, settings)
+
+    def note_settings(self, key: str, settings: Optional[dict]) -> None:
+        """Record what task ``key`` was evaluated under, unless already recorded or the whole task was
+        skipped (no figures to describe). Also used for a task found done in a folder written
+        before ``meta.tasks_settings`` existed: its fingerprint matched, so it had these settings."""
+        if settings and key not in self.settings and key not in self.skipped:
+            self.settings[key] = dict(settings)
 
     def as_dict(self, meta: dict) -> dict:
         """The flat ``metrics.json`` content: metrics, ``meta`` and the book's own ``meta.*`` keys."""
@@ -209,19 +215,35 @@ class MetricsBook:
         return content
 
 
+def baseline_seed_in_effect(metrics: dict) -> Optional[int]:
+    """The random-init baseline's seed the report can state: the latest call's
+    ``meta.baseline_seed``, else (a call without a baseline, its figures kept from earlier calls) the
+    one seed all the baseline's finished tasks were evaluated with; None when unknown or mixed."""
+    if metrics.get("meta.baseline_seed") is not None:
+        return metrics["meta.baseline_seed"]
+    done = metrics.get("meta.tasks_done") or {}
+    seeds = {s["baseline_seed"] for k, s in (metrics.get("meta.tasks_settings") or {}).items()
+             if k in done and "baseline_seed" in s}
+    return seeds.pop() if len(seeds) == 1 else None
+
+
 def settings_differing(metrics: dict) -> dict[str, dict]:
     """``{task key: {setting: value}}`` of the tasks in ``metrics`` (a ``metrics.json`` content)
-    evaluated under another value of a setting than the latest call's ``meta.<setting>``: only the
-    settings that differ, for the tasks finished and recorded in ``meta.tasks_settings`` (a setting
-    the latest call does not state, e.g. the baseline's seed of a call without a baseline, is not
-    compared)."""
-    latest = {"views": metrics.get("meta.views_used"), "point_subsets": metrics.get("meta.point_subsets"),
-              "baseline_seed": metrics.get("meta.baseline_seed")}
+    evaluated under another value of a setting than the one the report states: the latest call's
+    ``meta.<setting>``, for the baseline's seed :func:`baseline_seed_in_effect` (where the baseline
+    tasks' seeds are mixed and no call states one, each baseline task is listed with its seed).
+    Only the settings that differ, for the finished tasks recorded in ``meta.tasks_settings``; a
+    task evaluated before that record existed is not listed (its settings are unknown)."""
+    stated = {"views": metrics.get("meta.views_used"), "point_subsets": metrics.get("meta.point_subsets"),
+              "baseline_seed": baseline_seed_in_effect(metrics)}
+    mixed_seeds = stated["baseline_seed"] is None
     done = metrics.get("meta.tasks_done") or {}
     out = {}
     for key, settings in (metrics.get("meta.tasks_settings") or {}).items():
+        if key not in done:
+            continue
         differ = {k: v for k, v in settings.items()
-                  if key in done and latest.get(k) is not None and v != latest[k]}
+                  if (stated.get(k) is not None and v != stated[k]) or (k == "baseline_seed" and mixed_seeds)}
         if differ:
             out[key] = differ
     return out

@@ -260,8 +260,8 @@ class _Evaluation:
         differing = settings_differing(merged)
         if differing:
             log.warning("%s also holds tasks evaluated by an earlier call under other settings (%s); the report "
-                        "lists them, --redo with those tasks evaluates them again", self.out,
-                        "; ".join(f"{k}: {v}" for k, v in differing.items()))
+                        "lists them; asking for those tasks again with the settings of this call evaluates them "
+                        "again", self.out, "; ".join(f"{k}: {v}" for k, v in differing.items()))
         return merged
 
     def _meta(self) -> dict:
@@ -294,6 +294,7 @@ class _Evaluation:
                                       point_subsets=self.point_subsets,
                                       device=self.device)
                 if self.book.is_done(prefix + task.name, fp):
+                    self.book.note_settings(prefix + task.name, self._task_settings(task, prefix))
                     log.info("%s: %s is already evaluated in %s (redo=true evaluates it again)", label, task.name,
                              self.out / METRICS_NAME)
                 else:
@@ -329,7 +330,7 @@ class _Evaluation:
             log.info("%s: %s done in %.1f s", label, task.name, time.perf_counter() - t0)
             skipped = {prefix + k: v for k, v in ctx.skipped.items()}
             self.book.record(task, prefix, fp, (ctx.metrics, skipped, ctx.figures), forget=forget,
-                             settings=self._task_settings(task, prefix))
+                             settings=None if task.name in ctx.skipped else self._task_settings(task, prefix))
             self._write()
             self.finished.append(f"{label}: {task.name}")
             if bar is not None:
