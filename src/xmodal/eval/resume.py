@@ -176,7 +176,7 @@ class MetricsBook:
                forget: Iterable[str] = (), settings: Optional[dict] = None) -> None:
         """Task ``task`` finished on the network of ``prefix``: ``result`` = (metrics, skipped, figures),
         keys already prefixed; ``settings``: what it was evaluated under (``meta.tasks_settings``;
-        None for a task skipped whole). Its earlier results on that network, and on the networks of
+        not recorded for a task ``skipped`` whole). Its earlier results on that network, and on the networks of
         ``forget`` (prefixes), are dropped."""
         for p in (prefix, *forget):
             self.forget(task, p)

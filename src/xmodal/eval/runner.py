@@ -330,7 +330,7 @@ class _Evaluation:
             log.info("%s: %s done in %.1f s", label, task.name, time.perf_counter() - t0)
             skipped = {prefix + k: v for k, v in ctx.skipped.items()}
             self.book.record(task, prefix, fp, (ctx.metrics, skipped, ctx.figures), forget=forget,
-                             settings=None if task.name in ctx.skipped else self._task_settings(task, prefix))
+                             settings=self._task_settings(task, prefix))
             self._write()
             self.finished.append(f"{label}: {task.name}")
             if bar is not None:
