@@ -116,6 +116,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("xmodal.losses", "_check_matrix"): "tensors of the wrong shape/dtype from code",
     ("xmodal.losses", "batch_cross_modal_loss"): "batch invariant of the sampler",
     ("xmodal.train.trust", "apply_trust_ratio_"): "coefficient= from code; optim.point_trust is validated by the config",
+    ("xmodal.train.averaging", "WeightAverage.networks"): "asked before the first sample: code (the trainer checks count)",
+    ("xmodal.train.checkpoint", "save_checkpoint"): "extra_tensors named like the model's or optimiser's: code",
     ("xmodal.losses", "batch_pair_bce"): "batch invariant of the sampler",
     ("xmodal.losses", "TripletLoss.__init__"): "reduction= from code",
     ("xmodal.losses", "CrossModalLoss.__init__"): "reduction= from code",

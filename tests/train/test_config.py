@@ -27,7 +27,8 @@ PAPER = {
     "loss": {"mode": "cm-cv", "margin": 1.0, "beta": 1.0, "cross_pairs": "sample", "projected_nce": 0.0,
              "point_nce": 0.0, "temperature": 0.1},
     "optim": {"lr": 0.001, "momentum": 0.9, "weight_decay": 0.0005, "step_size": 40000, "gamma": 0.1,
-              "point_lr_scale": 1.0, "point_trust": 0.0},
+              "point_lr_scale": 1.0, "point_trust": 0.0,
+              "average_from": 0, "average_every": 200},
     "aug": {"enabled": True, "crop_scale": (0.5, 1.0), "crop_ratio": (0.75, 4 / 3), "hflip_p": 0.5,
             "rotate": True, "jitter_sigma": 0.02, "jitter_clip": None},
     "val": {"every": 0, "fraction": 0.1, "views": 12, "folds": 3, "Cs": (0.001, 0.01, 0.1)},
@@ -93,6 +94,8 @@ def test_overrides_apply_and_bad_keys_fail():
         ("aug.jitter_clip=-1", "jitter_clip"),
         ("model.point_init=xavier", "model.point_init"),
         ("optim.point_trust=-0.5", "optim.point_trust"),
+        ("optim.average_from=-1", "optim.average_from"),
+        ("optim.average_every=0", "optim.average_every"),
     ],
 )
 def test_validation_rejects_bad_values(override, match):
@@ -118,6 +121,8 @@ def test_a_new_field_at_its_neutral_value_keeps_the_hash_of_older_runs():
     assert config_hash(kaiming) != config_hash(cpu)
     trust = resolve(PretrainConfig, "cpu-fp32", ["optim.point_trust=1"], group="pretrain")
     assert config_hash(trust) != config_hash(cpu)
+    averaged = resolve(PretrainConfig, "cpu-fp32", ["optim.average_from=100"], group="pretrain")
+    assert config_hash(averaged) != config_hash(cpu)
 
 
 def test_hash_ignores_resume_mutable_keys():

@@ -214,6 +214,8 @@ def validation_curve_figure(metrics_jsonl: str | os.PathLike, path: str | os.Pat
 
     Top row: each validation metric (points: solid, images: dashed) against the training step;
     bottom row: the same against training minutes (the records' ``time``, validation excluded).
+    A run with weight averaging (``optim.average_from``) adds its averaged networks' ``val.averaged.*``
+    figures in the same colours, lighter, with crosses.
     The value at step 0 is the random initialisation, drawn as a dotted horizontal line.
     Returns None (and logs) when the log has no validation record.
     """
@@ -224,18 +226,27 @@ def validation_curve_figure(metrics_jsonl: str | os.PathLike, path: str | os.Pat
         log.info("%s: no validation records (pre-train with val.every > 0 for a learning curve)", metrics_jsonl)
         return None
     fig = _figure(4.0 * len(VALIDATION_PANELS), 6.0)
+
+    def series(key: str, xkey: str, scale: float):
+        rs = [r for r in records if _is_number(r.get(key))]
+        x = np.asarray([r[xkey] if _is_number(r.get(xkey)) else 0.0 for r in rs], dtype=np.float64) / scale
+        return rs, x, np.asarray([r[key] for r in rs], dtype=np.float64)
+
     for col, (title, keys) in enumerate(VALIDATION_PANELS):
         for row, (xkey, xlabel, scale) in enumerate((("step", "step", 1.0), ("time", "training minutes", 60.0))):
             ax = fig.add_subplot(2, len(VALIDATION_PANELS), row * len(VALIDATION_PANELS) + col + 1)
             for key, style, label in zip(keys, ("-", "--"), ("points (Fp)", "images (Fimg)")):
-                rs = [r for r in records if _is_number(r.get(key))]
+                rs, x, y = series(key, xkey, scale)
                 if not rs:
                     continue
-                x = np.asarray([r[xkey] if _is_number(r.get(xkey)) else 0.0 for r in rs], dtype=np.float64) / scale
-                y = np.asarray([r[key] for r in rs], dtype=np.float64)
                 line = ax.plot(x, y, style, marker="o", markersize=3, label=label)[0]
                 if rs[0]["step"] == 0:
                     ax.axhline(y[0], color=line.get_color(), linestyle=":", linewidth=0.8)
+                # optim.average_from: the averaged networks' figures beside the trained ones
+                ra, xa, ya = series(key.replace("val.", "val.averaged.", 1), xkey, scale)
+                if ra:
+                    ax.plot(xa, ya, style, marker="x", markersize=5, color=line.get_color(), alpha=0.6,
+                            label=f"{label}, averaged weights")
             ax.set_title(title, fontsize=9)
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)

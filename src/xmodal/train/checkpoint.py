@@ -8,8 +8,9 @@ Files in a run folder ``RUN``::
     RUN/encoders.json                  # their architecture (names + kwargs), image size, points, up axis
 
 Tensor names: ``model/<net>/<state-dict key>`` and ``optim/<param index>/<state key>``
-in checkpoints, ``<net>/<state-dict key>`` in the encoder file, where ``<net>`` is
-``image_encoder``, ``point_encoder`` or ``pair_classifier``.
+in checkpoints (and ``average/<net>/<state-dict key>``, the averaged networks of
+:mod:`xmodal.train.averaging`, with weight averaging on), ``<net>/<state-dict key>`` in the
+encoder file, where ``<net>`` is ``image_encoder``, ``point_encoder`` or ``pair_classifier``.
 
 Torn pairs: each file is written atomically, the safetensors first, then the JSON,
 and the safetensors metadata carries a copy of the JSON state. A crash between the
@@ -242,16 +243,22 @@ def save_checkpoint(
     scheduler=None,
     scaler=None,
     extra: Optional[dict] = None,
+    extra_tensors: Optional[dict[str, torch.Tensor]] = None,
 ) -> Path:
     """Write ``RUN/checkpoints/last.safetensors`` then ``last.json`` (each atomically).
 
     ``extra``: JSON-serialisable entries stored in the state (config hash, architecture,
-    elapsed time, ...). Returns the JSON path.
+    elapsed time, ...); ``extra_tensors``: more tensors for the weights file, under names of
+    their own (the averaged networks' ``average/...``). Returns the JSON path.
     """
     wpath, jpath = checkpoint_paths(run)
     tensors = state_tensors(nets, prefix="model/")
     otensors, ometa = _split_optimizer(optimizer)
     tensors.update(otensors)
+    clash = set(tensors) & set(extra_tensors or {})
+    if clash:
+        raise ValueError(f"extra_tensors would overwrite {sorted(clash)[:3]}")
+    tensors.update(extra_tensors or {})
     state = {
         "format": CHECKPOINT_FORMAT,
         "format_version": FORMAT_VERSION,

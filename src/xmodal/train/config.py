@@ -55,6 +55,8 @@ Options beyond the paper (each off in ``paper``; the measurements behind them ar
 * ``optim.point_trust`` (0 = the paper's plain SGD): each Fp weight tensor's gradient rescaled to
   a fixed fraction of its norm before the step (LARS's layer-wise trust ratio), so the deep
   EdgeConv blocks get gradients at the first block's scale.
+* ``optim.average_from`` (0 = the paper's last-step weights): the exported networks are the mean of
+  the weights sampled every ``optim.average_every`` steps from that step on (weight averaging).
 * ``amp`` ("off" = the paper's float32): mixed precision.
 * ``compile`` (off): ``torch.compile`` of the training forward.
 """
@@ -258,6 +260,12 @@ class OptimConfig:
     #: decay then act as usual), so the deep EdgeConv blocks are not left ~75x behind the first
     #: (:mod:`xmodal.train.trust`)
     point_trust: float = 0.0
+    #: weight averaging (0 = off, the paper: the run exports its last step's weights): from this
+    #: step on, the weights every ``average_every`` steps, and the last step's, are averaged, and
+    #: the run exports that mean (stochastic weight averaging, :mod:`xmodal.train.averaging`)
+    average_from: int = 0
+    #: steps between two samples of the average
+    average_every: int = 200
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -274,6 +282,10 @@ class OptimConfig:
             raise ConfigError(f"optim.point_lr_scale must be > 0, got {self.point_lr_scale}")
         if not self.point_trust >= 0:
             raise ConfigError(f"optim.point_trust must be >= 0 (0 = off), got {self.point_trust}")
+        if self.average_from < 0:
+            raise ConfigError(f"optim.average_from must be >= 0 (0 = off), got {self.average_from}")
+        if self.average_every < 1:
+            raise ConfigError(f"optim.average_every must be >= 1, got {self.average_every}")
 
 
 @dataclass
@@ -442,7 +454,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 #: fields added after runs had been saved, with the value that reproduces those runs: a field at
 #: that value is left out of :func:`config_hash`, so a run saved before the field existed keeps its
 #: hash and resumes. A new field joins this table (a test pins the hash of the defaults)
-HASH_NEUTRAL_VALUES: dict[str, Any] = {"model.point_init": "default", "optim.point_trust": 0.0}
+HASH_NEUTRAL_VALUES: dict[str, Any] = {"model.point_init": "default", "optim.point_trust": 0.0,
+                                       "optim.average_from": 0, "optim.average_every": 200}
 
 
 def config_hash(cfg: PretrainConfig) -> str:

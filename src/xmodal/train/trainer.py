@@ -8,6 +8,7 @@ The pieces, each in its own module:
 * :mod:`xmodal.train.step` – one optimisation step;
 * :mod:`xmodal.train.runlog` – ``metrics.jsonl``, TensorBoard, progress;
 * :mod:`xmodal.train.validation` – the optional learning curve on held-out training objects;
+* :mod:`xmodal.train.averaging` – the optional weight averaging of the exported networks;
 * :mod:`xmodal.train.checkpoint` – checkpoints and the final encoders.
 
 Exactness: the batch of step ``s`` depends only on ``(seed, s)``, torch's RNG is re-seeded
@@ -37,6 +38,7 @@ from xmodal.data.datasets import open_dataset
 from xmodal.data.store import ShapeStore
 from xmodal.errors import DataError, Interrupted, TrainingDiverged
 from xmodal.models.dgcnn import edgeconv_kind
+from xmodal.train.averaging import WeightAverage, is_sample_step
 from xmodal.train.checkpoint import architecture_from_config, checkpoint_paths, restore_checkpoint, save_checkpoint, save_encoders
 from xmodal.train.config import PretrainConfig, config_hash
 from xmodal.train.distributed import DistContext, barrier, cleanup_distributed, init_distributed
@@ -146,10 +148,39 @@ class _Trainer:
             restore_checkpoint(self.ckpt, nets=self.net.networks(), optimizer=self.optimizer,
                                scheduler=self.scheduler, scaler=self.scaler)
             log.info("resuming %s from step %d", out, self.start)
+        self.average = self._weight_average()
         self.validator = None
         if val_idx is not None and ctx.is_main:
             self.validator = Validator(self.split, val_idx, cfg.val, num_points=cfg.data.num_points, seed=cfg.seed)
         self._write_run_info(n_val=0 if val_idx is None else len(val_idx))
+
+    def _weight_average(self) -> Optional[WeightAverage]:
+        """The running mean of the weights (``optim.average_from`` > 0), restored from the checkpoint."""
+        optim = self.cfg.optim
+        if optim.average_from <= 0:
+            return None
+        if optim.average_from > self.cfg.iterations:
+            log.warning("optim.average_from = %d is past the last step (%d): the run exports its last weights",
+                        optim.average_from, self.cfg.iterations)
+        average = WeightAverage()
+        if self.ckpt is not None:
+            average.load(self.net.networks(), self.ckpt.tensors, int(self.ckpt.state.get("average_samples", 0)),
+                         self.ckpt.path)
+        return average
+
+    def _samples_average(self, done: int) -> bool:
+        """Whether the weights after step ``done`` go into the average."""
+        optim = self.cfg.optim
+        return self.average is not None and is_sample_step(done, start=optim.average_from, every=optim.average_every,
+                                                           last=self.cfg.iterations)
+
+    def _averaged_net(self) -> Optional[XModalNet]:
+        """The averaged networks as an :class:`XModalNet` (eval mode); None before the first sample."""
+        if self.average is None or self.average.count == 0:
+            return None
+        nets = self.average.networks()
+        return XModalNet(nets["image_encoder"], nets["point_encoder"], nets["pair_classifier"],
+                         freeze_point_bn=self.cfg.model.freeze_point_bn).eval()
 
     def _write_run_info(self, *, n_val: int) -> None:
         if self.ctx.is_main:
@@ -196,8 +227,17 @@ class _Trainer:
             "config_hash": config_hash(self.cfg),
             "data": self.fingerprint,
             "elapsed": runlog.elapsed(),
+            "average_samples": self.average.count if self.average is not None else 0,
             **self._encoder_info(),
         }
+
+    def _save(self, done: int, runlog: RunLog) -> Optional[Path]:
+        """Write the checkpoint of step ``done`` (rank 0; None elsewhere)."""
+        if not self.ctx.is_main:
+            return None
+        return save_checkpoint(self.out, step=done, nets=self.net.networks(), optimizer=self.optimizer,
+                               scheduler=self.scheduler, scaler=self.scaler, extra=self._extra_state(runlog),
+                               extra_tensors=self.average.state_tensors() if self.average is not None else None)
 
     def _encoder_info(self) -> dict:
         return {
@@ -208,8 +248,16 @@ class _Trainer:
         }
 
     def _validate(self, step: int, runlog: RunLog) -> None:
+        """A curve point: the trained networks' ``val.*`` and, once weights are averaged, the
+        averaged networks' ``val.averaged.*``."""
         if self.validator is not None:
-            values = self.validator(self.net, self.ctx.device, image_size=self.cfg.data.image_size)
+            size = self.cfg.data.image_size
+            values = self.validator(self.net, self.ctx.device, image_size=size)
+            averaged = self._averaged_net()
+            if averaged is not None:
+                more = self.validator(averaged, self.ctx.device, image_size=size)
+                values.update({k.replace("val.", "val.averaged.", 1): v for k, v in more.items() if k.startswith("val.")})
+                values["val_seconds"] = round(values["val_seconds"] + more["val_seconds"], 3)
             runlog.pause(values["val_seconds"])
             runlog.validation(step, values)
         barrier(self.ctx)
@@ -218,13 +266,13 @@ class _Trainer:
         cfg, last = self.cfg, done == self.cfg.iterations
         if done % cfg.log_every == 0 or last:
             runlog.flush(done, lr)
+        if self._samples_average(done):
+            self.average.update(self.net.networks())
         if cfg.val.enabled and (done % cfg.val.every == 0 or last):
             self._validate(done, runlog)
         saved = None
         if done % cfg.checkpoint_every == 0 or last:
-            if self.ctx.is_main:
-                saved = save_checkpoint(self.out, step=done, nets=self.net.networks(), optimizer=self.optimizer,
-                                        scheduler=self.scheduler, scaler=self.scaler, extra=self._extra_state(runlog))
+            saved = self._save(done, runlog)
             barrier(self.ctx)
         return saved
 
@@ -239,9 +287,8 @@ class _Trainer:
         """Save the state of step ``done`` (unless just saved) and describe how to resume."""
         if runlog.window:
             runlog.flush(done, self.optimizer.param_groups[0]["lr"])
-        if saved is None and self.ctx.is_main:
-            saved = save_checkpoint(self.out, step=done, nets=self.net.networks(), optimizer=self.optimizer,
-                                    scheduler=self.scheduler, scaler=self.scaler, extra=self._extra_state(runlog))
+        if saved is None:
+            saved = self._save(done, runlog)
         barrier(self.ctx)
         name = signal.Signals(signum).name
         return Interrupted(
@@ -296,7 +343,11 @@ class _Trainer:
             last_ckpt = checkpoint_paths(self.out)[1]
         if ctx.is_main:
             info = {**self._encoder_info(), "step": steps, "config_hash": config_hash(cfg), "config": to_dict(cfg)}
-            save_encoders(self.out, nets=self.net.networks(), info=info)
+            averaged = self._averaged_net()
+            if averaged is not None:  # what the exported weights are: a mean of this many samples
+                info["averaged"] = {"from": cfg.optim.average_from, "every": cfg.optim.average_every,
+                                    "samples": self.average.count}
+            save_encoders(self.out, nets=(averaged if averaged is not None else self.net).networks(), info=info)
         final = runlog.final_record() if ctx.is_main else runlog.last
         barrier(ctx)
         return {
