@@ -8,7 +8,10 @@ sampled after the optimiser's step, saved in every checkpoint (so a resumed run 
 one that never stopped) and scored by the validation curve beside the trained networks.
 
 Floating-point tensors (parameters and buffers such as BatchNorm's running statistics) are
-averaged; integer buffers (BatchNorm's batch counters) are those of the last sample. The
+averaged; integer buffers (BatchNorm's batch counters) are those of the last sample. Fp's frozen
+BatchNorm statistics (``model.freeze_point_bn``) make the average exact for Fp; Fimg's running
+statistics are averaged, not re-estimated for the averaged weights (SWA's extra pass over the
+data), which the held-out measurement puts at 0-1.5 2D-SVM points on the ``cpu`` schedule. The
 measurements behind the option are in ``docs/EXPERIMENTS.md``.
 """
 
