@@ -11,7 +11,8 @@ Floating-point tensors (parameters and buffers such as BatchNorm's running stati
 averaged; integer buffers (BatchNorm's batch counters) are those of the last sample. Fp's frozen
 BatchNorm statistics (``model.freeze_point_bn``) make the average exact for Fp; Fimg's running
 statistics are averaged, not re-estimated for the averaged weights (SWA's extra pass over the
-data), which the held-out measurement puts at 0-1.5 2D-SVM points on the ``cpu`` schedule. The
+data); held out on the ``cpu`` schedule the averaged Fimg lost 0-1.5 2D-SVM points, a loss this
+may explain (not tested). The
 measurements behind the option are in ``docs/EXPERIMENTS.md``.
 """
 
