@@ -12,8 +12,7 @@ averaged; integer buffers (BatchNorm's batch counters) are those of the last sam
 BatchNorm statistics (``model.freeze_point_bn``) make the average exact for Fp; Fimg's running
 statistics are averaged, not re-estimated for the averaged weights (SWA's extra pass over the
 data); held out on the ``cpu`` schedule the averaged Fimg lost 0-1.5 2D-SVM points, a loss this
-may explain (not tested). The
-measurements behind the option are in ``docs/EXPERIMENTS.md``.
+may explain (not tested). The measurements behind the option are in ``docs/EXPERIMENTS.md``.
 """
 
 from __future__ import annotations
