@@ -120,7 +120,8 @@ def load_run(run, device="cpu", *, prefer: Literal["final", "last"] = "final") -
 
     prefer: ``"final"`` reads ``encoders.safetensors`` and falls back to the last
     checkpoint when the run has not finished; ``"last"`` reads the last checkpoint
-    (falling back to the encoders).
+    (falling back to the encoders). With weight averaging (``optim.average_from``) the
+    encoders are the averaged networks and the checkpoint's are the training weights.
 
     Raises:
         MissingInputError: ``run`` is not a folder or holds neither file (a FileNotFoundError).
