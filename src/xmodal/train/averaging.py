@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from xmodal.errors import CheckpointError
+from xmodal.train.checkpoint import load_state_tensors, state_tensors
 
 __all__ = ["AVERAGE_PREFIX", "WeightAverage", "is_sample_step"]
 
@@ -39,7 +39,7 @@ def is_sample_step(step: int, *, start: int, every: int, last: int) -> bool:
 
 
 class WeightAverage:
-    """The running mean of ``nets``' weights (a dict of name -> module, the training networks).
+    """The running mean of ``nets``' weights (a dict of name -> module, the training networks, unwrapped).
 
     ``update(nets)`` adds one sample; ``networks()`` returns the averaged networks (copies, in eval
     mode, on the training device), ``count`` the samples taken. The copies are made once, when the
@@ -51,20 +51,19 @@ class WeightAverage:
         self._nets: Optional[dict[str, nn.Module]] = None
 
     @staticmethod
-    def _unwrap(module: nn.Module) -> nn.Module:
-        return getattr(module, "module", module)
+    def _copies(nets: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        return {k: copy.deepcopy(m).eval() for k, m in nets.items()}
 
     @torch.no_grad()
     def update(self, nets: dict[str, nn.Module]) -> None:
         """Add the current weights of ``nets`` as one more sample of the mean."""
         if self._nets is None:
-            self._nets = {k: copy.deepcopy(self._unwrap(m)).eval() for k, m in nets.items()}
-            self.count = 1
+            self._nets, self.count = self._copies(nets), 1
             return
         self.count += 1
         weight = 1.0 / self.count
         for name, module in nets.items():
-            current = self._unwrap(module).state_dict()
+            current = module.state_dict()
             for key, avg in self._nets[name].state_dict().items():
                 value = current[key].detach()
                 if avg.is_floating_point():
@@ -82,8 +81,7 @@ class WeightAverage:
         """``{average/<net>/<key>: tensor}`` (CPU copies) for a checkpoint; empty before the first sample."""
         if self._nets is None:
             return {}
-        return {f"{AVERAGE_PREFIX}{name}/{key}": v.detach().to("cpu", copy=True).contiguous()
-                for name, m in self._nets.items() for key, v in m.state_dict().items()}
+        return state_tensors(self._nets, AVERAGE_PREFIX, names=tuple(self._nets))
 
     def load(self, nets: dict[str, nn.Module], tensors: dict[str, torch.Tensor], count: int, source: Path) -> None:
         """Restore ``count`` samples from checkpoint ``tensors`` (the ``average/`` entries), with ``nets``
@@ -91,12 +89,7 @@ class WeightAverage:
         self.count, self._nets = 0, None
         if count <= 0:
             return
-        self._nets = {k: copy.deepcopy(self._unwrap(m)).eval() for k, m in nets.items()}
-        for name, module in self._nets.items():
-            pre = f"{AVERAGE_PREFIX}{name}/"
-            sd = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
-            try:
-                module.load_state_dict(sd, strict=True)
-            except RuntimeError as exc:
-                raise CheckpointError(f"{source}: the averaged weights of {name} do not fit the architecture: {exc}") from exc
-        self.count = int(count)
+        averaged = self._copies(nets)
+        load_state_tensors(averaged, tensors, AVERAGE_PREFIX, source, names=tuple(averaged),
+                           what="the averaged weights")
+        self._nets, self.count = averaged, int(count)

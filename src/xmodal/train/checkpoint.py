@@ -56,6 +56,7 @@ __all__ = [
     "save_encoders",
     "read_encoders",
     "state_tensors",
+    "load_state_tensors",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,23 +131,27 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
 
 
-def state_tensors(nets: dict[str, nn.Module], prefix: str = "") -> dict[str, torch.Tensor]:
-    """Flat ``{prefix<net>/<key>: tensor}`` (CPU, contiguous, unshared) of the nets' state dicts."""
+def state_tensors(nets: dict[str, nn.Module], prefix: str = "", names=NETS) -> dict[str, torch.Tensor]:
+    """Flat ``{prefix<net>/<key>: tensor}`` (CPU, contiguous, unshared) of the state dicts of the
+    nets named ``names`` (the three networks by default)."""
     out = {}
-    for name in NETS:
+    for name in names:
         for k, v in _unwrap(nets[name]).state_dict().items():
             out[f"{prefix}{name}/{k}"] = v.detach().to("cpu", copy=True).contiguous()
     return out
 
 
-def _load_nets(nets: dict[str, nn.Module], tensors: dict[str, torch.Tensor], prefix: str, source: Path) -> None:
-    for name in NETS:
+def load_state_tensors(nets: dict[str, nn.Module], tensors: dict[str, torch.Tensor], prefix: str, source: Path, *,
+                       names=NETS, what: str = "weights") -> None:
+    """Load the ``prefix<net>/<key>`` entries of ``tensors`` into the nets named ``names`` (strict);
+    :class:`CheckpointError` naming ``source`` and ``what`` (the kind of weights) where they do not fit."""
+    for name in names:
         pre = f"{prefix}{name}/"
         sd = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
         try:
             _unwrap(nets[name]).load_state_dict(sd, strict=True)
         except RuntimeError as exc:
-            raise CheckpointError(f"{source}: weights of {name} do not fit the architecture: {exc}") from exc
+            raise CheckpointError(f"{source}: {what} of {name} do not fit the architecture: {exc}") from exc
 
 
 def _split_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -342,7 +347,7 @@ def _checked_state(blob: "str | bytes", path: Path) -> dict:
 
 def restore_checkpoint(ckpt: Checkpoint, *, nets, optimizer=None, scheduler=None, scaler=None, device=None) -> None:
     """Load a :class:`Checkpoint` into networks, optimizer, scheduler and grad scaler."""
-    _load_nets(nets, ckpt.tensors, "model/", ckpt.path)
+    load_state_tensors(nets, ckpt.tensors, "model/", ckpt.path)
     if optimizer is not None:
         try:
             optimizer.load_state_dict(_join_optimizer(ckpt.tensors, ckpt.state["optimizer"]))
@@ -410,5 +415,5 @@ def _unreadable(path: Path, exc: Exception) -> CheckpointError:
 def load_networks(meta_arch: dict, tensors: dict[str, torch.Tensor], *, prefix: str = "", source: Path = Path()) -> dict[str, nn.Module]:
     """Build the nets of an architecture dict and load their weights (strict)."""
     nets = build_networks(json.loads(json.dumps(meta_arch)))
-    _load_nets(nets, tensors, prefix, source)
+    load_state_tensors(nets, tensors, prefix, source)
     return nets
