@@ -9,9 +9,9 @@ evaluation does with its own test split. The runs must have trained with the cur
 ``seed`` and ``val.fraction`` (checked): the validation objects are those their curves held out,
 never trained on.
 
-Printed per run, then for the first run's networks at random initialisation: the validation
-accuracy of that SVM, its C and cross-validation score on the training objects, and leave-one-out
-retrieval top-1 / mAP among the validation objects. Each cloud is a seeded random subset of
+Printed per run, then (unless ``--no-random-init``) for the first run's networks at random
+initialisation: the validation accuracy of that SVM, its C and cross-validation score on the
+training objects, and leave-one-out retrieval top-1 / mAP among the validation objects. Each cloud is a seeded random subset of
 ``--points`` of its stored points (``--subsample-seed``), through
 :func:`xmodal.eval.features.point_features`, as the evaluation takes it.
 
@@ -84,6 +84,9 @@ def main(argv=None) -> None:
                     "below use the first)")
     ap.add_argument("--cs", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2], help="C grid of the SVM")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-random-init", action="store_true",
+                    help="skip the first run's networks at random initialisation (their figures do not "
+                         "depend on the runs' training, only on the first run's seed and architecture)")
     ap.add_argument("--fold-seeds", type=int, default=0,
                     help="score the curve's estimator (CV on the validation objects) with this many fold seeds")
     ap.add_argument("--sample-seeds", type=int, default=0,
@@ -107,7 +110,10 @@ def main(argv=None) -> None:
     print(f"{len(train_idx)} training objects fit the SVM, {len(val_idx)} validation objects score it; {points} points")
 
     # the first run's start: its networks at random initialisation under its own training seed
-    runs.append(("random init (first run's networks)", runs[0][1].at_random_init(first.seed)))
+    if not args.no_random_init:
+        runs.append(("random init (first run's networks)", runs[0][1].at_random_init(first.seed)))
+    elif args.point_subsets[1:] or args.fold_seeds or args.sample_seeds:
+        raise SystemExit("--no-random-init: the point-subset and seed comparisons are read against random init")
     if min(args.point_subsets) < 1:
         raise SystemExit("--point-subsets: every setting must be >= 1")
     feats, scores = {}, {}

@@ -150,6 +150,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("xmodal.train.sampler", "PretrainBatches.__init__"): "rank/world size, point_subsample and ranges from code",
     ("xmodal.train.sampler", "check_training_split"): "a world size below 1 from code (torchrun sets it)",
     ("xmodal.train.sampler", "PretrainBatches.__getitem__"): "IndexError of a sequence API, indices from code",
+    ("xmodal.train.step", "pooled_view_rows"): "embeddings of the wrong shape from code",
     ("xmodal.train.step", "Stepper.__call__"): "StepDiverged is internal: the trainer turns it into TrainingDiverged",
     ("xmodal.utils.io", "_json_default"): "a non-JSON object written by code",
 }

@@ -1,9 +1,10 @@
 """Tests of the pieces of one pre-training step (xmodal.train.step)."""
 
+import pytest
 import torch
 
 from xmodal.losses import cross_modal_loss, pair_scores
-from xmodal.train.step import batch_positives, sample_logits
+from xmodal.train.step import batch_positives, pooled_view_rows, sample_logits
 
 
 def test_sample_logits_pick_the_papers_three_pairs():
@@ -27,6 +28,27 @@ def test_batch_positives_follow_object_identity():
     expected[6, 1] = True  # img3(0) shows object 2
     expected[8, 0] = True  # img3(2) shows object 5
     assert torch.equal(pos, expected)
+
+
+def test_pooled_view_rows_against_a_loop():
+    b, d = 4, 5
+    z = torch.nn.functional.normalize(torch.randn(3 * b, d, dtype=torch.float64), dim=1)
+    objects = torch.tensor([3, 1, 4, 0])
+    negatives = torch.tensor([1, 5, 3, 6])  # img3 of samples 0 and 2 show the clouds of samples 1 and 0
+    rows, pos = pooled_view_rows(z, objects, negatives)
+    assert rows.shape == (2 * b, d) and pos.shape == (2 * b, b)
+    for i in range(b):
+        mean = (z[i] + z[b + i]) / 2
+        torch.testing.assert_close(rows[i], mean / mean.norm())
+        torch.testing.assert_close(rows[b + i], z[2 * b + i])
+        for c in range(b):
+            assert bool(pos[i, c]) == (i == c)
+            assert bool(pos[b + i, c]) == (int(negatives[i]) == int(objects[c]))
+    torch.testing.assert_close(rows.norm(dim=1), torch.ones(2 * b, dtype=torch.float64))
+    swapped = torch.cat([z[b : 2 * b], z[:b], z[2 * b :]])  # the two views of each sample swapped
+    torch.testing.assert_close(pooled_view_rows(swapped, objects, negatives)[0], rows)
+    with pytest.raises(ValueError, match="3B"):
+        pooled_view_rows(z[:-1], objects, negatives)
 
 
 def test_sample_form_of_all_pairs_gives_the_papers_loss():

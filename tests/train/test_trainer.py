@@ -134,6 +134,23 @@ def test_projected_nce_falls_and_is_logged(tmp_path):
         _cfg("loss.projected_nce=1.0")
 
 
+def test_projected_nce_on_pooled_views_falls(tmp_path):
+    data = tmp_path / "data"
+    _store(data, n=4, views=2)
+    runs = {}
+    for pooled in (False, True):
+        out = tmp_path / f"run-{pooled}"
+        cfg = _cfg("iterations=20", "checkpoint_every=20", "aug.enabled=false", "loss.projected_nce=1.0",
+                   "model.projection_dim=8", "optim.lr=0.01", f"loss.nce_pool_views={str(pooled).lower()}")
+        pretrain(cfg.with_paths(data, out), progress=False)
+        runs[pooled] = np.array([r["nce"] for r in read_jsonl(out / "metrics.jsonl")])
+    nce = runs[True]
+    assert np.isfinite(nce).all() and nce[-5:].mean() < 0.8 * nce[:5].mean(), nce
+    assert nce[0] != runs[False][0]  # the same first batch and weights: only the term's anchors differ
+    with pytest.raises(ConfigError, match="nce_pool_views"):
+        _cfg("loss.nce_pool_views=true")
+
+
 def test_point_nce_pairs_the_two_copies_of_each_cloud(tmp_path):
     data = tmp_path / "data"
     _store(data, n=4, views=2)

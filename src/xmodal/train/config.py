@@ -49,6 +49,8 @@ Options beyond the paper (each off in ``paper``; the measurements behind them ar
 * ``loss.projected_nce`` with ``model.projection_dim`` (0 = the paper): a contrastive term between
   image and point features projected into one space.
 * ``loss.point_nce`` (0 = the paper): a cross-view term for Fp on two augmented copies of each cloud.
+* ``loss.nce_pool_views`` (false): ``projected_nce`` pairs each cloud with the mean of its
+  object's two view embeddings instead of with each view.
 * ``val.*`` (off): a learning curve on held-out training objects (:class:`ValConfig`).
 * ``optim.point_lr_scale`` (1 = the paper's single learning rate): Fp's learning rate relative
   to the other networks'.
@@ -213,6 +215,11 @@ class LossConfig:
     #: copies of each cloud among the batch's (the intra-modal term of CrossPoint); Fp then runs on
     #: 2B clouds per step
     point_nce: float = 0.0
+    #: which image projections ``projected_nce`` pairs with the clouds: False (each view its own
+    #: anchor: a cloud must pick both views of its object among the batch's 3B images) or True
+    #: (the two views of a sample averaged and renormalised into one object embedding, so a cloud
+    #: is aligned with its object as the views together show it; the negative views stay single)
+    nce_pool_views: bool = False
     #: temperature of ``projected_nce`` and ``point_nce``
     temperature: float = 0.1
 
@@ -419,6 +426,8 @@ class PretrainConfig:
                 f"(got loss.projected_nce={self.loss.projected_nce}, loss.point_nce={self.loss.point_nce}, "
                 f"model.projection_dim={self.model.projection_dim})"
             )
+        if self.loss.nce_pool_views and self.loss.projected_nce <= 0:
+            raise ConfigError("loss.nce_pool_views=true changes the projected_nce term: it needs loss.projected_nce > 0")
         if uses_projection and not self.loss.use_cross_modal:
             raise ConfigError("loss.projected_nce and loss.point_nce need the point encoder: use loss.mode cm-cv or cm")
         if self.iterations < 1:
@@ -455,7 +464,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 #: that value is left out of :func:`config_hash`, so a run saved before the field existed keeps its
 #: hash and resumes. A new field joins this table (a test pins the hash of the defaults)
 HASH_NEUTRAL_VALUES: dict[str, Any] = {"model.point_init": "default", "optim.point_trust": 0.0,
-                                       "optim.average_from": 0, "optim.average_every": 200}
+                                       "optim.average_from": 0, "optim.average_every": 200,
+                                       "loss.nce_pool_views": False}
 
 
 def config_hash(cfg: PretrainConfig) -> str:

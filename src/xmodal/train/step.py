@@ -35,7 +35,8 @@ from xmodal.train.model import autocast
 from xmodal.train.trust import apply_trust_ratio_, trust_params
 from xmodal.transforms import images_to_tensor
 
-__all__ = ["LOSS_PARTS", "StepDiverged", "Stepper", "sample_logits", "batch_positives", "unwrap_model"]
+__all__ = ["LOSS_PARTS", "StepDiverged", "Stepper", "sample_logits", "batch_positives", "pooled_view_rows",
+           "unwrap_model"]
 
 #: what a step reports, in this order (means over the processes); ``nce`` and ``point_nce``
 #: are the ``loss.projected_nce`` and ``loss.point_nce`` terms (0 when off)
@@ -78,6 +79,28 @@ def batch_positives(objects: Tensor, negatives: Tensor) -> Tensor:
     """``(3B, B)`` bool: image row ``m`` (img1, img2 of ``objects``, img3 of ``negatives``) shows cloud ``b``'s object."""
     image_objects = torch.cat([objects, objects, negatives])
     return image_objects[:, None] == objects[None, :]
+
+
+def pooled_view_rows(z_img: Tensor, objects: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor]:
+    """The image side of ``loss.nce_pool_views``: each sample's two views as one object embedding.
+
+    Args:
+        z_img: (3B, D) unit-length image embeddings, rows ``[img1; img2; img3]`` (see
+            :func:`sample_logits`).
+        objects: (B,) the object of each sample (its cloud, img1 and img2).
+        negatives: (B,) the object img3 of each sample shows.
+
+    Returns:
+        ``rows`` (2B, D): ``normalize(z1 + z2)`` of each sample, then the img3 rows unchanged;
+        ``positive`` (2B, B) bool: row ``m`` shows the object of cloud ``b``.
+    """
+    b = objects.shape[0]
+    if z_img.ndim != 2 or z_img.shape[0] != 3 * b:
+        raise ValueError(f"z_img must be (3B, D) with B = {b}, got {tuple(z_img.shape)}")
+    pooled = nn.functional.normalize(z_img[:b] + z_img[b : 2 * b], dim=1)
+    rows = torch.cat([pooled, z_img[2 * b :]])
+    ids = torch.cat([objects, negatives]).to(z_img.device)
+    return rows, ids[:, None] == objects.to(z_img.device)[None, :]
 
 
 @dataclass
@@ -144,10 +167,13 @@ class Stepper:
         loss = (trip if loss_cfg.use_cross_view else zero) + loss_cfg.beta * cross
         nce = pnce = zero
         if loss_cfg.projected_nce > 0:
-            if pos is None:
-                pos = batch_positives(batch["objects"], batch["negatives"]).to(self.ctx.device)
-            sims = out.z_img.float() @ out.z_pts.float().t() / loss_cfg.temperature
-            nce = batch_cross_modal_loss(sims, pos)
+            z_img, nce_pos = out.z_img.float(), pos
+            if loss_cfg.nce_pool_views:
+                z_img, nce_pos = pooled_view_rows(z_img, batch["objects"], batch["negatives"])
+            elif nce_pos is None:
+                nce_pos = batch_positives(batch["objects"], batch["negatives"]).to(self.ctx.device)
+            sims = z_img @ out.z_pts.float().t() / loss_cfg.temperature
+            nce = batch_cross_modal_loss(sims, nce_pos)
             loss = loss + loss_cfg.projected_nce * nce
         if loss_cfg.point_nce > 0:  # the two copies of cloud i pair with each other among the batch's
             sims = out.z_pts.float() @ out.z_pts2.float().t() / loss_cfg.temperature
