@@ -11,8 +11,8 @@ never trained on.
 
 Printed per run, then (unless ``--no-random-init``) for the first run's networks at random
 initialisation: the validation accuracy of that SVM, its C and cross-validation score on the
-training objects, and leave-one-out retrieval top-1 / mAP among the validation objects. Each cloud is a seeded random subset of
-``--points`` of its stored points (``--subsample-seed``), through
+training objects, and leave-one-out retrieval top-1 / mAP among the validation objects. Each cloud
+is a seeded random subset of ``--points`` of its stored points (``--subsample-seed``), through
 :func:`xmodal.eval.features.point_features`, as the evaluation takes it.
 
 With ``--point-subsets 1 2`` each encoder is also scored with its features averaged over 2 point
