@@ -144,6 +144,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("xmodal.train.augment", "crop_resize_flip"): "arrays of the wrong shape from code",
     ("xmodal.train.augment", "rotate_points"): "points of the wrong shape from code",
     ("xmodal.train.augment", "jitter_points"): "noise of the wrong shape from code",
+    ("xmodal.train.augment", "scale_shift_points"): "points, scales or shifts of the wrong shape from code",
     ("xmodal.train.checkpoint", "_jsonable"): "a non-JSON object in a state written by code",
     ("xmodal.train.checkpoint", "write_safetensors"): "an OSError inside atomic_path, which raises WriteError naming the file",
     ("xmodal.train.distributed", "GlobalBatchNorm._check_input_dim"): "input of the wrong rank from code",

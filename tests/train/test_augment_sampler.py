@@ -18,6 +18,8 @@ from xmodal.train.augment import (
     rotate_points,
     sample_crop_params,
     sample_point_params,
+    sample_scale_shift,
+    scale_shift_points,
 )
 from xmodal.train.config import AugConfig
 from xmodal.train.sampler import LABELS, BatchSpec, PretrainBatches
@@ -132,6 +134,27 @@ def test_jitter_sigma_and_clip():
     assert a.shape == (2, 10, 3) and torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_scale_shift_matches_a_per_point_loop_and_stays_in_range():
+    scales, shifts = sample_scale_shift(500, scale=(2 / 3, 3 / 2), shift=0.2, seed=0)
+    assert scales.shape == shifts.shape == (500, 3) and scales.dtype == shifts.dtype == np.float32
+    assert scales.min() >= 2 / 3 and scales.max() <= 3 / 2 and np.abs(shifts).max() <= 0.2
+    assert scales.std() > 0.1 and shifts.std() > 0.05  # drawn, not constant
+    same, _ = sample_scale_shift(500, scale=(2 / 3, 3 / 2), shift=0.2, seed=0)
+    np.testing.assert_array_equal(scales, same)
+    x = torch.randn(3, 7, 3, dtype=torch.float64)
+    out = scale_shift_points(x, scales[:3], shifts[:3])
+    ref = torch.empty_like(x)
+    for i in range(3):
+        for j in range(7):
+            for a in range(3):
+                ref[i, j, a] = x[i, j, a] * float(scales[i, a]) + float(shifts[i, a])
+    torch.testing.assert_close(out, ref)
+    ones, zeros = sample_scale_shift(4, seed=1)  # the defaults are the identity
+    assert torch.equal(scale_shift_points(x[:1].expand(4, 7, 3), ones, zeros), x[:1].expand(4, 7, 3))
+    with pytest.raises(ValueError, match=r"scales must be \(3, 3\)"):
+        scale_shift_points(x, scales[:2], shifts[:3])
+
+
 # --------------------------------------------------------------------------- sampler
 
 
@@ -220,3 +243,23 @@ def test_second_cloud_is_another_augmentation_and_leaves_the_batch_unchanged(sto
         stored = {tuple(q) for q in np.asarray(split.points(obj)).tolist()}
         assert {tuple(q) for q in raw["points2"][i].tolist()} <= stored
         assert {tuple(q) for q in raw["points2"][i].tolist()} != {tuple(q) for q in raw["points"][i].tolist()}
+
+
+def test_scale_and_shift_change_only_the_clouds_and_each_copy_draws_its_own(store):
+    aug = AugConfig(point_scale=(2 / 3, 3 / 2), point_shift=0.2)
+    plain, scaled = _ds(store, second_cloud=True), _ds(store, second_cloud=True, aug=aug)
+    p, q = plain.plan(3), scaled.plan(3)
+    for key in ("objects", "views", "negatives", "point_index", "boxes", "flip", "angles", "noise"):
+        np.testing.assert_array_equal(getattr(p, key), getattr(q, key), err_msg=key)  # the same draws as before
+    for x, y in zip(p.second[:3], q.second[:3]):
+        np.testing.assert_array_equal(x, y)
+    assert p.scale_shift is None and q.scale_shift is not None
+    a, b = plain[3], scaled[3]
+    for key, (scales, shifts) in (("points", q.scale_shift), ("points2", q.second[3])):
+        expect = a[key] * torch.from_numpy(scales)[:, None] + torch.from_numpy(shifts)[:, None]
+        torch.testing.assert_close(b[key], expect)
+    assert not np.array_equal(q.scale_shift[0], q.second[3][0])  # the two copies are scaled independently
+    for key in ("images", "boxes", "objects", "negatives", "views"):
+        assert torch.equal(a[key], b[key]), key
+    halves = [_ds(store, second_cloud=True, aug=aug, rank=r, world_size=2)[3]["points2"] for r in range(2)]
+    assert torch.equal(torch.cat(halves), b["points2"])  # each process takes its slice of the scales

@@ -30,7 +30,7 @@ PAPER = {
               "point_lr_scale": 1.0, "point_trust": 0.0,
               "average_from": 0, "average_every": 200},
     "aug": {"enabled": True, "crop_scale": (0.5, 1.0), "crop_ratio": (0.75, 4 / 3), "hflip_p": 0.5,
-            "rotate": True, "jitter_sigma": 0.02, "jitter_clip": None},
+            "rotate": True, "jitter_sigma": 0.02, "jitter_clip": None, "point_scale": (1.0, 1.0), "point_shift": 0.0},
     "val": {"every": 0, "fraction": 0.1, "views": 12, "folds": 3, "Cs": (0.001, 0.01, 0.1)},
     "iterations": 120000, "batch_size": 32, "log_every": 10, "checkpoint_every": 2000, "seed": 0,
     "device": "auto", "amp": "off", "compile": False, "out": "",
@@ -88,6 +88,9 @@ def test_overrides_apply_and_bad_keys_fail():
         ("batch_size=1", "batch_size"),
         ("data.split=test", "test split"),
         ("aug.crop_scale=[0.9, 0.5]", "crop_scale"),
+        ("aug.point_scale=[1.5, 0.67]", "point_scale"),
+        ("aug.point_scale=[0, 1.5]", "point_scale"),
+        ("aug.point_shift=-0.1", "point_shift"),
         ("device=gpu", "device"),
         ("log_every=4", "multiple of log_every"),
         ("optim.gamma=0", "gamma"),
@@ -123,6 +126,9 @@ def test_a_new_field_at_its_neutral_value_keeps_the_hash_of_older_runs():
     assert config_hash(trust) != config_hash(cpu)
     averaged = resolve(PretrainConfig, "cpu-fp32", ["optim.average_from=100"], group="pretrain")
     assert config_hash(averaged) != config_hash(cpu)
+    for override in ("aug.point_scale=[0.67, 1.5]", "aug.point_shift=0.2"):
+        assert config_hash(resolve(PretrainConfig, "cpu-fp32", [override], group="pretrain")) != config_hash(cpu)
+    assert config_hash(resolve(PretrainConfig, "cpu-fp32", ["aug.point_scale=[1, 1]"], group="pretrain")) == config_hash(cpu)
 
 
 def test_hash_ignores_resume_mutable_keys():

@@ -3,7 +3,8 @@
 Images: a random resized crop (a random window, then resized back to the input
 size) and a horizontal flip with probability 0.5. Point clouds: a rotation by a
 uniform angle in [0, 2π) about the dataset's up axis, then Gaussian jitter of
-every coordinate (σ = 0.02).
+every coordinate (σ = 0.02); beyond the paper, optionally a per-axis scale and a
+translation of each cloud (``scale_shift_points``, off by default).
 
 Every augmentation is split in two:
 
@@ -46,6 +47,8 @@ __all__ = [
     "jitter_points",
     "augment_points",
     "random_rotate_jitter",
+    "sample_scale_shift",
+    "scale_shift_points",
 ]
 
 
@@ -250,3 +253,34 @@ def random_rotate_jitter(
     """Random rotation about ``up_axis`` + Gaussian jitter of a batch (n, N, 3)."""
     angles, noise = sample_point_params(points.shape[0], points.shape[1], jitter_sigma=sigma, seed=seed)
     return augment_points(points, angles, noise, up_axis=up_axis, sigma=sigma, clip=clip)
+
+
+def sample_scale_shift(
+    n: int,
+    *,
+    scale: Sequence[float] = (1.0, 1.0),
+    shift: float = 0.0,
+    seed=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-axis scale factors (n, 3) uniform in ``scale`` = (lo, hi) and offsets (n, 3) uniform in
+    ±``shift``, both float32: the cloud augmentation DGCNN and CrossPoint train with (scale
+    (2/3, 3/2), shift 0.2). The scales are drawn before the offsets."""
+    rng = as_rng(seed)
+    lo, hi = (float(x) for x in scale)
+    scales = rng.uniform(lo, hi, size=(n, 3))
+    shifts = rng.uniform(-shift, shift, size=(n, 3))
+    return scales.astype(np.float32), shifts.astype(np.float32)
+
+
+def scale_shift_points(points: torch.Tensor, scales, shifts) -> torch.Tensor:
+    """``points * scales + shifts`` per cloud: points (n, N, 3), scales and shifts (n, 3)."""
+    if points.ndim != 3 or points.shape[-1] != 3:
+        raise ValueError(f"points must be (n, N, 3), got shape {tuple(points.shape)}")
+    s = torch.as_tensor(np.asarray(scales) if not isinstance(scales, torch.Tensor) else scales)
+    t = torch.as_tensor(np.asarray(shifts) if not isinstance(shifts, torch.Tensor) else shifts)
+    for name, x in (("scales", s), ("shifts", t)):
+        if tuple(x.shape) != (points.shape[0], 3):
+            raise ValueError(f"{name} must be ({points.shape[0]}, 3), got shape {tuple(x.shape)}")
+    s = s.to(device=points.device, dtype=points.dtype)
+    t = t.to(device=points.device, dtype=points.dtype)
+    return points * s[:, None, :] + t[:, None, :]

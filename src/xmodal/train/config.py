@@ -51,6 +51,8 @@ Options beyond the paper (each off in ``paper``; the measurements behind them ar
 * ``loss.point_nce`` (0 = the paper): a cross-view term for Fp on two augmented copies of each cloud.
 * ``loss.nce_pool_views`` (false): ``projected_nce`` pairs each cloud with the mean of its
   object's two view embeddings instead of with each view.
+* ``aug.point_scale`` / ``aug.point_shift`` ((1, 1) / 0 = the paper's rotation and jitter only):
+  each cloud also scaled per axis and moved, as DGCNN and CrossPoint train their point encoders.
 * ``val.*`` (off): a learning curve on held-out training objects (:class:`ValConfig`).
 * ``optim.point_lr_scale`` (1 = the paper's single learning rate): Fp's learning rate relative
   to the other networks'.
@@ -312,6 +314,13 @@ class AugConfig:
     jitter_sigma: float = 0.02
     #: clip the jitter to ±jitter_clip (None: no clipping, as §4.1 describes)
     jitter_clip: Optional[float] = None
+    #: range of a per-axis scale factor of each cloud, drawn uniformly after the rotation and
+    #: jitter (beyond the paper; (1, 1) = off, the paper; DGCNN and CrossPoint train with
+    #: (2/3, 3/2)); each copy of ``loss.point_nce`` draws its own
+    point_scale: tuple[float, float] = (1.0, 1.0)
+    #: each cloud moved by an offset uniform in ±point_shift per axis, after the scale (beyond the
+    #: paper; 0 = off; 0.2 in DGCNN and CrossPoint)
+    point_shift: float = 0.0
 
     def validate(self) -> None:
         lo, hi = self.crop_scale
@@ -326,6 +335,16 @@ class AugConfig:
             raise ConfigError(f"aug.jitter_sigma must be >= 0, got {self.jitter_sigma}")
         if self.jitter_clip is not None and self.jitter_clip <= 0:
             raise ConfigError(f"aug.jitter_clip must be > 0 or null, got {self.jitter_clip}")
+        lo, hi = self.point_scale
+        if not 0 < lo <= hi:
+            raise ConfigError(f"aug.point_scale must satisfy 0 < lo <= hi, got {list(self.point_scale)}")
+        if self.point_shift < 0:
+            raise ConfigError(f"aug.point_shift must be >= 0, got {self.point_shift}")
+
+    @property
+    def scales_points(self) -> bool:
+        """Whether clouds are scaled or moved (``point_scale`` other than (1, 1), or ``point_shift`` > 0)."""
+        return tuple(float(x) for x in self.point_scale) != (1.0, 1.0) or self.point_shift > 0
 
 
 @dataclass
@@ -465,7 +484,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 #: hash and resumes. A new field joins this table (a test pins the hash of the defaults)
 HASH_NEUTRAL_VALUES: dict[str, Any] = {"model.point_init": "default", "optim.point_trust": 0.0,
                                        "optim.average_from": 0, "optim.average_every": 200,
-                                       "loss.nce_pool_views": False}
+                                       "loss.nce_pool_views": False, "aug.point_scale": [1.0, 1.0],
+                                       "aug.point_shift": 0.0}
 
 
 def config_hash(cfg: PretrainConfig) -> str:

@@ -13,7 +13,9 @@ in this fixed order (:meth:`PretrainBatches.plan`):
 5. the image crops/flips for img1, img2, img3 (3 x B), then the rotation angles and the
    jitter noise of the clouds (see :mod:`xmodal.train.augment`);
 6. only with ``BatchSpec.second_cloud``: the subset, angles and noise of a second copy of
-   every cloud.
+   every cloud;
+7. only with ``aug.point_scale`` / ``aug.point_shift`` on: the per-axis scales, then the
+   offsets, of every cloud, then (with a second copy) those of the second copies.
 
 A batch therefore depends on ``(seed, s)`` only: not on what ran before, the number
 of DataLoader workers, or the number of processes. Process ``r`` of ``W`` takes the
@@ -35,7 +37,8 @@ import numpy as np
 import torch
 
 from xmodal.errors import ConfigError, DataError
-from xmodal.train.augment import augment_points, resize_images, sample_crop_params, sample_point_params
+from xmodal.train.augment import (augment_points, resize_images, sample_crop_params, sample_point_params,
+                                  sample_scale_shift, scale_shift_points)
 from xmodal.train.config import AugConfig, PretrainConfig
 
 __all__ = ["StepPlan", "BatchSpec", "PretrainBatches", "LABELS"]
@@ -62,8 +65,11 @@ class StepPlan:
     flip: np.ndarray
     angles: np.ndarray
     noise: Optional[np.ndarray]
-    #: (point_index, angles, noise) of the second copy of each cloud (``BatchSpec.second_cloud``)
+    #: (point_index, angles, noise, scale_shift) of the second copy of each cloud (``BatchSpec.second_cloud``)
     second: Optional[tuple] = None
+    #: (scales (B, 3), shifts (B, 3)) of each cloud when ``aug.point_scale`` / ``aug.point_shift`` are
+    #: on, else None; drawn after everything else, so that turning them on changes no other choice
+    scale_shift: Optional[tuple] = None
 
 
 @dataclass(frozen=True)
@@ -219,6 +225,12 @@ class PretrainBatches(torch.utils.data.Dataset):
             flip = np.zeros(3 * b, dtype=bool)
             angles, noise = np.zeros(b, np.float32), None
         second = self._second_cloud_plan(rng, b) if self.second_cloud else None
+        scale_shift = None
+        if self.aug is not None and self.aug.scales_points:  # drawn last: the draws above stay as they were
+            scale_shift = sample_scale_shift(b, scale=self.aug.point_scale, shift=self.aug.point_shift, seed=rng)
+            if second is not None:
+                second = second[:3] + (
+                    sample_scale_shift(b, scale=self.aug.point_scale, shift=self.aug.point_shift, seed=rng),)
         return StepPlan(
             step=int(step),
             objects=objects,
@@ -230,18 +242,20 @@ class PretrainBatches(torch.utils.data.Dataset):
             angles=angles,
             noise=noise,
             second=second,
+            scale_shift=scale_shift,
         )
 
     def _second_cloud_plan(self, rng: np.random.Generator, b: int) -> tuple:
-        """A second, independently subsampled and augmented copy of each cloud: (point_index, angles, noise)."""
+        """A second, independently subsampled and augmented copy of each cloud: (point_index, angles,
+        noise, None); :meth:`plan` fills in the scale and shift when those are on."""
         index = None
         if self.point_subsample == "random" and self.num_points < self.stored_points:
             index = np.argsort(rng.random((b, self.stored_points)), axis=1)[:, : self.num_points]
         if self.aug is None:
-            return index, np.zeros(b, np.float32), None
+            return index, np.zeros(b, np.float32), None, None
         a = self.aug
         angles, noise = sample_point_params(b, self.num_points, rotate=a.rotate, jitter_sigma=a.jitter_sigma, seed=rng)
-        return index, angles, noise
+        return index, angles, noise, None
 
     # ------------------------------------------------------------------ loading
     def _points(self, i: int, index: Optional[np.ndarray]) -> np.ndarray:
@@ -272,7 +286,7 @@ class PretrainBatches(torch.utils.data.Dataset):
         if self.stored_size != self.image_size:
             flat = images.reshape((-1,) + images.shape[2:])
             images = resize_images(flat, self.image_size).reshape((3, len(objs)) + (self.image_size,) * 2 + images.shape[4:])
-        points = self._clouds(objs, p.point_index, p.angles, p.noise, sl)
+        points = self._clouds(objs, p.point_index, p.angles, p.noise, p.scale_shift, sl)
         b = len(objs)
         extra = {}
         if p.second is not None:
@@ -290,14 +304,17 @@ class PretrainBatches(torch.utils.data.Dataset):
             "views": torch.from_numpy(views.copy()),
         }
 
-    def _clouds(self, objs, point_index, angles, noise, sl) -> torch.Tensor:
+    def _clouds(self, objs, point_index, angles, noise, scale_shift, sl) -> torch.Tensor:
         """The clouds of ``objs`` with this process's slice ``sl`` of a plan's subsets and augmentations."""
         pidx = point_index[sl] if point_index is not None else [None] * len(objs)
         points = torch.from_numpy(np.stack([self._points(int(i), ix) for i, ix in zip(objs, pidx)]))
         if self.aug is None:
             return points.contiguous()
-        return augment_points(points, angles[sl], noise[sl] if noise is not None else None, up_axis=self.up_axis,
-                              sigma=self.aug.jitter_sigma, clip=self.aug.jitter_clip).contiguous()
+        points = augment_points(points, angles[sl], noise[sl] if noise is not None else None, up_axis=self.up_axis,
+                                sigma=self.aug.jitter_sigma, clip=self.aug.jitter_clip)
+        if scale_shift is not None:
+            points = scale_shift_points(points, scale_shift[0][sl], scale_shift[1][sl])
+        return points.contiguous()
 
     def __getitem__(self, k: int) -> dict:
         if not 0 <= k < len(self):
