@@ -2,7 +2,8 @@
 
 ``load_run`` returns the ``smoke`` architecture at random initialisation (seed 0, 48 points): the
 same weights in every process. Before each task the runner sleeps ``$XMODAL_TEST_SLOW`` seconds,
-so that a test can signal the job while a task runs; the tasks named in
+then waits (up to 120 s) while the file ``$XMODAL_TEST_HOLD`` exists, so that a test can signal
+the job while a task runs however slowly the machine starts other processes; the tasks named in
 ``$XMODAL_TEST_FORBID`` (comma-separated) fail if they are evaluated.
 """
 
@@ -27,6 +28,9 @@ if __name__ == "__main__":
         if task.name in forbidden:
             raise AssertionError(f"{task.name} was evaluated again")
         time.sleep(float(os.environ.get("XMODAL_TEST_SLOW", "0")))
+        hold, until = os.environ.get("XMODAL_TEST_HOLD", ""), time.monotonic() + 120
+        while hold and os.path.exists(hold) and time.monotonic() < until:
+            time.sleep(0.05)
         return real_run_task(ctx, task)
 
     runner._run_task = slow_run_task

@@ -41,8 +41,9 @@ def _cmd(data: Path, out: Path) -> list[str]:
             "fewshot.episodes=2", "fewshot.query=2"]
 
 
-def _env(slow: float = 0.0, forbid: str = "") -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", XMODAL_TEST_SLOW=str(slow), XMODAL_TEST_FORBID=forbid)
+def _env(slow: float = 0.0, forbid: str = "", hold: str = "") -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", XMODAL_TEST_SLOW=str(slow), XMODAL_TEST_FORBID=forbid,
+                XMODAL_TEST_HOLD=hold)
 
 
 def _done(out: Path) -> list[str]:
@@ -52,11 +53,11 @@ def _done(out: Path) -> list[str]:
         return []
 
 
-def _start(data: Path, out: Path, *, until_done: int, slow: float = 0.5) -> subprocess.Popen:
-    """Start an evaluation whose tasks each wait ``slow`` seconds first; return once ``until_done``
-    tasks are in metrics.json."""
-    proc = subprocess.Popen(_cmd(data, out), env=_env(slow=slow), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+def _start(data: Path, out: Path, *, until_done: int, slow: float = 0.5, hold: str = "") -> subprocess.Popen:
+    """Start an evaluation whose tasks each wait ``slow`` seconds first (and then while the file
+    ``hold`` exists); return once ``until_done`` tasks are in metrics.json."""
+    proc = subprocess.Popen(_cmd(data, out), env=_env(slow=slow, hold=hold), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if len(_done(out)) >= until_done and (out / ".xmodal.lock").exists():
@@ -93,7 +94,9 @@ def test_sigterm_keeps_the_finished_tasks_and_the_same_command_does_the_rest(dat
 
 def test_ctrl_c_stops_with_130_and_a_second_writer_is_refused(data, tmp_path):
     out = tmp_path / "report"
-    first = _start(data, out, until_done=0, slow=3.0)  # busy for longer than the second one takes to start
+    hold = tmp_path / "hold"
+    hold.touch()  # the first job's task waits while this exists: on a loaded machine it must not finish early
+    first = _start(data, out, until_done=0, slow=0.5, hold=str(hold))
     try:
         second = subprocess.run([sys.executable, "-m", "xmodal", *_cmd(data, out)[2:]], env=_env(),
                                 capture_output=True, text=True, timeout=120)
@@ -102,6 +105,7 @@ def test_ctrl_c_stops_with_130_and_a_second_writer_is_refused(data, tmp_path):
         assert "Traceback" not in second.stderr
     finally:
         os.killpg(first.pid, signal.SIGINT)
+        hold.unlink()  # the job notes the signal, then goes on to the point where it stops
         _, err = first.communicate(timeout=120)
     assert first.returncode == 130, err
     assert "stopped by SIGINT" in err and "Traceback" not in err
