@@ -225,12 +225,14 @@ class PretrainBatches(torch.utils.data.Dataset):
             flip = np.zeros(3 * b, dtype=bool)
             angles, noise = np.zeros(b, np.float32), None
         second = self._second_cloud_plan(rng, b) if self.second_cloud else None
-        scale_shift = None
+        scale_shift = scale_shift2 = None
         if self.aug is not None and self.aug.scales_points:  # drawn last: the draws above stay as they were
-            scale_shift = sample_scale_shift(b, scale=self.aug.point_scale, shift=self.aug.point_shift, seed=rng)
+            a = self.aug
+            scale_shift = sample_scale_shift(b, scale=a.point_scale, shift=a.point_shift, seed=rng)
             if second is not None:
-                second = second[:3] + (
-                    sample_scale_shift(b, scale=self.aug.point_scale, shift=self.aug.point_shift, seed=rng),)
+                scale_shift2 = sample_scale_shift(b, scale=a.point_scale, shift=a.point_shift, seed=rng)
+        if second is not None:
+            second = (*second, scale_shift2)
         return StepPlan(
             step=int(step),
             objects=objects,
@@ -247,15 +249,15 @@ class PretrainBatches(torch.utils.data.Dataset):
 
     def _second_cloud_plan(self, rng: np.random.Generator, b: int) -> tuple:
         """A second, independently subsampled and augmented copy of each cloud: (point_index, angles,
-        noise, None); :meth:`plan` fills in the scale and shift when those are on."""
+        noise); :meth:`plan` adds its scale and shift (None when those are off)."""
         index = None
         if self.point_subsample == "random" and self.num_points < self.stored_points:
             index = np.argsort(rng.random((b, self.stored_points)), axis=1)[:, : self.num_points]
         if self.aug is None:
-            return index, np.zeros(b, np.float32), None, None
+            return index, np.zeros(b, np.float32), None
         a = self.aug
         angles, noise = sample_point_params(b, self.num_points, rotate=a.rotate, jitter_sigma=a.jitter_sigma, seed=rng)
-        return index, angles, noise, None
+        return index, angles, noise
 
     # ------------------------------------------------------------------ loading
     def _points(self, i: int, index: Optional[np.ndarray]) -> np.ndarray:
