@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -190,3 +191,29 @@ def test_load_errors(tmp_path, trained):
         load_run(bad)
     with pytest.raises(ValueError, match="prefer"):
         load_run(trained, prefer="best")
+
+
+def test_encoders_from_two_saves_are_refused_and_a_newer_checkpoint_is_named(tmp_path, trained, caplog):
+    # a save stopped between its two files: the step-2 weights beside the JSON of a step-1 save
+    torn = tmp_path / "torn"
+    shutil.copytree(trained, torn)
+    meta = json.loads((torn / "encoders.json").read_text())
+    assert meta["step"] == 2
+    (torn / "encoders.json").write_text(json.dumps({**meta, "step": 1}))
+    with pytest.raises(CheckpointError, match=r"encoders.safetensors: holds the weights of step 2, but "
+                                              r"encoders.json describes step 1") as err:
+        load_run(torn)
+    assert "--resume" in err.value.hint
+    # a run extended past its encoders and stopped: its last checkpoint is newer than encoders.*
+    extended = tmp_path / "extended"
+    shutil.copytree(trained, extended)
+    state = json.loads((extended / "checkpoints" / "last.json").read_text())
+    (extended / "checkpoints" / "last.json").write_text(json.dumps({**state, "step": 5}))
+    with caplog.at_level("WARNING", logger="xmodal.api"):
+        loaded = load_run(extended)
+    assert loaded.step == 2 and loaded.source == "final"
+    assert "holds step 2, but the last checkpoint is at step 5" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="xmodal.api"):
+        load_run(trained)
+    assert "last checkpoint is at step" not in caplog.text

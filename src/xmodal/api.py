@@ -32,6 +32,7 @@ from xmodal.train.checkpoint import (
     CheckpointError,
     architecture_from_config,
     build_networks,
+    checkpoint_step,
     load_checkpoint,
     load_networks,
     read_encoders,
@@ -140,6 +141,7 @@ def load_run(run, device="cpu", *, prefer: Literal["final", "last"] = "final") -
             arch, info = _run_info(meta, run / "encoders.json")
             cfg = _config_of(run, meta.get("config"), run / "encoders.json")
             nets = _load_checked(arch, tensors, "", run / "encoders.safetensors", run / "encoders.json")
+            _warn_if_extended(run, int(info["step"]))
             return _finish(nets, cfg, **info, source="final", path=run, device=device)
         if what == "last":
             ckpt = load_checkpoint(run)
@@ -154,6 +156,17 @@ def load_run(run, device="cpu", *, prefer: Literal["final", "last"] = "final") -
         "not a run folder written by 'xmodal pretrain' "
         "(neither encoders.safetensors/encoders.json nor checkpoints/last.safetensors)", path=run,
     )
+
+
+def _warn_if_extended(run: Path, step: int) -> None:
+    """Warn when the last checkpoint is past the encoders' step: the run was extended
+    (``--resume iterations=...``) and has not finished, so the encoders are the earlier run's."""
+    later = checkpoint_step(run)
+    if later is not None and later > step:
+        log.warning("%s: encoders.safetensors holds step %d, but the last checkpoint is at step %d (the run was "
+                    "extended and has not finished): these are step %d's networks; finish it with 'xmodal "
+                    "pretrain --out %s --resume', or read the checkpoint with load_run(..., prefer='last')",
+                    run, step, later, step, run)
 
 
 def _run_info(meta: dict, path: Path) -> tuple[dict, dict]:

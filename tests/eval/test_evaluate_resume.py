@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import replace
 
@@ -209,7 +210,8 @@ def test_tasks_from_calls_with_other_settings_are_named_in_the_report(store, tmp
     # skipped whole and has no settings to describe
     assert first["meta.tasks_settings"]["baseline.random.retrieval"] == {"views": [], "point_subsets": 1,
                                                                         "baseline_seed": 3}
-    assert first["meta.tasks_settings"]["retrieval"] == {"views": [], "point_subsets": 1}
+    assert first["meta.tasks_settings"]["retrieval"] == {"views": [], "point_subsets": 1,
+                                                         "weights": first["meta.weights"]}
     assert "pretext" in first["meta.tasks_skipped"] and "baseline.random.pretext" not in first["meta.tasks_settings"]
     assert _other_settings(_report(tmp_path)) == []
     m = evaluate(replace(cfg, baseline_seed=5, tasks=["fewshot"]), loaded=loaded, progress=False)
@@ -228,6 +230,35 @@ def test_tasks_from_calls_with_other_settings_are_named_in_the_report(store, tmp
     # and without a baseline the report still states the one seed all baseline figures have
     evaluate(replace(cfg, baseline=None, baseline_seed=None, tasks=["retrieval"]), loaded=loaded, progress=False)
     assert _other_settings(_report(tmp_path)) == [] and "(weights seeded with 3)" in _report(tmp_path)
+
+
+def test_figures_kept_from_other_weights_of_the_run_are_named_and_the_weights_stated(store, tmp_path, loaded, calls):
+    # evaluate everything, then (the run extended) only one task on the new weights: the other
+    # task's figures are the old weights'; the report must say so, and which weights it states
+    cfg = _cfg(store, tmp_path)
+    first = evaluate(cfg, loaded=loaded, progress=False)
+    assert first["meta.run_step"] == 0 and first["meta.run_source"] == "random"
+    assert len(first["meta.weights"]) == 16
+    assert first["meta.tasks_settings"]["fewshot"]["weights"] == first["meta.weights"]
+    assert "- **weights**: step 0 (random initialisation); digest `" + first["meta.weights"] in _report(tmp_path)
+    assert _other_settings(_report(tmp_path)) == []
+    other = _net(1)
+    m = evaluate(replace(cfg, tasks=["retrieval"]), loaded=other, progress=False)
+    assert calls == {"fewshot": 1, "retrieval": 2}
+    assert m["meta.weights"] != first["meta.weights"]
+    assert _other_settings(_report(tmp_path)) == [f"  - `fewshot`: weights {first['meta.weights']}"]
+    # asking for it again on these weights evaluates it: nothing is from other weights any more
+    evaluate(replace(cfg, tasks=["fewshot"]), loaded=other, progress=False)
+    assert calls == {"fewshot": 2, "retrieval": 2} and _other_settings(_report(tmp_path)) == []
+
+
+def test_the_same_run_and_data_spelled_otherwise_continue_the_folder(store, tmp_path, loaded, calls, monkeypatch):
+    cfg = _cfg(store, tmp_path)
+    evaluate(cfg, loaded=loaded, progress=False)
+    monkeypatch.chdir(tmp_path)  # relative spellings of the same folders
+    m = evaluate(replace(cfg, run="run", data=os.path.relpath(store, tmp_path)), loaded=loaded, progress=False)
+    assert calls == {"fewshot": 1, "retrieval": 1}  # nothing evaluated again
+    assert set(m["meta.tasks_done"]) == {"fewshot", "retrieval"}
 
 
 def test_tasks_of_a_folder_written_before_the_settings_record_get_theirs_when_found_done(store, tmp_path, loaded):

@@ -283,6 +283,27 @@ def test_report_table4_face_accuracy_and_one_shape_per_category():
     assert "face acc." not in render_report(plain)
 
 
+def test_report_table4_keeps_fractions_below_one_percent_and_between_whole_percents():
+    # partseg.fractions=[0.005, 0.025, 0.02] write the percent keys "0.5", "2.5" and "2"
+    # (percent_key); every one is a row, in percent, and only a whole percent the paper
+    # reports (2 %) is compared with the paper
+    from xmodal.eval.partseg import percent_key
+
+    metrics = {}
+    for fraction in (0.005, 0.025, 0.02):
+        pct = percent_key(fraction)
+        metrics.update({f"partseg.scratch.{pct}.oa": 0.5, f"partseg.scratch.{pct}.class_miou": 0.4,
+                        f"partseg.scratch.{pct}.instance_miou": 0.45})
+    metrics.update({"partseg.0.5.n_train": 3, "partseg.0.5.one_per_category": True})
+    lines = render_report(metrics).splitlines()
+    rows = {line.split("|")[2].strip(): line for line in lines if line.startswith("| scratch |")}
+    assert set(rows) == {"0.5% †", "2.5%", "2%"}
+    for label in ("0.5% †", "2.5%"):  # no paper figures: three dashes, and the Δ column's
+        assert "| 50.0 | 40.0 | 45.0 | Supervised |" in rows[label] and rows[label].count(DASH) == 4
+    assert rows["2%"].count(DASH) == 1  # the paper's 2 % figures filled in
+    assert any(line.startswith("† 0.5% of the train split") and "3 training shapes" in line for line in lines)
+
+
 def test_partseg_runs_on_a_part_labelled_store(tmp_path, run_dir, loaded):
     root = _part_labelled_store(tmp_path / "parts")
     cfg = EvaluateConfig(

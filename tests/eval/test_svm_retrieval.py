@@ -75,6 +75,31 @@ def test_cv_folds_reduced_for_small_classes():
         cv_folds(np.zeros(5))
 
 
+def test_a_class_with_one_training_sample_sits_out_the_choice_of_C_but_not_the_fit(caplog):
+    # a seeded split of a user's meshes keeps a 1-mesh class entirely in train: the SVM must
+    # still run, choose C on the other classes, and learn the lone class from its one sample
+    rng = np.random.default_rng(0)
+    centres = np.eye(6)[:3] * 6.0
+    x = np.concatenate([centres[c] + rng.normal(size=(10, 6)) for c in (0, 1)] + [centres[2:3]])
+    y = np.array([0] * 10 + [1] * 10 + [2])
+    tx = np.concatenate([centres + 0.1 * rng.normal(size=(3, 6))])
+    ty = np.array([0, 1, 2])
+    with caplog.at_level("WARNING", logger="xmodal.eval.svm"):
+        r = linear_svm_eval(x, y, tx, ty, Cs=(0.01, 1.0))
+    assert "1 training samples are the only ones of their class" in caplog.text
+    assert r["C"] in (0.01, 1.0) and r["cv_score"] is not None and r["folds"] == 5
+    # the chosen C is the one the two-class search picks, and the lone class is predicted
+    assert r["C"] == select_C(x[:20], y[:20], Cs=(0.01, 1.0)).best_params_["svm__C"]
+    assert r["accuracy"] == 1.0
+    # with no two classes left to cross-validate, a single candidate is used; several are refused
+    x2, y2 = x[[0, 1, 20]], np.array([0, 0, 2])
+    r = linear_svm_eval(x2, y2, x2, y2, Cs=(1.0,))
+    assert r["C"] == 1.0 and r["cv_score"] is None and r["folds"] is None
+    with pytest.raises(ValueError, match="fewer than 2 classes with two or more samples") as err:
+        linear_svm_eval(x2, y2, x2, y2, Cs=(0.1, 1.0))
+    assert err.value.hint and "svm.cs" in err.value.hint
+
+
 # --------------------------------------------------------------------------- retrieval
 
 

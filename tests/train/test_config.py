@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from xmodal.config import ConfigError, list_presets, resolve, save_config, to_dict
@@ -149,6 +151,22 @@ def test_resume_uses_saved_config_as_base(tmp_path, caplog):
     # without resume the preset is the base
     fresh = resolve_pretrain_config("smoke", [], run=tmp_path, resume=False)
     assert fresh.optim.lr == 0.001 and fresh.seed == 0
+
+
+def test_resume_from_another_folder_finds_a_relative_dataset_through_run_json(tmp_path, monkeypatch):
+    # the run was started in `project/` with --data data/mn40; resumed from elsewhere without --data
+    project = tmp_path / "project"
+    (project / "data" / "mn40").mkdir(parents=True)
+    run = project / "runs" / "a"
+    run.mkdir(parents=True)
+    save_config(resolve(PretrainConfig, "smoke", group="pretrain").with_paths("data/mn40", "runs/a"), run / "config.yaml")
+    (run / "run.json").write_text(json.dumps({"dataset": str(project / "data" / "mn40")}))
+    monkeypatch.chdir(project)  # from where it was started: the saved path as it is
+    assert resolve_pretrain_config(None, [], run="runs/a", resume=True).data.path == "data/mn40"
+    monkeypatch.chdir(tmp_path)  # from elsewhere: run.json's absolute folder
+    assert resolve_pretrain_config(None, [], run=run, resume=True).data.path == str(project / "data" / "mn40")
+    (run / "run.json").write_text(json.dumps({"dataset": str(tmp_path / "gone")}))  # nothing better known
+    assert resolve_pretrain_config(None, [], run=run, resume=True).data.path == "data/mn40"
 
 
 @pytest.mark.parametrize("text, problem", [("model:\n  kk: 3\n", "unknown config key(s) model.kk"),

@@ -1,5 +1,7 @@
 """Tests of the held-out learning curve (xmodal.train.validation) and its use in pretrain."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -109,3 +111,19 @@ def test_pretrain_with_validation_logs_a_curve_and_never_trains_on_held_out(data
     assert seen and not seen & set(va.tolist())
     info = read_json(out / "run.json")
     assert info["objects_held_out"] == len(va) and info["objects_trained_on"] == 24 - len(va)
+
+
+def test_a_run_resumed_before_its_first_checkpoint_logs_step_0_once(data, tmp_path):
+    # a run stopped before any checkpoint starts again at step 0: its step-0 validation is not doubled
+    cfg = resolve(PretrainConfig, "smoke", ["iterations=2", "val.every=2", "val.fraction=0.25", "val.views=2"],
+                  group="pretrain")
+    out = tmp_path / "run"
+    pretrain(cfg.with_paths(data, out), progress=False)
+    shutil.rmtree(out / "checkpoints")
+    for name in ("encoders.json", "encoders.safetensors"):
+        (out / name).unlink()
+    pretrain(cfg.with_paths(data, out), resume=True, progress=False)
+    recs = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in recs if "val.svm3d" in r] == [0, 2]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2]
+

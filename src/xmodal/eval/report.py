@@ -164,6 +164,7 @@ def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
             lines.append(f"- **{name}**: {value}")
 
     item("run", f"`{meta.get('run')}`" if meta.get("run") else None)
+    item("weights", _weights_text(meta))
     item("dataset", f"`{meta.get('data')}`" if meta.get("data") else None)
     if ds:
         counts = ds.get("counts") or {}
@@ -230,8 +231,18 @@ def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
     return lines + [""]
 
 
+def _weights_text(meta: Mapping[str, Any]) -> Optional[str]:
+    """Which of the run's weights the figures are from (``meta.run_step`` / ``run_source`` / ``weights``)."""
+    if meta.get("run_step") is None:
+        return None
+    source = {"final": "the finished run's encoders", "last": "the last checkpoint: **the run had not finished**",
+              "random": "random initialisation"}.get(meta.get("run_source"), meta.get("run_source") or "?")
+    return f"step {meta['run_step']} ({source}); digest `{meta.get('weights') or '?'}`"
+
+
 #: how the report names the per-task settings of ``meta.tasks_settings``
-_SETTING_NAMES = {"views": "views", "point_subsets": "point subsets", "baseline_seed": "baseline seed"}
+_SETTING_NAMES = {"views": "views", "point_subsets": "point subsets", "baseline_seed": "baseline seed",
+                  "weights": "weights"}
 
 
 def _other_settings_lines(metrics: Mapping[str, Any]) -> list[str]:
@@ -413,19 +424,25 @@ def _psb_table(m: ReportMetrics) -> list[str]:
     )
 
 
+#: a training fraction's key in the metrics, in percent (:func:`xmodal.eval.partseg.percent_key`:
+#: ``"5"``, ``"100"``, ``"2.5"``, ``"0.5"``)
+_PCT = r"(\d+(?:\.\d+)?)"
+
+
 def _percent_label(p: str) -> str:
+    """``"5" -> "5%"``, ``"0.5" -> "0.5%"``: the keys are percentages already, whatever their size."""
     try:
         v = float(p)
     except ValueError:
         return p
-    return f"{v * 100:g}%" if v < 1 else f"{v:g}%"
+    return f"{v:g}%"
 
 
 def _one_per_category_notes(m: ReportMetrics) -> dict[str, str]:
     """``{percent: note}`` for the training fractions that gave a category one shape it would not have had."""
     notes = {}
     for k, v in m.m.items():
-        mt = re.match(r"^partseg\.([^.]+)\.one_per_category$", k)
+        mt = re.match(r"^partseg\." + _PCT + r"\.one_per_category$", k)
         if mt and v is True:
             n = m.get(f"partseg.{mt.group(1)}.n_train")
             notes[mt.group(1)] = (
@@ -437,7 +454,7 @@ def _one_per_category_notes(m: ReportMetrics) -> dict[str, str]:
 
 def section_table4(m: ReportMetrics) -> list[str]:
     lines = ["## Table 4 — 3D part segmentation (ShapeNet-Part protocol)", ""]
-    pat = re.compile(r"^partseg\.([^.]+)\.([^.]+)\.(oa|class_miou|instance_miou|face_accuracy)$")
+    pat = re.compile(r"^partseg\.([^.]+)\." + _PCT + r"\.(oa|class_miou|instance_miou|face_accuracy)$")
     found: dict[tuple[str, str], dict[str, Any]] = {}
     for k, v in m.m.items():
         mt = pat.match(k)
@@ -467,7 +484,7 @@ def section_table4(m: ReportMetrics) -> list[str]:
         vals = found[(setting, pct)]
         try:
             pv = float(pct)
-            paper_pct = int(round(pv * 100)) if pv < 1 else int(round(pv))
+            paper_pct = int(pv) if pv == int(pv) else None  # the paper's fractions are whole percents
         except ValueError:
             paper_pct = None
         row_name = _PARTSEG_PAPER_ROW.get(setting)

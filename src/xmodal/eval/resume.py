@@ -14,8 +14,8 @@ fingerprint (:func:`task_fingerprint`) of everything its metrics depend on:
   (:attr:`xmodal.eval.tasks.EvalTask.options`, e.g. ``svm.cs`` or ``partseg.*``) and the xmodal
   version.
 
-An evaluation into a folder whose ``metrics.json`` holds the same run, data and seed (else the
-file is replaced) skips every task whose fingerprint is recorded and evaluates the
+An evaluation into a folder whose ``metrics.json`` holds the same run, data and seed (the folders
+compared as paths, however spelled; else the file is replaced) skips every task whose fingerprint is recorded and evaluates the
 others; ``redo`` evaluates every task asked for. :class:`MetricsBook` keeps the file's content
 while the evaluation runs and writes it after every task, so a stopped (or killed) evaluation
 keeps what it finished. A task can also save partial progress in ``meta.tasks_partial`` (part
@@ -23,7 +23,8 @@ segmentation: its finished setting/fraction cells), from which the next evaluati
 fingerprint resumes.
 
 The top-level ``meta.*`` keys describe the latest call; the settings each finished task was
-evaluated under (views, point subsets, the baseline's seed: those the report's setup describes)
+evaluated under (views, point subsets, the baseline's seed, the run's weights: those the report's
+setup describes; a task not asked for again keeps its figures from the weights it was evaluated on)
 are kept per task in ``meta.tasks_settings``, so a folder filled by several calls with different
 settings says which figure came from which (:func:`settings_differing`).
 """
@@ -34,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -105,6 +107,17 @@ def task_fingerprint(task: EvalTask, cfg: Any, *, network: str, weights: str, da
     })[:32]
 
 
+def _same(key: str, old: Any, new: Any) -> bool:
+    """Whether an identity value of an earlier ``metrics.json`` is this evaluation's: the run and data
+    folders compare as paths, however spelled (``runs/a`` and ``/home/u/proj/runs/a``; relative ones
+    taken from the working directory), the rest as values."""
+    if old == new:
+        return True
+    if key in ("meta.run", "meta.data") and isinstance(old, str) and isinstance(new, str):
+        return os.path.realpath(old) == os.path.realpath(new)
+    return False
+
+
 class MetricsBook:
     """The content of ``metrics.json`` while an evaluation runs: flat metrics plus bookkeeping.
 
@@ -143,7 +156,7 @@ class MetricsBook:
         except ValueError as exc:
             log.warning("%s; it is replaced", exc)
             return {}
-        if not isinstance(old, dict) or any(old.get(k) != identity[k] for k in IDENTITY_KEYS):
+        if not isinstance(old, dict) or not all(_same(k, old.get(k), identity[k]) for k in IDENTITY_KEYS):
             log.info("%s holds another evaluation (run, data or seed differ); it is replaced", self.path)
             return {}
         return old
@@ -235,7 +248,7 @@ def settings_differing(metrics: dict) -> dict[str, dict]:
     Only the settings that differ, for the finished tasks recorded in ``meta.tasks_settings``; a
     task evaluated before that record existed is not listed (its settings are unknown)."""
     stated = {"views": metrics.get("meta.views_used"), "point_subsets": metrics.get("meta.point_subsets"),
-              "baseline_seed": baseline_seed_in_effect(metrics)}
+              "baseline_seed": baseline_seed_in_effect(metrics), "weights": metrics.get("meta.weights")}
     mixed_seeds = stated["baseline_seed"] is None
     done = metrics.get("meta.tasks_done") or {}
     out = {}

@@ -163,11 +163,25 @@ def _baseline_seed(cfg: EvaluateConfig, loaded) -> int:
     return run_seed if run_seed is not None else 0
 
 
-def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], point_subsets: int, device: str) -> dict:
+def _weights_meta(loaded, digest: Optional[str]) -> dict:
+    """Which weights of the run are evaluated: ``meta.run_step`` (optimisation steps),
+    ``meta.run_source`` (``final``: the encoders of the finished run; ``last``: the last checkpoint of
+    a run that has not finished) and ``meta.weights`` (the first 16 hex digits of
+    :func:`~xmodal.eval.resume.weights_digest`, also recorded per task in ``meta.tasks_settings``
+    so that figures of other weights kept in the folder are told apart)."""
+    if loaded is None or not hasattr(loaded, "step"):
+        return {}
+    return {"meta.run_step": int(loaded.step), "meta.run_source": getattr(loaded, "source", None),
+            "meta.weights": digest[:16] if digest else None}
+
+
+def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], point_subsets: int, device: str,
+          weights: Optional[str] = None) -> dict:
     """The ``meta.*`` keys of metrics.json that describe this evaluation (the :class:`MetricsBook`
     adds the tasks done, skipped and partly done, and the figures)."""
     return {
         "meta.run": str(Path(cfg.run)),
+        **_weights_meta(loaded, weights),
         "meta.data": str(cfg.data),
         "meta.seed": int(cfg.seed),
         "meta.device": device,
@@ -249,6 +263,11 @@ class _Evaluation:
         if cfg.baseline_seed is not None and cfg.baseline != "random":
             log.warning("baseline_seed=%d has no effect without baseline=random", cfg.baseline_seed)
         save_config(cfg, self.out / CONFIG_NAME)
+        self.weights = weights_digest(loaded)
+        if getattr(loaded, "source", None) == "last":
+            total = getattr(getattr(loaded, "config", None), "iterations", None)
+            log.warning("%s has not finished: evaluating its last checkpoint, step %d%s", cfg.run, loaded.step,
+                        f" of {total}" if total else "")
         self.book = MetricsBook(self.out / METRICS_NAME, self._meta(), redo=cfg.redo)
         todo = self._todo()
         for label, net, prefix, pending in todo:
@@ -266,7 +285,7 @@ class _Evaluation:
 
     def _meta(self) -> dict:
         return _meta(self.cfg, self.store, self.loaded, views=self.views, point_subsets=self.point_subsets,
-                     device=self.device)
+                     device=self.device, weights=self.weights)
 
     def _write(self, *, report: bool = False) -> dict:
         merged = self.book.write(self._meta())
@@ -287,7 +306,7 @@ class _Evaluation:
         data = data_digest(self.store)
         todo = []
         for label, net, prefix in self._networks():
-            weights = weights_digest(net)
+            weights = self.weights if net is self.loaded else weights_digest(net)
             pending = []
             for task in self.tasks:
                 fp = task_fingerprint(task, self.cfg, network=prefix, weights=weights, data=data, views=self.views,
@@ -348,6 +367,8 @@ class _Evaluation:
             settings["point_subsets"] = self.point_subsets
         if prefix == BASELINE_PREFIX:
             settings["baseline_seed"] = _baseline_seed(self.cfg, self.loaded)
+        else:
+            settings["weights"] = self.weights[:16]
         return settings
 
     def _save_partial(self, key: str, fp: str, state: dict) -> None:

@@ -79,8 +79,8 @@ def cv_folds(labels: np.ndarray, folds: int = 5) -> int:
     smallest = int(counts.min())
     if smallest < 2:
         raise DataError(
-            "a class of the training split has a single sample: stratified cross-validation of C is impossible "
-            "(pass a fixed C instead)"
+            "a class of the training split has a single sample: stratified cross-validation of C is impossible",
+            hint="leave such classes out of the search (linear_svm_eval does), or give a fixed C",
         )
     return int(max(2, min(int(folds), smallest)))
 
@@ -120,6 +120,33 @@ def select_C(
     return search
 
 
+def _choose_C(x: np.ndarray, y: np.ndarray, *, Cs: Sequence[float], folds: int, seed: int, n_jobs):
+    """``(C, cv_score, folds, model)`` for :func:`linear_svm_eval` with ``C=None``.
+
+    The classes with a single training sample cannot be stratified into folds: C is chosen
+    without them (a warning), and ``model`` is None so that the caller fits the chosen C on every
+    sample; otherwise ``model`` is the search's refit on all of them. With fewer than two classes
+    left, a single candidate C is used as it is (``cv_score`` and ``folds`` None); several raise.
+    """
+    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    rows = counts[inverse] >= 2
+    if rows.all():
+        search = select_C(x, y, Cs=Cs, folds=folds, seed=seed, n_jobs=n_jobs)
+        model = search.best_estimator_
+    elif np.unique(y[rows]).size >= 2:
+        log.warning("linear SVM: %d training samples are the only ones of their class; C is chosen without "
+                    "them (they are in the final fit)", int((~rows).sum()))
+        search, model = select_C(x[rows], y[rows], Cs=Cs, folds=folds, seed=seed, n_jobs=n_jobs), None
+    elif len(Cs) == 1:
+        log.warning("linear SVM: too few classes with two or more training samples to cross-validate; "
+                    "the only candidate, C = %g, is used", float(Cs[0]))
+        return float(Cs[0]), None, None, None
+    else:
+        raise DataError("the training split has fewer than 2 classes with two or more samples: C cannot be "
+                        "chosen by cross-validation", hint="give a single candidate C (svm.cs=[1.0])")
+    return float(search.best_params_["svm__C"]), float(search.best_score_), int(search.n_splits_), model
+
+
 def linear_svm_eval(
     train_x,
     train_y,
@@ -135,7 +162,8 @@ def linear_svm_eval(
     """Linear-SVM accuracy of features: fit on train, score on test.
 
     train_x: (n, D), train_y: (n,), test_x: (m, D), test_y: (m,).
-    ``C=None`` chooses C among ``Cs`` by :func:`select_C` on the train split;
+    ``C=None`` chooses C among ``Cs`` by :func:`select_C` on the train split
+    (classes with a single training sample sit out the choice, not the fit);
     a given ``C`` is used as is (no CV). The test split is used once, after C is
     fixed. Returns ``{"accuracy", "C", "cv_score", "folds"}`` (``cv_score``
     and ``folds`` are None for a fixed C); accuracies are fractions in [0, 1].
@@ -144,18 +172,17 @@ def linear_svm_eval(
     tx, ty = _check_xy(test_x, test_y, "test")
     if tx.shape[1] != x.shape[1]:
         raise ValueError(f"train features are {x.shape[1]}-d but test features are {tx.shape[1]}-d")
+    model = None
+    cv_score: Optional[float] = None
+    k: Optional[int] = None
     if C is None:
-        search = select_C(x, y, Cs=Cs, folds=folds, seed=seed, n_jobs=n_jobs)
-        model = search.best_estimator_
-        chosen = float(search.best_params_["svm__C"])
-        cv_score: Optional[float] = float(search.best_score_)
-        k: Optional[int] = int(search.n_splits_)
-    else:
-        model = make_linear_svm(C, seed=seed)
+        C, cv_score, k, model = _choose_C(x, y, Cs=Cs, folds=folds, seed=seed, n_jobs=n_jobs)
+    chosen = float(C)
+    if model is None:
+        model = make_linear_svm(chosen, seed=seed)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*converge.*")
             model.fit(x, y)
-        chosen, cv_score, k = float(C), None, None
     # the only use of the test split
     accuracy = float(np.mean(model.predict(tx) == ty))
     log.info("linear SVM: C=%g (cv %s), test accuracy %.4f", chosen, cv_score, accuracy)

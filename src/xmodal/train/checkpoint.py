@@ -52,6 +52,7 @@ __all__ = [
     "checkpoint_paths",
     "save_checkpoint",
     "load_checkpoint",
+    "checkpoint_step",
     "restore_checkpoint",
     "save_encoders",
     "read_encoders",
@@ -393,11 +394,33 @@ def read_encoders(run: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
     if fmt != ENCODERS_FORMAT:
         raise CheckpointError(f"{jpath}: not an xmodal encoders file (format={str(fmt)[:40]!r})")
+    from safetensors import safe_open
+
     try:
+        with safe_open(str(wpath), framework="pt") as fh:
+            header = fh.metadata() or {}
         tensors = load_file(str(wpath))
     except Exception as exc:  # safetensors raises its own error types
         raise _unreadable(wpath, exc) from exc
+    # save_encoders writes the weights, then the JSON: a save stopped between the two leaves new
+    # weights beside the JSON of an earlier save (of a run since extended); the weights name their step
+    held, said = header.get("step", ""), meta.get("step")
+    if held != "" and said is not None and held != str(said):
+        raise CheckpointError(
+            f"{wpath}: holds the weights of step {held}, but {jpath.name} describes step {said} (a save was "
+            "stopped between the two files)",
+            hint="finish the run again with 'xmodal pretrain --out RUN --resume', which writes both",
+        )
     return meta, tensors
+
+
+def checkpoint_step(run: str | Path) -> Optional[int]:
+    """The step of ``RUN/checkpoints/last.json`` without reading the weights; None when there is no
+    readable one (:func:`load_checkpoint` is the careful reader)."""
+    try:
+        return int(_checked_state(checkpoint_paths(run)[1].read_bytes(), checkpoint_paths(run)[1])["step"])
+    except (OSError, CheckpointError):
+        return None
 
 
 def _unreadable(path: Path, exc: Exception) -> CheckpointError:

@@ -539,5 +539,22 @@ def resolve_pretrain_config(
             if exc.path is not None:  # the error names the file already
                 raise
             raise ConfigError(exc.problem, path=path, hint=exc.hint) from exc
-        return apply_overrides(base, overrides)
+        return apply_overrides(_findable_dataset(base, Path(run)), overrides)
     return resolve(PretrainConfig, preset, overrides, group="pretrain")
+
+
+def _findable_dataset(cfg: PretrainConfig, run: Path) -> PretrainConfig:
+    """``cfg`` (a run's saved config) with its dataset folder as ``RUN/run.json`` records it, absolute,
+    when the saved one is relative and not found from here (the run was started in another folder)."""
+    saved = cfg.data.path
+    if not saved or Path(saved).is_absolute() or Path(saved).exists():
+        return cfg
+    try:
+        recorded = json.loads((run / "run.json").read_text(encoding="utf-8")).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return cfg
+    if not isinstance(recorded, str) or not Path(recorded).is_dir():
+        return cfg
+    log.info("%s: its dataset %r is relative to the folder the run was started in; using %s (run.json)",
+             run, saved, recorded)
+    return cfg.with_paths(data=recorded)

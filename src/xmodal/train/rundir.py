@@ -168,7 +168,7 @@ def write_run_info(out: Path, cfg: PretrainConfig, info: dict, *, resumed_from: 
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records of ``path`` past ``step`` (a resumed run logs those steps again)."""
+    """Drop the records of ``path`` past ``step`` (a resumed run logs those steps again; -1 drops all)."""
     if not path.exists():
         return
     recs = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= step]

@@ -196,7 +196,8 @@ class _Trainer:
                 "edgeconv": edgeconv_kind(self.net.point_encoder),
             }
             write_run_info(self.out, self.cfg, info, resumed_from=self.start if self.ckpt is not None else None)
-            truncate_metrics(self.out / "metrics.jsonl", self.start)
+            # without a checkpoint the run starts again at step 0, its step-0 validation included
+            truncate_metrics(self.out / "metrics.jsonl", self.start if self.ckpt is not None else -1)
         barrier(self.ctx)
 
     def _model(self) -> nn.Module:
