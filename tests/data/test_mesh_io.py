@@ -94,6 +94,14 @@ def test_headerless_and_offset_header(tmp_path):
     assert f.shape == (4, 3)
 
 
+def test_a_byte_order_mark_before_the_header_is_ignored(tmp_path):
+    # Windows editors save UTF-8 with a BOM; the file is an ordinary OFF file
+    path = tmp_path / "bom.off"
+    path.write_bytes(b"\xef\xbb\xbf" + ("OFF\n4 4 0\n" + TETRA_V + TETRA_F).encode())
+    v, f = read_off(path)
+    assert v.shape == (4, 3) and f.shape == (4, 3)
+
+
 def test_polygons_fan_triangulated(tmp_path):
     # unit square as a quad, a pentagon, and a triangle with trailing colour columns
     text = (

@@ -316,6 +316,82 @@ def test_corrupt_mesh_is_recorded_and_skipped(tmp_path, caplog):
         assert (store.split("train").images(i) > 0).mean() > 0.02
 
 
+def test_a_failed_mesh_fixed_since_is_built_by_the_same_command(tmp_path, caplog):
+    root = tmp_path / "mn"
+    (root / "box" / "train").mkdir(parents=True)
+    (root / "box" / "test").mkdir(parents=True)
+    for i in (1, 2, 3):
+        (root / "box" / "train" / f"box_000{i}.off").write_text(_cube_off())
+    (root / "box" / "test" / "box_0005.off").write_text(_cube_off())
+    bad = root / "box" / "train" / "box_0004.off"
+    bad.write_text("OFF\n8 12 0\n0 0 0\n1 1\n")  # truncated
+    cfg = PrepareConfig(source=root, out=tmp_path / "ds", views=2, points=64, image_size=32, chunk_size=2, workers=1)
+    man = prepare(cfg, progress=False)
+    assert man["counts"] == {"train": 3, "test": 1} and [r["id"] for r in man["failed"]] == ["box/train/box_0004"]
+    clean = tmp_path / "ds" / shard_relpath("train", 0)
+    before = clean.stat().st_mtime_ns
+    assert set(man["failed"][0]) == {"path", "id", "reason"}  # what a retry depends on stays in failed/
+    failed_chunk = tmp_path / "ds" / shard_relpath("train", 1)
+    failed_before = failed_chunk.stat().st_mtime_ns
+    # run again unchanged: a broken file stays broken, so nothing is built again
+    with caplog.at_level("INFO", logger="xmodal.data.prepare"):
+        again = prepare(cfg, progress=False)
+    assert "failed before" not in caplog.text
+    assert again == man and failed_chunk.stat().st_mtime_ns == failed_before
+    # fixed: the same command builds its chunk again, and only that one
+    bad.write_text(_cube_off())
+    with caplog.at_level("INFO", logger="xmodal.data.prepare"):
+        fixed = prepare(cfg, progress=False)
+    assert "1 chunk(s) hold objects that failed before" in caplog.text
+    assert clean.stat().st_mtime_ns == before
+    assert fixed["counts"] == {"train": 4, "test": 1} and fixed["failed"] == []
+    assert not (tmp_path / "ds" / "failed" / "train-00001.json").exists()
+    assert ShapeStore(tmp_path / "ds").split("train").ids == [f"box/train/box_000{i}" for i in (1, 2, 3, 4)]
+
+
+def test_objects_that_failed_for_the_job_not_the_file_are_tried_again(tmp_path, monkeypatch):
+    import xmodal.data.prepare as prepare_mod
+
+    root = tmp_path / "mn"
+    for i in (1, 2):
+        (root / "box" / "train").mkdir(parents=True, exist_ok=True)
+        (root / "box" / "train" / f"box_000{i}.off").write_text(_cube_off())
+    cfg = PrepareConfig(source=root, out=tmp_path / "ds", views=0, points=64, chunk_size=1, workers=1)
+    real = prepare_mod._process_object
+
+    def flaky(ctx, item):  # a passing fault of the job on the first object (memory, a network file system)
+        if item.id.endswith("0001"):
+            raise MemoryError("cannot allocate")
+        return real(ctx, item)
+
+    monkeypatch.setattr(prepare_mod, "_process_object", flaky)
+    man = prepare(cfg, progress=False)
+    assert [r["id"] for r in man["failed"]] == ["box/train/box_0001"] and "MemoryError" in man["failed"][0]["reason"]
+    monkeypatch.setattr(prepare_mod, "_process_object", real)
+    again = prepare(cfg, progress=False)
+    assert again["failed"] == [] and again["counts"]["train"] == 2
+
+
+def test_a_renderer_that_cannot_start_stops_prepare_instead_of_failing_every_mesh(tmp_path, monkeypatch):
+    import xmodal.data.render as render_mod
+
+    def no_gl(*args, **kwargs):
+        raise RuntimeError("cannot open EGL display")
+
+    monkeypatch.setattr(render_mod, "Renderer", no_gl)
+    root = tmp_path / "mn"
+    (root / "box" / "train").mkdir(parents=True)
+    (root / "box" / "train" / "box_0001.off").write_text(_cube_off())
+    (root / "box" / "train" / "box_0002.off").write_text(_cube_off())
+    cfg = PrepareConfig(source=root, out=tmp_path / "ds", views=2, points=64, image_size=32, workers=1)
+    with pytest.raises(PrepareError, match="cannot create the renderer .*EGL display") as err:
+        prepare(cfg, progress=False)
+    assert "views=0" in err.value.hint
+    # nothing recorded as a mesh failure, no shard: the same command builds everything once rendering works
+    assert not (tmp_path / "ds" / "failed").exists() or not any((tmp_path / "ds" / "failed").iterdir())
+    assert not any((tmp_path / "ds" / "shards").glob("*.h5"))
+
+
 def test_real_modelnet_meshes(modelnet_off_dir, tmp_path):
     man = prepare(PrepareConfig(source=modelnet_off_dir, out=tmp_path / "ds", views=2, points=128, image_size=32,
                                 chunk_size=8), progress=False)

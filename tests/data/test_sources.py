@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sys
 import types
@@ -109,6 +110,34 @@ def test_duplicate_stems_get_unique_deterministic_ids(tmp_path):
     assert set(ids) == {"a/train/x_off", "a/train/sub__x_off", "a/train/x_obj", "a/train/y"}
     assert ids == [it.id for it in MeshFolderSource(tmp_path, test_ratio=0.0).items]
     assert src.load(next(it for it in src.items if it.id == "a/train/x_obj")).faces.shape == (1, 3)
+
+
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="needs a file system that takes any bytes in names")
+def test_names_that_are_not_utf8_become_escaped_ids_and_classes(tmp_path):
+    root = os.fsencode(tmp_path)
+    for name in (b"caf\xe9/m\xe9.off", b"caf\xe9/b.off", b"box/a.off"):
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as fh:
+            fh.write(TETRA.format(z=1.0))
+    src = MeshFolderSource(tmp_path, test_ratio=0.0)
+    assert src.classes == ["box", "caf\\xe9"]
+    assert [it.id for it in src.items] == ["box/train/a", "caf\\xe9/train/b", "caf\\xe9/train/m\\xe9"]
+    for it in src.items:  # storable as UTF-8, and the path still opens the file
+        it.id.encode("utf-8")
+        assert src.load(it).faces.shape == (4, 3)
+
+
+def test_meshes_a_layout_does_not_read_are_named_in_a_warning(tmp_path, caplog):
+    _tetra(tmp_path / "chair" / "train" / "a.off")
+    _tetra(tmp_path / "chair" / "b.off")  # beside chair/train/: not read
+    _tetra(tmp_path / "table" / "c.off")
+    _tetra(tmp_path / "d.off")  # directly in the root: not read
+    with caplog.at_level("WARNING", logger="xmodal.data.sources"):
+        src = MeshFolderSource(tmp_path, test_ratio=0.0)
+    assert sorted(it.id for it in src.items) == ["chair/train/a", "table/train/c"]
+    assert "1 mesh files beside its train folder(s) are not used" in caplog.text
+    assert "1 mesh files lie directly in it and are not used" in caplog.text
 
 
 def test_empty_folders_raise_naming_the_folder(tmp_path):

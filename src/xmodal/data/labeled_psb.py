@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from xmodal.data.mesh_io import read_mesh_arrays
-from xmodal.data.sources import SPLIT_DIRS, _check_ratio, _class_key, stratified_holdout
+from xmodal.data.sources import SPLIT_DIRS, _check_ratio, _class_key, _text, stratified_holdout
 from xmodal.data.types import Item, Mesh, Source
 from xmodal.errors import DataError, LabelsError, MissingInputError
 
@@ -239,11 +239,12 @@ class LabeledPSBSource(Source):
             found = self._category_entries(cdir)
             entries += found
             if found and _split_dirs(cdir):
-                from_folders.append(cdir.name)
+                from_folders.append(_text(cdir.name))
         if not entries:
             raise DataError(f"no meshes {LABELED_MESH_EXTENSIONS} in category folders", path=self.root)
         self.items = sorted(
-            (Item(id=f"{c}/{s}/{p.stem}", label=c, split=s, path=str(p)) for c, s, p in entries), key=lambda it: it.id
+            (Item(id=f"{c}/{s}/{_text(p.stem)}", label=c, split=s, path=str(p)) for c, s, p in entries),
+            key=lambda it: it.id,
         )
         self.classes = sorted({c for c, _, _ in entries})
         self._build_part_table()
@@ -262,14 +263,14 @@ class LabeledPSBSource(Source):
         )
 
     def _category_entries(self, cdir: Path) -> list[tuple[str, str, Path]]:
-        splits = _split_dirs(cdir)
+        splits, cname = _split_dirs(cdir), _text(cdir.name)
         if splits:
-            return [(cdir.name, s, p) for s in SPLIT_DIRS if s in splits for p in _folder_meshes(splits[s])]
+            return [(cname, s, p) for s in SPLIT_DIRS if s in splits for p in _folder_meshes(splits[s])]
         files = _folder_meshes(cdir)
         is_test = stratified_holdout(
-            np.zeros(len(files), np.int64), self.test_ratio, seed=self.seed, keys=[_class_key(cdir.name)]
+            np.zeros(len(files), np.int64), self.test_ratio, seed=self.seed, keys=[_class_key(cname)]
         )
-        return [(cdir.name, "test" if t else "train", p) for p, t in zip(files, is_test)]
+        return [(cname, "test" if t else "train", p) for p, t in zip(files, is_test)]
 
     def _build_part_table(self) -> None:
         local: dict[str, set[str]] = {c: set() for c in self.classes}

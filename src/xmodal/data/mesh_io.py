@@ -75,7 +75,7 @@ def read_off(path: "str | os.PathLike") -> tuple[np.ndarray, np.ndarray]:
         raise MeshError(path, f"cannot read file: {exc.strerror or exc}") from exc
     if b"\x00" in raw[:4096]:
         raise MeshError(path, "binary data, not a text OFF file")
-    text = raw.decode("utf-8", errors="replace")
+    text = raw.decode("utf-8", errors="replace").removeprefix("\ufeff")  # a byte-order mark (Windows editors)
     if "#" in text:
         text = re.sub(r"#[^\n]*", "", text)
 

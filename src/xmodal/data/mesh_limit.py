@@ -57,6 +57,7 @@ __all__ = [
     "estimate_peak_bytes",
     "available_memory",
     "MeshLimit",
+    "MeshTooLarge",
 ]
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,11 @@ def available_memory() -> Optional[int]:
     return min(found) if found else None
 
 
+class MeshTooLarge(MeshError):
+    """A mesh over the size limit of this job (:class:`MeshLimit`): a matter of the machine and
+    the settings, not of the file, so ``prepare`` tries it again on the next run."""
+
+
 @dataclass(frozen=True)
 class MeshLimit:
     """The largest mesh one ``prepare`` worker takes on.
@@ -220,12 +226,12 @@ class MeshLimit:
         """Raise :class:`MeshError` naming the mesh's size and the limit when it exceeds it."""
         if self.max_faces:
             if faces > self.max_faces:
-                raise MeshError(path, f"{faces:,} faces, more than max_faces={self.max_faces:,}; not prepared "
+                raise MeshTooLarge(path, f"{faces:,} faces, more than max_faces={self.max_faces:,}; not prepared "
                                       "(raise max_faces to prepare it)")
             return
         need = estimate_peak_bytes(vertices, faces, text=text)
         if self.memory is not None and need > self.memory:
-            raise MeshError(
+            raise MeshTooLarge(
                 path,
                 f"{faces:,} faces and {vertices:,} vertices need about {need / GiB:.1f} GiB to read, sample and "
                 f"render, more than the {self.memory / GiB:.1f} GiB one worker may use ({self.origin}); "

@@ -57,11 +57,11 @@ from xmodal.data.store import (
     shard_rows,
     write_shard,
 )
-from xmodal.data.mesh_limit import MeshLimit
+from xmodal.data.mesh_limit import MeshLimit, MeshTooLarge
 from xmodal.data.prepare_config import PrepareConfig
 from xmodal.data.sharding import format_shard, parse_shard, shard_chunks
 from xmodal.data.types import Item, Mesh, MeshError, PointCloud, Source
-from xmodal.errors import ConfigError, Interrupted, OutputExistsError, PrepareError, XmodalError
+from xmodal.errors import ConfigError, Interrupted, MissingPackageError, OutputExistsError, PrepareError, XmodalError
 from xmodal.utils.io import read_json, write_json
 from xmodal.utils.lock import output_lock
 from xmodal.utils.signals import StopRequest, die_with_parent, ignore_stop_signals
@@ -81,7 +81,7 @@ def object_seeds(seed: int, object_id: str) -> tuple[int, int]:
 
     ``zlib.crc32`` (not ``hash``) keeps them stable across processes and Python runs.
     """
-    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32(object_id.encode("utf-8"))])
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32(object_id.encode("utf-8", "surrogateescape"))])
     a, b = ss.generate_state(2)
     return int(a), int(b)
 
@@ -106,7 +106,15 @@ class _Context:
             from xmodal.data.render import Renderer
 
             s = self.settings
-            self._renderer = Renderer(s["image_size"], grayscale=s["grayscale"], up_axis=self.source.up_axis)
+            try:
+                self._renderer = Renderer(s["image_size"], grayscale=s["grayscale"], up_axis=self.source.up_axis)
+            except MissingPackageError:
+                raise
+            except Exception as exc:  # not a problem of the mesh at hand: every object would fail alike
+                raise PrepareError(
+                    f"cannot create the renderer ({type(exc).__name__}: {exc})",
+                    hint="headless rendering needs EGL (Mesa's libEGL) or a display; views=0 prepares points only",
+                ) from exc
         return self._renderer
 
     def close(self) -> None:
@@ -186,9 +194,12 @@ def _run_chunk(ctx: _Context, split: str, chunk: int, items: list[Item], report=
             rows.append(_process_object(ctx, item))
             ok_items.append(item)
             bad = 0
+        except PrepareError:  # the job's own set-up (the renderer), not this object: stop, record nothing
+            raise
         except Exception as exc:  # any problem with one object skips that object only
             reason = _failure_reason(exc, item)
-            failures.append({"path": item.path, "id": item.id, "reason": reason})
+            failures.append({"path": item.path, "id": item.id, "reason": reason,
+                             RETRY_KEY: _retry_record(exc, item)})
             log.warning("skipping %s (%s): %s", item.id, item.path or "generated", reason)
             bad = 1
         if report is not None:
@@ -215,6 +226,10 @@ def _run_chunk(ctx: _Context, split: str, chunk: int, items: list[Item], report=
     # the shard is the chunk's completion marker: written last, atomically
     write_shard(ctx.out / shard_relpath(split, chunk), arrays, attrs={"split": split, "chunk": chunk})
     return n, len(failures)
+
+
+#: the key of a ``failed/`` record that says when the object is worth trying again (not in the manifest)
+RETRY_KEY = "retry"
 
 
 # worker-process state (spawn context: set by the pool initializer)
@@ -423,17 +438,66 @@ def claim_output(out: Path, plan: dict, overwrite: bool, *,
     write_json(plan_path, plan)
 
 
+def _file_stat(path) -> Optional[list[int]]:
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _retry_record(exc: Exception, item: Item) -> dict:
+    """What a failed object's retry depends on (:func:`_worth_retrying`): whether the failure was
+    a problem of its files (a :class:`MeshError`, but not :class:`MeshTooLarge`, which depends on
+    the machine and ``max_faces``) or of the job (memory, the file system...), and the files' size
+    and modification time."""
+    files = [item.path] if item.path else []
+    if isinstance(exc, MeshError) and exc.path and exc.path not in files and os.path.isfile(exc.path):
+        files.append(exc.path)  # e.g. a Labeled PSB labels file
+    return {"file_problem": isinstance(exc, MeshError) and not isinstance(exc, MeshTooLarge),
+            "files": {f: _file_stat(f) for f in files}}
+
+
+def _worth_retrying(failed_path: Path) -> bool:
+    """Whether a chunk's ``failed/`` record holds an object worth trying again: one that failed for
+    a reason other than its files (the job's memory or size limit, the file system), or whose files
+    changed since. Records without :data:`RETRY_KEY` (older versions) are not retried."""
+    if not failed_path.is_file():
+        return False
+    try:
+        records = read_json(failed_path)
+    except ValueError:
+        return True  # a damaged record: build the chunk again, which rewrites it
+    for rec in records if isinstance(records, list) else []:
+        why = rec.get(RETRY_KEY) if isinstance(rec, dict) else None
+        if not isinstance(why, dict):
+            continue
+        if not why.get("file_problem"):
+            return True
+        if any(_file_stat(f) != (st if st is None else list(st)) for f, st in (why.get("files") or {}).items()):
+            return True
+    return False
+
+
 def _pending_chunks(out: Path, items: dict[str, list[Item]], chunk_size: int,
                     chunks: list[tuple[str, int]]) -> list[tuple[str, int, list[Item]]]:
-    """``(split, chunk, items)`` of every chunk of ``chunks`` whose shard is not written yet, or
-    is written but unreadable (a damaged file is built again, atomically replacing it)."""
-    tasks = []
+    """``(split, chunk, items)`` of every chunk of ``chunks`` whose shard is not written yet, is
+    written but unreadable (a damaged file is built again, atomically replacing it), or lists an
+    object that failed and is worth trying again (:func:`_worth_retrying`: a mesh fixed since, one
+    over this job's size limit, a fault of the job rather than of the file)."""
+    tasks, retried = [], 0
     for split, c in chunks:
         path = out / shard_relpath(split, c)
-        if shard_rows(path) is None:
-            if path.exists():
+        written = shard_rows(path) is not None
+        again = written and _worth_retrying(out / failed_relpath(split, c))
+        if not written or again:
+            if path.exists() and not again:
                 log.warning("%s: unreadable shard; building it again", path)
+            retried += again
             tasks.append((split, c, items[split][c * chunk_size : (c + 1) * chunk_size]))
+    if retried:
+        log.info("%s: %d chunk(s) hold objects that failed before and may not fail now (a file changed, a size "
+                 "limit, or a fault of the job, not of the file); building them again", out, retried)
     return tasks
 
 
@@ -667,7 +731,7 @@ def finalize_store(out: Path, plan: dict, *, up_axis: str, part_names: Optional[
         shards[split].append(rel)
         fpath = out / failed_relpath(split, c)
         if fpath.is_file():
-            failed.extend(read_json(fpath))
+            failed.extend({k: v for k, v in rec.items() if k != RETRY_KEY} for rec in read_json(fpath))
     contents = StoreContents(
         views=s["effective_views"], points=s["points"], image_size=s["image_size"], grayscale=s["grayscale"],
         up_axis=up_axis, part_names=part_names,

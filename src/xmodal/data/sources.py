@@ -177,9 +177,15 @@ def stratified_holdout(
     return is_test
 
 
+def _text(name: str) -> str:
+    """A file or folder name as text any file format can store: a name that is not valid UTF-8
+    (``os.listdir`` gives its bytes as surrogates) gets them as ``\\xNN`` escapes (``caf\\xe9``)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _class_key(name: str) -> int:
     """Stable int key of a class name (independent of Python's hash seed)."""
-    return zlib.crc32(name.encode("utf-8"))
+    return zlib.crc32(name.encode("utf-8", "surrogateescape"))
 
 
 def _unique_ids(ids: list[str], alternatives: list[str]) -> list[str]:
@@ -242,24 +248,30 @@ class MeshFolderSource(Source):
         split_classes, plain_classes = [], []
         class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         for cdir in class_dirs:
+            cname = _text(cdir.name)
             split_dirs = {d.name.lower(): d for d in cdir.iterdir() if d.is_dir() and d.name.lower() in SPLIT_DIRS}
             if split_dirs:
                 n_before = len(entries)
                 for split in SPLIT_DIRS:
                     if split in split_dirs:
-                        entries += [(cdir.name, split, p, split_dirs[split]) for p in _mesh_files(split_dirs[split])]
+                        entries += [(cname, split, p, split_dirs[split]) for p in _mesh_files(split_dirs[split])]
                 if len(entries) > n_before:
-                    split_classes.append(cdir.name)
+                    split_classes.append(cname)
+                beside = [p for p in cdir.iterdir() if p.is_file() and is_mesh_file(p)]
+                if beside:
+                    logger.warning("%s: %d mesh files beside its %s folder(s) are not used (a class folder with "
+                                   "train/ or test/ takes its meshes from those)", cdir, len(beside),
+                                   "/".join(sorted(split_dirs)))
             else:
                 files = _mesh_files(cdir)
                 if not files:
                     continue
-                plain_classes.append(cdir.name)
+                plain_classes.append(cname)
                 # label 0 for every file: the split is stratified per class by construction
                 is_test = stratified_holdout(
-                    np.zeros(len(files), np.int64), self.test_ratio, seed=self.seed, keys=[_class_key(cdir.name)]
+                    np.zeros(len(files), np.int64), self.test_ratio, seed=self.seed, keys=[_class_key(cname)]
                 )
-                entries += [(cdir.name, "test" if t else "train", p, cdir) for p, t in zip(files, is_test)]
+                entries += [(cname, "test" if t else "train", p, cdir) for p, t in zip(files, is_test)]
 
         if not entries:
             loose = [p.name for p in self.root.iterdir() if p.is_file() and is_mesh_file(p)]
@@ -268,11 +280,16 @@ class MeshFolderSource(Source):
             )
             raise DataError(f"no mesh files found in class sub-folders{hint}", path=self.root, hint=ACCEPTED_FORMS)
 
-        ids = [f"{c}/{s}/{p.stem}" for c, s, p, _ in entries]
+        loose = [p for p in self.root.iterdir() if p.is_file() and is_mesh_file(p)]
+        if loose:
+            logger.warning("%s: %d mesh files lie directly in it and are not used (only class sub-folders are "
+                           "read)", self.root, len(loose))
+        ids = [f"{c}/{s}/{_text(p.stem)}" for c, s, p, _ in entries]
         alts = []
         for c, s, p, base in entries:
             rel = p.relative_to(base)
-            alts.append(f"{c}/{s}/" + "__".join(rel.parent.parts + (f"{rel.stem}_{rel.suffix[1:].lower()}",)))
+            parts = tuple(_text(x) for x in rel.parent.parts) + (f"{_text(rel.stem)}_{rel.suffix[1:].lower()}",)
+            alts.append(f"{c}/{s}/" + "__".join(parts))
         ids = _unique_ids(ids, alts)
         self.items = sorted(
             (Item(id=i, label=c, split=s, path=str(p)) for i, (c, s, p, _) in zip(ids, entries)),
