@@ -151,6 +151,15 @@ def test_plain_mesh_folder_is_not_labeled(tmp_path, labeled_tree):
     assert isinstance(open_source(root), MeshFolderSource)
 
 
+def test_upper_case_mesh_suffixes_are_recognised(tmp_path, labeled_tree):
+    root = labeled_tree(tmp_path / "lpsb", per_category=2)
+    for p in list(root.rglob("*.off")):
+        p.rename(p.with_suffix(".OFF"))
+    assert is_labeled_mesh_folder(root)
+    src = open_source(root)
+    assert not isinstance(src, MeshFolderSource) and src.items and src.part_names
+
+
 def test_degenerate_face_dropped_with_its_label(tmp_path, labeled_tree):
     root = labeled_tree(tmp_path / "lpsb", per_category=1)
     off = root / "Cup" / "0.off"

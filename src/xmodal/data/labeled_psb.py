@@ -202,7 +202,7 @@ def is_labeled_mesh_folder(root: "str | os.PathLike") -> bool:
         for folder in [cdir, *_split_dirs(cdir).values()]:
             for lab in folder.glob("*" + LABELS_SUFFIX):
                 stem = lab.name[: -len(LABELS_SUFFIX)]
-                if any((folder / (stem + ext)).is_file() for ext in LABELED_MESH_EXTENSIONS):
+                if any((folder / (stem + e)).is_file() for ext in LABELED_MESH_EXTENSIONS for e in (ext, ext.upper())):
                     return True
     return False
 
