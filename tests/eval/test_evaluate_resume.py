@@ -252,6 +252,19 @@ def test_figures_kept_from_other_weights_of_the_run_are_named_and_the_weights_st
     assert calls == {"fewshot": 2, "retrieval": 2} and _other_settings(_report(tmp_path)) == []
 
 
+def test_a_baseline_figure_goes_with_the_baseline_figures_it_belongs_to(store, tmp_path, loaded):
+    cfg = replace(_cfg(store, tmp_path, baseline="random"), tasks=["tsne"])
+    first = evaluate(cfg, loaded=loaded, progress=False)
+    assert set(first["meta.figures"]) >= {"Fig. 3 — t-SNE of features", "Fig. 3 — t-SNE of features (random init)"}
+    assert first["meta.task_figures"]["baseline.random.tsne"] == ["Fig. 3 — t-SNE of features (random init)"]
+    # the run's t-SNE drawn again without the baseline: the baseline's figure is dropped with its task
+    m = evaluate(replace(cfg, baseline=None, redo=True), loaded=loaded, progress=False)
+    assert "baseline.random.tsne" not in m["meta.tasks_done"]
+    assert "Fig. 3 — t-SNE of features (random init)" not in m["meta.figures"]
+    assert "Fig. 3 — t-SNE of features" in m["meta.figures"]
+    assert "tsne_random_init.png" not in _report(tmp_path)
+
+
 def test_the_same_run_and_data_spelled_otherwise_continue_the_folder(store, tmp_path, loaded, calls, monkeypatch):
     cfg = _cfg(store, tmp_path)
     evaluate(cfg, loaded=loaded, progress=False)

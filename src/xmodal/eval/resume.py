@@ -136,6 +136,8 @@ class MetricsBook:
         self.partial: dict[str, dict] = {}
         self.skipped: dict[str, str] = {}
         self.figures: dict[str, str] = {}
+        #: ``{task key: [figure captions]}``: the figures each task drew, dropped with its figures
+        self.task_figures: dict[str, list[str]] = {}
         self.settings: dict[str, dict] = {}
         self.tasks_run: set[str] = set()
         old = self._previous(identity)
@@ -145,6 +147,7 @@ class MetricsBook:
             self.partial = dict(old.get("meta.tasks_partial") or {})
             self.skipped = dict(old.get("meta.tasks_skipped") or {})
             self.figures = dict(old.get("meta.figures") or {})
+            self.task_figures = {k: list(v) for k, v in (old.get("meta.task_figures") or {}).items()}
             self.settings = dict(old.get("meta.tasks_settings") or {})
             self.tasks_run = set(old.get("meta.tasks_run") or [])
 
@@ -184,6 +187,8 @@ class MetricsBook:
         self.done.pop(prefix + task.name, None)
         self.partial.pop(prefix + task.name, None)
         self.settings.pop(prefix + task.name, None)
+        for caption in self.task_figures.pop(prefix + task.name, []):
+            self.figures.pop(caption, None)
 
     def record(self, task: EvalTask, prefix: str, fingerprint: str, result: tuple[dict, dict, dict],
                forget: Iterable[str] = (), settings: Optional[dict] = None) -> None:
@@ -197,6 +202,8 @@ class MetricsBook:
         self.metrics.update(metrics)
         self.skipped.update(skipped)
         self.figures.update(figures)
+        if figures:
+            self.task_figures[prefix + task.name] = sorted(figures)
         self.done[prefix + task.name] = fingerprint
         self.tasks_run.add(task.name)
         self.note_settings(prefix + task.name, settings)
@@ -216,6 +223,7 @@ class MetricsBook:
             "meta.tasks_run": [t for t in TASK_NAMES if t in self.tasks_run],
             "meta.tasks_skipped": dict(self.skipped),
             "meta.figures": dict(self.figures),
+            "meta.task_figures": dict(sorted(self.task_figures.items(), key=lambda kv: _order(kv[0]))),
             "meta.tasks_done": dict(sorted(self.done.items(), key=lambda kv: _order(kv[0]))),
             "meta.tasks_partial": dict(self.partial),
             "meta.tasks_settings": dict(sorted(self.settings.items(), key=lambda kv: _order(kv[0]))),
