@@ -221,6 +221,22 @@ def test_prepare_skips_a_mesh_with_a_broken_labels_file(tmp_path, labeled_tree):
             assert pts[lab == first, 0].max() < pts[lab == first + 1, 0].min()
 
 
+def test_a_labels_file_written_after_prepare_gets_its_mesh_built_by_the_same_command(tmp_path, labeled_tree):
+    from xmodal.data.prepare import PrepareConfig, prepare
+
+    root = labeled_tree(tmp_path / "lpsb", per_category=3, split_levels=True, test_per_category=1)
+    labels = root / "Table" / "train" / "4_labels.txt"
+    text = labels.read_text()
+    labels.unlink()
+    cfg = PrepareConfig(source=root, out=tmp_path / "ds", views=0, points=64, chunk_size=2, workers=1)
+    man = prepare(cfg, progress=False)
+    assert [r["id"] for r in man["failed"]] == ["Table/train/4"] and "missing" in man["failed"][0]["reason"]
+    assert prepare(cfg, progress=False) == man  # still missing: nothing to do
+    labels.write_text(text)
+    man = prepare(cfg, progress=False)
+    assert man["failed"] == [] and man["counts"] == {"train": 4, "test": 2}
+
+
 def test_partseg_data_from_a_raw_folder_skips_a_broken_labels_file(tmp_path, labeled_tree):
     """What `evaluate --partseg-data RAW_FOLDER` reads: the broken shape is skipped and listed."""
     from xmodal.data.shapenetpart import load_partseg

@@ -38,6 +38,14 @@ def test_off_counts_from_the_header(tmp_path, header):
     assert mesh_counts(_off(tmp_path / "m.off", m, text)) == (25, 32, True)
 
 
+def test_off_counts_after_a_byte_order_mark(tmp_path):
+    # read_off skips a BOM, so the size check before reading must see through it too
+    path = tmp_path / "m.off"
+    lines = ["OFF", "4 4 0", "0 0 0", "1 0 0", "0 1 0", "0 0 1", "3 0 1 2", "3 0 1 3", "3 0 2 3", "3 1 2 3"]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())
+    assert mesh_counts(path) == (4, 4, True)
+
+
 @pytest.mark.parametrize("ext,text", [(".ply", False), (".stl", False), (".obj", True)])
 def test_counts_of_exported_meshes(tmp_path, ext, text):
     m = _grid(5)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -370,6 +371,24 @@ def test_objects_that_failed_for_the_job_not_the_file_are_tried_again(tmp_path, 
     monkeypatch.setattr(prepare_mod, "_process_object", real)
     again = prepare(cfg, progress=False)
     assert again["failed"] == [] and again["counts"]["train"] == 2
+
+
+def test_a_mesh_over_the_size_limit_is_tried_again_only_under_a_looser_limit(tmp_path, caplog):
+    root = tmp_path / "mn"
+    (root / "box" / "train").mkdir(parents=True)
+    for i in (1, 2):
+        (root / "box" / "train" / f"box_000{i}.off").write_text(_cube_off())
+    cfg = PrepareConfig(source=root, out=tmp_path / "ds", views=0, points=64, chunk_size=1, workers=1, max_faces=4)
+    with pytest.raises(PrepareError, match="none of the 2 objects .*max_faces=4"):
+        prepare(cfg, progress=False)
+    shard = tmp_path / "ds" / shard_relpath("train", 0)
+    before = shard.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="xmodal.data.prepare"):
+        with pytest.raises(PrepareError, match="none of the 2 objects"):
+            prepare(cfg, progress=False)  # the same limit: nothing is built again
+    assert "failed before" not in caplog.text and shard.stat().st_mtime_ns == before
+    man = prepare(replace(cfg, max_faces=100), progress=False)  # a looser limit: both are built
+    assert man["failed"] == [] and man["counts"]["train"] == 2
 
 
 def test_a_renderer_that_cannot_start_stops_prepare_instead_of_failing_every_mesh(tmp_path, monkeypatch):

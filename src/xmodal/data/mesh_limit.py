@@ -98,7 +98,7 @@ def _count_tokens(path: Path, tokens: tuple[bytes, ...]) -> list[int]:
 
 
 def _off_counts(path: Path) -> Optional[tuple[int, int, bool]]:
-    text = re.sub(rb"#[^\n]*", b"", _head(path))
+    text = re.sub(rb"#[^\n]*", b"", _head(path).removeprefix(b"\xef\xbb\xbf"))  # a byte-order mark, as read_off
     m = re.match(rb"\s*(?:ST)?C?N?OFF", text)
     words = text[m.end() if m else 0 :].split()
     return int(words[0]), int(words[1]), True

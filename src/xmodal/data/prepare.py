@@ -199,7 +199,7 @@ def _run_chunk(ctx: _Context, split: str, chunk: int, items: list[Item], report=
         except Exception as exc:  # any problem with one object skips that object only
             reason = _failure_reason(exc, item)
             failures.append({"path": item.path, "id": item.id, "reason": reason,
-                             RETRY_KEY: _retry_record(exc, item)})
+                             RETRY_KEY: _retry_record(exc, item, s.get("limit_inputs"))})
             log.warning("skipping %s (%s): %s", item.id, item.path or "generated", reason)
             bad = 1
         if report is not None:
@@ -446,22 +446,25 @@ def _file_stat(path) -> Optional[list[int]]:
     return [int(st.st_size), int(st.st_mtime_ns)]
 
 
-def _retry_record(exc: Exception, item: Item) -> dict:
-    """What a failed object's retry depends on (:func:`_worth_retrying`): whether the failure was
-    a problem of its files (a :class:`MeshError`, but not :class:`MeshTooLarge`, which depends on
-    the machine and ``max_faces``) or of the job (memory, the file system...), and the files' size
-    and modification time."""
+def _retry_record(exc: Exception, item: Item, limit_inputs: Optional[dict]) -> dict:
+    """What a failed object's retry depends on (:func:`_worth_retrying`): the size and modification
+    time of its files (None for one missing, e.g. a labels file not written yet), and the kind of
+    failure: ``"file"`` (a :class:`MeshError`), ``"size"`` (:class:`MeshTooLarge`, with the
+    ``max_faces`` and ``workers`` it was judged under) or ``"job"`` (anything else: memory, the
+    file system...)."""
     files = [item.path] if item.path else []
-    if isinstance(exc, MeshError) and exc.path and exc.path not in files and os.path.isfile(exc.path):
+    if isinstance(exc, MeshError) and exc.path and exc.path not in files:
         files.append(exc.path)  # e.g. a Labeled PSB labels file
-    return {"file_problem": isinstance(exc, MeshError) and not isinstance(exc, MeshTooLarge),
-            "files": {f: _file_stat(f) for f in files}}
+    kind = "size" if isinstance(exc, MeshTooLarge) else "file" if isinstance(exc, MeshError) else "job"
+    return {"kind": kind, "files": {f: _file_stat(f) for f in files},
+            **({"limit": dict(limit_inputs or {})} if kind == "size" else {})}
 
 
-def _worth_retrying(failed_path: Path) -> bool:
-    """Whether a chunk's ``failed/`` record holds an object worth trying again: one that failed for
-    a reason other than its files (the job's memory or size limit, the file system), or whose files
-    changed since. Records without :data:`RETRY_KEY` (older versions) are not retried."""
+def _worth_retrying(failed_path: Path, limit_inputs: dict) -> bool:
+    """Whether a chunk's ``failed/`` record holds an object worth trying again: one whose files
+    changed since, one over the size limit of a job with another ``max_faces`` or fewer workers
+    than now, or one that failed for the job's sake rather than its files'. Records without
+    :data:`RETRY_KEY` (older versions) are not retried."""
     if not failed_path.is_file():
         return False
     try:
@@ -472,15 +475,20 @@ def _worth_retrying(failed_path: Path) -> bool:
         why = rec.get(RETRY_KEY) if isinstance(rec, dict) else None
         if not isinstance(why, dict):
             continue
-        if not why.get("file_problem"):
-            return True
         if any(_file_stat(f) != (st if st is None else list(st)) for f, st in (why.get("files") or {}).items()):
+            return True
+        if why.get("kind") == "job":
+            return True
+        then = why.get("limit") or {}
+        if why.get("kind") == "size" and (then.get("max_faces") != limit_inputs.get("max_faces")
+                                          or limit_inputs.get("workers", 1) < then.get("workers", 1)):
             return True
     return False
 
 
 def _pending_chunks(out: Path, items: dict[str, list[Item]], chunk_size: int,
-                    chunks: list[tuple[str, int]]) -> list[tuple[str, int, list[Item]]]:
+                    chunks: list[tuple[str, int]], limit_inputs: Optional[dict] = None
+                    ) -> list[tuple[str, int, list[Item]]]:
     """``(split, chunk, items)`` of every chunk of ``chunks`` whose shard is not written yet, is
     written but unreadable (a damaged file is built again, atomically replacing it), or lists an
     object that failed and is worth trying again (:func:`_worth_retrying`: a mesh fixed since, one
@@ -489,7 +497,7 @@ def _pending_chunks(out: Path, items: dict[str, list[Item]], chunk_size: int,
     for split, c in chunks:
         path = out / shard_relpath(split, c)
         written = shard_rows(path) is not None
-        again = written and _worth_retrying(out / failed_relpath(split, c))
+        again = written and _worth_retrying(out / failed_relpath(split, c), limit_inputs or {})
         if not written or again:
             if path.exists() and not again:
                 log.warning("%s: unreadable shard; building it again", path)
@@ -550,7 +558,9 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
     if shard is not None and not chunks:
         log.warning("part %s holds no objects: the plan has fewer chunks than parts (lower chunk_size)",
                     format_shard(shard))
-    tasks = _pending_chunks(out, items, cfg.chunk_size, chunks)
+    # what a mesh size limit depends on besides the machine (recorded with a MeshTooLarge failure)
+    limit_inputs = {"max_faces": int(cfg.max_faces), "workers": int(cfg.workers)}
+    tasks = _pending_chunks(out, items, cfg.chunk_size, chunks, limit_inputs)
     if tasks:
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # no longer describes a complete store
         _remove_stale_temps(out)
@@ -564,7 +574,7 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
         limit = MeshLimit.for_workers(cfg.max_faces, 1 if cfg.workers == 1 else max(1, min(cfg.workers, len(tasks))))
         if src.kind == "mesh":
             log.info("mesh size limit: %s", limit.describe())
-        run_settings = {**settings, "mesh_limit": limit}
+        run_settings = {**settings, "mesh_limit": limit, "limit_inputs": limit_inputs}
         written = _execute(tasks, src, run_settings, out, plan["classes"], has_pl, workers=cfg.workers,
                            progress=progress, should_stop=lambda: stop.requested)
         if written < len(tasks):
