@@ -237,6 +237,9 @@ def _weights_text(meta: Mapping[str, Any]) -> Optional[str]:
         return None
     source = {"final": "the finished run's encoders", "last": "the last checkpoint: **the run had not finished**",
               "random": "random initialisation"}.get(meta.get("run_source"), meta.get("run_source") or "?")
+    if meta.get("run_checkpoint_step") is not None:
+        source = (f"the encoders of the run before it was extended: **its last checkpoint is at step "
+                  f"{meta['run_checkpoint_step']}**, the extension has not finished")
     return f"step {meta['run_step']} ({source}); digest `{meta.get('weights') or '?'}`"
 
 

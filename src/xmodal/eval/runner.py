@@ -52,6 +52,7 @@ from xmodal.eval.features import FeatureCache, clouds_subsampled, effective_view
 from xmodal.eval.report import write_report
 from xmodal.eval.resume import MetricsBook, data_digest, settings_differing, task_fingerprint, weights_digest
 from xmodal.eval.tasks import EvalTask, get_task, resolve_tasks
+from xmodal.train.checkpoint import checkpoint_step
 from xmodal.utils.device import default_device
 from xmodal.utils.lock import output_lock
 from xmodal.utils.signals import StopRequest
@@ -168,11 +169,17 @@ def _weights_meta(loaded, digest: Optional[str]) -> dict:
     ``meta.run_source`` (``final``: the encoders of the finished run; ``last``: the last checkpoint of
     a run that has not finished) and ``meta.weights`` (the first 16 hex digits of
     :func:`~xmodal.eval.resume.weights_digest`, also recorded per task in ``meta.tasks_settings``
-    so that figures of other weights kept in the folder are told apart)."""
+    so that figures of other weights kept in the folder are told apart); ``meta.run_checkpoint_step``
+    when the run's last checkpoint is past the encoders read (a run extended and not finished)."""
     if loaded is None or not hasattr(loaded, "step"):
         return {}
-    return {"meta.run_step": int(loaded.step), "meta.run_source": getattr(loaded, "source", None),
+    meta = {"meta.run_step": int(loaded.step), "meta.run_source": getattr(loaded, "source", None),
             "meta.weights": digest[:16] if digest else None}
+    path = getattr(loaded, "path", None)
+    later = checkpoint_step(path) if meta["meta.run_source"] == "final" and path is not None else None
+    if later is not None and later > loaded.step:
+        meta["meta.run_checkpoint_step"] = int(later)
+    return meta
 
 
 def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], point_subsets: int, device: str,
