@@ -475,7 +475,7 @@ def _worth_retrying(failed_path: Path, limit_inputs: dict) -> bool:
         why = rec.get(RETRY_KEY) if isinstance(rec, dict) else None
         if not isinstance(why, dict):
             continue
-        if any(_file_stat(f) != (st if st is None else list(st)) for f, st in (why.get("files") or {}).items()):
+        if any(_file_stat(f) != st for f, st in (why.get("files") or {}).items()):
             return True
         if why.get("kind") == "job":
             return True

@@ -273,14 +273,13 @@ class MeshFolderSource(Source):
                 )
                 entries += [(cname, "test" if t else "train", p, cdir) for p, t in zip(files, is_test)]
 
+        loose = [p.name for p in self.root.iterdir() if p.is_file() and is_mesh_file(p)]
         if not entries:
-            loose = [p.name for p in self.root.iterdir() if p.is_file() and is_mesh_file(p)]
             hint = (
                 f" ({len(loose)} mesh files lie directly in it: put them in class sub-folders)" if loose else ""
             )
             raise DataError(f"no mesh files found in class sub-folders{hint}", path=self.root, hint=ACCEPTED_FORMS)
 
-        loose = [p for p in self.root.iterdir() if p.is_file() and is_mesh_file(p)]
         if loose:
             logger.warning("%s: %d mesh files lie directly in it and are not used (only class sub-folders are "
                            "read)", self.root, len(loose))

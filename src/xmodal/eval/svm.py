@@ -30,7 +30,7 @@ from xmodal.errors import DataError
 from xmodal.eval.context import NO_IMAGES, TEST, TRAIN
 from xmodal.eval.features import pool_views
 
-__all__ = ["DEFAULT_CS", "make_linear_svm", "cv_folds", "select_C", "linear_svm_eval", "svm_task"]
+__all__ = ["DEFAULT_CS", "make_linear_svm", "cv_folds", "cv_rows", "select_C", "linear_svm_eval", "svm_task"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,13 @@ def cv_folds(labels: np.ndarray, folds: int = 5) -> int:
     return int(max(2, min(int(folds), smallest)))
 
 
+def cv_rows(labels: np.ndarray) -> np.ndarray:
+    """(n,) bool: the samples whose class has at least two of them (a class of one cannot be
+    stratified into cross-validation folds)."""
+    _, inverse, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
+    return counts[inverse] >= 2
+
+
 def select_C(
     train_x,
     train_y,
@@ -128,8 +135,7 @@ def _choose_C(x: np.ndarray, y: np.ndarray, *, Cs: Sequence[float], folds: int, 
     sample; otherwise ``model`` is the search's refit on all of them. With fewer than two classes
     left, a single candidate C is used as it is (``cv_score`` and ``folds`` None); several raise.
     """
-    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
-    rows = counts[inverse] >= 2
+    rows = cv_rows(y)
     if rows.all():
         search = select_C(x, y, Cs=Cs, folds=folds, seed=seed, n_jobs=n_jobs)
         model = search.best_estimator_

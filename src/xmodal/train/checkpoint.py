@@ -417,8 +417,9 @@ def read_encoders(run: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def checkpoint_step(run: str | Path) -> Optional[int]:
     """The step of ``RUN/checkpoints/last.json`` without reading the weights; None when there is no
     readable one (:func:`load_checkpoint` is the careful reader)."""
+    path = checkpoint_paths(run)[1]
     try:
-        return int(_checked_state(checkpoint_paths(run)[1].read_bytes(), checkpoint_paths(run)[1])["step"])
+        return int(_checked_state(path.read_bytes(), path)["step"])
     except (OSError, CheckpointError):
         return None
 

@@ -29,7 +29,7 @@ from xmodal.api import extract_image_features, extract_point_features
 from xmodal.data.sources import stratified_holdout
 from xmodal.eval.features import subsample_points, view_indices
 from xmodal.eval.retrieval import retrieval_metrics
-from xmodal.eval.svm import select_C
+from xmodal.eval.svm import cv_rows, select_C
 from xmodal.train.config import ValConfig
 
 __all__ = ["holdout_split", "cv_svm_accuracy", "Validator"]
@@ -59,8 +59,7 @@ def cv_svm_accuracy(feats: np.ndarray, labels: np.ndarray, *, folds: int = 3, se
     mean accuracy of the best C is returned.
     """
     labels = np.asarray(labels)
-    classes, counts = np.unique(labels, return_counts=True)
-    keep = np.isin(labels, classes[counts >= 2])
+    keep = cv_rows(labels)
     if len(np.unique(labels[keep])) < 2:
         return None
     search = select_C(feats[keep], labels[keep], Cs=Cs, folds=folds, seed=seed)
