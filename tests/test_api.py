@@ -211,9 +211,9 @@ def test_encoders_from_two_saves_are_refused_and_a_newer_checkpoint_is_named(tmp
     (extended / "checkpoints" / "last.json").write_text(json.dumps({**state, "step": 5}))
     with caplog.at_level("WARNING", logger="xmodal.api"):
         loaded = load_run(extended)
-    assert loaded.step == 2 and loaded.source == "final"
+    assert loaded.step == 2 and loaded.source == "final" and loaded.later_checkpoint == 5
     assert "holds step 2, but the last checkpoint is at step 5" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="xmodal.api"):
-        load_run(trained)
+        assert load_run(trained).later_checkpoint is None
     assert "last checkpoint is at step" not in caplog.text

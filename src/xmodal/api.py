@@ -67,7 +67,9 @@ class LoadedRun:
     pair_classifier: Ff, ``((B, 512), (B, 512)) -> (B, 2)``; config: the run's
     :class:`PretrainConfig`; image_size / num_points: the input sizes trained on; up_axis:
     the dataset's up axis; step: optimisation steps of these weights; source: ``"final"``
-    (encoders.*), ``"last"`` (the last checkpoint) or ``"random"`` (:func:`random_init_run`).
+    (encoders.*), ``"last"`` (the last checkpoint) or ``"random"`` (:func:`random_init_run`);
+    later_checkpoint: the step of a last checkpoint past these ``final`` encoders (the run was
+    extended and has not finished), else None.
     """
 
     image_encoder: nn.Module
@@ -80,6 +82,7 @@ class LoadedRun:
     step: int = 0
     source: str = "final"
     path: Optional[Path] = None
+    later_checkpoint: Optional[int] = None
 
     @property
     def device(self) -> torch.device:
@@ -98,7 +101,8 @@ class LoadedRun:
                                up_axis=self.up_axis)
 
 
-def _finish(nets: dict, cfg: PretrainConfig, *, image_size, num_points, up_axis, step, source, path, device) -> LoadedRun:
+def _finish(nets: dict, cfg: PretrainConfig, *, image_size, num_points, up_axis, step, source, path, device,
+            later_checkpoint: Optional[int] = None) -> LoadedRun:
     for m in nets.values():
         m.to(device).eval()
     setattr(nets["image_encoder"], IMAGE_SIZE_ATTR, int(image_size))
@@ -113,6 +117,7 @@ def _finish(nets: dict, cfg: PretrainConfig, *, image_size, num_points, up_axis,
         step=int(step),
         source=source,
         path=path,
+        later_checkpoint=later_checkpoint,
     )
 
 
@@ -141,8 +146,8 @@ def load_run(run, device="cpu", *, prefer: Literal["final", "last"] = "final") -
             arch, info = _run_info(meta, run / "encoders.json")
             cfg = _config_of(run, meta.get("config"), run / "encoders.json")
             nets = _load_checked(arch, tensors, "", run / "encoders.safetensors", run / "encoders.json")
-            _warn_if_extended(run, int(info["step"]))
-            return _finish(nets, cfg, **info, source="final", path=run, device=device)
+            later = _later_checkpoint(run, int(info["step"]))
+            return _finish(nets, cfg, **info, source="final", path=run, device=device, later_checkpoint=later)
         if what == "last":
             ckpt = load_checkpoint(run)
             if ckpt is None:
@@ -158,15 +163,18 @@ def load_run(run, device="cpu", *, prefer: Literal["final", "last"] = "final") -
     )
 
 
-def _warn_if_extended(run: Path, step: int) -> None:
-    """Warn when the last checkpoint is past the encoders' step: the run was extended
-    (``--resume iterations=...``) and has not finished, so the encoders are the earlier run's."""
+def _later_checkpoint(run: Path, step: int) -> Optional[int]:
+    """The step of the last checkpoint when it is past the encoders' ``step`` (the run was extended,
+    ``--resume iterations=...``, and has not finished, so the encoders are the earlier run's: a
+    warning says so), else None."""
     later = checkpoint_step(run)
-    if later is not None and later > step:
-        log.warning("%s: encoders.safetensors holds step %d, but the last checkpoint is at step %d (the run was "
-                    "extended and has not finished): these are step %d's networks; finish it with 'xmodal "
-                    "pretrain --out %s --resume', or read the checkpoint with load_run(..., prefer='last')",
-                    run, step, later, step, run)
+    if later is None or later <= step:
+        return None
+    log.warning("%s: encoders.safetensors holds step %d, but the last checkpoint is at step %d (the run was "
+                "extended and has not finished): these are step %d's networks; finish it with 'xmodal "
+                "pretrain --out %s --resume', or read the checkpoint with load_run(..., prefer='last')",
+                run, step, later, step, run)
+    return later
 
 
 def _run_info(meta: dict, path: Path) -> tuple[dict, dict]:

@@ -309,15 +309,14 @@ def test_encoders_of_a_run_extended_and_unfinished_are_named_so(tmp_path):
 
     from xmodal.eval.runner import _weights_meta
 
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.json").write_text(json.dumps({"step": 5}))
-    loaded = SimpleNamespace(step=2, source="final", path=tmp_path)
+    # what load_run gives for encoders of step 2 beside a last checkpoint of step 5
+    loaded = SimpleNamespace(step=2, source="final", path=tmp_path, later_checkpoint=5)
     meta = _weights_meta(loaded, "ab" * 32)
     assert meta == {"meta.run_step": 2, "meta.run_source": "final", "meta.weights": "ab" * 8,
                     "meta.run_checkpoint_step": 5}
     text = render_report(meta)
     assert "step 2 (the encoders of the run before it was extended: **its last checkpoint is at step 5**" in text
-    finished = _weights_meta(SimpleNamespace(step=5, source="final", path=tmp_path), "ab" * 32)
+    finished = _weights_meta(SimpleNamespace(step=5, source="final", path=tmp_path, later_checkpoint=None), "ab" * 32)
     assert "meta.run_checkpoint_step" not in finished
     assert "step 5 (the finished run's encoders)" in render_report(finished)
 

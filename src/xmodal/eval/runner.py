@@ -52,7 +52,6 @@ from xmodal.eval.features import FeatureCache, clouds_subsampled, effective_view
 from xmodal.eval.report import write_report
 from xmodal.eval.resume import MetricsBook, data_digest, settings_differing, task_fingerprint, weights_digest
 from xmodal.eval.tasks import EvalTask, get_task, resolve_tasks
-from xmodal.train.checkpoint import checkpoint_step
 from xmodal.utils.device import default_device
 from xmodal.utils.lock import output_lock
 from xmodal.utils.signals import StopRequest
@@ -170,25 +169,25 @@ def _weights_meta(loaded, digest: Optional[str]) -> dict:
     a run that has not finished) and ``meta.weights`` (the first 16 hex digits of
     :func:`~xmodal.eval.resume.weights_digest`, also recorded per task in ``meta.tasks_settings``
     so that figures of other weights kept in the folder are told apart); ``meta.run_checkpoint_step``
-    when the run's last checkpoint is past the encoders read (a run extended and not finished)."""
+    when the run's last checkpoint is past the encoders read (``LoadedRun.later_checkpoint``: a run
+    extended and not finished)."""
     if loaded is None or not hasattr(loaded, "step"):
         return {}
     meta = {"meta.run_step": int(loaded.step), "meta.run_source": getattr(loaded, "source", None),
             "meta.weights": digest[:16] if digest else None}
-    path = getattr(loaded, "path", None)
-    later = checkpoint_step(path) if meta["meta.run_source"] == "final" and path is not None else None
-    if later is not None and later > loaded.step:
+    later = getattr(loaded, "later_checkpoint", None)
+    if later is not None:
         meta["meta.run_checkpoint_step"] = int(later)
     return meta
 
 
 def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], point_subsets: int, device: str,
-          weights: Optional[str] = None) -> dict:
+          weights_meta: Optional[dict] = None) -> dict:
     """The ``meta.*`` keys of metrics.json that describe this evaluation (the :class:`MetricsBook`
     adds the tasks done, skipped and partly done, and the figures)."""
     return {
         "meta.run": str(Path(cfg.run)),
-        **_weights_meta(loaded, weights),
+        **(weights_meta or {}),
         "meta.data": str(cfg.data),
         "meta.seed": int(cfg.seed),
         "meta.device": device,
@@ -271,6 +270,7 @@ class _Evaluation:
             log.warning("baseline_seed=%d has no effect without baseline=random", cfg.baseline_seed)
         save_config(cfg, self.out / CONFIG_NAME)
         self.weights = weights_digest(loaded)
+        self.weights_meta = _weights_meta(loaded, self.weights)
         if getattr(loaded, "source", None) == "last":
             total = getattr(getattr(loaded, "config", None), "iterations", None)
             log.warning("%s has not finished: evaluating its last checkpoint, step %d%s", cfg.run, loaded.step,
@@ -292,7 +292,7 @@ class _Evaluation:
 
     def _meta(self) -> dict:
         return _meta(self.cfg, self.store, self.loaded, views=self.views, point_subsets=self.point_subsets,
-                     device=self.device, weights=self.weights)
+                     device=self.device, weights_meta=self.weights_meta)
 
     def _write(self, *, report: bool = False) -> dict:
         merged = self.book.write(self._meta())
