@@ -200,6 +200,9 @@ def test_different_settings_refused_unless_overwrite(tiny, tmp_path):
         prepare(PrepareConfig(source=SPEC, out=out, **{**TINY, "points": 128}), progress=False)
     with pytest.raises(OutputExistsError, match="object list"):
         prepare(PrepareConfig(source="builtin:shapes?train=1&test=1", out=out, **TINY), progress=False)
+    # the same ids and labels drawn by another generator seed are other shapes: not a resume
+    with pytest.raises(OutputExistsError, match=r"the source's seed: 0 -> 5"):
+        prepare(PrepareConfig(source=SPEC + "&seed=5", out=out, **TINY), progress=False)
     assert ShapeStore(out).num_points == 256  # untouched
     again = {**TINY, "points": 128, "views": 2, "overwrite": True}
     man = prepare(PrepareConfig(source="builtin:shapes?train=1&test=0", out=out, **again), progress=False)

@@ -298,10 +298,16 @@ def _item_record(it: Item) -> dict:
 
 
 def plan_key(plan: dict) -> dict:
-    """What must match for a resume: settings, classes, the object list (not file paths) and the part."""
+    """What must match for a resume: settings, the source's seed, classes, the object list (not file
+    paths) and the part.
+
+    The source's own seed counts because a generated source (``builtin:shapes?seed=S``) draws other
+    shapes under the same ids and labels; for file sources it is the settings' seed, or unused.
+    """
     return {
         "format_version": plan.get("format_version"),
         "settings": plan.get("settings"),
+        "source_seed": (plan.get("source") or {}).get("seed"),
         "classes": plan.get("classes"),
         "items": {s: [(r["id"], r["label"]) for r in recs] for s, recs in plan.get("items", {}).items()},
         "shard": plan.get("shard"),
@@ -322,6 +328,8 @@ def describe_difference(old: dict, new: dict) -> str:
     for k in sorted(set(sa) | set(sb)):
         if sa.get(k) != sb.get(k):
             diffs.append(f"{k}: {sa.get(k)!r} -> {sb.get(k)!r}")
+    if a["source_seed"] != b["source_seed"]:
+        diffs.append(f"the source's seed: {a['source_seed']!r} -> {b['source_seed']!r}")
     if a["classes"] != b["classes"]:
         diffs.append("the class list")
     if a["items"] != b["items"]:
