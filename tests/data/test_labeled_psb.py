@@ -151,6 +151,21 @@ def test_plain_mesh_folder_is_not_labeled(tmp_path, labeled_tree):
     assert isinstance(open_source(root), MeshFolderSource)
 
 
+def test_labels_for_a_few_meshes_do_not_make_a_labeled_psb_folder(tmp_path, labeled_tree, caplog):
+    root = labeled_tree(tmp_path / "lpsb", per_category=2)
+    labels = sorted(root.rglob("*_labels.txt"))
+    for p in labels[1:]:  # one stray labels file among plain meshes
+        p.unlink()
+    with caplog.at_level("WARNING"):
+        src = open_source(root)
+    assert isinstance(src, MeshFolderSource) and len(src.items) == len(labels)
+    assert f"1 of {len(labels)} meshes have a '<stem>_labels.txt'" in caplog.text
+    # at least half labelled: Labeled PSB, and the meshes without labels fail there, one by one
+    for p in sorted(root.rglob("*.off"))[: len(labels) // 2]:
+        labels_path(p).write_text(labels[0].read_text())
+    assert not isinstance(open_source(root), MeshFolderSource)
+
+
 def test_upper_case_mesh_suffixes_are_recognised(tmp_path, labeled_tree):
     root = labeled_tree(tmp_path / "lpsb", per_category=2)
     for p in list(root.rglob("*.off")):

@@ -35,6 +35,7 @@ __all__ = [
     "labels_path",
     "read_face_labels",
     "is_labeled_mesh_folder",
+    "labeled_mesh_counts",
     "LabeledPSBSource",
 ]
 
@@ -205,6 +206,20 @@ def is_labeled_mesh_folder(root: "str | os.PathLike") -> bool:
                 if any((folder / (stem + e)).is_file() for ext in LABELED_MESH_EXTENSIONS for e in (ext, ext.upper())):
                     return True
     return False
+
+
+def labeled_mesh_counts(root: "str | os.PathLike") -> tuple[int, int]:
+    """``(labelled, meshes)``: the meshes the Labeled PSB layout reads under ``root`` (each category
+    folder and its ``train``/``test`` level, one per stem), and how many of them have a
+    ``<stem>_labels.txt`` beside them."""
+    root = Path(root)
+    labelled = meshes = 0
+    for cdir in _category_dirs(root):
+        for folder in [cdir, *_split_dirs(cdir).values()]:
+            found = _folder_meshes(folder)
+            meshes += len(found)
+            labelled += sum(labels_path(m).is_file() for m in found)
+    return labelled, meshes
 
 
 class LabeledPSBSource(Source):

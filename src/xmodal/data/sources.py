@@ -98,8 +98,13 @@ def open_source(spec: "str | os.PathLike", *, seed: int = 0, test_ratio: float =
     if any(path.glob("ply_data_*.h5")):
         return ModelNetH5Source(path, seed=seed, test_ratio=test_ratio)
     labeled = importlib.import_module("xmodal.data.labeled_psb")  # imports this module
-    if labeled.is_labeled_mesh_folder(path):
+    labelled, meshes = labeled.labeled_mesh_counts(path)
+    if labelled and 2 * labelled >= meshes:  # a few stray labels files do not fail every other mesh
         return labeled.LabeledPSBSource(path, seed=seed, test_ratio=test_ratio)
+    if labelled:
+        logger.warning("%s: %d of %d meshes have a '<stem>%s' beside them, fewer than half: read as a plain mesh "
+                       "collection, those part labels ignored (a Labeled PSB folder labels at least half its "
+                       "meshes)", path, labelled, meshes, labeled.LABELS_SUFFIX)
     return MeshFolderSource(path, seed=seed, test_ratio=test_ratio)
 
 
