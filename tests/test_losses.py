@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from xmodal.losses import (
+    ChannelDecorrelationLoss,
     CrossModalLoss,
+    channel_decorrelation,
     TripletLoss,
     cross_modal_loss,
     pair_accuracy,
@@ -189,3 +191,55 @@ def test_pair_scores_is_the_log_odds_of_the_two_way_softmax():
     ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     bce = torch.nn.functional.binary_cross_entropy_with_logits(pair_scores(logits), labels.double(), reduction="none")
     torch.testing.assert_close(ce, bce)
+
+
+def _decorrelation_loop(x, eps=1e-5):
+    """The obvious reference: Pearson correlation of every pair of channels, one pair at a time."""
+    m, d = x.shape
+    total = 0.0
+    for i in range(d):
+        for j in range(d):
+            if i == j:
+                continue
+            a, b = x[:, i] - x[:, i].mean(), x[:, j] - x[:, j].mean()
+            va, vb = (a * a).mean() + eps, (b * b).mean() + eps
+            total += float((a * b).mean() / math.sqrt(va * vb)) ** 2
+    return total / (d * (d - 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_channel_decorrelation_matches_a_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(9, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 5, generator=g, dtype=torch.float64)
+    assert channel_decorrelation(x).item() == pytest.approx(_decorrelation_loop(x), rel=1e-5)
+    assert ChannelDecorrelationLoss()(x).item() == pytest.approx(_decorrelation_loop(x), rel=1e-5)
+
+
+def test_channel_decorrelation_limits_and_invariances():
+    # orthogonal columns with zero mean: uncorrelated, 0; copies of one channel (scaled, shifted,
+    # negated): 1
+    centre = torch.eye(16, dtype=torch.float64) - 1.0 / 16
+    cols = torch.linalg.qr(centre @ torch.randn(16, 4, dtype=torch.float64))[0]  # spans a zero-mean subspace
+    assert channel_decorrelation(cols).item() == pytest.approx(0.0, abs=1e-6)
+    base = torch.randn(32, 1)
+    same = torch.cat([base, 3 * base + 2, -base], dim=1)
+    assert channel_decorrelation(same).item() == pytest.approx(1.0, abs=1e-3)
+    # a constant channel counts as uncorrelated; per-channel scale and shift change nothing
+    x = torch.randn(20, 6)
+    with_const = torch.cat([x, torch.full((20, 1), 5.0)], dim=1)
+    d = 6
+    assert channel_decorrelation(with_const).item() == pytest.approx(
+        channel_decorrelation(x).item() * d * (d - 1) / ((d + 1) * d), rel=1e-4)
+    scaled = x * torch.linspace(0.5, 4, 6) + torch.arange(6.0)
+    assert channel_decorrelation(scaled).item() == pytest.approx(channel_decorrelation(x).item(), rel=1e-3)
+    with pytest.raises(ValueError, match="M >= 2"):
+        channel_decorrelation(torch.randn(1, 4))
+
+
+def test_channel_decorrelation_gradient_lowers_it():
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(64, 8, generator=g) @ torch.randn(8, 8, generator=g)).requires_grad_(True)
+    before = channel_decorrelation(x)
+    before.backward()
+    after = channel_decorrelation(x.detach() - 0.5 * x.grad / x.grad.norm())
+    assert after.item() < before.item()

@@ -10,7 +10,10 @@
   :func:`batch_cross_modal_loss` (softmax cross-entropy over the batch, the InfoNCE form of
   van den Oord et al., "Representation Learning with Contrastive Predictive Coding", 2018, with
   Ff's log-odds as the critic) and :func:`batch_pair_bce` (binary cross-entropy on every pair,
-  positives and negatives weighted equally).
+  positives and negatives weighted equally);
+* beyond the paper, :func:`channel_decorrelation`: the mean squared correlation between
+  different channels of a set of feature vectors (the redundancy-reduction term of Barlow Twins,
+  Zbontar et al. 2021, and VICReg's covariance term, Bardes et al. 2022, on one set of features).
 
 Plain functions carry the maths; :class:`TripletLoss` and :class:`CrossModalLoss` wrap them as
 modules.
@@ -30,9 +33,11 @@ __all__ = [
     "pair_scores",
     "batch_cross_modal_loss",
     "batch_pair_bce",
+    "channel_decorrelation",
     "TripletLoss",
     "CrossModalLoss",
     "BatchCrossModalLoss",
+    "ChannelDecorrelationLoss",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -207,6 +212,32 @@ def batch_pair_bce(scores: Tensor, positive: Tensor) -> Tensor:
     return 0.5 * (pos + neg)
 
 
+def channel_decorrelation(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """Mean squared correlation between different channels of ``x``: 0 when every pair of
+    channels is uncorrelated over the rows, 1 when all channels are perfectly (anti-)correlated.
+
+    Each channel is standardised over the rows (``(x - mean) / sqrt(var + eps)``, the biased
+    variance), the correlation matrix is ``z^T z / M``, and its ``D (D - 1)`` off-diagonal entries
+    are squared and averaged. A constant channel has correlation 0 with every other one.
+
+    Args:
+        x: (M, D) features, M >= 2 rows (samples, or points of several clouds) and D >= 2 channels.
+        eps: added to each channel's variance.
+
+    Returns:
+        scalar (float32 whatever ``x``'s dtype).
+    """
+    if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 2:
+        raise ValueError(f"x must be (M, D) with M >= 2 and D >= 2, got {tuple(x.shape)}")
+    x = x.float()
+    z = x - x.mean(dim=0)
+    z = z * torch.rsqrt(z.pow(2).mean(dim=0) + eps)
+    corr = z.t() @ z / x.shape[0]
+    d = x.shape[1]
+    off = corr.pow(2).sum() - corr.diagonal().pow(2).sum()
+    return off / (d * (d - 1))
+
+
 class TripletLoss(nn.Module):
     """Cross-view triplet loss of the paper (Eq. 1, squared Euclidean; FaceNet [43]).
 
@@ -251,3 +282,21 @@ class BatchCrossModalLoss(nn.Module):
 
     def forward(self, scores: Tensor, positive: Tensor) -> Tensor:
         return batch_cross_modal_loss(scores, positive)
+
+
+class ChannelDecorrelationLoss(nn.Module):
+    """Mean squared correlation between different channels (beyond the paper; the
+    redundancy-reduction term of Barlow Twins, Zbontar et al. 2021).
+
+    ``forward(x (M, D)) -> scalar`` (see :func:`channel_decorrelation`).
+    """
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = float(eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return channel_decorrelation(x, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"

@@ -27,7 +27,7 @@ PAPER = {
     "data": {"path": "", "image_size": 224, "num_points": 2048, "point_subsample": "random", "split": "train",
              "workers": 6, "prefetch_factor": 2},
     "loss": {"mode": "cm-cv", "margin": 1.0, "beta": 1.0, "cross_pairs": "sample", "projected_nce": 0.0,
-             "point_nce": 0.0, "nce_pool_views": False, "temperature": 0.1},
+             "point_nce": 0.0, "point_decorrelation": 0.0, "nce_pool_views": False, "temperature": 0.1},
     "optim": {"lr": 0.001, "momentum": 0.9, "weight_decay": 0.0005, "step_size": 40000, "gamma": 0.1,
               "point_lr_scale": 1.0, "point_trust": 0.0,
               "average_from": 0, "average_every": 200},

@@ -201,3 +201,26 @@ def test_point_trust_off_leaves_fp_gradients_alone():
     stepper._backward(loss)
     moved = [float((p.detach() - p0).norm() / p0.norm()) for p, p0 in zip(fp, before)]
     assert max(moved) > 2 * min(moved)
+
+
+def test_point_map_is_dgcnns_per_point_features_and_needs_them():
+    from xmodal.errors import ConfigError
+    from xmodal.models.dgcnn import DGCNN
+    from xmodal.models.heads import PairClassifier
+    from xmodal.train.model import XModalNet
+
+    torch.manual_seed(0)
+    fp = DGCNN(k=4, emb_dims=16)
+    img = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 12))
+    net = XModalNet(img, fp, PairClassifier(12, 16, hidden=8), point_map=True).eval()
+    images, points = torch.randn(6, 3, 8, 8), torch.randn(2, 20, 3)
+    out = net(images, points)
+    want = fp.forward_features(points)
+    assert out.pts_map.shape == (2, 16, 20)
+    torch.testing.assert_close(out.pts_map, want["point"])
+    torch.testing.assert_close(out.f_pts, want["global"])
+    out2 = net(images, points, torch.randn(2, 20, 3))  # a second copy: the map is the first copy's
+    torch.testing.assert_close(out2.pts_map, want["point"])
+    assert XModalNet(img, fp, PairClassifier(12, 16, hidden=8)).eval()(images, points).pts_map is None
+    with pytest.raises(ConfigError, match="Linear has no forward_features"):
+        XModalNet(img, torch.nn.Linear(3, 16), PairClassifier(12, 16, hidden=8), point_map=True)

@@ -163,6 +163,22 @@ def test_point_nce_pairs_the_two_copies_of_each_cloud(tmp_path):
     assert "nce" not in read_jsonl(out / "metrics.jsonl")[0]
 
 
+def test_point_decorrelation_term_is_logged_and_falls(tmp_path):
+    data = tmp_path / "data"
+    _store(data, n=4, views=2)
+    out = tmp_path / "run"
+    # the term alone (cross-modality weight 0, no triplet): its gradient reaches Fp through the model
+    cfg = _cfg("iterations=30", "checkpoint_every=30", "loss.point_decorrelation=1.0", "loss.mode=cm", "loss.beta=0",
+               "optim.lr=0.01")
+    pretrain(cfg.with_paths(data, out), progress=False)
+    recs = read_jsonl(out / "metrics.jsonl")
+    decor = np.array([r["decor"] for r in recs])
+    assert np.isfinite(decor).all() and 0 < decor[0] <= 1 and decor[-5:].mean() < 0.8 * decor[:5].mean(), decor
+    assert "nce" not in recs[0] and "point_nce" not in recs[0]
+    with pytest.raises(ConfigError, match="point_decorrelation needs the point encoder"):
+        _cfg("loss.point_decorrelation=1", "loss.mode=cv")
+
+
 @pytest.mark.parametrize("pairs", ["batch", "batch-bce"])
 def test_batch_cross_modal_loss_falls_when_overfitting(tmp_path, pairs):
     """Ff scored on every pair of the batch: the cross-modality term itself must fall."""

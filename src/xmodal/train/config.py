@@ -49,6 +49,8 @@ Options beyond the paper (each off in ``paper``; the measurements behind them ar
 * ``loss.projected_nce`` with ``model.projection_dim`` (0 = the paper): a contrastive term between
   image and point features projected into one space.
 * ``loss.point_nce`` (0 = the paper): a cross-view term for Fp on two augmented copies of each cloud.
+* ``loss.point_decorrelation`` (0 = the paper): a term on the correlation between different
+  channels of Fp's per-point features before the max-pool.
 * ``loss.nce_pool_views`` (false): ``projected_nce`` pairs each cloud with the mean of its
   object's two view embeddings instead of with each view.
 * ``aug.point_scale`` / ``aug.point_shift`` ((1, 1) / 0 = the paper's rotation and jitter only):
@@ -217,6 +219,12 @@ class LossConfig:
     #: copies of each cloud among the batch's (the intra-modal term of CrossPoint); Fp then runs on
     #: 2B clouds per step
     point_nce: float = 0.0
+    #: weight of a redundancy-reduction term for the point encoder (0 = off, the paper): the mean
+    #: squared correlation between different channels of Fp's per-point features before its
+    #: max-pool, over every point of the batch's clouds (:func:`xmodal.losses.channel_decorrelation`;
+    #: Barlow Twins' off-diagonal term on one set of features); needs a point encoder with
+    #: ``forward_features`` (DGCNN)
+    point_decorrelation: float = 0.0
     #: which image projections ``projected_nce`` pairs with the clouds: False (each view its own
     #: anchor: a cloud must pick both views of its object among the batch's 3B images) or True
     #: (the two views of a sample averaged and renormalised into one object embedding, so a cloud
@@ -234,6 +242,8 @@ class LossConfig:
             raise ConfigError(f"loss.projected_nce must be >= 0, got {self.projected_nce}")
         if self.point_nce < 0:
             raise ConfigError(f"loss.point_nce must be >= 0, got {self.point_nce}")
+        if self.point_decorrelation < 0:
+            raise ConfigError(f"loss.point_decorrelation must be >= 0, got {self.point_decorrelation}")
         if not self.temperature > 0:
             raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
         if self.margin < 0:
@@ -449,6 +459,8 @@ class PretrainConfig:
             raise ConfigError("loss.nce_pool_views=true changes the projected_nce term: it needs loss.projected_nce > 0")
         if uses_projection and not self.loss.use_cross_modal:
             raise ConfigError("loss.projected_nce and loss.point_nce need the point encoder: use loss.mode cm-cv or cm")
+        if self.loss.point_decorrelation > 0 and not self.loss.use_cross_modal:
+            raise ConfigError("loss.point_decorrelation needs the point encoder: use loss.mode cm-cv or cm")
         if self.iterations < 1:
             raise ConfigError(f"iterations must be >= 1, got {self.iterations}")
         if self.batch_size < 2:
@@ -485,7 +497,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 HASH_NEUTRAL_VALUES: dict[str, Any] = {"model.point_init": "default", "optim.point_trust": 0.0,
                                        "optim.average_from": 0, "optim.average_every": 200,
                                        "loss.nce_pool_views": False, "aug.point_scale": [1.0, 1.0],
-                                       "aug.point_shift": 0.0}
+                                       "aug.point_shift": 0.0, "loss.point_decorrelation": 0.0}
 
 
 def config_hash(cfg: PretrainConfig) -> str:

@@ -16,6 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from xmodal.errors import ConfigError
 from xmodal.models.batchnorm import hold_batchnorm_stats
 from xmodal.train.checkpoint import NETS, architecture_from_config, build_networks
 from xmodal.train.config import PretrainConfig
@@ -41,6 +42,9 @@ class XModalOutput(NamedTuple):
     z_pts: Optional[torch.Tensor] = None
     #: (B, P) projection of the second copy of each cloud (``points2`` given)
     z_pts2: Optional[torch.Tensor] = None
+    #: (B, D_pts, N) Fp's per-point features before the max-pool, of the first copy of each cloud
+    #: (``point_map=True``)
+    pts_map: Optional[torch.Tensor] = None
 
 
 class XModalNet(nn.Module):
@@ -55,7 +59,9 @@ class XModalNet(nn.Module):
 
     When Ff has projection heads, ``z_img`` / ``z_pts`` are the projected features; ``points2``
     (B, N, 3), a second copy of each cloud, goes through Fp with ``points`` and gives ``z_pts2``.
-    ``points=None`` skips Fp and Ff (cross-view-only training).
+    ``points=None`` skips Fp and Ff (cross-view-only training). ``point_map=True`` also returns
+    Fp's per-point features before its max-pool (``pts_map``; Fp must have ``forward_features``
+    returning them as ``"point"``, as :class:`~xmodal.models.dgcnn.DGCNN` does).
 
     ``freeze_point_bn=True`` keeps every BatchNorm layer of Fp in eval mode even when the
     module is put in train mode (``model.freeze_point_bn``): their running statistics are
@@ -70,8 +76,13 @@ class XModalNet(nn.Module):
         *,
         freeze_point_bn: bool = False,
         cross_pairs: str = "sample",
+        point_map: bool = False,
     ):
         super().__init__()
+        if point_map and not callable(getattr(point_encoder, "forward_features", None)):
+            raise ConfigError(f"{type(point_encoder).__name__} has no forward_features: its per-point features "
+                              "(loss.point_decorrelation) cannot be read; use the dgcnn point encoder")
+        self.point_map = bool(point_map)
         self.image_encoder = image_encoder
         self.point_encoder = point_encoder
         self.pair_classifier = pair_classifier
@@ -91,10 +102,14 @@ class XModalNet(nn.Module):
         if points is None:
             return XModalOutput(f_img)
         b = points.shape[0]
-        if points2 is None:
-            f_pts, f_pts2 = self.point_encoder(points), None
-        else:  # both copies in one pass of Fp
-            f_pts, f_pts2 = self.point_encoder(torch.cat([points, points2])).split(b)
+        both = points if points2 is None else torch.cat([points, points2])  # both copies in one pass of Fp
+        pts_map = None
+        if self.point_map:
+            feats = self.point_encoder.forward_features(both)
+            f_both, pts_map = feats["global"], feats["point"][:b]
+        else:
+            f_both = self.point_encoder(both)
+        f_pts, f_pts2 = (f_both, None) if points2 is None else f_both.split(b)
         ff = self.pair_classifier
         if self.all_pairs:
             logits = ff.pair_logits(f_img, f_pts)
@@ -107,7 +122,7 @@ class XModalNet(nn.Module):
             else:  # the point head sees both copies in one batch (its BatchNorm statistics too)
                 z_img, z_both = ff.project(f_img, torch.cat([f_pts, f_pts2]))
                 z_pts, z_pts2 = z_both.split(b)
-        return XModalOutput(f_img, f_pts, logits, z_img, z_pts, z_pts2)
+        return XModalOutput(f_img, f_pts, logits, z_img, z_pts, z_pts2, pts_map)
 
     def networks(self) -> dict[str, nn.Module]:
         """``{"image_encoder", "point_encoder", "pair_classifier"}`` (the modules themselves)."""
@@ -127,6 +142,7 @@ def build_training_model(cfg: PretrainConfig, ctx: DistContext) -> XModalNet:
         nets["pair_classifier"],
         freeze_point_bn=cfg.model.freeze_point_bn,
         cross_pairs=cfg.loss.cross_pairs,
+        point_map=cfg.loss.point_decorrelation > 0,
     )
     net = convert_batchnorm(net, ctx.device, ctx.world_size).to(ctx.device)
     return net.train()

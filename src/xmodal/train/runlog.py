@@ -3,8 +3,8 @@
 ``metrics.jsonl`` holds two kinds of records, both keyed by ``step``:
 
 * training records, one per ``log_every`` steps: the means over the window of each loss part
-  (``loss``, ``triplet``, ``cross``, ``cm_acc``, and ``nce`` / ``point_nce`` when
-  ``loss.projected_nce`` / ``loss.point_nce`` is on;
+  (``loss``, ``triplet``, ``cross``, ``cm_acc``, and ``nce`` / ``point_nce`` / ``decor`` when
+  ``loss.projected_nce`` / ``loss.point_nce`` / ``loss.point_decorrelation`` is on;
   ``cross``/``cm_acc`` are null without the cross-modality term), the learning rate, ``time`` (training seconds so far, validation
   excluded) and ``samples_per_s``;
 * validation records (``val.every`` > 0): ``val.*`` metrics of :mod:`xmodal.train.validation`,
@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from xmodal.train.step import LOSS_PARTS
+from xmodal.train.step import LOSS_PARTS, OPTIONAL_TERMS
 from xmodal.utils.io import append_jsonl, read_jsonl
 
 __all__ = ["RunLog", "is_val_record"]
@@ -50,7 +50,7 @@ class RunLog:
     Args:
         out: the run folder; batch_size: the global batch (for samples/s);
         use_cross_modal: whether ``cross``/``cm_acc`` are meaningful; extra_terms: the optional
-        loss terms to log (``"nce"``, ``"point_nce"``);
+        loss terms to log (keys of :data:`~xmodal.train.step.OPTIONAL_TERMS`);
         prior_elapsed: training seconds of the run before this start (resume);
         writer: this process writes files (rank 0); progress: show a tqdm bar;
         start, total: steps done before and at the end (for the bar).
@@ -95,7 +95,7 @@ class RunLog:
         mean = np.mean(np.asarray(self.window, dtype=np.float64), axis=0)
         rec: dict = {"step": int(step)}
         for name, value in zip(LOSS_PARTS, mean):
-            if name in ("nce", "point_nce") and name not in self.extra_terms:
+            if name in OPTIONAL_TERMS and name not in self.extra_terms:
                 continue
             rec[name] = float(value) if (self.use_cm or name in ("loss", "triplet")) else None
         rec["lr"] = float(lr)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from xmodal.losses import (
     batch_cross_modal_loss,
     batch_pair_bce,
+    channel_decorrelation,
     cross_modal_loss,
     pair_accuracy,
     pair_scores,
@@ -35,12 +36,15 @@ from xmodal.train.model import autocast
 from xmodal.train.trust import apply_trust_ratio_, trust_params
 from xmodal.transforms import images_to_tensor
 
-__all__ = ["LOSS_PARTS", "StepDiverged", "Stepper", "sample_logits", "batch_positives", "pooled_view_rows",
+__all__ = ["LOSS_PARTS", "OPTIONAL_TERMS", "StepDiverged", "Stepper", "sample_logits", "batch_positives", "pooled_view_rows",
            "unwrap_model"]
 
-#: what a step reports, in this order (means over the processes); ``nce`` and ``point_nce``
-#: are the ``loss.projected_nce`` and ``loss.point_nce`` terms (0 when off)
-LOSS_PARTS = ("loss", "triplet", "cross", "cm_acc", "nce", "point_nce")
+#: what a step reports, in this order (means over the processes); ``nce``, ``point_nce`` and
+#: ``decor`` are the ``loss.projected_nce``, ``loss.point_nce`` and ``loss.point_decorrelation``
+#: terms (0 when off)
+LOSS_PARTS = ("loss", "triplet", "cross", "cm_acc", "nce", "point_nce", "decor")
+#: the parts above that only some configurations compute, with the loss weight that turns each on
+OPTIONAL_TERMS = {"nce": "projected_nce", "point_nce": "point_nce", "decor": "point_decorrelation"}
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -143,8 +147,7 @@ class Stepper:
         return x, points, points2
 
     def _losses(self, batch: dict, out) -> tuple[Tensor, ...]:
-        """``(loss, triplet, cross, cm_acc, nce, point_nce)`` of an :class:`XModalOutput`; only ``loss``
-        carries gradient."""
+        """The :data:`LOSS_PARTS` of an :class:`XModalOutput`; only ``loss`` carries gradient."""
         loss_cfg = self.cfg.loss
         f_img = out.f_img.float()
         b = f_img.shape[0] // 3
@@ -152,7 +155,7 @@ class Stepper:
         trip = triplet_loss(f1, f2, f3, margin=loss_cfg.margin)
         zero = trip.new_zeros(())
         if out.logits is None:  # cross-view only: Fp and Ff are not run
-            return trip, trip.detach(), zero, zero, zero, zero
+            return trip, trip.detach(), zero, zero, zero, zero, zero
         logits = out.logits.float()
         labels = batch["labels"].to(self.ctx.device)
         pos = None
@@ -165,7 +168,7 @@ class Stepper:
             pos = batch_positives(batch["objects"], batch["negatives"]).to(self.ctx.device)
             cross = batch_cross_modal_loss(scores, pos) if loss_cfg.cross_pairs == "batch" else batch_pair_bce(scores, pos)
         loss = (trip if loss_cfg.use_cross_view else zero) + loss_cfg.beta * cross
-        nce = pnce = zero
+        nce = pnce = decor = zero
         if loss_cfg.projected_nce > 0:
             z_img, nce_pos = out.z_img.float(), pos
             if loss_cfg.nce_pool_views:
@@ -179,7 +182,12 @@ class Stepper:
             sims = out.z_pts.float() @ out.z_pts2.float().t() / loss_cfg.temperature
             pnce = batch_cross_modal_loss(sims, torch.eye(b, dtype=torch.bool, device=sims.device))
             loss = loss + loss_cfg.point_nce * pnce
-        return loss, trip.detach(), cross.detach(), pair_accuracy(per_sample, labels), nce.detach(), pnce.detach()
+        if loss_cfg.point_decorrelation > 0:  # over every point of the batch's clouds: (B*N, D)
+            rows = out.pts_map.transpose(1, 2).reshape(-1, out.pts_map.shape[1])
+            decor = channel_decorrelation(rows)
+            loss = loss + loss_cfg.point_decorrelation * decor
+        return (loss, trip.detach(), cross.detach(), pair_accuracy(per_sample, labels), nce.detach(), pnce.detach(),
+                decor.detach())
 
     def _backward(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -47,7 +47,7 @@ from xmodal.train.rundir import (check_resumable, check_resume_data, check_run_d
                                  truncate_metrics, write_run_info)
 from xmodal.train.runlog import RunLog
 from xmodal.train.sampler import BatchSpec, PretrainBatches, check_training_split
-from xmodal.train.step import StepDiverged, Stepper
+from xmodal.train.step import OPTIONAL_TERMS, StepDiverged, Stepper
 from xmodal.train.validation import Validator, holdout_split
 from xmodal.utils.lock import output_lock
 from xmodal.utils.signals import StopRequest, ignore_stop_signals
@@ -331,8 +331,7 @@ class _Trainer:
         runlog = RunLog(self.out, batch_size=cfg.batch_size, use_cross_modal=cfg.loss.use_cross_modal,
                         prior_elapsed=prior, writer=ctx.is_main, progress=progress,
                         start=self.start, total=cfg.iterations,
-                        extra_terms=tuple(t for t, w in (("nce", cfg.loss.projected_nce),
-                                                          ("point_nce", cfg.loss.point_nce)) if w > 0))
+                        extra_terms=tuple(t for t, w in OPTIONAL_TERMS.items() if getattr(cfg.loss, w) > 0))
         try:
             if cfg.val.enabled and self.ckpt is None:
                 self._validate(0, runlog)  # the curve starts at the random initialisation
