@@ -119,6 +119,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("xmodal.train.averaging", "WeightAverage.networks"): "asked before the first sample: code (the trainer checks count)",
     ("xmodal.train.checkpoint", "save_checkpoint"): "extra_tensors named like the model's or optimiser's: code",
     ("xmodal.losses", "batch_pair_bce"): "batch invariant of the sampler",
+    ("xmodal.losses", "channel_decorrelation"): "a tensor of the wrong shape from code",
     ("xmodal.losses", "TripletLoss.__init__"): "reduction= from code",
     ("xmodal.losses", "CrossModalLoss.__init__"): "reduction= from code",
     ("xmodal.models.dgcnn", "knn"): "features of the wrong shape from code",
