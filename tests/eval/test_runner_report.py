@@ -14,6 +14,7 @@ from xmodal.eval.config import EvaluateConfig, FewShotConfig, PartSegConfig, Svm
 from xmodal.eval.descriptors import d2_descriptor
 from xmodal.eval.report import DASH, TABLE_HEADERS, render_report
 from xmodal.eval.retrieval import PSB_STATS, psb_statistics, retrieval_metrics
+from xmodal.errors import DataError
 from xmodal.eval.runner import evaluate, resolve_tasks
 from xmodal.train.config import resolve_pretrain_config
 from xmodal.utils.lock import LOCK_NAME
@@ -402,3 +403,16 @@ def test_no_point_count_warning_when_only_partseg_data_is_read(points_store, run
         m = evaluate(cfg, loaded=loaded, progress=False)
     assert "partseg.frozen.100.instance_miou" in m
     assert "points but the run was trained on" not in caplog.text
+
+
+def test_partseg_data_alone_needs_no_test_split_in_data(run_dir, tmp_path, loaded):
+    """`--data` names a store of training objects only: part segmentation on `--partseg-data` still runs."""
+    train_only = tmp_path / "train-only"
+    write_store(train_only, classes=CLASSES, splits={"train": _split(4, 2, images=False)})
+    parts = _part_labelled_store(tmp_path / "parts")
+    kw = dict(run=run_dir, data=train_only, out=tmp_path / "r", device="cpu",
+              partseg=PartSegConfig(settings=["frozen"], fractions=[1.0], epochs=1, batch_size=4))
+    m = evaluate(EvaluateConfig(tasks=["partseg"], partseg_data=str(parts), **kw), loaded=loaded, progress=False)
+    assert "partseg.frozen.100.instance_miou" in m
+    with pytest.raises(DataError, match="no 'test' split"):  # a task that reads --data's test split
+        evaluate(EvaluateConfig(tasks=["svm"], **kw), loaded=loaded, progress=False)

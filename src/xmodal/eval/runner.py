@@ -97,10 +97,10 @@ def _open_store(cfg: EvaluateConfig, loaded):
     from xmodal.data.datasets import open_dataset
 
     store = open_dataset(cfg.data)
-    if TEST not in store.splits:
-        raise DataError(f"the dataset has no '{TEST}' split (splits: {store.splits})", path=cfg.data)
     if cfg.partseg_data and resolve_tasks(cfg.tasks) == ["partseg"]:
         return store  # part segmentation reads --partseg-data: the clouds of --data are not used
+    if TEST not in store.splits:
+        raise DataError(f"the dataset has no '{TEST}' split (splits: {store.splits})", path=cfg.data)
     if store.has_images and getattr(loaded, "image_size", None) not in (None, store.image_size):
         log.warning(
             "%s: images are %s px but the run was trained on %s px; they are resized to the run's size",
