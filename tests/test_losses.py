@@ -236,6 +236,14 @@ def test_channel_decorrelation_limits_and_invariances():
         channel_decorrelation(torch.randn(1, 4))
 
 
+def test_channel_decorrelation_is_float32_inside_autocast():
+    x = torch.randn(64, 12) @ torch.randn(12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = channel_decorrelation(x.bfloat16())
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(channel_decorrelation(x.bfloat16().float()).item(), rel=1e-6)
+
+
 def test_channel_decorrelation_gradient_lowers_it():
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(64, 8, generator=g) @ torch.randn(8, 8, generator=g)).requires_grad_(True)

@@ -218,7 +218,8 @@ def channel_decorrelation(x: Tensor, eps: float = 1e-5) -> Tensor:
 
     Each channel is standardised over the rows (``(x - mean) / sqrt(var + eps)``, the biased
     variance), the correlation matrix is ``z^T z / M``, and its ``D (D - 1)`` off-diagonal entries
-    are squared and averaged. A constant channel has correlation 0 with every other one.
+    are squared and averaged. A constant channel has correlation 0 with every other one, so the
+    term alone would slightly reward dead channels; it is meant beside a loss that uses them.
 
     Args:
         x: (M, D) features, M >= 2 rows (samples, or points of several clouds) and D >= 2 channels.
@@ -229,13 +230,15 @@ def channel_decorrelation(x: Tensor, eps: float = 1e-5) -> Tensor:
     """
     if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 2:
         raise ValueError(f"x must be (M, D) with M >= 2 and D >= 2, got {tuple(x.shape)}")
-    x = x.float()
-    z = x - x.mean(dim=0)
-    z = z * torch.rsqrt(z.pow(2).mean(dim=0) + eps)
-    corr = z.t() @ z / x.shape[0]
-    d = x.shape[1]
-    off = corr.pow(2).sum() - corr.diagonal().pow(2).sum()
-    return off / (d * (d - 1))
+    with torch.autocast(x.device.type, enabled=False):  # float32 even inside an autocast region
+        x = x.float()
+        z = x - x.mean(dim=0)
+        z = z * torch.rsqrt(z.pow(2).mean(dim=0) + eps)
+        corr = z.t() @ z / x.shape[0]
+        d = x.shape[1]
+        # the off-diagonal entries themselves (not the total minus the diagonal, which loses digits)
+        off = corr.flatten()[:-1].view(d - 1, d + 1)[:, 1:]
+        return off.pow(2).mean()
 
 
 class TripletLoss(nn.Module):

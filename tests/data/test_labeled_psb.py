@@ -166,6 +166,32 @@ def test_labels_for_a_few_meshes_do_not_make_a_labeled_psb_folder(tmp_path, labe
     assert not isinstance(open_source(root), MeshFolderSource)
 
 
+def test_meshes_neither_reader_takes_do_not_count(tmp_path, labeled_tree):
+    # every mesh under train/ and test/ labelled; unlabelled copies beside those folders are read by
+    # neither source, so the folder stays Labeled PSB
+    root = labeled_tree(tmp_path / "lpsb", per_category=2, split_levels=True)
+    for cat in [d for d in root.iterdir() if d.is_dir()]:
+        some = next(cat.rglob("*.off"))
+        for j in range(3):
+            (cat / f"extra{j}.off").write_text(some.read_text())
+    assert not isinstance(open_source(root), MeshFolderSource)
+
+
+def test_meshes_deeper_down_count_against_a_few_labels(tmp_path, labeled_tree, caplog):
+    # one labelled mesh per category beside many plain meshes one level down, which the mesh-folder
+    # reader takes and Labeled PSB does not: a plain mesh collection
+    root = labeled_tree(tmp_path / "lpsb", per_category=1)
+    for cat in [d for d in root.iterdir() if d.is_dir()]:
+        (cat / "more").mkdir()
+        some = next(cat.glob("*.off"))
+        for j in range(4):
+            (cat / "more" / f"m{j}.off").write_text(some.read_text())
+    with caplog.at_level("WARNING"):
+        src = open_source(root)
+    assert isinstance(src, MeshFolderSource) and len(src.items) == 5 * len(list(root.glob("*/*_labels.txt")))
+    assert "fewer than half" in caplog.text
+
+
 def test_upper_case_mesh_suffixes_are_recognised(tmp_path, labeled_tree):
     root = labeled_tree(tmp_path / "lpsb", per_category=2)
     for p in list(root.rglob("*.off")):
@@ -355,3 +381,18 @@ def test_real_prepared_point_labels_are_their_faces_labels(labeled_psb_dir, tmp_
             assert len(set(lab.tolist())) >= 3
             checked += 1
     assert checked == 3
+
+
+def test_a_folder_read_by_another_reader_is_not_a_resume(tmp_path, labeled_tree):
+    """Labels files removed after a Labeled PSB build: the same ids and labels, but the mesh-folder
+    reader (z-up, no part labels) would write other shards into the same store."""
+    from xmodal.data.prepare import PrepareConfig, prepare
+    from xmodal.errors import OutputExistsError
+
+    root = labeled_tree(tmp_path / "lpsb", per_category=2, split_levels=True)
+    cfg = PrepareConfig(source=root, out=tmp_path / "ds", views=0, points=64, chunk_size=2, workers=1)
+    prepare(cfg, progress=False)
+    for p in root.rglob("*_labels.txt"):
+        p.unlink()
+    with pytest.raises(OutputExistsError, match=r"the source's up axis: 'y' -> 'z'"):
+        prepare(cfg, progress=False)

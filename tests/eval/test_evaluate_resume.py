@@ -304,3 +304,21 @@ def test_settings_differing_compares_each_recorded_setting_with_the_stated_one()
     assert baseline_seed_in_effect(metrics) == 0
     unstated = {**metrics, "meta.baseline_seed": None}
     assert baseline_seed_in_effect(unstated) == 0 and "baseline.random.svm" not in settings_differing(unstated)
+
+
+def test_weights_digest_ignores_options_at_the_value_older_runs_had():
+    """A run saved before an option existed loads with the option at its neutral value: its digest
+    must be what it was before the option was added; the option away from that value changes it."""
+    import dataclasses
+
+    from xmodal.eval.resume import _config_identity, weights_digest
+
+    cfg = resolve_pretrain_config("smoke")
+    before_the_field = dataclasses.asdict(cfg)  # the config as an older version's schema held it
+    del before_the_field["loss"]["point_decorrelation"]
+    assert _config_identity(before_the_field) == _config_identity(cfg)
+    net = random_init_run(cfg, seed=0)
+    on = replace(net, config=replace(cfg, loss=replace(cfg.loss, point_decorrelation=1.0)))
+    assert weights_digest(on) != weights_digest(net)
+    other = replace(net, config=replace(cfg, loss=replace(cfg.loss, point_nce=1.0)))  # not a neutral field
+    assert weights_digest(other) != weights_digest(net)

@@ -25,7 +25,15 @@ from typing import Optional
 import numpy as np
 
 from xmodal.data.mesh_io import read_mesh_arrays
-from xmodal.data.sources import SPLIT_DIRS, _check_ratio, _class_key, _text, stratified_holdout
+from xmodal.data.sources import (
+    SPLIT_DIRS,
+    _check_ratio,
+    _class_folders,
+    _class_key,
+    _split_folders,
+    _text,
+    stratified_holdout,
+)
 from xmodal.data.types import Item, Mesh, Source
 from xmodal.errors import DataError, LabelsError, MissingInputError
 
@@ -170,8 +178,9 @@ def _scan_part_names(path: Path) -> list[str]:
         return []
 
 
-def _folder_meshes(folder: Path) -> list[Path]:
-    """Meshes directly in ``folder``, one per stem (the first of :data:`LABELED_MESH_EXTENSIONS`)."""
+def _folder_meshes(folder: Path, *, quiet: bool = False) -> list[Path]:
+    """Meshes directly in ``folder``, one per stem (the first of :data:`LABELED_MESH_EXTENSIONS`);
+    ``quiet``: no warning for two meshes of one stem (when only counting)."""
     by_stem: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         ext = p.suffix.lower()
@@ -179,18 +188,14 @@ def _folder_meshes(folder: Path) -> list[Path]:
             continue
         old = by_stem.get(p.stem)
         if old is None or LABELED_MESH_EXTENSIONS.index(ext) < LABELED_MESH_EXTENSIONS.index(old.suffix.lower()):
-            if old is not None:
+            if old is not None and not quiet:
                 log.warning("%s: two meshes share the labels of stem %r; using %s", folder, p.stem, p.name)
             by_stem[p.stem] = p
     return [by_stem[s] for s in sorted(by_stem)]
 
 
-def _split_dirs(cdir: Path) -> dict[str, Path]:
-    return {d.name.lower(): d for d in cdir.iterdir() if d.is_dir() and d.name.lower() in SPLIT_DIRS}
-
-
-def _category_dirs(root: Path) -> list[Path]:
-    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+_split_dirs = _split_folders  # a category's train/test sub-folders, as the mesh-folder reader finds them
+_category_dirs = _class_folders
 
 
 def is_labeled_mesh_folder(root: "str | os.PathLike") -> bool:
@@ -214,9 +219,11 @@ def labeled_mesh_counts(root: "str | os.PathLike") -> tuple[int, int]:
     ``<stem>_labels.txt`` beside them."""
     root = Path(root)
     labelled = meshes = 0
+    if not root.is_dir():
+        return 0, 0
     for cdir in _category_dirs(root):
-        for folder in [cdir, *_split_dirs(cdir).values()]:
-            found = _folder_meshes(folder)
+        for folder in list(_split_dirs(cdir).values()) or [cdir]:  # as LabeledPSBSource reads them
+            found = _folder_meshes(folder, quiet=True)
             meshes += len(found)
             labelled += sum(labels_path(m).is_file() for m in found)
     return labelled, meshes

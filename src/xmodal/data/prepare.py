@@ -302,12 +302,15 @@ def plan_key(plan: dict) -> dict:
     paths) and the part.
 
     The source's own seed counts because a generated source (``builtin:shapes?seed=S``) draws other
-    shapes under the same ids and labels; for file sources it is the settings' seed, or unused.
+    shapes under the same ids and labels; for file sources it is the settings' seed, or unused. Its
+    up axis counts because one folder can be read by two readers with the same ids (a Labeled PSB
+    folder, y-up with part labels, becomes a plain z-up mesh folder once its labels files go).
     """
     return {
         "format_version": plan.get("format_version"),
         "settings": plan.get("settings"),
         "source_seed": (plan.get("source") or {}).get("seed"),
+        "source_up_axis": (plan.get("source") or {}).get("up_axis"),
         "classes": plan.get("classes"),
         "items": {s: [(r["id"], r["label"]) for r in recs] for s, recs in plan.get("items", {}).items()},
         "shard": plan.get("shard"),
@@ -328,8 +331,9 @@ def describe_difference(old: dict, new: dict) -> str:
     for k in sorted(set(sa) | set(sb)):
         if sa.get(k) != sb.get(k):
             diffs.append(f"{k}: {sa.get(k)!r} -> {sb.get(k)!r}")
-    if a["source_seed"] != b["source_seed"]:
-        diffs.append(f"the source's seed: {a['source_seed']!r} -> {b['source_seed']!r}")
+    for key, what in (("source_seed", "seed"), ("source_up_axis", "up axis")):
+        if a[key] != b[key]:
+            diffs.append(f"the source's {what}: {a[key]!r} -> {b[key]!r}")
     if a["classes"] != b["classes"]:
         diffs.append("the class list")
     if a["items"] != b["items"]:

@@ -99,9 +99,10 @@ def open_source(spec: "str | os.PathLike", *, seed: int = 0, test_ratio: float =
         return ModelNetH5Source(path, seed=seed, test_ratio=test_ratio)
     labeled = importlib.import_module("xmodal.data.labeled_psb")  # imports this module
     labelled, meshes = labeled.labeled_mesh_counts(path)
-    if labelled and 2 * labelled >= meshes:  # a few stray labels files do not fail every other mesh
-        return labeled.LabeledPSBSource(path, seed=seed, test_ratio=test_ratio)
-    if labelled:
+    if labelled:  # at least half of what either reader would take: stray labels files fail no other mesh
+        meshes = max(meshes, mesh_folder_count(path))
+        if 2 * labelled >= meshes:
+            return labeled.LabeledPSBSource(path, seed=seed, test_ratio=test_ratio)
         logger.warning("%s: %d of %d meshes have a '<stem>%s' beside them, fewer than half: read as a plain mesh "
                        "collection, those part labels ignored (a Labeled PSB folder labels at least half its "
                        "meshes)", path, labelled, meshes, labeled.LABELS_SUFFIX)
@@ -221,6 +222,26 @@ def _mesh_files(folder: Path) -> list[Path]:
     return found
 
 
+def _split_folders(cdir: Path) -> dict[str, Path]:
+    """``{split: folder}`` of a class folder's ``train``/``test`` sub-folders (any case)."""
+    return {d.name.lower(): d for d in cdir.iterdir() if d.is_dir() and d.name.lower() in SPLIT_DIRS}
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def mesh_folder_count(root: "str | os.PathLike") -> int:
+    """How many meshes :class:`MeshFolderSource` reads under ``root`` (the same folders: a class's
+    ``train``/``test`` sub-folders where it has them, else everything below it), without its
+    warnings."""
+    n = 0
+    for cdir in _class_folders(Path(root)):
+        splits = _split_folders(cdir)
+        n += sum(len(_mesh_files(d)) for d in splits.values()) if splits else len(_mesh_files(cdir))
+    return n
+
+
 class MeshFolderSource(Source):
     """Meshes in class sub-folders.
 
@@ -251,10 +272,9 @@ class MeshFolderSource(Source):
         # (class, split, file, base folder the id is made relative to)
         entries: list[tuple[str, str, Path, Path]] = []
         split_classes, plain_classes = [], []
-        class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        for cdir in class_dirs:
+        for cdir in _class_folders(self.root):
             cname = _text(cdir.name)
-            split_dirs = {d.name.lower(): d for d in cdir.iterdir() if d.is_dir() and d.name.lower() in SPLIT_DIRS}
+            split_dirs = _split_folders(cdir)
             if split_dirs:
                 n_before = len(entries)
                 for split in SPLIT_DIRS:

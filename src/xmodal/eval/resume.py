@@ -5,7 +5,8 @@ a network (``"svm"`` on the run, ``"baseline.random.svm"`` on its random-init ba
 fingerprint (:func:`task_fingerprint`) of everything its metrics depend on:
 
 * the network: a SHA-256 of every parameter and buffer of Fimg, Fp and Ff, and of its
-  pre-training config (:func:`weights_digest`) - the weights actually evaluated, whether they
+  pre-training config (:func:`weights_digest`; options added later count only away from the value
+  earlier runs had) - the weights actually evaluated, whether they
   came from ``encoders.safetensors``, the last checkpoint or :func:`xmodal.api.random_init_run`;
 * the dataset: a SHA-256 of its manifest (:func:`data_digest`; a prepared dataset is a
   deterministic function of its manifest's source and settings);
@@ -60,6 +61,26 @@ def _plain(value: Any) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
+def _config_identity(config: Any) -> Any:
+    """A run's pre-training config as it enters :func:`weights_digest`: plain data, without the
+    fields added after runs had been saved while they hold the value those runs had
+    (:data:`xmodal.train.config.HASH_NEUTRAL_VALUES`), so that a new option does not make every
+    report folder evaluate its run again."""
+    plain = json.loads(json.dumps(_plain(config), sort_keys=True, default=str))  # tuples -> lists
+    if not isinstance(plain, dict):
+        return plain
+    from xmodal.train.config import HASH_NEUTRAL_VALUES  # the pre-training schema's own table
+
+    for key, neutral in HASH_NEUTRAL_VALUES.items():
+        *path, leaf = key.split(".")
+        section = plain
+        for part in path:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict) and leaf in section and section[leaf] == neutral:
+            del section[leaf]
+    return plain
+
+
 def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
@@ -75,7 +96,7 @@ def weights_digest(net: Any) -> str:
             t = tensor.detach().cpu().contiguous()
             h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode("utf-8"))
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    h.update(_sha(_plain(getattr(net, "config", None))).encode("ascii"))
+    h.update(_sha(_config_identity(getattr(net, "config", None))).encode("ascii"))
     return h.hexdigest()
 
 

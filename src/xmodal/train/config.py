@@ -221,9 +221,9 @@ class LossConfig:
     point_nce: float = 0.0
     #: weight of a redundancy-reduction term for the point encoder (0 = off, the paper): the mean
     #: squared correlation between different channels of Fp's per-point features before its
-    #: max-pool, over every point of the batch's clouds (:func:`xmodal.losses.channel_decorrelation`;
-    #: Barlow Twins' off-diagonal term on one set of features); needs a point encoder with
-    #: ``forward_features`` (DGCNN)
+    #: max-pool, over every point of the batch's clouds (under torchrun: of each process's share,
+    #: averaged) (:func:`xmodal.losses.channel_decorrelation`; Barlow Twins' off-diagonal term on
+    #: one set of features); needs a point encoder with ``forward_features`` (DGCNN)
     point_decorrelation: float = 0.0
     #: which image projections ``projected_nce`` pairs with the clouds: False (each view its own
     #: anchor: a cloud must pick both views of its object among the batch's 3B images) or True

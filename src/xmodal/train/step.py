@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from xmodal.errors import ConfigError
 from xmodal.losses import (
     batch_cross_modal_loss,
     batch_pair_bce,
@@ -183,6 +184,9 @@ class Stepper:
             pnce = batch_cross_modal_loss(sims, torch.eye(b, dtype=torch.bool, device=sims.device))
             loss = loss + loss_cfg.point_nce * pnce
         if loss_cfg.point_decorrelation > 0:  # over every point of the batch's clouds: (B*N, D)
+            if out.pts_map is None:
+                raise ConfigError("loss.point_decorrelation needs Fp's per-point features: build the model with "
+                                  "XModalNet(..., point_map=True), as build_training_model does")
             rows = out.pts_map.transpose(1, 2).reshape(-1, out.pts_map.shape[1])
             decor = channel_decorrelation(rows)
             loss = loss + loss_cfg.point_decorrelation * decor

@@ -16,8 +16,10 @@ from ``(seed, s, rank)`` at each step (inside a forked RNG, so the caller's RNG 
 untouched), and checkpoints hold the optimizer/scheduler state, so on the CPU a run resumed
 from step ``s`` reproduces the losses of one that never stopped, and a ``torchrun`` run on
 ``W`` processes (global BatchNorm, see :mod:`xmodal.train.distributed`) reproduces a
-single-process run up to float rounding (with ``loss.cross_pairs: sample``; the batch forms
-pair images and clouds within each process's share of the batch).
+single-process run up to float rounding (with ``loss.cross_pairs: sample`` and none of the
+terms that compare samples within a batch: the batch forms of ``cross_pairs``,
+``projected_nce``, ``point_nce`` and ``point_decorrelation`` are computed on each process's share
+of the batch and averaged).
 """
 
 from __future__ import annotations
