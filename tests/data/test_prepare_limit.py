@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import trimesh
 
@@ -53,6 +55,26 @@ def test_memory_share_fails_a_mesh_before_reading_it(tmp_path, meshes, monkeypat
     assert "one worker may use" in rec["reason"]
     assert reads == []  # the PLY was refused from its header, never read
     assert ShapeStore(tmp_path / "ds").counts == {"train": 1}
+
+
+def test_a_mesh_over_the_memory_share_is_tried_again_once_memory_would_hold_it(tmp_path, meshes, monkeypatch):
+    out = tmp_path / "ds"
+    monkeypatch.setattr(mesh_limit, "available_memory", lambda: mesh_limit.PROCESS_BYTES + 500_000)
+    cfg = PrepareConfig(source=meshes, out=out, **SMALL)
+    man = prepare(cfg, progress=False)
+    assert [r["id"] for r in man["failed"]] == ["ball/train/big"]
+    (rec,) = json.loads(next((out / "failed").glob("*.json")).read_text())
+    need = rec["retry"]["need"]
+    assert rec["retry"]["kind"] == "size" and 500_000 < need < 2_000_000
+    shard = next((out / "shards").rglob("*.h5"))
+    built = shard.stat().st_mtime_ns
+    # more memory than before, one byte short of the need: nothing is built again
+    monkeypatch.setattr(mesh_limit, "available_memory", lambda: mesh_limit.PROCESS_BYTES + need - 1)
+    assert prepare(cfg, progress=False) == man and shard.stat().st_mtime_ns == built
+    # enough memory now: the chunk is built again and the mesh prepared
+    monkeypatch.setattr(mesh_limit, "available_memory", lambda: mesh_limit.PROCESS_BYTES + need)
+    man = prepare(cfg, progress=False)
+    assert man["failed"] == [] and man["counts"] == {"train": 2}
 
 
 def test_negative_max_faces_is_a_config_error():

@@ -184,7 +184,12 @@ def available_memory() -> Optional[int]:
 
 class MeshTooLarge(MeshError):
     """A mesh over the size limit of this job (:class:`MeshLimit`): a matter of the machine and
-    the settings, not of the file, so ``prepare`` tries it again on the next run."""
+    the settings, not of the file, so ``prepare`` tries it again on a run whose limit would take
+    it. ``need``: the bytes it was estimated to need, when the limit was the memory's (else None)."""
+
+    def __init__(self, path, reason: str, need: Optional[int] = None) -> None:
+        super().__init__(path, reason)
+        self.need = None if need is None else int(need)
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,7 @@ class MeshLimit:
                 f"{faces:,} faces and {vertices:,} vertices need about {need / GiB:.1f} GiB to read, sample and "
                 f"render, more than the {self.memory / GiB:.1f} GiB one worker may use ({self.origin}); "
                 "not prepared (free memory, use fewer workers, or set max_faces to take it on anyway)",
+                need=need,
             )
 
     def check_file(self, path) -> None:

@@ -462,21 +462,31 @@ def _retry_record(exc: Exception, item: Item, limit_inputs: Optional[dict]) -> d
     """What a failed object's retry depends on (:func:`_worth_retrying`): the size and modification
     time of its files (None for one missing, e.g. a labels file not written yet), and the kind of
     failure: ``"file"`` (a :class:`MeshError`), ``"size"`` (:class:`MeshTooLarge`, with the
-    ``max_faces`` and ``workers`` it was judged under) or ``"job"`` (anything else: memory, the
-    file system...)."""
+    ``max_faces`` and ``workers`` it was judged under and, for the memory-based limit, the bytes it
+    was estimated to need) or ``"job"`` (anything else: memory, the file system...)."""
     files = [item.path] if item.path else []
     if isinstance(exc, MeshError) and exc.path and exc.path not in files:
         files.append(exc.path)  # e.g. a Labeled PSB labels file
     kind = "size" if isinstance(exc, MeshTooLarge) else "file" if isinstance(exc, MeshError) else "job"
-    return {"kind": kind, "files": {f: _file_stat(f) for f in files},
-            **({"limit": dict(limit_inputs or {})} if kind == "size" else {})}
+    size = {}
+    if kind == "size":
+        size = {"limit": {k: v for k, v in (limit_inputs or {}).items() if k != "memory"}}
+        if exc.need is not None:
+            size["need"] = exc.need
+    return {"kind": kind, "files": {f: _file_stat(f) for f in files}, **size}
+
+
+def _fits(need, memory) -> bool:
+    """A mesh that needed ``need`` bytes fits a worker's share of ``memory`` bytes (both known)."""
+    return isinstance(need, int) and isinstance(memory, int) and need <= memory
 
 
 def _worth_retrying(failed_path: Path, limit_inputs: dict) -> bool:
     """Whether a chunk's ``failed/`` record holds an object worth trying again: one whose files
     changed since, one over the size limit of a job with another ``max_faces`` or fewer workers
-    than now, or one that failed for the job's sake rather than its files'. Records without
-    :data:`RETRY_KEY` (older versions) are not retried."""
+    than now or whose memory share (``limit_inputs["memory"]``, bytes, for every worker the job
+    may start) now covers what it needs, or one that failed for the job's sake rather than its
+    files'. Records without :data:`RETRY_KEY` (older versions) are not retried."""
     if not failed_path.is_file():
         return False
     try:
@@ -493,7 +503,8 @@ def _worth_retrying(failed_path: Path, limit_inputs: dict) -> bool:
             return True
         then = why.get("limit") or {}
         if why.get("kind") == "size" and (then.get("max_faces") != limit_inputs.get("max_faces")
-                                          or limit_inputs.get("workers", 1) < then.get("workers", 1)):
+                                          or limit_inputs.get("workers", 1) < then.get("workers", 1)
+                                          or _fits(why.get("need"), limit_inputs.get("memory"))):
             return True
     return False
 
@@ -572,7 +583,10 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
                     format_shard(shard))
     # what a mesh size limit depends on besides the machine (recorded with a MeshTooLarge failure)
     limit_inputs = {"max_faces": int(cfg.max_faces), "workers": int(cfg.workers)}
-    tasks = _pending_chunks(out, items, cfg.chunk_size, chunks, limit_inputs)
+    # a mesh over the memory-based limit is tried again once a worker's share would hold it (the
+    # share for every worker the job may start: the smallest it can be)
+    memory = MeshLimit.for_workers(cfg.max_faces, cfg.workers).memory
+    tasks = _pending_chunks(out, items, cfg.chunk_size, chunks, {**limit_inputs, "memory": memory})
     if tasks:
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # no longer describes a complete store
         _remove_stale_temps(out)
