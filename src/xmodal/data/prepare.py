@@ -45,6 +45,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from xmodal.config import save_config
+from xmodal.data import crash
+from xmodal.data.crash import file_stat
 from xmodal.data.geometry import normalize_unit_sphere
 from xmodal.data.store import (
     FORMAT_VERSION,
@@ -179,6 +181,27 @@ def _failure_reason(exc: Exception, item: Item) -> str:
     return exc.reason if exc.path in (item.path, item.id) else str(exc)
 
 
+def _prepare_one(ctx: _Context, split: str, chunk: int, item: Item, rows: list, ok_items: list, failures: list,
+                 crashes: dict, in_flight: crash.InFlight) -> int:
+    """Prepare ``item`` into ``rows`` / ``ok_items``, or record its failure; returns 1 for a failure."""
+    known = crash.crash_reason(crashes, item)  # it killed a process before, its file unchanged
+    try:
+        if known is not None:
+            raise MeshError(item.path or item.id, known)
+        in_flight(split, chunk, item)
+        rows.append(_process_object(ctx, item))
+        ok_items.append(item)
+        return 0
+    except PrepareError:  # the job's own set-up (the renderer), not this object: stop, record nothing
+        raise
+    except Exception as exc:  # any problem with one object skips that object only
+        reason = _failure_reason(exc, item)
+        failures.append({"path": item.path, "id": item.id, "reason": reason,
+                         RETRY_KEY: _retry_record(exc, item, ctx.settings.get("limit_inputs"))})
+        log.warning("skipping %s (%s): %s", item.id, item.path or "generated", reason)
+        return 1
+
+
 def _run_chunk(ctx: _Context, split: str, chunk: int, items: list[Item], report=None,
                should_stop: Optional[Callable[[], bool]] = None) -> Optional[tuple[int, int]]:
     """Prepare one chunk and write its failures and (last) its shard. Returns (ok, failed), or
@@ -187,23 +210,14 @@ def _run_chunk(ctx: _Context, split: str, chunk: int, items: list[Item], report=
     rows: list[dict[str, np.ndarray]] = []
     ok_items: list[Item] = []
     failures: list[dict] = []
-    for item in items:
-        if should_stop is not None and should_stop():
-            return None
-        try:
-            rows.append(_process_object(ctx, item))
-            ok_items.append(item)
-            bad = 0
-        except PrepareError:  # the job's own set-up (the renderer), not this object: stop, record nothing
-            raise
-        except Exception as exc:  # any problem with one object skips that object only
-            reason = _failure_reason(exc, item)
-            failures.append({"path": item.path, "id": item.id, "reason": reason,
-                             RETRY_KEY: _retry_record(exc, item, s.get("limit_inputs"))})
-            log.warning("skipping %s (%s): %s", item.id, item.path or "generated", reason)
-            bad = 1
-        if report is not None:
-            report(1, bad)
+    crashes = s.get("crashes") or {}
+    with crash.InFlight(ctx.out) as in_flight:
+        for item in items:
+            if should_stop is not None and should_stop():
+                return None
+            bad = _prepare_one(ctx, split, chunk, item, rows, ok_items, failures, crashes, in_flight)
+            if report is not None:
+                report(1, bad)
     n, v, size = len(rows), s["effective_views"], s["image_size"]
     arrays: dict[str, Any] = {
         "ids": [it.id for it in ok_items],
@@ -450,14 +464,6 @@ def claim_output(out: Path, plan: dict, overwrite: bool, *,
     write_json(plan_path, plan)
 
 
-def _file_stat(path) -> Optional[list[int]]:
-    try:
-        st = os.stat(path)
-    except (OSError, TypeError, ValueError):
-        return None
-    return [int(st.st_size), int(st.st_mtime_ns)]
-
-
 def _retry_record(exc: Exception, item: Item, limit_inputs: Optional[dict]) -> dict:
     """What a failed object's retry depends on (:func:`_worth_retrying`): the size and modification
     time of its files (None for one missing, e.g. a labels file not written yet), and the kind of
@@ -473,7 +479,7 @@ def _retry_record(exc: Exception, item: Item, limit_inputs: Optional[dict]) -> d
         size = {"limit": {k: v for k, v in (limit_inputs or {}).items() if k != "memory"}}
         if exc.need is not None:
             size["need"] = exc.need
-    return {"kind": kind, "files": {f: _file_stat(f) for f in files}, **size}
+    return {"kind": kind, "files": {f: file_stat(f) for f in files}, **size}
 
 
 def _fits(need, memory) -> bool:
@@ -497,7 +503,7 @@ def _worth_retrying(failed_path: Path, limit_inputs: dict) -> bool:
         why = rec.get(RETRY_KEY) if isinstance(rec, dict) else None
         if not isinstance(why, dict):
             continue
-        if any(_file_stat(f) != st for f, st in (why.get("files") or {}).items()):
+        if any(file_stat(f) != st for f, st in (why.get("files") or {}).items()):
             return True
         if why.get("kind") == "job":
             return True
@@ -586,7 +592,11 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
     # a mesh over the memory-based limit is tried again once a worker's share would hold it (the
     # share for every worker the job may start: the smallest it can be)
     memory = MeshLimit.for_workers(cfg.max_faces, cfg.workers).memory
-    tasks = _pending_chunks(out, items, cfg.chunk_size, chunks, {**limit_inputs, "memory": memory})
+    retry_inputs = {**limit_inputs, "memory": memory}
+    has_pl = src.part_names is not None
+    # objects in flight when an earlier job's process died: find out whether one of them killed it
+    _check_suspects(out, src, items, settings, plan["classes"], has_pl, cfg.max_faces)
+    tasks = _pending_chunks(out, items, cfg.chunk_size, chunks, retry_inputs)
     if tasks:
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # no longer describes a complete store
         _remove_stale_temps(out)
@@ -594,15 +604,22 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
         n_done_before = sum(len(items[sp][c * cs : (c + 1) * cs]) for sp, c in chunks) - sum(len(t[2]) for t in tasks)
         if n_done_before:
             log.info("resuming %s: %d objects already prepared", out, n_done_before)
-        has_pl = src.part_names is not None
         # the mesh limit travels with the settings to the workers but is not one of the
         # dataset's settings (plan.json): like workers, it depends on the machine
         limit = MeshLimit.for_workers(cfg.max_faces, 1 if cfg.workers == 1 else max(1, min(cfg.workers, len(tasks))))
         if src.kind == "mesh":
             log.info("mesh size limit: %s", limit.describe())
         run_settings = {**settings, "mesh_limit": limit, "limit_inputs": limit_inputs}
-        written = _execute(tasks, src, run_settings, out, plan["classes"], has_pl, workers=cfg.workers,
-                           progress=progress, should_stop=lambda: stop.requested)
+        while True:
+            run_settings["crashes"] = crash.read_crashes(out)
+            try:
+                written = _execute(tasks, src, run_settings, out, plan["classes"], has_pl, workers=cfg.workers,
+                                   progress=progress, should_stop=lambda: stop.requested)
+                break
+            except _PoolBroken as broken:
+                if not _check_suspects(out, src, items, settings, plan["classes"], has_pl, cfg.max_faces):
+                    raise _pool_died(broken.args[0]) from broken
+                tasks = _pending_chunks(out, items, cfg.chunk_size, chunks, retry_inputs)
         if written < len(tasks):
             raise _interrupted(out, stop.signum, len(chunks) - len(tasks) + written, len(chunks), shard)
     manifest = finalize_store(out, plan, up_axis=src.up_axis, part_names=src.part_names)
@@ -615,6 +632,15 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
             hint=f"every failure and its reason is listed under 'failed' in {out / MANIFEST_NAME}",
         )
     return manifest
+
+
+def _pool_died(key: tuple[str, int]) -> PrepareError:
+    return PrepareError(
+        f"a worker process died (killed, e.g. for lack of memory, or a crash in native code) while preparing "
+        f"chunk {key[1]} of split '{key[0]}'; each object it may have been preparing was prepared again alone, "
+        "and none died",
+        hint="run the same command with fewer --workers (the written shards are kept)",
+    )
 
 
 def _interrupted(out: Path, signum: Optional[int], written: int, total: int,
@@ -719,6 +745,63 @@ def _execute_pool(tasks, src, settings, out, classes, has_pl, workers, report, s
                 fut.cancel()
 
 
+class _PoolBroken(Exception):
+    """A pool worker died (killed, or a crash in native code); ``args[0]``: a chunk it left."""
+
+
+def _probe_object(source: Source, settings: dict, out: str, classes: list[str], has_pl: bool, item: Item) -> None:
+    """Prepare ``item`` alone in a fresh process (spawned by :func:`_probe`); its exit code is the answer."""
+    ignore_stop_signals()
+    os.environ.setdefault("LP_NUM_THREADS", "1")
+    ctx = _Context(source, settings, Path(out), classes, has_pl)
+    try:
+        _process_object(ctx, item)
+    except BaseException:  # noqa: BLE001 - an exception is the object's chunk's to record; only a death counts
+        pass
+    finally:
+        ctx.close()
+
+
+def _probe(source: Source, settings: dict, out: Path, classes: list[str], has_pl: bool, item: Item) -> Optional[int]:
+    """The exit code of a process that prepared ``item`` alone (0: it survived)."""
+    proc = mp.get_context("spawn").Process(target=_probe_object, args=(source, settings, str(out), classes, has_pl, item),
+                                           daemon=True)
+    proc.start()
+    proc.join()
+    return proc.exitcode
+
+
+def _check_suspects(out: Path, src: Source, items: dict[str, list[Item]], settings: dict, classes: list[str],
+                    has_pl: bool, max_faces: int) -> int:
+    """Prepare each object that was in flight when a process died again alone (see
+    :mod:`xmodal.data.crash`); record those that kill that process too. Returns how many did."""
+    suspects = crash.take_suspects(out)
+    if not suspects:
+        return 0
+    try:
+        pickle.dumps(src)
+    except Exception:  # noqa: BLE001 - any pickling failure
+        log.warning("%d objects were being prepared when a process died (%s); this source cannot be sent to a "
+                    "process of its own to find out whether one of them killed it", len(suspects),
+                    ", ".join(str(x["id"]) for x in suspects))
+        return 0
+    by_id = {it.id: it for its in items.values() for it in its}
+    alone = {**settings, "mesh_limit": MeshLimit.for_workers(max_faces, 1)}
+    found = 0
+    for suspect in suspects:
+        item = by_id.get(str(suspect["id"]))
+        if item is None:
+            continue
+        code = _probe(src, alone, out, classes, has_pl, item)
+        if code:
+            rec = crash.record_crash(out, suspect, code)
+            log.warning("%s (%s): %s", item.id, item.path or "generated", rec["reason"])
+            found += 1
+        else:
+            log.info("%s was being prepared when a process died; prepared alone, it is fine", item.id)
+    return found
+
+
 def _collect(futures: dict, progress: _QueueProgress, should_stop, abandon) -> int:
     """Wait for the pool's chunks; returns how many were written."""
     pending, written, stopping = set(futures), 0, False
@@ -737,6 +820,8 @@ def _collect(futures: dict, progress: _QueueProgress, should_stop, abandon) -> i
             if exc is not None:
                 if stopping:  # e.g. a worker hit by the signal before it could ignore it: not written
                     continue
+                if isinstance(exc, cf.process.BrokenProcessPool):  # a worker died: see xmodal.data.crash
+                    raise _PoolBroken(key) from exc
                 if isinstance(exc, (XmodalError, OSError)):  # the disk, a file: reported as they are
                     raise exc
                 raise RuntimeError(f"prepare: chunk {key[1]} of split '{key[0]}' failed: {exc}") from exc
