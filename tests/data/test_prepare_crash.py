@@ -8,6 +8,7 @@ import signal
 
 import pytest
 
+import xmodal.data.prepare as prepare_mod
 from xmodal.data import crash
 from xmodal.data.builtin import BuiltinSource
 from xmodal.data.prepare import PrepareConfig, prepare
@@ -23,12 +24,12 @@ class _Killer(BuiltinSource):
     """The built-in shapes, one of which kills any process that loads it but the test's own
     (``pool_only``: only a pool worker, not a process preparing it alone)."""
 
-    def __init__(self, *args, pool_only: bool = False, **kwargs):
+    def __init__(self, *args, pool_only: bool = False, victims=(VICTIM,), **kwargs):
         super().__init__(*args, **kwargs)
-        self.test_pid, self.pool_only = os.getpid(), pool_only
+        self.test_pid, self.pool_only, self.victims = os.getpid(), pool_only, tuple(victims)
 
     def load(self, item):
-        if item.id == VICTIM and os.getpid() != self.test_pid:
+        if item.id in self.victims and os.getpid() != self.test_pid:
             import xmodal.data.prepare as prepare_mod
 
             if not self.pool_only or prepare_mod._WORKER:
@@ -40,7 +41,7 @@ def _total(man) -> int:
     return sum(man["counts"].values()) + len(man["failed"])
 
 
-def test_a_worker_killed_by_one_object_costs_that_object_only(tmp_path):
+def test_a_worker_killed_by_one_object_costs_that_object_only(tmp_path, monkeypatch):
     out = tmp_path / "ds"
     cfg = PrepareConfig(out=out, workers=2, **KW)
     man = prepare(cfg, source=_Killer(1, 1), progress=False)
@@ -51,8 +52,38 @@ def test_a_worker_killed_by_one_object_costs_that_object_only(tmp_path):
     assert not list((out / "failed").glob(".inflight-*"))  # no marker left behind
     # the same command again: nothing to do, nothing probed, nothing rebuilt
     shards = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.h5")}
+    probes = []
+    monkeypatch.setattr(prepare_mod, "_probe", lambda *a, **k: probes.append(a) or 0)
     assert prepare(cfg, source=_Killer(1, 1), progress=False) == man
-    assert {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.h5")} == shards
+    assert {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.h5")} == shards and probes == []
+
+
+def test_two_killers_in_one_chunk_cost_two_objects(tmp_path):
+    """Two objects of one chunk that kill their process: both recorded, the job finishes."""
+    src = _Killer(1, 1)
+    train = [it.id for it in src.items if it.split == "train"]
+    start = train.index(VICTIM) // KW["chunk_size"] * KW["chunk_size"]
+    victims = train[start : start + 2]
+    man = prepare(PrepareConfig(out=tmp_path / "ds", workers=2, **KW), source=_Killer(1, 1, victims=victims),
+                  progress=False)
+    assert sorted(r["id"] for r in man["failed"]) == sorted(victims)
+    assert all("also when prepared alone" in r["reason"] for r in man["failed"])
+
+
+def test_after_a_death_even_a_single_chunk_runs_in_a_worker(tmp_path):
+    """One pending chunk normally runs in the main process; after a worker's death (``isolate``) it
+    runs in a worker, so a second object that kills its process does not take the job down."""
+    killer = _Killer(1, 0)
+    task = [("train", 0, [it for it in killer.items if it.split == "train"][:3])]
+    killer.victims = (task[0][2][1].id,)
+    out = tmp_path / "ds"
+    out.mkdir()
+    settings = prepare_mod._settings(PrepareConfig(out=out, workers=2, **KW), killer)
+    run = dict(workers=2, progress=False, should_stop=lambda: False)
+    with pytest.raises(prepare_mod._PoolBroken):
+        prepare_mod._execute(task, killer, settings, out, killer.classes, False, isolate=True, **run)
+    # not isolated: the chunk runs in this process, where the object harms nothing
+    assert prepare_mod._execute(task, killer, settings, out, killer.classes, False, **run) == 1
 
 
 def test_objects_in_flight_when_the_job_died_are_tried_alone_first(tmp_path):
@@ -97,11 +128,14 @@ def test_crash_record_holds_until_the_file_changes(tmp_path):
     (out / "failed" / ".inflight-1.json").write_text('{"split": "train", "chunk": 3, "id": "a/train/m", "path": "%s"}'
                                                      % mesh)
     (out / "failed" / ".inflight-2.json").write_text("{cut sho")  # a marker cut short by the death
-    (suspect,) = crash.take_suspects(out)
-    assert suspect["id"] == "a/train/m" and not list((out / "failed").glob(".inflight-*"))
-    rec = crash.record_crash(out, suspect, -signal.SIGSEGV)
-    assert "killed by SIGSEGV" in rec["reason"]
+    (suspect,) = crash.find_suspects(out)
+    assert suspect["id"] == "a/train/m" and [p.name for p in (out / "failed").glob(".inflight-*")] == [
+        ".inflight-1.json"]  # the unreadable one is gone; the other stays until its object is settled
+    crash.drop_markers(suspect)
+    assert not list((out / "failed").glob(".inflight-*"))
     item = Item(id="a/train/m", label="a", split="train", path=str(mesh))
+    rec = crash.record_crash(out, item, -signal.SIGSEGV)
+    assert "killed by SIGSEGV" in rec["reason"]
     assert crash.crash_reason(crash.read_crashes(out), item) == rec["reason"]
     mesh.write_text("OFF\n3 1 0\n")  # fixed (or replaced): tried again
     assert crash.crash_reason(crash.read_crashes(out), item) is None

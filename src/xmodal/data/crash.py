@@ -8,12 +8,14 @@ such an object is reported and skipped like any broken file:
 * before each object, the process preparing it names it in a marker, ``failed/.inflight-<pid>.json``
   (:class:`InFlight`); the marker goes when the process's chunk ends, whichever way it ends short
   of the process dying;
-* markers found when a job starts (it holds the output's lock, so their processes are gone) or left
-  when a pool broke name the *suspects*: each was being prepared when some process died, which
+* markers found when a job starts (it holds the output's lock; on Linux the workers of a killed job
+  die with it, elsewhere they stop between two objects) or left when a pool broke name the
+  *suspects*: each was being prepared when some process died, which
   does not make it the cause (a worker beside the one that died, a job killed from outside).
   ``prepare`` prepares each suspect again alone, in a fresh process; one that kills that process
   too is recorded in ``failed/crashed.json`` (:func:`record_crash`) with the size and modification
-  time of its file;
+  time of its file; a suspect without an answer (a stop meanwhile, a process that could not start
+  on it) keeps its marker for the next run;
 * chunks built later list a recorded object as failed without touching it
   (:func:`crash_reason`), until its file changes.
 """
@@ -30,8 +32,8 @@ from typing import Any, Optional
 from xmodal.data.types import Item
 from xmodal.utils.io import read_json, write_json
 
-__all__ = ["InFlight", "take_suspects", "read_crashes", "record_crash", "crash_reason", "CRASHED_NAME", "file_stat",
-           "describe_exit"]
+__all__ = ["InFlight", "find_suspects", "drop_markers", "read_crashes", "record_crash", "crash_reason",
+           "describe_exit", "file_stat", "CRASHED_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -65,27 +67,37 @@ class InFlight:
 
     def __call__(self, split: str, chunk: int, item: Item) -> None:
         # a plain write, not an atomic one: it runs once per object, and a marker cut short by
-        # the death it is there for is read as no marker (take_suspects skips what it cannot parse)
+        # the death it is there for is read as no marker (find_suspects removes what it cannot parse)
         self.path.write_text(json.dumps({"split": split, "chunk": int(chunk), "id": item.id, "path": item.path}))
 
     def __exit__(self, *exc) -> None:
         self.path.unlink(missing_ok=True)
 
 
-def take_suspects(out: Path) -> list[dict]:
-    """The objects named by markers in ``out/failed`` (``{"split", "chunk", "id", "path"}``, in id
-    order, one per id); the markers are removed. Only for a caller whose own processes are not
-    preparing anything (their markers would be taken too)."""
-    found: dict[str, dict] = {}
+def find_suspects(out: Path) -> list[dict]:
+    """The objects named by markers in ``out/failed`` (``{"split", "chunk", "id", "path",
+    "markers"}``, in id order, one per object; ``markers``: the files naming it, for
+    :func:`drop_markers` once the object is settled). Unreadable markers (cut short by the death
+    they are there for) are removed. Only for a caller whose own processes are not preparing
+    anything (it holds the output's lock and its workers have stopped)."""
+    found: dict[tuple, dict] = {}
     folder = Path(out) / "failed"
     for marker in sorted(folder.glob(_MARKER_PREFIX + "*.json")) if folder.is_dir() else []:
         try:
             rec = json.loads(marker.read_text())
-            found.setdefault(str(rec["id"]), rec)
+            key = (str(rec["split"]), str(rec["id"]))
         except (OSError, ValueError, KeyError, TypeError):
-            log.debug("ignoring an unreadable marker %s", marker)
-        marker.unlink(missing_ok=True)
+            log.debug("removing an unreadable marker %s", marker)
+            marker.unlink(missing_ok=True)
+            continue
+        found.setdefault(key, {**rec, "markers": []})["markers"].append(str(marker))
     return [found[k] for k in sorted(found)]
+
+
+def drop_markers(suspect: dict) -> None:
+    """Remove the markers that named ``suspect`` (a :func:`find_suspects` entry)."""
+    for marker in suspect.get("markers", []):
+        Path(marker).unlink(missing_ok=True)
 
 
 def read_crashes(out: Path) -> dict[str, dict]:
@@ -113,17 +125,18 @@ def describe_exit(exitcode: Optional[int]) -> str:
     return f"exited with code {exitcode} before finishing it"
 
 
-def record_crash(out: Path, suspect: dict, exitcode: Optional[int]) -> dict:
-    """Record ``suspect`` (a :func:`take_suspects` entry) in ``crashed.json``; returns its record."""
+def record_crash(out: Path, item: Item, exitcode: Optional[int]) -> dict:
+    """Record ``item`` in ``crashed.json`` (it killed the process preparing it alone, which ended
+    with ``exitcode``); returns its record."""
     rec = {
-        "path": suspect.get("path"),
+        "path": item.path,
         "reason": f"the process preparing it {describe_exit(exitcode)}, also when prepared alone: a crash in "
                   "native code or more memory than the machine has; not prepared (fix or replace the file, "
                   "then run the same command)",
-        "files": {suspect["path"]: file_stat(suspect["path"])} if suspect.get("path") else {},
+        "files": {item.path: file_stat(item.path)} if item.path else {},
     }
     crashes = read_crashes(out)
-    crashes[str(suspect["id"])] = rec
+    crashes[item.id] = rec
     write_json(Path(out) / "failed" / CRASHED_NAME, crashes)
     return rec
 

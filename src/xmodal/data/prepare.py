@@ -185,10 +185,11 @@ def _prepare_one(ctx: _Context, split: str, chunk: int, item: Item, rows: list, 
                  crashes: dict, in_flight: crash.InFlight) -> int:
     """Prepare ``item`` into ``rows`` / ``ok_items``, or record its failure; returns 1 for a failure."""
     known = crash.crash_reason(crashes, item)  # it killed a process before, its file unchanged
+    if known is None:
+        in_flight(split, chunk, item)  # outside the try: a failed write stops the job, not the object
     try:
         if known is not None:
             raise MeshError(item.path or item.id, known)
-        in_flight(split, chunk, item)
         rows.append(_process_object(ctx, item))
         ok_items.append(item)
         return 0
@@ -595,7 +596,7 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
     retry_inputs = {**limit_inputs, "memory": memory}
     has_pl = src.part_names is not None
     # objects in flight when an earlier job's process died: find out whether one of them killed it
-    _check_suspects(out, src, items, settings, plan["classes"], has_pl, cfg.max_faces)
+    _check_suspects(out, src, items, settings, plan["classes"], has_pl, cfg.max_faces, lambda: stop.requested)
     tasks = _pending_chunks(out, items, cfg.chunk_size, chunks, retry_inputs)
     if tasks:
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # no longer describes a complete store
@@ -610,16 +611,22 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
         if src.kind == "mesh":
             log.info("mesh size limit: %s", limit.describe())
         run_settings = {**settings, "mesh_limit": limit, "limit_inputs": limit_inputs}
-        while True:
+        isolate = False  # after a worker's death, even one chunk runs in a worker: a second such object
+        while True:      # must not take the job down with it
             run_settings["crashes"] = crash.read_crashes(out)
             try:
                 written = _execute(tasks, src, run_settings, out, plan["classes"], has_pl, workers=cfg.workers,
-                                   progress=progress, should_stop=lambda: stop.requested)
+                                   progress=progress, should_stop=lambda: stop.requested, isolate=isolate)
                 break
             except _PoolBroken as broken:
-                if not _check_suspects(out, src, items, settings, plan["classes"], has_pl, cfg.max_faces):
-                    raise _pool_died(broken.args[0]) from broken
+                suspects, found = _check_suspects(out, src, items, settings, plan["classes"], has_pl, cfg.max_faces,
+                                                  lambda: stop.requested)
                 tasks = _pending_chunks(out, items, cfg.chunk_size, chunks, retry_inputs)
+                if stop.requested:
+                    raise _interrupted(out, stop.signum, len(chunks) - len(tasks), len(chunks), shard) from broken
+                if not found:
+                    raise _pool_died(suspects) from broken
+                isolate = True
         if written < len(tasks):
             raise _interrupted(out, stop.signum, len(chunks) - len(tasks) + written, len(chunks), shard)
     manifest = finalize_store(out, plan, up_axis=src.up_axis, part_names=src.part_names)
@@ -634,11 +641,11 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
     return manifest
 
 
-def _pool_died(key: tuple[str, int]) -> PrepareError:
+def _pool_died(suspects: int) -> PrepareError:
+    what = (f"each of the {suspects} objects in flight was prepared again alone, and none died" if suspects else
+            "no object was in flight (it died starting, or writing its chunk)")
     return PrepareError(
-        f"a worker process died (killed, e.g. for lack of memory, or a crash in native code) while preparing "
-        f"chunk {key[1]} of split '{key[0]}'; each object it may have been preparing was prepared again alone, "
-        "and none died",
+        f"a worker process died (killed, e.g. for lack of memory, or a crash in native code); {what}",
         hint="run the same command with fewer --workers (the written shards are kept)",
     )
 
@@ -656,8 +663,9 @@ def _interrupted(out: Path, signum: Optional[int], written: int, total: int,
 
 
 def _execute(tasks, src, settings, out, classes, has_pl, *, workers: int, progress: bool,
-             should_stop: Callable[[], bool]) -> int:
-    """Prepare the chunks of ``tasks``; returns how many were written (fewer once ``should_stop()``)."""
+             should_stop: Callable[[], bool], isolate: bool = False) -> int:
+    """Prepare the chunks of ``tasks``; returns how many were written (fewer once ``should_stop()``).
+    With ``workers`` > 1 they run in worker processes, a single chunk too when ``isolate``."""
     from tqdm.auto import tqdm
 
     total = sum(len(t[2]) for t in tasks)
@@ -671,7 +679,7 @@ def _execute(tasks, src, settings, out, classes, has_pl, *, workers: int, progre
             bar.set_postfix(failed=failed[0], refresh=False)
 
     try:
-        if workers > 1 and len(tasks) > 1:
+        if workers > 1 and (len(tasks) > 1 or isolate):
             return _execute_pool(tasks, src, settings, out, classes, has_pl, workers, report, should_stop)
         ctx = _Context(src, settings, out, classes, has_pl)
         written = 0
@@ -749,10 +757,13 @@ class _PoolBroken(Exception):
     """A pool worker died (killed, or a crash in native code); ``args[0]``: a chunk it left."""
 
 
-def _probe_object(source: Source, settings: dict, out: str, classes: list[str], has_pl: bool, item: Item) -> None:
+def _probe_object(source: Source, settings: dict, out: str, classes: list[str], has_pl: bool, item: Item,
+                  started, parent: int) -> None:
     """Prepare ``item`` alone in a fresh process (spawned by :func:`_probe`); its exit code is the answer."""
     ignore_stop_signals()
+    die_with_parent(parent)
     os.environ.setdefault("LP_NUM_THREADS", "1")
+    started.set()  # from here on a death is the object's (the arguments are unpickled, signals ignored)
     ctx = _Context(source, settings, Path(out), classes, has_pl)
     try:
         _process_object(ctx, item)
@@ -762,44 +773,60 @@ def _probe_object(source: Source, settings: dict, out: str, classes: list[str], 
         ctx.close()
 
 
-def _probe(source: Source, settings: dict, out: Path, classes: list[str], has_pl: bool, item: Item) -> Optional[int]:
-    """The exit code of a process that prepared ``item`` alone (0: it survived)."""
-    proc = mp.get_context("spawn").Process(target=_probe_object, args=(source, settings, str(out), classes, has_pl, item),
-                                           daemon=True)
+def _probe(source: Source, settings: dict, out: Path, classes: list[str], has_pl: bool, item: Item,
+           should_stop: Callable[[], bool]) -> Optional[int]:
+    """The exit code of a process that prepared ``item`` alone (0: it survived); None when there is
+    no answer: the process died before it started on the object, or a stop was requested."""
+    ctx = mp.get_context("spawn")
+    started = ctx.Event()
+    proc = ctx.Process(target=_probe_object, daemon=True,
+                       args=(source, settings, str(out), classes, has_pl, item, started, os.getpid()))
     proc.start()
-    proc.join()
-    return proc.exitcode
+    while proc.is_alive():
+        if should_stop():
+            proc.kill()
+            proc.join()
+            return None
+        proc.join(0.1)
+    return proc.exitcode if started.is_set() else None
 
 
 def _check_suspects(out: Path, src: Source, items: dict[str, list[Item]], settings: dict, classes: list[str],
-                    has_pl: bool, max_faces: int) -> int:
+                    has_pl: bool, max_faces: int, should_stop: Callable[[], bool]) -> tuple[int, int]:
     """Prepare each object that was in flight when a process died again alone (see
-    :mod:`xmodal.data.crash`); record those that kill that process too. Returns how many did."""
-    suspects = crash.take_suspects(out)
+    :mod:`xmodal.data.crash`); record those that kill that process too. Returns ``(suspects,
+    recorded)``. A suspect without an answer (a stop, a probe that could not start) keeps its marker."""
+    suspects = crash.find_suspects(out)
     if not suspects:
-        return 0
+        return 0, 0
     try:
         pickle.dumps(src)
     except Exception:  # noqa: BLE001 - any pickling failure
         log.warning("%d objects were being prepared when a process died (%s); this source cannot be sent to a "
                     "process of its own to find out whether one of them killed it", len(suspects),
                     ", ".join(str(x["id"]) for x in suspects))
-        return 0
-    by_id = {it.id: it for its in items.values() for it in its}
+        return len(suspects), 0
+    by_id = {(it.split, it.id): it for its in items.values() for it in its}
     alone = {**settings, "mesh_limit": MeshLimit.for_workers(max_faces, 1)}
     found = 0
     for suspect in suspects:
-        item = by_id.get(str(suspect["id"]))
-        if item is None:
+        item = by_id.get((str(suspect.get("split")), str(suspect["id"])))
+        if item is None:  # not in this plan (any more): nothing to ask
+            crash.drop_markers(suspect)
             continue
-        code = _probe(src, alone, out, classes, has_pl, item)
+        code = _probe(src, alone, out, classes, has_pl, item, should_stop)
+        if code is None:
+            log.warning("%s was being prepared when a process died; whether it was the cause is not known yet "
+                        "(asked again on the next run)", item.id)
+            continue
         if code:
-            rec = crash.record_crash(out, suspect, code)
+            rec = crash.record_crash(out, item, code)
             log.warning("%s (%s): %s", item.id, item.path or "generated", rec["reason"])
             found += 1
         else:
             log.info("%s was being prepared when a process died; prepared alone, it is fine", item.id)
-    return found
+        crash.drop_markers(suspect)
+    return len(suspects), found
 
 
 def _collect(futures: dict, progress: _QueueProgress, should_stop, abandon) -> int:
