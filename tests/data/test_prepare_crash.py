@@ -96,6 +96,8 @@ def test_objects_in_flight_when_the_job_died_are_tried_alone_first(tmp_path):
     (out / shard_relpath("train", chunk)).unlink()  # as if the job had died in that chunk
     (out / "manifest.json").unlink()
     innocent = next(it for it in src.items if it.split == "train" and it.id != VICTIM)
+    assert not (out / "failed").exists()  # nothing failed: no empty folder left behind
+    (out / "failed").mkdir()
     for pid, item_id in ((999_999_001, VICTIM), (999_999_002, innocent.id)):
         (out / "failed" / f".inflight-{pid}.json").write_text(
             json.dumps({"split": "train", "chunk": chunk, "id": item_id, "path": None}))

@@ -629,6 +629,10 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
                 isolate = True
         if written < len(tasks):
             raise _interrupted(out, stop.signum, len(chunks) - len(tasks) + written, len(chunks), shard)
+        try:  # the markers' folder, when nothing failed (no process writes there any more)
+            (out / "failed").rmdir()
+        except OSError:
+            pass
     manifest = finalize_store(out, plan, up_axis=src.up_axis, part_names=src.part_names)
     n_failed = len(manifest.get("failed", []))
     if n_failed and not sum(manifest["counts"].values()):

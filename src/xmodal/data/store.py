@@ -6,6 +6,7 @@ Layout of a dataset folder ``DIR``::
     DIR/plan.json                         # ordered object list + settings (written by ``prepare``)
     DIR/shards/<split>/<chunk:05d>.h5     # one per chunk of objects, written atomically
     DIR/failed/<split>-<chunk:05d>.json   # failures of that chunk (path + reason)
+    DIR/failed/crashed.json               # objects that killed the process preparing them (xmodal.data.crash)
 
 Each shard holds, for its ``n`` successfully prepared objects:
 
