@@ -30,6 +30,7 @@ from xmodal.data.sources import (
     _check_ratio,
     _class_folders,
     _class_key,
+    _mesh_folders,
     _split_folders,
     _text,
     stratified_holdout,
@@ -194,8 +195,6 @@ def _folder_meshes(folder: Path, *, quiet: bool = False) -> list[Path]:
     return [by_stem[s] for s in sorted(by_stem)]
 
 
-_split_dirs = _split_folders  # a category's train/test sub-folders, as the mesh-folder reader finds them
-_category_dirs = _class_folders
 
 
 def is_labeled_mesh_folder(root: "str | os.PathLike") -> bool:
@@ -204,8 +203,8 @@ def is_labeled_mesh_folder(root: "str | os.PathLike") -> bool:
     root = Path(root)
     if not root.is_dir():
         return False
-    for cdir in _category_dirs(root):
-        for folder in [cdir, *_split_dirs(cdir).values()]:
+    for cdir in _class_folders(root):
+        for folder in [cdir, *_split_folders(cdir).values()]:
             for lab in folder.glob("*" + LABELS_SUFFIX):
                 stem = lab.name[: -len(LABELS_SUFFIX)]
                 if any((folder / (stem + e)).is_file() for ext in LABELED_MESH_EXTENSIONS for e in (ext, ext.upper())):
@@ -221,8 +220,8 @@ def labeled_mesh_counts(root: "str | os.PathLike") -> tuple[int, int]:
     labelled = meshes = 0
     if not root.is_dir():
         return 0, 0
-    for cdir in _category_dirs(root):
-        for folder in list(_split_dirs(cdir).values()) or [cdir]:  # as LabeledPSBSource reads them
+    for cdir in _class_folders(root):
+        for _, folder in _mesh_folders(cdir):
             found = _folder_meshes(folder, quiet=True)
             meshes += len(found)
             labelled += sum(labels_path(m).is_file() for m in found)
@@ -257,10 +256,10 @@ class LabeledPSBSource(Source):
             raise MissingInputError("Labeled PSB folder does not exist or is not a folder", path=self.root)
         entries: list[tuple[str, str, Path]] = []
         from_folders = []
-        for cdir in _category_dirs(self.root):
+        for cdir in _class_folders(self.root):
             found = self._category_entries(cdir)
             entries += found
-            if found and _split_dirs(cdir):
+            if found and _split_folders(cdir):
                 from_folders.append(_text(cdir.name))
         if not entries:
             raise DataError(f"no meshes {LABELED_MESH_EXTENSIONS} in category folders", path=self.root)
@@ -285,9 +284,9 @@ class LabeledPSBSource(Source):
         )
 
     def _category_entries(self, cdir: Path) -> list[tuple[str, str, Path]]:
-        splits, cname = _split_dirs(cdir), _text(cdir.name)
-        if splits:
-            return [(cname, s, p) for s in SPLIT_DIRS if s in splits for p in _folder_meshes(splits[s])]
+        folders, cname = _mesh_folders(cdir), _text(cdir.name)
+        if folders[0][0] is not None:
+            return [(cname, s, p) for s, folder in folders for p in _folder_meshes(folder)]
         files = _folder_meshes(cdir)
         is_test = stratified_holdout(
             np.zeros(len(files), np.int64), self.test_ratio, seed=self.seed, keys=[_class_key(cname)]

@@ -477,7 +477,7 @@ def _retry_record(exc: Exception, item: Item, limit_inputs: Optional[dict]) -> d
     kind = "size" if isinstance(exc, MeshTooLarge) else "file" if isinstance(exc, MeshError) else "job"
     size = {}
     if kind == "size":
-        size = {"limit": {k: v for k, v in (limit_inputs or {}).items() if k != "memory"}}
+        size = {"limit": dict(limit_inputs or {})}
         if exc.need is not None:
             size["need"] = exc.need
     return {"kind": kind, "files": {f: file_stat(f) for f in files}, **size}

@@ -231,15 +231,17 @@ def _class_folders(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def _mesh_folders(cdir: Path) -> list[tuple[Optional[str], Path]]:
+    """Where a class folder's meshes are read, by both mesh readers: ``(split, folder)`` for each of
+    its ``train``/``test`` sub-folders (in :data:`SPLIT_DIRS` order), or ``[(None, cdir)]`` when it
+    has none (a seeded split)."""
+    splits = _split_folders(cdir)
+    return [(s, splits[s]) for s in SPLIT_DIRS if s in splits] or [(None, cdir)]
+
+
 def mesh_folder_count(root: "str | os.PathLike") -> int:
-    """How many meshes :class:`MeshFolderSource` reads under ``root`` (the same folders: a class's
-    ``train``/``test`` sub-folders where it has them, else everything below it), without its
-    warnings."""
-    n = 0
-    for cdir in _class_folders(Path(root)):
-        splits = _split_folders(cdir)
-        n += sum(len(_mesh_files(d)) for d in splits.values()) if splits else len(_mesh_files(cdir))
-    return n
+    """How many meshes :class:`MeshFolderSource` reads under ``root``, without its warnings."""
+    return sum(len(_mesh_files(folder)) for cdir in _class_folders(Path(root)) for _, folder in _mesh_folders(cdir))
 
 
 class MeshFolderSource(Source):
@@ -274,19 +276,18 @@ class MeshFolderSource(Source):
         split_classes, plain_classes = [], []
         for cdir in _class_folders(self.root):
             cname = _text(cdir.name)
-            split_dirs = _split_folders(cdir)
-            if split_dirs:
+            folders = _mesh_folders(cdir)
+            if folders[0][0] is not None:
                 n_before = len(entries)
-                for split in SPLIT_DIRS:
-                    if split in split_dirs:
-                        entries += [(cname, split, p, split_dirs[split]) for p in _mesh_files(split_dirs[split])]
+                for split, folder in folders:
+                    entries += [(cname, split, p, folder) for p in _mesh_files(folder)]
                 if len(entries) > n_before:
                     split_classes.append(cname)
                 beside = [p for p in cdir.iterdir() if p.is_file() and is_mesh_file(p)]
                 if beside:
                     logger.warning("%s: %d mesh files beside its %s folder(s) are not used (a class folder with "
                                    "train/ or test/ takes its meshes from those)", cdir, len(beside),
-                                   "/".join(sorted(split_dirs)))
+                                   "/".join(sorted(split for split, _ in folders)))
             else:
                 files = _mesh_files(cdir)
                 if not files:
