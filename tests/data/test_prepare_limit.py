@@ -80,3 +80,19 @@ def test_a_mesh_over_the_memory_share_is_tried_again_once_memory_would_hold_it(t
 def test_negative_max_faces_is_a_config_error():
     with pytest.raises(ConfigError, match="max_faces"):
         PrepareConfig(source="x", out="y", max_faces=-1).validate()
+
+
+def test_the_retry_check_and_the_run_share_one_reading_of_free_memory(tmp_path, meshes, monkeypatch):
+    # a mesh judged to fit on the retry check is prepared under that same share, even when free
+    # memory read again at once would be lower: it is not rebuilt only to fail again
+    out = tmp_path / "ds"
+    monkeypatch.setattr(mesh_limit, "available_memory", lambda: mesh_limit.PROCESS_BYTES + 500_000)
+    cfg = PrepareConfig(source=meshes, out=out, **SMALL)
+    prepare(cfg, progress=False)
+    (rec,) = json.loads(next((out / "failed").glob("*.json")).read_text())
+    need = rec["retry"]["need"]
+    readings = iter([need, need - 1, need - 1])
+    monkeypatch.setattr(mesh_limit, "available_memory", lambda: mesh_limit.PROCESS_BYTES + next(readings))
+    man = prepare(cfg, progress=False)
+    assert man["failed"] == [] and man["counts"] == {"train": 2}
+    assert next(readings) == need - 1  # free memory was read once: two readings are left

@@ -209,9 +209,14 @@ class MeshLimit:
     def for_workers(cls, max_faces: int, workers: int) -> "MeshLimit":
         """``max_faces`` when > 0; else each of ``workers`` processes' share of the memory
         available now, less :data:`PROCESS_BYTES` for the process itself."""
+        return cls.sharing(max_faces, workers, available_memory() if max_faces <= 0 else None)
+
+    @classmethod
+    def sharing(cls, max_faces: int, workers: int, avail: Optional[int]) -> "MeshLimit":
+        """:meth:`for_workers` with the available memory given (bytes; None: unknown), so that
+        limits for several worker counts can share one reading of it."""
         if max_faces > 0:
             return cls(max_faces=int(max_faces))
-        avail = available_memory()
         if avail is None:
             return cls()
         workers = max(int(workers), 1)

@@ -59,6 +59,7 @@ from xmodal.data.store import (
     shard_rows,
     write_shard,
 )
+from xmodal.data import mesh_limit
 from xmodal.data.mesh_limit import MeshLimit, MeshTooLarge
 from xmodal.data.prepare_config import PrepareConfig
 from xmodal.data.sharding import format_shard, parse_shard, shard_chunks
@@ -591,8 +592,11 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
     # what a mesh size limit depends on besides the machine (recorded with a MeshTooLarge failure)
     limit_inputs = {"max_faces": int(cfg.max_faces), "workers": int(cfg.workers)}
     # a mesh over the memory-based limit is tried again once a worker's share would hold it (the
-    # share for every worker the job may start: the smallest it can be)
-    memory = MeshLimit.for_workers(cfg.max_faces, cfg.workers).memory
+    # share for every worker the job may start: the smallest it can be). The run's limit below is
+    # worked out from the same reading of free memory, so a mesh judged to fit is not rebuilt
+    # only to fail again under a second, lower reading.
+    avail = mesh_limit.available_memory() if cfg.max_faces <= 0 else None
+    memory = MeshLimit.sharing(cfg.max_faces, cfg.workers, avail).memory
     retry_inputs = {**limit_inputs, "memory": memory}
     has_pl = src.part_names is not None
     # objects in flight when an earlier job's process died: find out whether one of them killed it
@@ -607,7 +611,7 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
             log.info("resuming %s: %d objects already prepared", out, n_done_before)
         # the mesh limit travels with the settings to the workers but is not one of the
         # dataset's settings (plan.json): like workers, it depends on the machine
-        limit = MeshLimit.for_workers(cfg.max_faces, 1 if cfg.workers == 1 else max(1, min(cfg.workers, len(tasks))))
+        limit = MeshLimit.sharing(cfg.max_faces, 1 if cfg.workers == 1 else max(1, min(cfg.workers, len(tasks))), avail)
         if src.kind == "mesh":
             log.info("mesh size limit: %s", limit.describe())
         run_settings = {**settings, "mesh_limit": limit, "limit_inputs": limit_inputs}
