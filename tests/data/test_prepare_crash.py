@@ -24,9 +24,10 @@ class _Killer(BuiltinSource):
     """The built-in shapes, one of which kills any process that loads it but the test's own
     (``pool_only``: only a pool worker, not a process preparing it alone)."""
 
-    def __init__(self, *args, pool_only: bool = False, victims=(VICTIM,), **kwargs):
+    def __init__(self, *args, pool_only: bool = False, victims=(VICTIM,), test_pid=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.test_pid, self.pool_only, self.victims = os.getpid(), pool_only, tuple(victims)
+        self.pool_only, self.victims = pool_only, tuple(victims)
+        self.test_pid = os.getpid() if test_pid is None else test_pid
 
     def load(self, item):
         if item.id in self.victims and os.getpid() != self.test_pid:
@@ -105,6 +106,29 @@ def test_objects_in_flight_when_the_job_died_are_tried_alone_first(tmp_path):
     assert [r["id"] for r in man["failed"]] == [VICTIM] and "killed by SIGKILL" in man["failed"][0]["reason"]
     assert innocent.id in ShapeStore(out).split("train").ids
     assert sum(man["counts"].values()) == _total(man) - 1
+
+
+def _prepare_in_this_process(out: str, test_pid: int) -> None:
+    prepare(PrepareConfig(out=out, workers=1, **KW), source=_Killer(1, 1, test_pid=test_pid), progress=False)
+
+
+def test_a_one_worker_job_killed_by_an_object_skips_it_on_the_next_run(tmp_path):
+    """With one worker the object kills the job itself (a real SIGKILL, no marker written by hand);
+    the same command again probes the object it left in flight, records it and finishes."""
+    import multiprocessing as mp
+
+    out = tmp_path / "ds"
+    job = mp.get_context("spawn").Process(target=_prepare_in_this_process, args=(str(out), os.getpid()))
+    job.start()
+    job.join(120)
+    assert job.exitcode == -signal.SIGKILL
+    (marker,) = (out / "failed").glob(".inflight-*.json")
+    assert json.loads(marker.read_text())["id"] == VICTIM
+    assert not (out / "manifest.json").exists()
+    man = prepare(PrepareConfig(out=out, workers=1, **KW), source=_Killer(1, 1), progress=False)
+    assert [r["id"] for r in man["failed"]] == [VICTIM] and "killed by SIGKILL" in man["failed"][0]["reason"]
+    assert sum(man["counts"].values()) == _total(man) - 1
+    assert not list((out / "failed").glob(".inflight-*"))
 
 
 def test_a_worker_death_no_object_explains_stops_the_job(tmp_path):
