@@ -115,3 +115,15 @@ def test_a_bug_is_not_turned_into_a_line(tree, monkeypatch):
     monkeypatch.setattr(show_mod, "show", broken)
     with pytest.raises(ValueError, match="internal invariant"):
         main(["-q", "show", str(tree / "data"), "--object", "0", "--out", str(tree / "x.png")])
+
+
+def test_evaluate_without_data_names_it_unless_partseg_data_is_the_one_input(tree, tmp_path, capsys):
+    argv = ["evaluate", "--run", str(tree / "no_run"), "--out", str(tmp_path / "report"), "--task", "svm"]
+    line = _error(capsys, argv, "evaluate")
+    assert "data: required, but not given" in line
+    assert not (tmp_path / "report").exists()
+    # part segmentation on --partseg-data alone: --data is not asked for (the run is what is missing)
+    argv = ["evaluate", "--run", str(tree / "no_run"), "--out", str(tmp_path / "report"), "--task", "partseg",
+            "--partseg-data", str(tree / "data")]
+    line = _error(capsys, argv, "evaluate")
+    assert "data: required" not in line and str(tree / "no_run") in line

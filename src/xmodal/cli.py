@@ -264,7 +264,8 @@ def _add_evaluate(sub) -> None:
         "the same command evaluates the rest. Settings: the flags, then key=value overrides of EvaluateConfig.",
     )
     p.add_argument("--run", required=True, type=Path, help="run folder written by 'xmodal pretrain'")
-    p.add_argument("--data", required=True, type=Path, help="dataset folder (or a ModelNet40 HDF5 folder, 3D tasks only)")
+    p.add_argument("--data", type=Path, help="dataset folder (or a ModelNet40 HDF5 folder, 3D tasks only); "
+                   "required unless '--task partseg --partseg-data D' is the one task")
     p.add_argument("--task", action="append", choices=EVAL_TASKS, help="task to run; repeat for several (default: all)")
     p.add_argument("--out", required=True, type=Path, help="report folder to write")
     p.add_argument("--baseline", choices=("random",), default=None, help="also evaluate the same networks at random initialisation")

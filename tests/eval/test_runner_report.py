@@ -14,7 +14,7 @@ from xmodal.eval.config import EvaluateConfig, FewShotConfig, PartSegConfig, Svm
 from xmodal.eval.descriptors import d2_descriptor
 from xmodal.eval.report import DASH, TABLE_HEADERS, render_report
 from xmodal.eval.retrieval import PSB_STATS, psb_statistics, retrieval_metrics
-from xmodal.errors import DataError
+from xmodal.errors import ConfigError, DataError
 from xmodal.eval.runner import evaluate, resolve_tasks
 from xmodal.train.config import resolve_pretrain_config
 from xmodal.utils.lock import LOCK_NAME
@@ -416,3 +416,20 @@ def test_partseg_data_alone_needs_no_test_split_in_data(run_dir, tmp_path, loade
     assert "partseg.frozen.100.instance_miou" in m
     with pytest.raises(DataError, match="no 'test' split"):  # a task that reads --data's test split
         evaluate(EvaluateConfig(tasks=["svm"], **kw), loaded=loaded, progress=False)
+
+
+def test_partseg_data_alone_needs_no_data_at_all(run_dir, tmp_path, loaded):
+    """`--task partseg --partseg-data D` without `--data`: it runs; any task that reads `data` needs it."""
+    parts = _part_labelled_store(tmp_path / "parts")
+    kw = dict(run=run_dir, out=tmp_path / "r", device="cpu",
+              partseg=PartSegConfig(settings=["frozen"], fractions=[1.0], epochs=1, batch_size=4))
+    m = evaluate(EvaluateConfig(tasks=["partseg"], partseg_data=str(parts), **kw), loaded=loaded, progress=False)
+    assert "partseg.frozen.100.instance_miou" in m and m["meta.data"] is None
+    assert (tmp_path / "r" / "report.md").is_file()
+    # the same folder again: the task is kept, not evaluated again
+    again = evaluate(EvaluateConfig(tasks=["partseg"], partseg_data=str(parts), **kw), loaded=loaded, progress=False)
+    assert again["partseg.frozen.100.instance_miou"] == m["partseg.frozen.100.instance_miou"]
+    for tasks, partseg_data in ((["partseg", "svm"], str(parts)), (["partseg"], None)):
+        with pytest.raises(ConfigError, match="data: required") as err:
+            evaluate(EvaluateConfig(tasks=tasks, partseg_data=partseg_data, **kw), loaded=loaded, progress=False)
+        assert "partseg_data" in err.value.hint

@@ -169,7 +169,8 @@ class EvaluateConfig:
 
     #: run folder written by ``xmodal pretrain``
     run: str = ""
-    #: dataset folder (an xmodal store, or a ModelNet40 HDF5 folder: 3D tasks only)
+    #: dataset folder (an xmodal store, or a ModelNet40 HDF5 folder: 3D tasks only); not needed
+    #: when part segmentation on ``partseg_data`` is the one task
     data: str = ""
     #: report folder to write (metrics.json, report.md, figures, evaluate.yaml)
     out: str = ""
@@ -219,6 +220,11 @@ class EvaluateConfig:
             raise ConfigError(f"baseline must be null or 'random', got {self.baseline!r}")
         check_device("device", self.device)
 
+    def reads_data(self) -> bool:
+        """Whether the tasks read ``data``: every task but part segmentation on ``partseg_data``."""
+        return not (self.partseg_data and resolve_tasks(self.tasks) == ["partseg"])
+
     def require_paths(self) -> None:
-        """Raise :class:`ConfigError` unless ``run``, ``data`` and ``out`` are given."""
-        require_fields(self, "run", "data", "out")
+        """Raise :class:`ConfigError` unless ``run``, ``out`` and (where a task reads it) ``data`` are given."""
+        require_fields(self, "run", "out", *(("data",) if self.reads_data() else ()),
+                       hint="data may be left out only when part segmentation on partseg_data is the one task")

@@ -93,12 +93,27 @@ def _loss_mode(config: Any) -> Optional[str]:
     return str(mode) if mode is not None else None
 
 
+class _NoDataset:
+    """What stands for ``data`` when no task reads it (part segmentation on ``partseg_data`` alone):
+    no objects, no views, no clouds."""
+
+    classes: list = []
+    counts: dict = {}
+    splits: list = []
+    views = 0
+    has_images = False
+    num_points = 0
+    image_size = None
+    part_names = None
+    manifest: dict = {}
+
+
 def _open_store(cfg: EvaluateConfig, loaded):
     from xmodal.data.datasets import open_dataset
 
+    if not cfg.reads_data():  # part segmentation reads --partseg-data: the clouds of --data are not used
+        return open_dataset(cfg.data) if cfg.data else _NoDataset()
     store = open_dataset(cfg.data)
-    if cfg.partseg_data and resolve_tasks(cfg.tasks) == ["partseg"]:
-        return store  # part segmentation reads --partseg-data: the clouds of --data are not used
     if TEST not in store.splits:
         raise DataError(f"the dataset has no '{TEST}' split (splits: {store.splits})", path=cfg.data)
     if store.has_images and getattr(loaded, "image_size", None) not in (None, store.image_size):
@@ -188,7 +203,7 @@ def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], point_subsets
     return {
         "meta.run": str(Path(cfg.run)),
         **(weights_meta or {}),
-        "meta.data": str(cfg.data),
+        "meta.data": str(cfg.data) if cfg.data else None,
         "meta.seed": int(cfg.seed),
         "meta.device": device,
         "meta.dataset": _dataset_meta(store),
