@@ -121,15 +121,20 @@ def _open_store(cfg: EvaluateConfig, loaded):
             "%s: images are %s px but the run was trained on %s px; they are resized to the run's size",
             cfg.data, store.image_size, loaded.image_size,
         )
-    run_points = getattr(loaded, "num_points", None)
-    if run_points is not None and store.num_points != run_points:
-        k = _point_subsets(cfg, store, loaded)
-        what = ((f"a seeded subset of {run_points} points of each cloud is used" if k == 1 else
-                 f"each cloud's 3D feature is the mean over {k} seeded subsets of {run_points} points")
-                if store.num_points > run_points else "the clouds are used as they are (fewer points than trained on)")
-        log.warning("%s: clouds have %d points but the run was trained on %d; %s",
-                    cfg.data, store.num_points, run_points, what)
     return store
+
+
+def _warn_point_count(cfg: EvaluateConfig, store, loaded, subsets: int) -> None:
+    """Say how clouds of another size than the run trained on are encoded (``subsets``: the
+    point subsets in effect, :func:`_point_subsets`); nothing where no task reads ``data``."""
+    run_points = getattr(loaded, "num_points", None)
+    if not cfg.reads_data() or run_points is None or store.num_points == run_points:
+        return
+    what = ((f"a seeded subset of {run_points} points of each cloud is used" if subsets == 1 else
+             f"each cloud's 3D feature is the mean over {subsets} seeded subsets of {run_points} points")
+            if store.num_points > run_points else "the clouds are used as they are (fewer points than trained on)")
+    log.warning("%s: clouds have %d points but the run was trained on %d; %s",
+                cfg.data, store.num_points, run_points, what)
 
 
 def _curves_figure(run_dir: Path, out: Path) -> dict:
@@ -278,7 +283,8 @@ class _Evaluation:
         self.store = _open_store(cfg, loaded)
         self.views = effective_views(cfg.views, self.store.views if self.store.has_images else 0)
         self.point_subsets = _point_subsets(cfg, self.store, loaded)
-        if self.point_subsets != cfg.point_subsets:
+        _warn_point_count(cfg, self.store, loaded, self.point_subsets)
+        if self.point_subsets != cfg.point_subsets and cfg.reads_data():
             log.warning("point_subsets=%d has no effect: the clouds of %s have no more points (%d) than the run "
                         "trained on, so each is encoded whole, once", cfg.point_subsets, cfg.data, self.store.num_points)
         if cfg.baseline_seed is not None and cfg.baseline != "random":
