@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import resource
-import string
 import tempfile
 import time
 from datetime import timedelta

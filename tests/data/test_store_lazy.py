@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from xmodal.data.memory import MemoryStore
-from xmodal.data.store import ShapeStore, write_store
+from xmodal.data.store import write_store
 
 N, SHARD = 23, 3  # 8 shards, the last one short
 
