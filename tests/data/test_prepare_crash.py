@@ -121,6 +121,9 @@ def test_a_one_worker_job_killed_by_an_object_skips_it_on_the_next_run(tmp_path)
     job = mp.get_context("spawn").Process(target=_prepare_in_this_process, args=(str(out), os.getpid()))
     job.start()
     job.join(120)
+    if job.is_alive():  # not killed in time: do not leave it running
+        job.kill()
+        job.join()
     assert job.exitcode == -signal.SIGKILL
     (marker,) = (out / "failed").glob(".inflight-*.json")
     assert json.loads(marker.read_text())["id"] == VICTIM

@@ -418,17 +418,30 @@ def test_partseg_data_alone_needs_no_test_split_in_data(run_dir, tmp_path, loade
         evaluate(EvaluateConfig(tasks=["svm"], **kw), loaded=loaded, progress=False)
 
 
-def test_partseg_data_alone_needs_no_data_at_all(run_dir, tmp_path, loaded):
-    """`--task partseg --partseg-data D` without `--data`: it runs; any task that reads `data` needs it."""
+def test_partseg_data_alone_needs_no_data_at_all(run_dir, points_store, tmp_path, loaded, monkeypatch):
+    """`--task partseg --partseg-data D` without `--data`: it runs; any task that reads `data` needs it.
+    Its figures do not depend on `data`, so calls with and without it continue one report folder."""
+    import xmodal.eval.partseg as partseg_mod
+
     parts = _part_labelled_store(tmp_path / "parts")
     kw = dict(run=run_dir, out=tmp_path / "r", device="cpu",
               partseg=PartSegConfig(settings=["frozen"], fractions=[1.0], epochs=1, batch_size=4))
+    key = "partseg.frozen.100.instance_miou"
     m = evaluate(EvaluateConfig(tasks=["partseg"], partseg_data=str(parts), **kw), loaded=loaded, progress=False)
-    assert "partseg.frozen.100.instance_miou" in m and m["meta.data"] is None
-    assert (tmp_path / "r" / "report.md").is_file()
-    # the same folder again: the task is kept, not evaluated again
+    assert key in m and m["meta.data"] is None and m["meta.dataset"] is None
+    assert "**splits**" not in (tmp_path / "r" / "report.md").read_text()
+    # from here on part segmentation must not run again: its figures are kept
+    monkeypatch.setattr(partseg_mod, "run_partseg", lambda *a, **k: pytest.fail("part segmentation ran again"))
     again = evaluate(EvaluateConfig(tasks=["partseg"], partseg_data=str(parts), **kw), loaded=loaded, progress=False)
-    assert again["partseg.frozen.100.instance_miou"] == m["partseg.frozen.100.instance_miou"]
+    assert again[key] == m[key]
+    # with --data and a task that reads it, into the same folder: partseg kept, svm added
+    both = evaluate(EvaluateConfig(tasks=["partseg", "svm"], partseg_data=str(parts), data=points_store, **kw),
+                    loaded=loaded, progress=False)
+    assert both[key] == m[key] and "svm3d.accuracy" in both and both["meta.data"] == str(points_store)
+    # without --data again: the svm figures and the description of their data stay
+    last = evaluate(EvaluateConfig(tasks=["partseg"], partseg_data=str(parts), **kw), loaded=loaded, progress=False)
+    assert last["svm3d.accuracy"] == both["svm3d.accuracy"] and last["meta.data"] == str(points_store)
+    assert last["meta.dataset"] == both["meta.dataset"] and last["meta.dataset"]["classes"] == len(CLASSES)
     for tasks, partseg_data in ((["partseg", "svm"], str(parts)), (["partseg"], None)):
         with pytest.raises(ConfigError, match="data: required") as err:
             evaluate(EvaluateConfig(tasks=tasks, partseg_data=partseg_data, **kw), loaded=loaded, progress=False)

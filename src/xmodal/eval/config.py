@@ -220,11 +220,17 @@ class EvaluateConfig:
             raise ConfigError(f"baseline must be null or 'random', got {self.baseline!r}")
         check_device("device", self.device)
 
+    def task_reads_data(self, name: str) -> bool:
+        """Whether task ``name`` reads ``data``: every task but part segmentation on ``partseg_data``."""
+        return not (name == "partseg" and self.partseg_data)
+
     def reads_data(self) -> bool:
-        """Whether the tasks read ``data``: every task but part segmentation on ``partseg_data``."""
-        return not (self.partseg_data and resolve_tasks(self.tasks) == ["partseg"])
+        """Whether any task asked for reads ``data``."""
+        return any(self.task_reads_data(name) for name in resolve_tasks(self.tasks))
 
     def require_paths(self) -> None:
         """Raise :class:`ConfigError` unless ``run``, ``out`` and (where a task reads it) ``data`` are given."""
-        require_fields(self, "run", "out", *(("data",) if self.reads_data() else ()),
-                       hint="data may be left out only when part segmentation on partseg_data is the one task")
+        reads = self.reads_data()
+        require_fields(self, "run", *(("data",) if reads else ()), "out",
+                       hint=("data may be left out only when part segmentation on partseg_data is the one task"
+                             if reads and not self.data else None))

@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 #: the ``meta.*`` keys that make two evaluations "the same evaluation" (merged into one file)
 IDENTITY_KEYS = ("meta.run", "meta.data", "meta.seed")
 _NETWORKS = ("image_encoder", "point_encoder", "pair_classifier")
+#: the ``meta.*`` keys that describe the data (None from a call that reads none)
+_DATA_META = ("meta.data", "meta.dataset")
 
 
 def _plain(value: Any) -> Any:
@@ -131,9 +133,11 @@ def task_fingerprint(task: EvalTask, cfg: Any, *, network: str, weights: str, da
 def _same(key: str, old: Any, new: Any) -> bool:
     """Whether an identity value of an earlier ``metrics.json`` is this evaluation's: the run and data
     folders compare as paths, however spelled (``runs/a`` and ``/home/u/proj/runs/a``; relative ones
-    taken from the working directory), the rest as values."""
+    taken from the working directory), the rest as values. No data (None) matches any."""
     if old == new:
         return True
+    if key == "meta.data" and (old is None or new is None):
+        return True  # a call that reads no data (part segmentation on partseg_data alone) continues any
     if key in ("meta.run", "meta.data") and isinstance(old, str) and isinstance(new, str):
         return os.path.realpath(old) == os.path.realpath(new)
     return False
@@ -161,8 +165,11 @@ class MetricsBook:
         self.task_figures: dict[str, list[str]] = {}
         self.settings: dict[str, dict] = {}
         self.tasks_run: set[str] = set()
+        #: the data an earlier call described, stated again by a call that reads none
+        self.data_meta: dict[str, Any] = {}
         old = self._previous(identity)
         if old:
+            self.data_meta = {k: old.get(k) for k in _DATA_META}
             self.metrics = {k: v for k, v in old.items() if not k.startswith("meta.")}
             self.done = dict(old.get("meta.tasks_done") or {})
             self.partial = dict(old.get("meta.tasks_partial") or {})
@@ -238,6 +245,8 @@ class MetricsBook:
 
     def as_dict(self, meta: dict) -> dict:
         """The flat ``metrics.json`` content: metrics, ``meta`` and the book's own ``meta.*`` keys."""
+        if meta.get("meta.data") is None and self.data_meta.get("meta.data") is not None:
+            meta = {**meta, **self.data_meta}  # figures of that data are kept: so is its description
         return {
             **self.metrics,
             **meta,

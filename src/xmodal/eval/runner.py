@@ -211,7 +211,7 @@ def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], point_subsets
         "meta.data": str(cfg.data) if cfg.data else None,
         "meta.seed": int(cfg.seed),
         "meta.device": device,
-        "meta.dataset": _dataset_meta(store),
+        "meta.dataset": _dataset_meta(store) if cfg.data else None,
         "meta.loss_mode": _loss_mode(getattr(loaded, "config", None)),
         "meta.views_requested": [int(v) for v in cfg.views],
         "meta.views_used": views,
@@ -235,7 +235,8 @@ def evaluate(cfg: EvaluateConfig, *, loaded: Any = None, progress: bool = True) 
         cfg: what to evaluate and how (:class:`~xmodal.eval.config.EvaluateConfig`): ``run``
             (the run folder written by ``xmodal pretrain``), ``data`` (a dataset folder for
             :func:`xmodal.data.store.open_dataset`: an xmodal store, or a raw ModelNet40 HDF5
-            folder, points only; needs a ``test`` split), ``out`` (report folder, created),
+            folder, points only; needs a ``test`` split; may be empty when part segmentation on
+            ``partseg_data`` is the one task, which does not read it), ``out`` (report folder, created),
             ``tasks``, ``baseline`` (``"random"`` also evaluates :func:`xmodal.api.random_init_run`
             of the run's config, seeded with ``baseline_seed``, by default the run's own training
             seed, stored as ``baseline.random.<key>``), ``point_subsets`` (3D features averaged
@@ -337,7 +338,10 @@ class _Evaluation:
             weights = self.weights if net is self.loaded else weights_digest(net)
             pending = []
             for task in self.tasks:
-                fp = task_fingerprint(task, self.cfg, network=prefix, weights=weights, data=data, views=self.views,
+                # a task that does not read `data` (part segmentation on partseg_data) does not
+                # depend on it: its figures are kept whether `data` is given, or which it is
+                fp = task_fingerprint(task, self.cfg, network=prefix, weights=weights,
+                                      data=data if self.cfg.task_reads_data(task.name) else "", views=self.views,
                                       point_subsets=self.point_subsets,
                                       device=self.device)
                 if self.book.is_done(prefix + task.name, fp):
