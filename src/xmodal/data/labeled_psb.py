@@ -195,8 +195,6 @@ def _folder_meshes(folder: Path, *, quiet: bool = False) -> list[Path]:
     return [by_stem[s] for s in sorted(by_stem)]
 
 
-
-
 def is_labeled_mesh_folder(root: "str | os.PathLike") -> bool:
     """True when some category folder of ``root`` (or its ``train``/``test`` level) holds a
     mesh ``<stem>.{off,ply,obj}`` with a ``<stem>_labels.txt`` beside it."""

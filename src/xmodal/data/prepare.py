@@ -45,7 +45,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from xmodal.config import save_config
-from xmodal.data import crash
+from xmodal.data import crash, mesh_limit
 from xmodal.data.crash import file_stat
 from xmodal.data.geometry import normalize_unit_sphere
 from xmodal.data.store import (
@@ -59,7 +59,6 @@ from xmodal.data.store import (
     shard_rows,
     write_shard,
 )
-from xmodal.data import mesh_limit
 from xmodal.data.mesh_limit import MeshLimit, MeshTooLarge
 from xmodal.data.prepare_config import PrepareConfig
 from xmodal.data.sharding import format_shard, parse_shard, shard_chunks
@@ -599,9 +598,16 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
     memory = MeshLimit.sharing(cfg.max_faces, cfg.workers, avail).memory
     retry_inputs = {**limit_inputs, "memory": memory}
     has_pl = src.part_names is not None
-    # objects in flight when an earlier job's process died: find out whether one of them killed it
-    _check_suspects(out, src, items, settings, plan["classes"], has_pl, cfg.max_faces, lambda: stop.requested)
-    tasks = _pending_chunks(out, items, cfg.chunk_size, chunks, retry_inputs)
+
+    def check_suspects() -> tuple[int, int]:
+        return _check_suspects(out, src, items, settings, plan["classes"], has_pl, cfg.max_faces,
+                               lambda: stop.requested)
+
+    def pending() -> list[tuple[str, int, list[Item]]]:
+        return _pending_chunks(out, items, cfg.chunk_size, chunks, retry_inputs)
+
+    check_suspects()  # objects in flight when an earlier job's process died: did one of them kill it?
+    tasks = pending()
     if tasks:
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # no longer describes a complete store
         _remove_stale_temps(out)
@@ -623,9 +629,8 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
                                    progress=progress, should_stop=lambda: stop.requested, isolate=isolate)
                 break
             except _PoolBroken as broken:
-                suspects, found = _check_suspects(out, src, items, settings, plan["classes"], has_pl, cfg.max_faces,
-                                                  lambda: stop.requested)
-                tasks = _pending_chunks(out, items, cfg.chunk_size, chunks, retry_inputs)
+                suspects, found = check_suspects()
+                tasks = pending()
                 if stop.requested:
                     raise _interrupted(out, stop.signum, len(chunks) - len(tasks), len(chunks), shard) from broken
                 if not found:
