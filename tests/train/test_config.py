@@ -28,7 +28,7 @@ PAPER = {
              "workers": 6, "prefetch_factor": 2},
     "loss": {"mode": "cm-cv", "margin": 1.0, "beta": 1.0, "cross_pairs": "sample", "projected_nce": 0.0,
              "point_nce": 0.0, "point_decorrelation": 0.0, "nce_pool_views": False, "temperature": 0.1},
-    "optim": {"lr": 0.001, "momentum": 0.9, "weight_decay": 0.0005, "step_size": 40000, "gamma": 0.1,
+    "optim": {"name": "sgd", "lr": 0.001, "momentum": 0.9, "weight_decay": 0.0005, "step_size": 40000, "gamma": 0.1,
               "point_lr_scale": 1.0, "point_trust": 0.0,
               "average_from": 0, "average_every": 200},
     "aug": {"enabled": True, "crop_scale": (0.5, 1.0), "crop_ratio": (0.75, 4 / 3), "hflip_p": 0.5,
@@ -101,11 +101,17 @@ def test_overrides_apply_and_bad_keys_fail():
         ("optim.point_trust=-0.5", "optim.point_trust"),
         ("optim.average_from=-1", "optim.average_from"),
         ("optim.average_every=0", "optim.average_every"),
+        ("optim.name=adam", "optim.name must be one of sgd, adamw"),
     ],
 )
 def test_validation_rejects_bad_values(override, match):
     with pytest.raises(ConfigError, match=match):
         resolve(PretrainConfig, "smoke", [override], group="pretrain")
+
+
+def test_point_trust_needs_sgd():
+    with pytest.raises(ConfigError, match="needs optim.name=sgd"):
+        resolve(PretrainConfig, "smoke", ["optim.name=adamw", "optim.point_trust=0.01"], group="pretrain")
 
 
 def test_point_init_is_refused_for_an_encoder_it_does_not_apply_to():
@@ -126,6 +132,8 @@ def test_a_new_field_at_its_neutral_value_keeps_the_hash_of_older_runs():
     assert config_hash(kaiming) != config_hash(cpu)
     trust = resolve(PretrainConfig, "cpu-fp32", ["optim.point_trust=1"], group="pretrain")
     assert config_hash(trust) != config_hash(cpu)
+    adamw = resolve(PretrainConfig, "cpu-fp32", ["optim.name=adamw"], group="pretrain")
+    assert config_hash(adamw) != config_hash(cpu)
     averaged = resolve(PretrainConfig, "cpu-fp32", ["optim.average_from=100"], group="pretrain")
     assert config_hash(averaged) != config_hash(cpu)
     for override in ("aug.point_scale=[0.67, 1.5]", "aug.point_shift=0.2"):

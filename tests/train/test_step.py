@@ -81,6 +81,27 @@ def test_point_lr_scale_gives_fp_its_own_learning_rate():
     assert len(plain.param_groups) == 1
 
 
+def test_adamw_keeps_the_groups_and_the_schedule():
+    from xmodal.config import resolve
+    from xmodal.train.config import PretrainConfig
+    from xmodal.train.distributed import DistContext
+    from xmodal.train.model import build_optimizer, build_training_model
+
+    cfg = resolve(PretrainConfig, "smoke", ["optim.name=adamw", "optim.point_lr_scale=2", "optim.lr=0.001",
+                                            "optim.weight_decay=0.01", "optim.step_size=2"], group="pretrain")
+    net = build_training_model(cfg, DistContext())
+    opt, sched = build_optimizer(cfg, net)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["lr"] for g in opt.param_groups] == [0.001, 0.002]
+    assert all(g["weight_decay"] == 0.01 and g["betas"] == (0.9, 0.999) for g in opt.param_groups)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.0001, 0.0002])
+    sgd, _ = build_optimizer(resolve(PretrainConfig, "smoke", group="pretrain"), net)
+    assert isinstance(sgd, torch.optim.SGD)
+
+
 def _trust_stepper(trust_value: float, scaler=None):
     from xmodal.config import resolve
     from xmodal.train.config import PretrainConfig

@@ -97,6 +97,22 @@ def test_exact_resume(full_run, data, tmp_path):
     assert s2["start_step"] == 6 and len(read_jsonl(out / "metrics.jsonl")) == 6
 
 
+def test_exact_resume_under_adamw(data, tmp_path):
+    """AdamW's state (moments and its step count) goes through the checkpoint: 3 + 3 steps = 6."""
+    adamw = ("optim.name=adamw", "optim.lr=0.0005")
+    whole = tmp_path / "whole"
+    pretrain(_cfg(*adamw).with_paths(data, whole), progress=False)
+    ckpt = load_checkpoint(whole)
+    assert any(k.endswith("/exp_avg_sq") for k in ckpt.tensors)
+    assert _losses(whole)[0, 0] != _losses(whole)[-1, 0]
+    out = tmp_path / "resumed"
+    pretrain(_cfg("iterations=3", *adamw).with_paths(data, out), progress=False)
+    pretrain(_cfg("iterations=6", *adamw).with_paths(data, out), resume=True, progress=False)
+    np.testing.assert_allclose(_losses(out), _losses(whole), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ConfigError, match="optim.name"):  # the optimizer cannot change on resume
+        pretrain(_cfg("iterations=7").with_paths(data, out), resume=True, progress=False)
+
+
 def test_refuses_to_overwrite_or_change_config(full_run, data, tmp_path):
     out = full_run[0]
     with pytest.raises(FileExistsError, match="already holds a run") as info:

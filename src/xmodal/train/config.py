@@ -56,6 +56,7 @@ Options beyond the paper (each off in ``paper``; the measurements behind them ar
 * ``aug.point_scale`` / ``aug.point_shift`` ((1, 1) / 0 = the paper's rotation and jitter only):
   each cloud also scaled per axis and moved, as DGCNN and CrossPoint train their point encoders.
 * ``val.*`` (off): a learning curve on held-out training objects (:class:`ValConfig`).
+* ``optim.name`` ("sgd" = the paper): "adamw" trains every network with AdamW instead.
 * ``optim.point_lr_scale`` (1 = the paper's single learning rate): Fp's learning rate relative
   to the other networks'.
 * ``optim.point_trust`` (0 = the paper's plain SGD): each Fp weight tensor's gradient rescaled to
@@ -260,10 +261,19 @@ class LossConfig:
         return self.mode in ("cm-cv", "cm")
 
 
+#: the values of ``optim.name``
+OPTIMIZERS = ("sgd", "adamw")
+
+
 @dataclass
 class OptimConfig:
     """SGD with a step learning-rate schedule, stepped every iteration (paper §4.1)."""
 
+    #: the optimizer: "sgd" (the paper: SGD with ``momentum``) or "adamw" (AdamW, Loshchilov &
+    #: Hutter 2019, betas (0.9, 0.999), decoupled ``weight_decay``; ``momentum`` is not used), the
+    #: optimizer CrossPoint and OcCo pre-train their point encoders with. Either way the step
+    #: schedule below applies
+    name: str = "sgd"
     lr: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -287,6 +297,11 @@ class OptimConfig:
     average_every: int = 200
 
     def validate(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {self.name!r}")
+        if self.name != "sgd" and self.point_trust > 0:
+            raise ConfigError("optim.point_trust rescales the gradient before an SGD step; "
+                              f"optim.name={self.name} divides that scale away, so it needs optim.name=sgd")
         if not self.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -497,7 +512,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 HASH_NEUTRAL_VALUES: dict[str, Any] = {"model.point_init": "default", "optim.point_trust": 0.0,
                                        "optim.average_from": 0, "optim.average_every": 200,
                                        "loss.nce_pool_views": False, "aug.point_scale": [1.0, 1.0],
-                                       "aug.point_shift": 0.0, "loss.point_decorrelation": 0.0}
+                                       "aug.point_shift": 0.0, "loss.point_decorrelation": 0.0,
+                                       "optim.name": "sgd"}
 
 
 def config_hash(cfg: PretrainConfig) -> str:

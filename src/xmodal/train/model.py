@@ -151,6 +151,9 @@ def build_training_model(cfg: PretrainConfig, ctx: DistContext) -> XModalNet:
 def build_optimizer(cfg: PretrainConfig, net: XModalNet):
     """``(SGD, StepLR)`` of §4.1 with ``cfg.optim``'s values; the schedule steps every iteration.
 
+    ``optim.name="adamw"`` builds AdamW (betas (0.9, 0.999), decoupled ``weight_decay``) in
+    SGD's place, with the same groups and schedule.
+
     With ``optim.point_lr_scale`` != 1, Fp's parameters form a second parameter group whose
     learning rate is ``lr * point_lr_scale`` (group 0 keeps ``lr``).
     """
@@ -163,7 +166,10 @@ def build_optimizer(cfg: PretrainConfig, net: XModalNet):
             {"params": [p for p in net.parameters() if id(p) not in fp]},
             {"params": list(net.point_encoder.parameters()), "lr": o.lr * o.point_lr_scale},
         ]
-    opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=o.step_size, gamma=o.gamma)
 
 
