@@ -267,7 +267,7 @@ OPTIMIZERS = ("sgd", "adamw")
 
 @dataclass
 class OptimConfig:
-    """SGD with a step learning-rate schedule, stepped every iteration (paper §4.1)."""
+    """SGD (paper §4.1) or AdamW, with a step learning-rate schedule stepped every iteration."""
 
     #: the optimizer: "sgd" (the paper: SGD with ``momentum``) or "adamw" (AdamW, Loshchilov &
     #: Hutter 2019, betas (0.9, 0.999), decoupled ``weight_decay``; ``momentum`` is not used), the
