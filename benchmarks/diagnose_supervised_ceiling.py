@@ -6,9 +6,9 @@ initialisation. This script measures the room there is at that budget: it takes 
 encoder at random initialisation (the run's training seed and architecture: the weights its
 pre-training started from), trains it with a linear classifier on the class labels of the run's
 *training* objects (never its validation objects) for ``--steps`` steps of ``--batch`` clouds, as
-the run's own Fp was trained (SGD with the run's learning rate, momentum, weight decay and step
-schedule; the run's points per cloud, rotation about the up axis and jitter; Fp's BatchNorm
-statistics frozen when the run froze them), and then scores the encoder as
+the run's own Fp was trained (the run's optimizer, learning rate, weight decay and step schedule,
+built by :func:`xmodal.train.model.build_optimizer`; the run's points per cloud, rotation about the
+up axis and jitter; Fp's BatchNorm statistics frozen when the run froze them), and then scores the encoder as
 ``benchmarks/probe_val_svm.py`` does: a linear SVM fitted on the training objects' features, scored
 on the validation objects, and leave-one-out retrieval among the validation objects. With
 ``--eval-every E`` the encoder is scored every E steps too.
@@ -32,31 +32,35 @@ import numpy as np
 import torch
 from torch import nn
 
+from probe_val_svm import PROBE_CS, score_encoder, score_line  # the sibling script (benchmarks/ is on sys.path)
 from xmodal.api import load_run
 from xmodal.data.datasets import open_dataset
-from xmodal.eval.features import point_features
-from xmodal.eval.retrieval import retrieval_metrics
-from xmodal.eval.svm import linear_svm_eval
+from xmodal.models.batchnorm import hold_batchnorm_stats
 from xmodal.train.augment import augment_points, sample_point_params
+from xmodal.train.model import build_optimizer
 from xmodal.train.validation import holdout_split
 
 
 def _train_mode(fp: nn.Module, frozen_bn: bool) -> None:
     fp.train()
     if frozen_bn:  # as `model.freeze_point_bn`: the statistics stay those of the start
-        for m in fp.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        hold_batchnorm_stats(fp)
+
+
+class _Classifier(nn.Module):
+    """Fp and its linear head, with Fp where :func:`build_optimizer` looks for it."""
+
+    def __init__(self, point_encoder: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.point_encoder = point_encoder
+        self.head = head
 
 
 def _score(name: str, run, split, labels, train_idx, val_idx, points: int) -> None:
+    """The probe's scoring (its default C grid and point subset), so the figures compare with its."""
     t0 = time.perf_counter()
-    f = point_features(run, split, batch_size=64, num_points=points, seed=0)
-    svm = linear_svm_eval(f[train_idx], labels[train_idx], f[val_idx], labels[val_idx], Cs=[1e-4, 1e-3, 1e-2], folds=3)
-    ret = retrieval_metrics(f[val_idx], labels[val_idx], ks=(1,))
-    print(f"{name}: SVM {100 * svm['accuracy']:.2f} % (C {svm['C']:g}, CV on the training objects "
-          f"{100 * svm['cv_score']:.2f} %), retrieval top-1 {100 * ret['top1']:.2f} / mAP {100 * ret['map']:.2f}"
-          f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+    _, svm, ret = score_encoder(run, split, labels, train_idx, val_idx, points=points, cs=PROBE_CS)
+    print(score_line(name, svm, ret, time.perf_counter() - t0), flush=True)
 
 
 def main(argv=None) -> None:
@@ -85,7 +89,7 @@ def main(argv=None) -> None:
     points = run.num_points
     start = run.at_random_init(cfg.seed)
     print(f"{len(train_idx)} training objects train and fit the SVM, {len(val_idx)} validation objects score it; "
-          f"{steps} steps of {batch} clouds of {points} points, lr {cfg.optim.lr} (x{cfg.optim.gamma} every "
+          f"{steps} steps of {batch} clouds of {points} points, {cfg.optim.name} lr {cfg.optim.lr} (x{cfg.optim.gamma} every "
           f"{cfg.optim.step_size}), frozen BatchNorm statistics: {cfg.model.freeze_point_bn}", flush=True)
     if not args.no_random_init:
         _score("random init (the run's start)", start, split, labels, train_idx, val_idx, points)
@@ -96,10 +100,8 @@ def main(argv=None) -> None:
     with torch.no_grad():
         dim = int(fp(clouds[:2, :points]).shape[1])
     head = nn.Linear(dim, int(labels.max()) + 1)
-    params = list(fp.parameters()) + list(head.parameters())
-    o = cfg.optim
-    opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o.step_size, gamma=o.gamma)
+    # the run's own optimizer and schedule, built as training builds them (Fp's group, optim.name)
+    opt, sched = build_optimizer(cfg, _Classifier(fp, head))
     rng = np.random.default_rng(args.seed)
     _train_mode(fp, cfg.model.freeze_point_bn)
     t0, losses, correct = time.perf_counter(), [], []

@@ -73,6 +73,26 @@ def _spread(name: str, rows: list[dict], names: list[str]) -> None:
               + f"   mean {v.mean():6.2f}, range {v.max() - v.min():.2f}")
 
 
+#: the probe's default C grid
+PROBE_CS = (1e-4, 1e-3, 1e-2)
+
+
+def score_encoder(run, split, labels, train_idx, val_idx, *, points: int, cs, subsets: int = 1, seed: int = 0):
+    """``(features, svm, retrieval)`` of ``run``'s point encoder: the linear SVM fitted on the
+    training objects' features (C by 3-fold CV among them) and scored on the validation objects,
+    and leave-one-out retrieval among the validation objects."""
+    f = point_features(run, split, batch_size=64, num_points=points, seed=seed, subsets=subsets)
+    svm = linear_svm_eval(f[train_idx], labels[train_idx], f[val_idx], labels[val_idx], Cs=cs, folds=3)
+    return f, svm, retrieval_metrics(f[val_idx], labels[val_idx], ks=(1,))
+
+
+def score_line(name: str, svm: dict, ret: dict, seconds: float) -> str:
+    """One printed result of :func:`score_encoder`."""
+    return (f"{name}: SVM {100 * svm['accuracy']:.2f} % (C {svm['C']:g}, CV on the training objects "
+            f"{100 * svm['cv_score']:.2f} %), retrieval top-1 {100 * ret['top1']:.2f} / mAP "
+            f"{100 * ret['map']:.2f}  [{seconds:.0f} s]")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders trained with the validation curve on")
@@ -82,7 +102,7 @@ def main(argv=None) -> None:
     ap.add_argument("--point-subsets", type=int, nargs="+", default=[1],
                     help="point subsets averaged per cloud, one or more settings (the chance measurements "
                     "below use the first)")
-    ap.add_argument("--cs", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2], help="C grid of the SVM")
+    ap.add_argument("--cs", type=float, nargs="+", default=list(PROBE_CS), help="C grid of the SVM")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-random-init", action="store_true",
                     help="skip the first run's networks at random initialisation (their figures do not "
@@ -120,16 +140,13 @@ def main(argv=None) -> None:
     for name, run in runs:
         for k in args.point_subsets:
             t0 = time.perf_counter()
-            f = point_features(run, split, batch_size=64, num_points=points, seed=args.subsample_seed, subsets=k)
+            f, svm, ret = score_encoder(run, split, labels, train_idx, val_idx, points=points, cs=args.cs,
+                                        subsets=k, seed=args.subsample_seed)
             if k == args.point_subsets[0]:
                 feats[name] = f
-            svm = linear_svm_eval(f[train_idx], labels[train_idx], f[val_idx], labels[val_idx], Cs=args.cs, folds=3)
-            ret = retrieval_metrics(f[val_idx], labels[val_idx], ks=(1,))
             scores[name, k] = (100 * svm["accuracy"], 100 * ret["top1"])
             tag = f" [{k} point subsets]" if len(args.point_subsets) > 1 else ""
-            print(f"{name}{tag}: SVM {100 * svm['accuracy']:.2f} % (C {svm['C']:g}, CV on the training objects "
-                  f"{100 * svm['cv_score']:.2f} %), retrieval top-1 {100 * ret['top1']:.2f} / mAP "
-                  f"{100 * ret['map']:.2f}  [{time.perf_counter() - t0:.0f} s]", flush=True)
+            print(score_line(f"{name}{tag}", svm, ret, time.perf_counter() - t0), flush=True)
     if len(args.point_subsets) > 1:
         k0 = args.point_subsets[0]
         print(f"\npoint subsets against {k0} (SVM / retrieval top-1 points):")
