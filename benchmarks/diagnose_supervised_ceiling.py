@@ -13,6 +13,10 @@ up axis and jitter; Fp's BatchNorm statistics frozen when the run froze them), a
 on the validation objects, and leave-one-out retrieval among the validation objects. With
 ``--eval-every E`` the encoder is scored every E steps too.
 
+Two settings may differ from the run's, to see what limits the supervised encoder itself:
+``--lr`` (the learning rate; the schedule is kept) and ``--batch-stats`` (ordinary BatchNorm,
+its statistics measured on the batches and the running ones scored, where the run froze them).
+
 The labels make this an upper reference, not a method: a self-supervised Fp that gains less than
 the supervised one at the same budget leaves room a better signal could take; one that gains
 about as much is at the budget's limit.
@@ -71,6 +75,11 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=None, help="clouds per step (default: the run's batch size)")
     ap.add_argument("--eval-every", type=int, default=0, help="also score the encoder every this many steps")
     ap.add_argument("--no-random-init", action="store_true", help="do not score the start itself")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="learning rate in place of the run's optim.lr (its schedule and other settings kept)")
+    ap.add_argument("--batch-stats", action="store_true",
+                    help="train Fp with ordinary BatchNorm (statistics measured on the batches, the running ones "
+                         "scored) even where the run froze them")
     ap.add_argument("--seed", type=int, default=0, help="seed of the batches and augmentation")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -81,16 +90,19 @@ def main(argv=None) -> None:
     cfg = run.config
     if not cfg.val.enabled:
         raise SystemExit(f"{args.run} trained without the validation curve (val.every = 0): no object was held out")
+    if args.lr is not None:
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=args.lr))
     split = open_dataset(args.data).split("train")
     labels = np.asarray(split.labels)
     train_idx, val_idx = holdout_split(labels, cfg.val.fraction, seed=cfg.seed)
+    frozen_bn = cfg.model.freeze_point_bn and not args.batch_stats
     steps = args.steps or cfg.iterations
     batch = args.batch or cfg.batch_size
     points = run.num_points
     start = run.at_random_init(cfg.seed)
     print(f"{len(train_idx)} training objects train and fit the SVM, {len(val_idx)} validation objects score it; "
           f"{steps} steps of {batch} clouds of {points} points, {cfg.optim.name} lr {cfg.optim.lr} (x{cfg.optim.gamma} every "
-          f"{cfg.optim.step_size}), frozen BatchNorm statistics: {cfg.model.freeze_point_bn}", flush=True)
+          f"{cfg.optim.step_size}), frozen BatchNorm statistics: {frozen_bn}", flush=True)
     if not args.no_random_init:
         _score("random init (the run's start)", start, split, labels, train_idx, val_idx, points)
 
@@ -103,7 +115,7 @@ def main(argv=None) -> None:
     # the run's own optimizer and schedule, built as training builds them (Fp's group, optim.name)
     opt, sched = build_optimizer(cfg, _Classifier(fp, head))
     rng = np.random.default_rng(args.seed)
-    _train_mode(fp, cfg.model.freeze_point_bn)
+    _train_mode(fp, frozen_bn)
     t0, losses, correct = time.perf_counter(), [], []
     for step in range(1, steps + 1):
         idx = train_idx[rng.choice(len(train_idx), size=batch, replace=False)]
@@ -127,7 +139,7 @@ def main(argv=None) -> None:
             fp.eval()
             _score(f"supervised, step {step}", dataclasses.replace(start, point_encoder=fp, step=step),
                    split, labels, train_idx, val_idx, points)
-            _train_mode(fp, cfg.model.freeze_point_bn)
+            _train_mode(fp, frozen_bn)
 
 
 if __name__ == "__main__":
