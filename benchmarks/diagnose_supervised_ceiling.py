@@ -5,17 +5,19 @@ Issue #11 asks the `cpu` preset's self-supervised Fp for 3 SVM points over its r
 initialisation. This script measures the room there is at that budget: it takes a run's point
 encoder at random initialisation (the run's training seed and architecture: the weights its
 pre-training started from), trains it with a linear classifier on the class labels of the run's
-*training* objects (never its validation objects) for ``--steps`` steps of ``--batch`` clouds, as
-the run's own Fp was trained (the run's optimizer, learning rate, weight decay and step schedule,
+*training* objects (never its validation objects) for as many steps of as many clouds as the run,
+and as the run's own Fp was trained (the run's optimizer, learning rate, weight decay and step schedule,
 built by :func:`xmodal.train.model.build_optimizer`; the run's points per cloud, rotation about the
 up axis and jitter; Fp's BatchNorm statistics frozen when the run froze them), and then scores the encoder as
 ``benchmarks/probe_val_svm.py`` does: a linear SVM fitted on the training objects' features, scored
 on the validation objects, and leave-one-out retrieval among the validation objects. With
 ``--eval-every E`` the encoder is scored every E steps too.
 
-Two settings may differ from the run's, to see what limits the supervised encoder itself:
-``--lr`` (the learning rate; the schedule is kept) and ``--batch-stats`` (ordinary BatchNorm,
-its statistics measured on the batches and the running ones scored, where the run froze them).
+``key=value`` overrides of the run's configuration (``xmodal pretrain``'s syntax and checks) change
+what the reference is trained with, to see what limits the supervised encoder itself: the script
+reads ``iterations``, ``batch_size``, ``optim.*``, ``aug.*`` and ``model.freeze_point_bn``
+(``false``: ordinary BatchNorm, its statistics measured on the batches and the running ones
+scored), e.g. ``optim.lr=0.02``.
 
 The labels make this an upper reference, not a method: a self-supervised Fp that gains less than
 the supervised one at the same budget leaves room a better signal could take; one that gains
@@ -24,6 +26,7 @@ about as much is at the budget's limit.
 Usage::
 
     python benchmarks/diagnose_supervised_ceiling.py --data mn40 runs/ref-s0 --threads 1
+    python benchmarks/diagnose_supervised_ceiling.py --data mn40 runs/ref-s0 optim.lr=0.02 model.freeze_point_bn=false
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import nn
 
 from probe_val_svm import PROBE_CS, score_encoder, score_line  # the sibling script (benchmarks/ is on sys.path)
 from xmodal.api import load_run
+from xmodal.config import apply_overrides
 from xmodal.data.datasets import open_dataset
 from xmodal.models.batchnorm import hold_batchnorm_stats
 from xmodal.train.augment import augment_points, sample_point_params
@@ -70,16 +74,11 @@ def _score(name: str, run, split, labels, train_idx, val_idx, points: int) -> No
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", help="a run trained with the validation curve on (its start, split and schedule are used)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="overrides of the run's configuration for the reference's training (e.g. optim.lr=0.02)")
     ap.add_argument("--data", required=True, help="the store the run trained on")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the run's iterations)")
-    ap.add_argument("--batch", type=int, default=None, help="clouds per step (default: the run's batch size)")
     ap.add_argument("--eval-every", type=int, default=0, help="also score the encoder every this many steps")
     ap.add_argument("--no-random-init", action="store_true", help="do not score the start itself")
-    ap.add_argument("--lr", type=float, default=None,
-                    help="learning rate in place of the run's optim.lr (its schedule and other settings kept)")
-    ap.add_argument("--batch-stats", action="store_true",
-                    help="train Fp with ordinary BatchNorm (statistics measured on the batches, the running ones "
-                         "scored) even where the run froze them")
     ap.add_argument("--seed", type=int, default=0, help="seed of the batches and augmentation")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -87,19 +86,16 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
 
     run = load_run(args.run)
-    cfg = run.config
-    if not cfg.val.enabled:
+    if not run.config.val.enabled:
         raise SystemExit(f"{args.run} trained without the validation curve (val.every = 0): no object was held out")
-    if args.lr is not None:
-        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=args.lr))
+    cfg = apply_overrides(run.config, args.overrides)
     split = open_dataset(args.data).split("train")
     labels = np.asarray(split.labels)
-    train_idx, val_idx = holdout_split(labels, cfg.val.fraction, seed=cfg.seed)
-    frozen_bn = cfg.model.freeze_point_bn and not args.batch_stats
-    steps = args.steps or cfg.iterations
-    batch = args.batch or cfg.batch_size
+    train_idx, val_idx = holdout_split(labels, run.config.val.fraction, seed=run.config.seed)
+    frozen_bn = cfg.model.freeze_point_bn
+    steps, batch = cfg.iterations, cfg.batch_size
     points = run.num_points
-    start = run.at_random_init(cfg.seed)
+    start = run.at_random_init(run.config.seed)
     print(f"{len(train_idx)} training objects train and fit the SVM, {len(val_idx)} validation objects score it; "
           f"{steps} steps of {batch} clouds of {points} points, {cfg.optim.name} lr {cfg.optim.lr} (x{cfg.optim.gamma} every "
           f"{cfg.optim.step_size}), frozen BatchNorm statistics: {frozen_bn}", flush=True)
