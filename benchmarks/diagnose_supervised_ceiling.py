@@ -41,6 +41,7 @@ from torch import nn
 
 from probe_val_svm import PROBE_CS, score_encoder, score_line  # the sibling script (benchmarks/ is on sys.path)
 from xmodal.api import load_run
+from xmodal.cli import parse_args_with_overrides
 from xmodal.config import apply_overrides
 from xmodal.data.datasets import open_dataset
 from xmodal.models.batchnorm import hold_batchnorm_stats
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-random-init", action="store_true", help="do not score the start itself")
     ap.add_argument("--seed", type=int, default=0, help="seed of the batches and augmentation")
     ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args(argv)
+    args = parse_args_with_overrides(ap, argv)  # overrides may come after the options too
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -98,7 +99,8 @@ def main(argv=None) -> None:
     start = run.at_random_init(run.config.seed)
     print(f"{len(train_idx)} training objects train and fit the SVM, {len(val_idx)} validation objects score it; "
           f"{steps} steps of {batch} clouds of {points} points, {cfg.optim.name} lr {cfg.optim.lr} (x{cfg.optim.gamma} every "
-          f"{cfg.optim.step_size}), frozen BatchNorm statistics: {frozen_bn}", flush=True)
+          f"{cfg.optim.step_size}), frozen BatchNorm statistics: {frozen_bn}, rotation about the up axis: {cfg.aug.rotate}",
+          flush=True)
     if not args.no_random_init:
         _score("random init (the run's start)", start, split, labels, train_idx, val_idx, points)
 

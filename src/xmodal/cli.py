@@ -373,10 +373,11 @@ def _exit_code(exc: BaseException) -> int:
     return 2
 
 
-def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """``parser.parse_args``, except that ``key=value`` overrides may also follow an option
-    (``--preset cpu iterations=10``): argparse takes one run of positionals only, and leaves a
-    second run unrecognised."""
+def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``key=value`` overrides (a positional ``overrides`` with
+    ``nargs="*"``) may also follow an option (``--preset cpu iterations=10``): argparse takes one run
+    of positionals only, and leaves a second run unrecognised. Also used by the scripts in
+    ``benchmarks/`` that take overrides."""
     args, extra = parser.parse_known_args(argv)
     if extra:
         stray = [e for e in extra if e.startswith("-") or "=" not in e]
@@ -388,7 +389,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = _parse(parser, argv)
+    args = parse_args_with_overrides(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
