@@ -202,11 +202,11 @@ def test_paths_are_set_by_with_paths_required_to_run_and_free_to_change_on_resum
 def test_cpu_fp32_is_the_cpu_preset_without_bf16_on_its_own_schedule_and_nothing_else():
     cpu = to_dict(resolve(PretrainConfig, "cpu", group="pretrain"))
     fp32 = to_dict(resolve(PretrainConfig, "cpu-fp32", group="pretrain"))
-    assert (cpu["amp"], fp32["amp"]) == ("bf16", "off")
+    assert (cpu["amp"], fp32["amp"]) == ("auto", "off")  # auto: bf16 where the CPU has it natively
     assert (cpu["model"]["point_init"], fp32["model"]["point_init"]) == ("kaiming", "default")
     assert (cpu["iterations"], fp32["iterations"]) == (3000, 2000)
     # cpu: the validated 4,000-step schedule (decay at 2,600) stopped at 3,000; cpu-fp32 decays at 65 %
     assert (cpu["optim"]["step_size"], fp32["optim"]["step_size"]) == (2600, 1300)
-    same = {**fp32, "amp": "bf16", "iterations": 3000, "model": {**fp32["model"], "point_init": "kaiming"},
+    same = {**fp32, "amp": "auto", "iterations": 3000, "model": {**fp32["model"], "point_init": "kaiming"},
             "optim": {**fp32["optim"], "step_size": 2600}}
     assert same == cpu

@@ -97,6 +97,22 @@ def test_exact_resume(full_run, data, tmp_path):
     assert s2["start_step"] == 6 and len(read_jsonl(out / "metrics.jsonl")) == 6
 
 
+def test_amp_auto_resolves_per_machine_and_a_resume_elsewhere_is_recorded(data, tmp_path, monkeypatch, caplog):
+    """amp=auto is bf16 only on a CPU with native bfloat16; run.json says what each leg used."""
+    import xmodal.train.model as model_mod
+
+    out = tmp_path / "auto"
+    monkeypatch.setattr(model_mod, "cpu_has_native_bf16", lambda: True)
+    pretrain(_cfg("amp=auto", "iterations=2").with_paths(data, out), progress=False)
+    assert read_json(out / "run.json")["amp"] == "bfloat16"
+    monkeypatch.setattr(model_mod, "cpu_has_native_bf16", lambda: False)  # the same run, another machine
+    with caplog.at_level("WARNING", logger="xmodal.train.rundir"):
+        pretrain(_cfg("amp=auto", "iterations=3").with_paths(data, out), resume=True, progress=False)
+    info = read_json(out / "run.json")
+    assert info["amp"] == "off" and info["resumed"][0] == {**info["resumed"][0], "from_step": 2, "amp": "off"}
+    assert "trained in bfloat16 up to step 2, resumed in float32" in caplog.text
+
+
 def test_exact_resume_under_adamw(data, tmp_path):
     """AdamW's state (moments and its step count) goes through the checkpoint: 3 + 3 steps = 6."""
     adamw = ("optim.name=adamw", "optim.lr=0.0005")

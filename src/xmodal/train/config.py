@@ -436,8 +436,10 @@ class PretrainConfig:
     seed: int = 0
     #: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N" (under torchrun: cuda:LOCAL_RANK)
     device: str = "auto"
-    #: mixed precision: "off" (float32, the default), "auto" (bf16 on CUDA when supported, else
-    #: fp16; float32 on the CPU), "bf16" (CUDA or CPU autocast) or "fp16" (CUDA, with a gradient scaler)
+    #: mixed precision: "off" (float32, the default), "auto" (what the device computes natively: on
+    #: CUDA bf16 when supported, else fp16; on the CPU bf16 where it has native bfloat16, else
+    #: float32), "bf16" (CUDA or CPU autocast) or "fp16" (CUDA, with a gradient scaler). What a run
+    #: used is in its run.json ("amp")
     amp: Literal["auto", "bf16", "fp16", "off"] = "off"
     #: run the training forward through ``torch.compile`` (fused kernels; a speed option that
     #: changes results only by float rounding). The first steps pay the compilation (about a

@@ -176,17 +176,26 @@ def build_optimizer(cfg: PretrainConfig, net: XModalNet):
 def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of ``amp`` ("auto", "bf16", "fp16", "off") on ``device``; None = float32.
 
-    On CUDA "auto" is bf16 where supported, else fp16. On the CPU "auto" is float32 and "bf16"
-    runs CPU autocast in bfloat16; "fp16" is not offered there (a warning, then float32).
+    "auto" is the mixed precision the device computes natively: on CUDA bf16 where supported, else
+    fp16; on the CPU bf16 where it has native bfloat16 instructions (``avx512_bf16`` / ``amx_bf16``,
+    :func:`~xmodal.utils.device.cpu_has_native_bf16`), else float32 -- there CPU bf16 autocast is
+    emulated and the `cpu` preset's step was measured 8.6x *slower* than float32
+    (docs/EXPERIMENTS.md). "bf16" runs CPU autocast in bfloat16 regardless (a warning where it is
+    emulated); "fp16" is not offered on the CPU (a warning, then float32).
     """
     if amp == "off":
         return None
     if device.type != "cuda":
+        native = cpu_has_native_bf16()
+        if amp == "auto":
+            log.info("amp=auto: %s", "bf16 autocast (this CPU has native bfloat16)" if native else
+                     "float32 (no native bfloat16 on this CPU, where bf16 autocast would be emulated and slower)")
+            return torch.bfloat16 if native else None
         if amp == "bf16":
-            if cpu_has_native_bf16() is False:
+            if native is False:
                 log.warning("amp=bf16 on a CPU without native bfloat16 (no avx512_bf16 / amx_bf16): autocast "
-                            "is emulated and may be slower than float32 (amp=off; for such a CPU the preset "
-                            "cpu-fp32 replaces cpu)")
+                            "is emulated and much slower than float32 (8.6x for the cpu preset's step on one "
+                            "such CPU); amp=auto or amp=off trains in float32 here")
             return torch.bfloat16
         if amp == "fp16":
             log.warning("amp=fp16 is ignored on %s: use amp=bf16 for mixed precision on the CPU", device)

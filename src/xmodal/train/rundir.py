@@ -151,6 +151,14 @@ def write_run_info(out: Path, cfg: PretrainConfig, info: dict, *, resumed_from: 
     save_config(cfg, out / "config.yaml")
     path = out / "run.json"
     run_info = read_json(path) if (resumed_from is not None and path.exists()) else {}
+    before = run_info.get("amp")
+    if before is not None and "amp" in info and before != info["amp"]:
+        # amp=auto resolves per machine: a run resumed elsewhere can change precision mid-schedule
+        def name(amp: str) -> str:
+            return "float32" if amp == "off" else amp
+
+        log.warning("%s: trained in %s up to step %s, resumed in %s (amp=%s resolves per machine)", out,
+                    name(before), resumed_from, name(info["amp"]), cfg.amp)
     run_info.update(info)
     run_info.update(
         {
@@ -163,7 +171,7 @@ def write_run_info(out: Path, cfg: PretrainConfig, info: dict, *, resumed_from: 
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run_info.setdefault("started", now)
     if resumed_from is not None:
-        run_info.setdefault("resumed", []).append({"from_step": resumed_from, "time": now})
+        run_info.setdefault("resumed", []).append({"from_step": resumed_from, "time": now, "amp": info.get("amp")})
     write_json(path, run_info)
 
 
