@@ -157,7 +157,7 @@ def write_run_info(out: Path, cfg: PretrainConfig, info: dict, *, resumed_from: 
         def name(amp: str) -> str:
             return "float32" if amp == "off" else amp
 
-        log.warning("%s: trained in %s up to step %s, resumed in %s (amp=%s resolves per machine)", out,
+        log.warning("%s: trained in %s up to step %s, resumed in %s (amp=%s resolves by device and CPU)", out,
                     name(before), resumed_from, name(info["amp"]), cfg.amp)
     run_info.update(info)
     run_info.update(
