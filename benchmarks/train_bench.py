@@ -14,6 +14,9 @@ shared machine hits both alike, and reports both rows plus the median of the per
 
 * ``fp-bf16`` – ``fp-fast`` under ``torch.autocast`` in bfloat16 (row ``fp-bf16``) against the same
                 model and input in float32 (row ``fp-f32``),
+* ``fp-compile`` – ``fp-fast`` (BatchNorm on batch statistics, running statistics updated, as in
+                the ``paper`` preset) eagerly (row ``fp-eager``) and through ``torch.compile`` (row
+                ``fp-compile``), the same module and input; compilation is paid in the warm-up,
 * ``ddp``     – one DistributedDataParallel step of Fp (forward, backward with the gradient
                 all-reduce, SGD step) on 2 processes (gloo on CPU, 1 thread each, the batch split
                 between them): fused EdgeConv with its BatchNorm statistics reduced over both
@@ -57,6 +60,7 @@ Usage::
     python benchmarks/train_bench.py --size paper --device cuda
     python benchmarks/train_bench.py --size cpu-preset fp32 --configs fp-bf16 --repeats 6
     python benchmarks/train_bench.py --size cpu-preset --configs ddp --repeats 6
+    python benchmarks/train_bench.py --size cpu-preset --configs fp-compile --repeats 10 --warmup 3
     python benchmarks/train_bench.py --size cpu-preset --configs cpu-step --repeats 6 --warmup 2
 """
 
@@ -79,7 +83,7 @@ SIZES = {
     "cpu-preset": dict(batch=16, points=512, image_size=64, k=16),
 }
 DEFAULT_CONFIGS = ("fimg", "fp-fast", "fp-ref", "step")
-CONFIGS = (*DEFAULT_CONFIGS, "fp-bf16", "ddp", "cpu-step")
+CONFIGS = (*DEFAULT_CONFIGS, "fp-bf16", "fp-compile", "ddp", "cpu-step")
 #: the variants of ``cpu-step``: (fold fixed BatchNorm statistics, torch.compile, amp)
 CPU_STEP_VARIANTS = {
     "before": (False, False, "off"),
@@ -138,6 +142,19 @@ def _build(config: str, batch: int, points: int, image_size: int, k: int, device
             return it
 
         return {"fp-f32": fp_iteration(False), "fp-bf16": fp_iteration(True)} if config == "fp-bf16" else fp_iteration(False)
+    if config == "fp-compile":
+        torch.manual_seed(seed)
+        model = DGCNN(k=k).to(device).train()
+        compiled = torch.compile(model)
+
+        def fp_step(net):
+            def it():
+                model.zero_grad(set_to_none=True)
+                net(pts).sum().backward()
+
+            return it
+
+        return {"fp-eager": fp_step(model), "fp-compile": fp_step(compiled)}
     if config == "step":
         torch.manual_seed(seed)
         fimg, fp, ff = resnet18().to(device), DGCNN(k=k).to(device), PairClassifier().to(device)
@@ -363,6 +380,11 @@ def _ratio_lines(by: dict, name: str) -> list[str]:
         f, b = by["fp-f32"], by["fp-bf16"]
         lines.append(f"[{name}] Fp forward+backward (fused), interleaved: float32 {f['seconds']:.3f} s/it, bf16 "
                      f"autocast {b['seconds']:.3f} s/it; bf16 / float32 time {b['pair_ratio']:.2f} (median of "
+                     f"per-round ratios)")
+    if "fp-eager" in by and "fp-compile" in by:
+        e, c = by["fp-eager"], by["fp-compile"]
+        lines.append(f"[{name}] Fp forward+backward (fused, batch statistics), interleaved: eager {e['seconds']:.3f} s/it, "
+                     f"torch.compile {c['seconds']:.3f} s/it; speed-up {1 / c['pair_ratio']:.2f}x (median of "
                      f"per-round ratios)")
     if "before" in by:
         base = by["before"]

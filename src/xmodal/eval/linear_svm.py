@@ -13,6 +13,14 @@ penalised::
     y_ik = +1 if sample i is of class k else -1.
 
 It is a scikit-learn estimator, so it fits in ``Pipeline`` and ``GridSearchCV``.
+
+Small problems (``n <= min(D, 256)`` samples: few-shot episodes, tiny stores, the tests) are
+solved exactly instead, by the finite Newton method of Keerthi & DeCoste (JMLR 2005) in the span
+of the samples: with fewer samples than features and a large ``C`` the data are separable, the
+objective becomes badly conditioned and L-BFGS stops at ``max_iter`` short of the minimum
+(5-way 5-shot at ``C = 1``: 300 iterations, 0.25 s, objective still falling), where the Newton
+method ends at the exact minimiser after a handful of linear solves. Neither scikit-learn nor
+scipy has this solver for the squared hinge with an unpenalised intercept.
 """
 
 from __future__ import annotations
@@ -23,7 +31,11 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from xmodal.errors import DataError
 
-__all__ = ["SquaredHingeSVC", "squared_hinge_objective"]
+__all__ = ["SquaredHingeSVC", "squared_hinge_objective", "newton_ovr_squared_hinge", "NEWTON_MAX_SAMPLES"]
+
+#: ``solver="auto"`` uses the exact Newton solver up to this many samples (and no more than the
+#: number of features); its cost grows as ``n^3`` per class and iteration, L-BFGS's as ``n``.
+NEWTON_MAX_SAMPLES = 256
 
 
 def squared_hinge_objective(x, y_pm, w, b, C: float) -> torch.Tensor:
@@ -40,16 +52,23 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
         fit_intercept: learn an (unpenalised) bias per class.
         max_iter: L-BFGS iterations; tol: gradient-norm tolerance (relative to the first step).
         dtype: ``"float32"`` (default; about 1-2 s per fit on 6k x 512 features) or ``"float64"``
-            (exact enough to match liblinear's objective to many digits).
+            (exact enough to match liblinear's objective to many digits). L-BFGS only: the
+            Newton solver works in float64.
+        solver: ``"lbfgs"``, ``"newton"`` (exact, :func:`newton_ovr_squared_hinge`; for few
+            samples) or ``"auto"`` (Newton when ``n <= min(D, NEWTON_MAX_SAMPLES)``).
+
+    After ``fit``: ``coef_`` (K, D), ``intercept_`` (K,), ``objective_`` and ``solver_`` (the
+    solver that ran).
     """
 
     def __init__(self, C: float = 1.0, fit_intercept: bool = True, max_iter: int = 300, tol: float = 1e-6,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", solver: str = "auto"):
         self.C = C
         self.fit_intercept = fit_intercept
         self.max_iter = max_iter
         self.tol = tol
         self.dtype = dtype
+        self.solver = solver
 
     def fit(self, X, y):
         X = np.asarray(X)
@@ -59,6 +78,14 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
         self.classes_, idx = np.unique(y, return_inverse=True)
         if self.classes_.size < 2:
             raise DataError("need at least 2 classes to fit an SVM")
+        if self.solver not in ("auto", "lbfgs", "newton"):
+            raise ValueError(f"solver must be 'auto', 'lbfgs' or 'newton', got {self.solver!r}")
+        n, d = X.shape
+        self.solver_ = self.solver
+        if self.solver == "auto":
+            self.solver_ = "newton" if n <= min(d, NEWTON_MAX_SAMPLES) else "lbfgs"
+        if self.solver_ == "newton":
+            return self._fit_newton(X, idx)
         dt = torch.float64 if self.dtype == "float64" else torch.float32
         x = torch.as_tensor(X, dtype=dt)
         k = self.classes_.size
@@ -86,9 +113,98 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
         self.objective_ = float(squared_hinge_objective(x, y_pm, w.detach(), b.detach(), C))
         return self
 
+    def _fit_newton(self, X: np.ndarray, idx: np.ndarray) -> "SquaredHingeSVC":
+        x = X.astype(np.float64)
+        y_pm = -np.ones((x.shape[0], self.classes_.size))
+        y_pm[np.arange(x.shape[0]), idx] = 1.0
+        alpha, b = newton_ovr_squared_hinge(x @ x.T, y_pm, float(self.C), fit_intercept=self.fit_intercept)
+        w = x.T @ alpha  # (D, K): the minimiser lies in the span of the samples
+        self.coef_ = w.T.copy()
+        self.intercept_ = b
+        self.n_features_in_ = X.shape[1]
+        self.objective_ = float(squared_hinge_objective(torch.from_numpy(x), torch.from_numpy(y_pm), torch.from_numpy(w),
+                                                        torch.from_numpy(b), float(self.C)))
+        return self
+
     def decision_function(self, X):
         X = np.asarray(X, dtype=self.coef_.dtype)
         return X @ self.coef_.T + self.intercept_
 
     def predict(self, X):
         return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+
+def newton_ovr_squared_hinge(gram: np.ndarray, y_pm: np.ndarray, C: float, *, fit_intercept: bool = True,
+                             max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Exact minimiser of the one-vs-rest squared-hinge SVM, from the samples' Gram matrix.
+
+    The finite Newton method of Keerthi & DeCoste, "A modified finite Newton method for fast
+    solution of large scale linear SVMs" (JMLR 6, 2005), written in the span of the samples
+    (``w_k = X^T alpha_k``). For each class: on the current active set ``A`` (samples with margin
+    below 1) the objective is quadratic and its minimiser solves
+    ``(G_AA + I / 2C) beta + b 1 = y_A`` with ``1^T beta = 0`` (no intercept: ``b = 0`` and no
+    constraint). When that minimiser has the same active set it is the optimum; otherwise an
+    exact line search on the piecewise quadratic objective moves towards it and the active set is
+    updated (the optimum is reached after finitely many steps; ``max_iter`` bounds them).
+
+    Args:
+        gram: (n, n) ``X X^T`` of the (standardised) features, float64.
+        y_pm: (n, K) targets in {-1, +1}, one column per class.
+        C: inverse regularisation strength, > 0.
+    Returns:
+        ``alpha`` (n, K) with ``W = X^T alpha``, and the intercepts ``b`` (K,).
+    """
+    n, k = y_pm.shape
+    alpha, b = np.zeros((n, k)), np.zeros(k)
+    for c in range(k):
+        alpha[:, c], b[c] = _newton_one_class(gram, y_pm[:, c], float(C), fit_intercept, max_iter)
+    return alpha, b
+
+
+def _newton_one_class(gram: np.ndarray, y: np.ndarray, C: float, fit_intercept: bool,
+                      max_iter: int) -> tuple[np.ndarray, float]:
+    from scipy.linalg import cho_factor, cho_solve
+
+    n = y.size
+    alpha, b, f = np.zeros(n), 0.0, np.zeros(n)  # f = G alpha + b: the decision values
+    active = np.ones(n, dtype=bool)  # every margin is 1 - 0 > 0 at the start
+    for _ in range(max_iter):
+        a_idx = np.flatnonzero(active)
+        new_alpha, new_b = np.zeros(n), 0.0
+        if a_idx.size:
+            factor = cho_factor(gram[np.ix_(a_idx, a_idx)] + np.eye(a_idx.size) / (2.0 * C))
+            u = cho_solve(factor, y[a_idx])
+            if fit_intercept:  # the bordered system by its Schur complement
+                v = cho_solve(factor, np.ones(a_idx.size))
+                new_b = float(u.sum() / v.sum())
+                u = u - new_b * v
+            new_alpha[a_idx] = u
+        d_alpha, d_b = new_alpha - alpha, new_b - b
+        g_d = gram @ d_alpha
+        d_f = g_d + d_b
+        if np.array_equal(y * (f + d_f) < 1.0, active):
+            return new_alpha, new_b  # the Newton point keeps its active set: it is the optimum
+        t = _exact_step(float(alpha @ g_d), float(d_alpha @ g_d), f, d_f, y, C)
+        alpha, b, f = alpha + t * d_alpha, b + t * d_b, f + t * d_f
+        active = y * f < 1.0
+    return alpha, b
+
+
+def _exact_step(w_d: float, d_d: float, f: np.ndarray, d_f: np.ndarray, y: np.ndarray, C: float) -> float:
+    """The step ``t`` in [0, 1] minimising the objective along the segment to the Newton point:
+    the root of its derivative ``w_d + t d_d - 2C sum_i max(0, 1 - y_i (f_i + t df_i)) y_i df_i``,
+    which is piecewise linear and non-decreasing (convexity), found by bisection."""
+    def slope(t: float) -> float:
+        m = np.maximum(0.0, 1.0 - y * (f + t * d_f))
+        return w_d + t * d_d - 2.0 * C * float(np.sum(m * y * d_f))
+
+    if slope(1.0) <= 0.0:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if slope(mid) > 0.0:
+            hi = mid
+        else:
+            lo = mid
+    return 0.5 * (lo + hi)

@@ -178,12 +178,15 @@ class _Norm:
 def _update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor,
                           count: int | Tensor) -> None:
     """Update ``bn``'s running stats from batch ``mean`` and biased ``var`` over ``count`` values
-    (an int or a 0-dim tensor; one on an accelerator stays there: no host synchronisation)."""
+    (an int or a 0-dim tensor). A tensor count stays a tensor on every device: no host
+    synchronisation on an accelerator, and no graph break under ``torch.compile`` (reading a CPU
+    tensor's value with ``float`` split each EdgeConv's compiled graph in three). The factor is
+    the same float32 number either way: the float64 ratio rounded once."""
     if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
         return
     bn.num_batches_tracked.add_(1)
     m = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    if isinstance(count, Tensor) and count.device.type != "cpu":
+    if isinstance(count, Tensor):
         unbiased = var * (count / (count - 1).clamp_min(1)).to(var.dtype)
     else:
         n = float(count)
