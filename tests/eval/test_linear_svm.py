@@ -53,6 +53,14 @@ def test_rejects_one_class():
         SquaredHingeSVC().fit(np.zeros((3, 2)), np.zeros(3))
 
 
+@pytest.mark.parametrize("solver", ["lbfgs", "newton"])
+def test_rejects_non_finite_features(solver):
+    x, y = _data(n=20, d=30)
+    x[[2, 5], 3] = [np.nan, np.inf]
+    with pytest.raises(ValueError, match="NaN or infinity in 2 of 20 rows"):
+        SquaredHingeSVC(solver=solver).fit(x, y)
+
+
 def _gradient(x, y, clf):
     """Gradient of the primal objective at the fitted (w, b), by autograd (float64)."""
     y_pm = -torch.ones(len(y), clf.classes_.size, dtype=torch.float64)

@@ -75,6 +75,8 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
         y = np.asarray(y).reshape(-1)
         if X.ndim != 2 or X.shape[0] != y.shape[0]:
             raise ValueError(f"X must be (n, D) with one label per row, got X {X.shape} and y {y.shape}")
+        if not np.isfinite(X).all():
+            raise ValueError(f"X contains NaN or infinity in {int((~np.isfinite(X)).any(axis=1).sum())} of {X.shape[0]} rows")
         self.classes_, idx = np.unique(y, return_inverse=True)
         if self.classes_.size < 2:
             raise DataError("need at least 2 classes to fit an SVM")
