@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
-from xmodal.eval.linear_svm import SquaredHingeSVC, squared_hinge_objective
+from xmodal.eval.linear_svm import SquaredHingeSVC, _exact_step, newton_ovr_squared_hinge, squared_hinge_objective
 
 
 def _data(n=300, d=20, k=4, seed=0):
@@ -99,9 +100,71 @@ def test_newton_without_intercept_and_with_duplicate_samples():
     assert (clf.predict(x) == y).all()  # separable
 
 
+def _standardised(n, d, k, seed):
+    x, y = _data(n=n, d=d, k=k, seed=seed)
+    return (x - x.mean(0)) / x.std(0), y
+
+
+def _objective(x, y_pm, alpha, b, C):
+    w = x.T @ alpha
+    margin = np.maximum(0.0, 1.0 - y_pm * (x @ w + b))
+    return 0.5 * float((w * w).sum()) + C * float((margin * margin).sum())
+
+
+def test_newton_needs_several_steps_each_lowering_the_objective():
+    """n == D at C = 10: more than ten Newton steps; the objective never rises with the step budget
+    and the final point has a vanishing gradient."""
+    x, y = _standardised(64, 64, 8, seed=5)
+    y_pm = np.where(y[:, None] == np.arange(8), 1.0, -1.0)
+    gram = x @ x.T
+    objs = [_objective(x, y_pm, *newton_ovr_squared_hinge(gram, y_pm, 10.0, max_iter=j)[:2], 10.0) for j in range(1, 21)]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(objs, objs[1:]))
+    assert objs[9] > objs[-1] * (1 + 1e-9)  # ten steps are not enough here
+    assert newton_ovr_squared_hinge(gram, y_pm, 10.0, max_iter=20)[2]  # converged
+    clf = SquaredHingeSVC(C=10.0, solver="newton").fit(x, y)
+    gw, gb = _gradient(x, y, clf)
+    assert float(gw.abs().max()) < 1e-8 * (1 + 10.0 * len(y)) and float(gb.abs().max()) < 1e-8 * (1 + 10.0 * len(y))
+
+
+def test_exact_step_minimises_the_objective_along_the_segment():
+    rng = np.random.default_rng(6)
+    for _ in range(20):
+        n, C = 30, float(10 ** rng.uniform(-2, 2))
+        x = rng.normal(size=(n, 8))
+        y = np.where(rng.random(n) < 0.5, 1.0, -1.0)
+        a0, a1 = rng.normal(size=n) * 0.1, rng.normal(size=n) * 0.1
+        b0, b1 = rng.normal(), rng.normal()
+
+        def phi(t):
+            a, b = a0 + t * (a1 - a0), b0 + t * (b1 - b0)
+            w = x.T @ a
+            m = np.maximum(0.0, 1.0 - y * (x @ w + b))
+            return 0.5 * w @ w + C * m @ m
+
+        g = x @ x.T
+        d = a1 - a0
+        t = _exact_step(float(a0 @ g @ d), float(d @ g @ d), g @ a0 + b0, g @ d + (b1 - b0), y, C)
+        grid = np.linspace(0.0, 1.0, 2001)
+        assert phi(t) <= min(phi(s) for s in grid) + 1e-9 * (1 + abs(phi(t)))
+
+
 def test_auto_chooses_by_the_number_of_samples():
     assert SquaredHingeSVC().fit(*_data(n=30, d=40)).solver_ == "newton"
+    assert SquaredHingeSVC().fit(*_data(n=40, d=40)).solver_ == "newton"  # n == D
+    assert SquaredHingeSVC().fit(*_data(n=256, d=300)).solver_ == "newton"  # NEWTON_MAX_SAMPLES
+    assert SquaredHingeSVC().fit(*_data(n=257, d=300)).solver_ == "lbfgs"  # over it
     assert SquaredHingeSVC().fit(*_data(n=60, d=40)).solver_ == "lbfgs"  # more samples than features
-    assert SquaredHingeSVC().fit(*_data(n=300, d=400)).solver_ == "lbfgs"  # over NEWTON_MAX_SAMPLES
     with pytest.raises(ValueError, match="solver must be"):
         SquaredHingeSVC(solver="sgd").fit(*_data(n=30, d=40))
+
+
+def test_newton_on_badly_scaled_features_is_exact_or_hands_over_to_lbfgs():
+    x, y = _standardised(64, 64, 4, seed=7)
+    # near a hard margin (C times the features' scale huge) the margins are at round-off of 1; the
+    # decision values are recomputed each step, so Newton still ends far below a long L-BFGS run
+    exact = SquaredHingeSVC(C=1e3, solver="newton").fit(x * 1e4, y)
+    long = SquaredHingeSVC(C=1e3, solver="lbfgs", dtype="float64", max_iter=5_000, tol=1e-14).fit(x * 1e4, y)
+    assert exact.solver_ == "newton" and exact.objective_ < 0.1 * long.objective_
+    with pytest.warns(ConvergenceWarning, match="Newton solver did not reach the optimum"):
+        clf = SquaredHingeSVC(C=1e3, solver="newton").fit(x * 1e6, y)  # margins within round-off of 1
+    assert clf.solver_ == "lbfgs" and np.isfinite(clf.coef_).all()

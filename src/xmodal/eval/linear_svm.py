@@ -25,9 +25,12 @@ scipy has this solver for the squared hinge with an unpenalised intercept.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
 
 from xmodal.errors import DataError
 
@@ -86,8 +89,8 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
         self.solver_ = self.solver
         if self.solver == "auto":
             self.solver_ = "newton" if n <= min(d, NEWTON_MAX_SAMPLES) else "lbfgs"
-        if self.solver_ == "newton":
-            return self._fit_newton(X, idx)
+        if self.solver_ == "newton" and self._fit_newton(X, idx) is not None:
+            return self
         dt = torch.float64 if self.dtype == "float64" else torch.float32
         x = torch.as_tensor(X, dtype=dt)
         k = self.classes_.size
@@ -115,11 +118,17 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
         self.objective_ = float(squared_hinge_objective(x, y_pm, w.detach(), b.detach(), C))
         return self
 
-    def _fit_newton(self, X: np.ndarray, idx: np.ndarray) -> "SquaredHingeSVC":
+    def _fit_newton(self, X: np.ndarray, idx: np.ndarray) -> "SquaredHingeSVC | None":
+        """The exact fit, or None (a ConvergenceWarning) where it did not reach the optimum."""
         x = X.astype(np.float64)
         y_pm = -np.ones((x.shape[0], self.classes_.size))
         y_pm[np.arange(x.shape[0]), idx] = 1.0
-        alpha, b = newton_ovr_squared_hinge(x @ x.T, y_pm, float(self.C), fit_intercept=self.fit_intercept)
+        alpha, b, converged = newton_ovr_squared_hinge(x @ x.T, y_pm, float(self.C), fit_intercept=self.fit_intercept)
+        if not converged:
+            warnings.warn(f"SquaredHingeSVC: the Newton solver did not reach the optimum (C = {self.C:g} on features "
+                          f"of scale {float(np.abs(x).max()):.3g}); fitting by L-BFGS instead", ConvergenceWarning)
+            self.solver_ = "lbfgs"
+            return None
         w = x.T @ alpha  # (D, K): the minimiser lies in the span of the samples
         self.coef_ = w.T.copy()
         self.intercept_ = b
@@ -137,7 +146,7 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
 
 
 def newton_ovr_squared_hinge(gram: np.ndarray, y_pm: np.ndarray, C: float, *, fit_intercept: bool = True,
-                             max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
+                             max_iter: int = 100) -> tuple[np.ndarray, np.ndarray, bool]:
     """Exact minimiser of the one-vs-rest squared-hinge SVM, from the samples' Gram matrix.
 
     The finite Newton method of Keerthi & DeCoste, "A modified finite Newton method for fast
@@ -145,32 +154,37 @@ def newton_ovr_squared_hinge(gram: np.ndarray, y_pm: np.ndarray, C: float, *, fi
     (``w_k = X^T alpha_k``). For each class: on the current active set ``A`` (samples with margin
     below 1) the objective is quadratic and its minimiser solves
     ``(G_AA + I / 2C) beta + b 1 = y_A`` with ``1^T beta = 0`` (no intercept: ``b = 0`` and no
-    constraint). When that minimiser has the same active set it is the optimum; otherwise an
-    exact line search on the piecewise quadratic objective moves towards it and the active set is
-    updated (the optimum is reached after finitely many steps; ``max_iter`` bounds them).
+    constraint). When that minimiser keeps its active set it is the optimum. Otherwise the full
+    step is taken if it decreases the objective enough (Armijo), else the exact minimum along it
+    (the objective is piecewise quadratic), and the active set is updated.
 
     Args:
         gram: (n, n) ``X X^T`` of the (standardised) features, float64.
         y_pm: (n, K) targets in {-1, +1}, one column per class.
         C: inverse regularisation strength, > 0.
+        max_iter: Newton steps per class at most.
     Returns:
-        ``alpha`` (n, K) with ``W = X^T alpha``, and the intercepts ``b`` (K,).
+        ``alpha`` (n, K) with ``W = X^T alpha``, the intercepts ``b`` (K,), and whether every
+        class reached its optimum (False: ``max_iter`` steps, or no progress left in float64, as
+        on badly scaled features with a huge ``C``).
     """
     n, k = y_pm.shape
-    alpha, b = np.zeros((n, k)), np.zeros(k)
+    alpha, b, converged = np.zeros((n, k)), np.zeros(k), True
     for c in range(k):
-        alpha[:, c], b[c] = _newton_one_class(gram, y_pm[:, c], float(C), fit_intercept, max_iter)
-    return alpha, b
+        alpha[:, c], b[c], ok = _newton_one_class(gram, y_pm[:, c], float(C), fit_intercept, max_iter)
+        converged &= ok
+    return alpha, b, converged
 
 
 def _newton_one_class(gram: np.ndarray, y: np.ndarray, C: float, fit_intercept: bool,
-                      max_iter: int) -> tuple[np.ndarray, float]:
+                      max_iter: int) -> tuple[np.ndarray, float, bool]:
     from scipy.linalg import cho_factor, cho_solve
 
     n = y.size
-    alpha, b, f = np.zeros(n), 0.0, np.zeros(n)  # f = G alpha + b: the decision values
-    active = np.ones(n, dtype=bool)  # every margin is 1 - 0 > 0 at the start
+    alpha, b = np.zeros(n), 0.0
     for _ in range(max_iter):
+        f = gram @ alpha + b  # the decision values, recomputed (updated ones drift on badly scaled data)
+        active = y * f < 1.0
         a_idx = np.flatnonzero(active)
         new_alpha, new_b = np.zeros(n), 0.0
         if a_idx.size:
@@ -184,28 +198,57 @@ def _newton_one_class(gram: np.ndarray, y: np.ndarray, C: float, fit_intercept: 
         d_alpha, d_b = new_alpha - alpha, new_b - b
         g_d = gram @ d_alpha
         d_f = g_d + d_b
-        if np.array_equal(y * (f + d_f) < 1.0, active):
-            return new_alpha, new_b  # the Newton point keeps its active set: it is the optimum
-        t = _exact_step(float(alpha @ g_d), float(d_alpha @ g_d), f, d_f, y, C)
-        alpha, b, f = alpha + t * d_alpha, b + t * d_b, f + t * d_f
-        active = y * f < 1.0
-    return alpha, b
+        # the optimum: the Newton point keeps its active set, or (near hard margins, where margins
+        # within round-off of 1 make the set ambiguous) its gradient is round-off next to w
+        if np.array_equal(y * (f + d_f) < 1.0, active) or _grad_norm(
+                gram, y, C, new_alpha, new_b, f + d_f, fit_intercept) <= 1e-9 * float(new_alpha @ gram @ new_alpha) ** 0.5:
+            return new_alpha, new_b, True
+        t = _step(float(alpha @ gram @ alpha), float(alpha @ g_d), float(d_alpha @ g_d), f, d_f, y, C)
+        if t <= 1e-12:
+            return alpha, b, False  # no progress left in float64
+        alpha, b = alpha + t * d_alpha, b + t * d_b
+    return alpha, b, False
+
+
+def _grad_norm(gram: np.ndarray, y: np.ndarray, C: float, alpha: np.ndarray, b: float, f: np.ndarray,
+               fit_intercept: bool) -> float:
+    """Norm of the primal objective's gradient in (w, b) at ``w = X^T alpha``, decision values ``f``:
+    ``grad_w = X^T (alpha - 2C m y)`` and ``grad_b = -2C m . y`` with margins ``m = max(0, 1 - y f)``."""
+    m = np.maximum(0.0, 1.0 - y * f)
+    r = alpha - 2.0 * C * m * y
+    g2 = max(0.0, float(r @ gram @ r)) + (float(2.0 * C * (m @ y)) ** 2 if fit_intercept else 0.0)
+    return g2 ** 0.5
+
+
+def _step(w_w: float, w_d: float, d_d: float, f: np.ndarray, d_f: np.ndarray, y: np.ndarray, C: float) -> float:
+    """The step ``t`` in (0, 1] along the segment to the Newton point: 1 where it decreases
+    ``phi(t) = (w_w + 2t w_d + t^2 d_d) / 2 + C sum_i max(0, 1 - y_i (f_i + t df_i))^2`` by at least
+    1e-4 of the first-order prediction (Armijo), else the exact minimiser of ``phi`` on [0, 1]."""
+    def phi(t: float) -> float:
+        m = np.maximum(0.0, 1.0 - y * (f + t * d_f))
+        return 0.5 * (w_w + 2.0 * t * w_d + t * t * d_d) + C * float(m @ m)
+
+    slope0 = _slope(0.0, w_d, d_d, f, d_f, y, C)
+    if phi(1.0) <= phi(0.0) + 1e-4 * slope0:
+        return 1.0
+    return _exact_step(w_d, d_d, f, d_f, y, C)
+
+
+def _slope(t: float, w_d: float, d_d: float, f: np.ndarray, d_f: np.ndarray, y: np.ndarray, C: float) -> float:
+    m = np.maximum(0.0, 1.0 - y * (f + t * d_f))
+    return w_d + t * d_d - 2.0 * C * float(np.sum(m * y * d_f))
 
 
 def _exact_step(w_d: float, d_d: float, f: np.ndarray, d_f: np.ndarray, y: np.ndarray, C: float) -> float:
-    """The step ``t`` in [0, 1] minimising the objective along the segment to the Newton point:
-    the root of its derivative ``w_d + t d_d - 2C sum_i max(0, 1 - y_i (f_i + t df_i)) y_i df_i``,
-    which is piecewise linear and non-decreasing (convexity), found by bisection."""
-    def slope(t: float) -> float:
-        m = np.maximum(0.0, 1.0 - y * (f + t * d_f))
-        return w_d + t * d_d - 2.0 * C * float(np.sum(m * y * d_f))
-
-    if slope(1.0) <= 0.0:
+    """The ``t`` in [0, 1] minimising the objective along a segment: the root of its derivative
+    ``w_d + t d_d - 2C sum_i max(0, 1 - y_i (f_i + t df_i)) y_i df_i``, which is piecewise linear
+    and non-decreasing (convexity), by bisection (1 when the derivative is still <= 0 there)."""
+    if _slope(1.0, w_d, d_d, f, d_f, y, C) <= 0.0:
         return 1.0
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if slope(mid) > 0.0:
+        if _slope(mid, w_d, d_d, f, d_f, y, C) > 0.0:
             hi = mid
         else:
             lo = mid
