@@ -55,6 +55,16 @@ def test_svm_choice_of_C_never_sees_the_test_split():
     assert float(search.best_params_["svm__C"]) == ref["C"]
 
 
+@pytest.mark.parametrize("n_per, solver", [(50, "newton"), (65, "lbfgs")])
+def test_select_C_fits_the_folds_with_the_solver_of_the_refit(n_per, solver):
+    """4 x 65 = 260 samples of 300 features: the refit is over the exact solver's 256 samples, so
+    the folds (208 samples, which "auto" would solve exactly) are fitted by L-BFGS too."""
+    x, y = _clusters(n_per, 4, 300, spread=1.0, seed=5)
+    search = select_C(x, y, Cs=(0.01, 1.0), seed=0)
+    assert search.estimator.named_steps["svm"].solver == solver
+    assert search.best_estimator_.named_steps["svm"].solver_ == solver
+
+
 def test_svm_fixed_C_and_errors():
     x, y = _clusters(6, 2, 4, spread=0.1, seed=0)
     r = linear_svm_eval(x, y, x, y, C=0.5)

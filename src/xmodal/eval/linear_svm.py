@@ -34,11 +34,17 @@ from sklearn.exceptions import ConvergenceWarning
 
 from xmodal.errors import DataError
 
-__all__ = ["SquaredHingeSVC", "squared_hinge_objective", "newton_ovr_squared_hinge", "NEWTON_MAX_SAMPLES"]
+__all__ = ["SquaredHingeSVC", "squared_hinge_objective", "newton_ovr_squared_hinge", "auto_solver", "NEWTON_MAX_SAMPLES"]
 
 #: ``solver="auto"`` uses the exact Newton solver up to this many samples (and no more than the
 #: number of features); its cost grows as ``n^3`` per class and iteration, L-BFGS's as ``n``.
 NEWTON_MAX_SAMPLES = 256
+
+
+def auto_solver(n: int, d: int) -> str:
+    """The solver ``solver="auto"`` picks for ``n`` samples of ``d`` features: ``"newton"`` when
+    ``n <= min(d, NEWTON_MAX_SAMPLES)``, else ``"lbfgs"``."""
+    return "newton" if n <= min(d, NEWTON_MAX_SAMPLES) else "lbfgs"
 
 
 def squared_hinge_objective(x, y_pm, w, b, C: float) -> torch.Tensor:
@@ -88,7 +94,7 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
         n, d = X.shape
         self.solver_ = self.solver
         if self.solver == "auto":
-            self.solver_ = "newton" if n <= min(d, NEWTON_MAX_SAMPLES) else "lbfgs"
+            self.solver_ = auto_solver(n, d)
         if self.solver_ == "newton" and self._fit_newton(X, idx) is not None:
             return self
         dt = torch.float64 if self.dtype == "float64" else torch.float32

@@ -39,17 +39,18 @@ log = logging.getLogger(__name__)
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-5, 1, 7))
 
 
-def make_linear_svm(C: float = 1.0, *, seed: int = 0, max_iter: int = 500):
+def make_linear_svm(C: float = 1.0, *, seed: int = 0, max_iter: int = 500, solver: str = "auto"):
     """The classifier used everywhere: ``Pipeline(StandardScaler, SquaredHingeSVC(C))``.
 
-    ``seed`` is accepted for API stability; the solver is deterministic.
+    ``seed`` is accepted for API stability; the solver is deterministic. ``solver``: see
+    :class:`~xmodal.eval.linear_svm.SquaredHingeSVC`.
     """
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
     from xmodal.eval.linear_svm import SquaredHingeSVC
 
-    return Pipeline([("scale", StandardScaler()), ("svm", SquaredHingeSVC(C=float(C), max_iter=max_iter))])
+    return Pipeline([("scale", StandardScaler()), ("svm", SquaredHingeSVC(C=float(C), max_iter=max_iter, solver=solver))])
 
 
 def _check_xy(x, y, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -109,10 +110,14 @@ def select_C(
     """
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
+    from xmodal.eval.linear_svm import auto_solver
+
     x, y = _check_xy(train_x, train_y, "train")
     k = cv_folds(y, folds)
     search = GridSearchCV(
-        make_linear_svm(seed=seed),
+        # the folds are fitted by the solver the refit on all of x uses (folds are smaller: under
+        # "auto" those of a set just over the exact solver's limit would be solved exactly)
+        make_linear_svm(seed=seed, solver=auto_solver(*x.shape)),
         {"svm__C": [float(c) for c in Cs]},
         cv=StratifiedKFold(n_splits=k, shuffle=True, random_state=seed),
         scoring="accuracy",
