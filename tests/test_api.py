@@ -193,6 +193,25 @@ def test_load_errors(tmp_path, trained):
         load_run(trained, prefer="best")
 
 
+def test_a_device_this_machine_lacks_is_a_config_error(trained, inputs, monkeypatch):
+    """CUDA on a machine without it: a ConfigError with a hint, not torch's bare assertion."""
+    from xmodal.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for call in (lambda: load_encoders(trained, device="cuda"), lambda: random_init_run(device="cuda:0"),
+                 lambda: extract_point_features(load_run(trained).point_encoder, inputs[1], device="cuda")):
+        with pytest.raises(ConfigError, match="CUDA is not available") as info:
+            call()
+        assert info.value.hint == "use device='cpu'"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"'cuda:3': only 1 CUDA device\(s\) visible"):
+        load_run(trained, device="cuda:3")
+    with pytest.raises(ConfigError, match="'gpu' is not a device name"):
+        load_run(trained, device="gpu")
+    assert load_run(trained, device=torch.device("cpu")).device.type == "cpu"
+
+
 def test_encoders_from_two_saves_are_refused_and_a_newer_checkpoint_is_named(tmp_path, trained, caplog):
     # a save stopped between its two files: the step-2 weights beside the JSON of a step-1 save
     torn = tmp_path / "torn"

@@ -127,3 +127,18 @@ def test_evaluate_without_data_names_it_unless_partseg_data_is_the_one_input(tre
             "--partseg-data", str(tree / "data")]
     line = _error(capsys, argv, "evaluate")
     assert "data: required" not in line and str(tree / "no_run") in line
+
+
+def test_an_override_swallowed_by_views_is_named_and_double_dash_works(tmp_path, capsys):
+    import yaml
+
+    base = ["-q", "evaluate", "--run", "r", "--data", "d", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as info:
+        main([*base, "--views", "1", "12", "svm.cs=[0.1]"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --views: 'svm.cs=[0.1]' is a key=value override, not a positive integer" in err
+    assert "before --views (or after '--')" in err
+    assert main([*base, "--print-config", "--views", "1", "12", "--", "svm.cs=[0.1]"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["views"] == [1, 12] and cfg["svm"]["cs"] == [0.1]

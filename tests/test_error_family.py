@@ -34,6 +34,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("xmodal.transforms", "points_to_tensor"): "arrays of the wrong shape passed by code",
     ("xmodal.cli", "_positive_int"): "argparse turns ArgumentTypeError into its own usage error (exit 2)",
     ("xmodal.cli", "_nonneg_int"): "argparse turns ArgumentTypeError into its own usage error (exit 2)",
+    ("xmodal.cli", "_int"): "argparse turns ArgumentTypeError into its own usage error (exit 2)",
     # data: numpy-level helpers fed validated meshes / clouds and validated settings
     ("xmodal.data.builtin", "_check_class"): "class names come from code (no spec option names a class)",
     ("xmodal.data.builtin", "make_shape"): "seed from code or a derived item index; face-count invariant",

@@ -39,7 +39,7 @@ from xmodal.train.checkpoint import (
 )
 from xmodal.train.config import PretrainConfig
 from xmodal.transforms import images_to_tensor, points_to_tensor
-from xmodal.utils.device import module_device
+from xmodal.utils.device import machine_device, module_device
 
 __all__ = [
     "LoadedRun",
@@ -103,8 +103,9 @@ class LoadedRun:
 
 def _finish(nets: dict, cfg: PretrainConfig, *, image_size, num_points, up_axis, step, source, path, device,
             later_checkpoint: Optional[int] = None) -> LoadedRun:
+    dev = machine_device(device)
     for m in nets.values():
-        m.to(device).eval()
+        m.to(dev).eval()
     setattr(nets["image_encoder"], IMAGE_SIZE_ATTR, int(image_size))
     return LoadedRun(
         image_encoder=nets["image_encoder"],
@@ -132,6 +133,7 @@ def load_run(run, device="cpu", *, prefer: Literal["final", "last"] = "final") -
     Raises:
         MissingInputError: ``run`` is not a folder or holds neither file (a FileNotFoundError).
         CheckpointError: a file that cannot be read, is inconsistent or does not fit its architecture.
+        ConfigError: ``device`` is not a device this machine has (e.g. CUDA on a CPU-only machine).
     """
     if prefer not in ("final", "last"):
         raise ValueError(f"prefer must be 'final' or 'last', got {prefer!r}")
@@ -272,7 +274,7 @@ def load_encoders(run, device="cpu", **kwargs) -> tuple[nn.Module, nn.Module]:
 def _eval_on(encoder: nn.Module, device):
     """Put ``encoder`` in eval mode on ``device`` for the block; restore its train flag after."""
     was_training = encoder.training
-    dev = torch.device(device) if device is not None else module_device(encoder)
+    dev = machine_device(device) if device is not None else module_device(encoder)
     encoder.to(dev)
     encoder.eval()
     try:

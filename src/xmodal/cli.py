@@ -40,15 +40,25 @@ _PREP = PrepareConfig(source="", out="")
 EVAL_TASKS = (*TASK_NAMES, "all")
 
 
+def _int(text: str, what: str) -> int:
+    if "=" in text:  # an override swallowed by an option that takes several values (--views 1 12 k=v)
+        raise argparse.ArgumentTypeError(f"{text!r} is a key=value override, not {what}: put overrides before "
+                                         f"--views (or after '--')")
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    v = int(text)
+    v = _int(text, "a positive integer")
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return v
 
 
 def _nonneg_int(text: str) -> int:
-    v = int(text)
+    v = _int(text, "an integer >= 0")
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
     return v

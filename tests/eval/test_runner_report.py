@@ -215,6 +215,9 @@ def test_tasks_run_one_at_a_time_are_merged(points_store, run_dir, tmp_path, loa
     m = evaluate(replace(cfg, tasks=["retrieval"]), loaded=loaded, progress=False)
     assert "svm3d.accuracy" in m and "retrieval3d.top1" in m
     assert m["meta.tasks_run"] == ["svm", "retrieval"]
+    setup = (out / "report.md").read_text()
+    assert "**SVM (Table 2)**" in setup and "**retrieval (Table 3)**" in setup
+    assert "**pretext (Table 1)**" not in setup and "**few-shot**" not in setup  # only the protocols of tasks run
     # another seed is another evaluation: it replaces the file
     m = evaluate(replace(cfg, tasks=["retrieval"], seed=1), loaded=loaded, progress=False)
     assert "svm3d.accuracy" not in m

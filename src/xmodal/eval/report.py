@@ -192,24 +192,30 @@ def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
         "each object's feature is the max-pool of the Fimg features of v seeded-random distinct stored views "
         "(v = 1: a single view); the views for a smaller v are a subset of those for a larger v",
     )
-    item(
-        "SVM (Table 2)",
-        "Pipeline(StandardScaler, linear SVM: one-vs-rest squared hinge, liblinear's LinearSVC objective) fitted on the train split; C chosen among "
-        f"{meta.get('svm_Cs', 'a log grid')} by stratified k-fold cross-validation on the train split only "
-        "(folds reduced when a class is small); the test split is scored once, with C fixed",
-    )
-    lines += _setup_retrieval(m)
-    item(
-        "pretext (Table 1)",
-        f"{m.get('pretext.num_pairs') or '?'} pairs of each kind from the test split, half positive, "
-        "half negative; views drawn from each object's cached random views",
-    )
-    item(
-        "few-shot",
-        "episodes drawn from the test split (as CrossPoint); support and query disjoint; "
-        f"{meta.get('fewshot_query', '?')} queries per class (fewer if unavailable), "
-        f"{meta.get('fewshot_episodes', '?')} episodes, linear SVM with C = 1",
-    )
+    # the protocol of each task whose figures are in this report, not of the others
+    if m.has("svm"):
+        item(
+            "SVM (Table 2)",
+            "Pipeline(StandardScaler, linear SVM: one-vs-rest squared hinge, liblinear's LinearSVC objective; "
+            "solved exactly by Newton's method up to 256 training samples, else by L-BFGS) fitted on the train "
+            f"split; C chosen among {meta.get('svm_Cs', 'a log grid')} by stratified k-fold cross-validation on "
+            "the train split only (folds reduced when a class is small); the test split is scored once, with C fixed",
+        )
+    if m.has("retrieval") or m.has(D2_PREFIX):
+        lines += _setup_retrieval(m)
+    if m.has("pretext."):
+        item(
+            "pretext (Table 1)",
+            f"{m.get('pretext.num_pairs') or '?'} pairs of each kind from the test split, half positive, "
+            "half negative; views drawn from each object's cached random views",
+        )
+    if m.has("fewshot"):
+        item(
+            "few-shot",
+            "episodes drawn from the test split (as CrossPoint); support and query disjoint; "
+            f"{meta.get('fewshot_query', '?')} queries per class (fewer if unavailable), "
+            f"{meta.get('fewshot_episodes', '?')} episodes, linear SVM with C = 1",
+        )
     if m.get("crossmodal.gallery_size") is not None:
         item(
             "cross-modal retrieval",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-__all__ = ["default_device", "module_device", "cpu_has_native_bf16"]
+from xmodal.errors import ConfigError
+
+__all__ = ["default_device", "machine_device", "module_device", "cpu_has_native_bf16"]
 
 
 def default_device(device: Any = None):
@@ -14,6 +16,28 @@ def default_device(device: Any = None):
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def machine_device(device: Any):
+    """``device`` (a string or ``torch.device``) as a ``torch.device`` this machine has.
+
+    Raises:
+        ConfigError: not a device name, CUDA where this torch build or machine has none, or a CUDA
+            index past the visible devices (torch would fail later with a bare assertion).
+    """
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a device name ({exc})", hint="e.g. 'cpu', 'cuda' or 'cuda:0'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(device)!r} requested but CUDA is not available in this torch build/machine",
+                              hint="use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
 
 
 def module_device(module, default: Any = "cpu"):
