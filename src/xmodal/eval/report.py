@@ -192,7 +192,29 @@ def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
         "each object's feature is the max-pool of the Fimg features of v seeded-random distinct stored views "
         "(v = 1: a single view); the views for a smaller v are a subset of those for a larger v",
     )
-    # the protocol of each task whose figures are in this report, not of the others
+    lines += _setup_task_protocols(m, meta)
+    if m.has_base:
+        item("baseline", _baseline_text({**meta, "baseline_seed": baseline_seed_in_effect(m.m)}))
+    item("tasks run", ", ".join(meta.get("tasks_run") or []))
+    lines += _other_settings_lines(m.m)
+    sk = meta.get("tasks_skipped") or {}
+    if sk:
+        lines.append("- **skipped**:")
+        lines += [f"  - `{t}`: {r}" for t, r in sk.items()]
+    lines.append(
+        "- Paper numbers are for ModelNet40 (Table 1 also ModelNet10) and ShapeNet-Part (Table 4); they are "
+        "comparable with ours only on the same data. Accuracies are in %."
+    )
+    return lines + [""]
+
+
+def _setup_task_protocols(m: ReportMetrics, meta: Mapping[str, Any]) -> list[str]:
+    """Setup lines for the protocol of each task whose figures are in this report (not the others')."""
+    lines: list[str] = []
+
+    def item(name, value):
+        lines.append(f"- **{name}**: {value}")
+
     if m.has("svm"):
         item(
             "SVM (Table 2)",
@@ -222,19 +244,7 @@ def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
             f"{m.get('crossmodal.gallery_size')} test objects as queries and gallery (one random view each), "
             "ranked by Ff's 'same object' probability",
         )
-    if m.has_base:
-        item("baseline", _baseline_text({**meta, "baseline_seed": baseline_seed_in_effect(m.m)}))
-    item("tasks run", ", ".join(meta.get("tasks_run") or []))
-    lines += _other_settings_lines(m.m)
-    sk = meta.get("tasks_skipped") or {}
-    if sk:
-        lines.append("- **skipped**:")
-        lines += [f"  - `{t}`: {r}" for t, r in sk.items()]
-    lines.append(
-        "- Paper numbers are for ModelNet40 (Table 1 also ModelNet10) and ShapeNet-Part (Table 4); they are "
-        "comparable with ours only on the same data. Accuracies are in %."
-    )
-    return lines + [""]
+    return lines
 
 
 def _weights_text(meta: Mapping[str, Any]) -> Optional[str]:
