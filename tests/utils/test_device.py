@@ -45,3 +45,19 @@ def test_cpu_auto_is_bf16_only_where_the_cpu_has_it_natively(monkeypatch, caplog
             assert autocast_dtype("auto", cpu) is dtype
         assert "amp=auto: " + ("bf16" if dtype else "float32") in caplog.text
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # a choice, not a problem
+
+
+def test_every_device_path_refuses_cuda_on_a_machine_without_it(monkeypatch):
+    """The API, evaluation (default_device) and training (resolve_device) share machine_device."""
+    import pytest
+
+    from xmodal.errors import ConfigError
+    from xmodal.train.distributed import resolve_device
+    from xmodal.utils.device import default_device, machine_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for call in (lambda: machine_device("cuda"), lambda: default_device("cuda:0"), lambda: resolve_device("cuda")):
+        with pytest.raises(ConfigError, match="CUDA is not available") as info:
+            call()
+        assert info.value.hint == "use device='cpu'"
+    assert default_device(None) == torch.device("cpu") == resolve_device("auto") == default_device("cpu")

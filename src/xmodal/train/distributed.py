@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from xmodal.errors import ConfigError
 from xmodal.models.dgcnn import EdgeConv, sync_edgeconv_stats
+from xmodal.utils.device import machine_device
 
 __all__ = [
     "DistContext",
@@ -87,13 +88,7 @@ def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cuda":
         spec = f"cuda:{local_rank}"
-    dev = torch.device(spec)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {spec!r} requested but CUDA is not available in this torch build/machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    return dev
+    return machine_device(spec)
 
 
 def init_distributed(device: str = "auto") -> DistContext:

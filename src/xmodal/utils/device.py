@@ -10,12 +10,13 @@ __all__ = ["default_device", "machine_device", "module_device", "cpu_has_native_
 
 
 def default_device(device: Any = None):
-    """``device`` as a ``torch.device``; ``None`` -> CUDA when available, else CPU."""
+    """``device`` as a ``torch.device`` this machine has (:func:`machine_device`); ``None`` -> CUDA
+    when available, else CPU."""
     import torch
 
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return machine_device(device)
 
 
 def machine_device(device: Any):
