@@ -91,10 +91,7 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
             raise DataError("need at least 2 classes to fit an SVM")
         if self.solver not in ("auto", "lbfgs", "newton"):
             raise ValueError(f"solver must be 'auto', 'lbfgs' or 'newton', got {self.solver!r}")
-        n, d = X.shape
-        self.solver_ = self.solver
-        if self.solver == "auto":
-            self.solver_ = auto_solver(n, d)
+        self.solver_ = auto_solver(*X.shape) if self.solver == "auto" else self.solver
         if self.solver_ == "newton" and self._fit_newton(X, idx) is not None:
             return self
         dt = torch.float64 if self.dtype == "float64" else torch.float32
