@@ -87,6 +87,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("xmodal.eval.figures", "tsne_embed"): "the t-SNE task skips splits with fewer than 3 objects",
     ("xmodal.eval.figures", "tsne_figure"): "panels assembled by code",
     ("xmodal.eval.linear_svm", "SquaredHingeSVC.fit"): "arrays of mismatched shapes from code",
+    ("xmodal.eval.linear_svm", "newton_ovr_squared_hinge"): "a solver form / starting point passed by code",
+    ("xmodal.eval.linear_svm", "_start_value"): "a starting point of the wrong shape passed by code",
     ("xmodal.eval.partseg", "_check_arrays"): "prediction arrays of mismatched shapes from code",
     ("xmodal.eval.partseg", "shape_ious"): "category ids checked by PartSegData",
     ("xmodal.eval.partseg", "face_labelling_accuracy"): "arrays from code; faces of a Mesh have positive area",

@@ -37,6 +37,7 @@ def test_defaults_are_valid_and_the_papers_protocol():
         ("point_subsets=1.5", "point_subsets"),
         ("device=gpu", "device"),
         ("svm.cs=[0.0]", "svm.cs"),
+        ("svm.solver=sgd", "svm.solver"),
         ("retrieval.ks=[0]", "retrieval.ks"),
         ("fewshot.settings=[[1, 5]]", "fewshot.settings"),
         ("fewshot.query=0", "fewshot.query"),
@@ -63,7 +64,8 @@ def test_nested_overrides_keep_their_siblings():
     cfg = apply_overrides(EvaluateConfig(), ["partseg.epochs=5", "fewshot.settings=[[5, 1]]", "svm.cs=[0.1, 1]"])
     assert cfg.partseg.epochs == 5 and cfg.partseg.batch_size == 16
     assert cfg.fewshot.settings == [(5, 1)] and cfg.fewshot.query == 20
-    assert cfg.svm.cs == [0.1, 1.0]
+    assert cfg.svm.cs == [0.1, 1.0] and cfg.svm.solver == "auto"
+    assert apply_overrides(EvaluateConfig(), ["svm.solver=newton"]).svm.cs == list(DEFAULT_CS)
 
 
 def test_evaluate_needs_run_data_and_out(tmp_path):

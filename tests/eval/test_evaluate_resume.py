@@ -166,6 +166,29 @@ def test_part_segmentation_resumes_at_the_first_cell_not_done(store, tmp_path, l
     assert m["meta.tasks_partial"] == {} and "partseg" in m["meta.tasks_done"]
 
 
+def _options_before_solver(name, plain):
+    """A task option as it was hashed before ``svm.solver`` existed."""
+    return {k: v for k, v in plain.items() if k != "solver"} if name == "svm" else plain
+
+
+def test_svm_solver_auto_keeps_the_fingerprint_written_before_the_option_and_others_change_it():
+    from xmodal import __version__
+    from xmodal.eval.resume import _plain, _sha, task_fingerprint
+    from xmodal.eval.tasks import get_task
+
+    kw = dict(network="", weights="w", data="d", views=[1], device="cpu")
+    task = get_task("svm")
+    cfg = EvaluateConfig(run="r", data="d", out="o")
+    before = {"task": "svm", "network": "", "weights": "w", "data": "d", "seed": 0, "device": "cpu", "views": [1],
+              "options": {"views": _plain(cfg.views), "svm": {"cs": list(cfg.svm.cs)}}, "xmodal": __version__}
+    assert task_fingerprint(task, cfg, **kw) == _sha(before)[:32]
+    prints = {task_fingerprint(task, cfg, **kw)}
+    for solver in ("newton", "lbfgs"):
+        cfg.svm.solver = solver
+        prints.add(task_fingerprint(task, cfg, **kw))
+    assert len(prints) == 3
+
+
 def test_point_subsets_change_the_fingerprint_of_3d_tasks_only_and_1_keeps_the_old_one():
     from xmodal import __version__
     from xmodal.eval.resume import _plain, _sha, task_fingerprint
@@ -177,7 +200,8 @@ def test_point_subsets_change_the_fingerprint_of_3d_tasks_only_and_1_keeps_the_o
         task = get_task(name)
         one = task_fingerprint(task, cfg, point_subsets=1, **kw)
         before = {"task": name, "network": "", "weights": "w", "data": "d", "seed": 0, "device": "cpu", "views": [1],
-                  "options": {o: _plain(getattr(cfg, o)) for o in task.options}, "xmodal": __version__}
+                  "options": {o: _options_before_solver(o, _plain(getattr(cfg, o))) for o in task.options},
+                  "xmodal": __version__}
         assert one == _sha(before)[:32]  # the hash written before the option existed: those reports still match
         two = task_fingerprint(task, cfg, point_subsets=2, **kw)
         assert (two != one) is (name != "partseg")  # part segmentation trains on the clouds, not on 3D features
@@ -290,17 +314,20 @@ def test_settings_differing_compares_each_recorded_setting_with_the_stated_one()
     from xmodal.eval.resume import baseline_seed_in_effect, settings_differing
 
     metrics = {
-        "meta.views_used": [1, 12], "meta.point_subsets": 2, "meta.baseline_seed": 0,
+        "meta.views_used": [1, 12], "meta.point_subsets": 2, "meta.baseline_seed": 0, "meta.svm_solver": "auto",
+        "meta.svm_Cs": [0.1, 1.0],
         "meta.tasks_done": {"svm": "a", "retrieval": "b", "baseline.random.svm": "c", "pretext": "d"},
         "meta.tasks_settings": {
-            "svm": {"views": [1, 12], "point_subsets": 1},  # other point subsets
+            # other point subsets and another solver (the C grid is the same)
+            "svm": {"views": [1, 12], "point_subsets": 1, "svm_solver": "newton", "svm_Cs": [0.1, 1.0]},
             "retrieval": {"views": [12], "point_subsets": 2},  # other views
             "baseline.random.svm": {"views": [1, 12], "point_subsets": 2, "baseline_seed": 0},  # the same
             "pretext": {"views": [1]},  # views differ, but not done any more: not listed
         },
     }
     metrics["meta.tasks_done"].pop("pretext")
-    assert settings_differing(metrics) == {"svm": {"point_subsets": 1}, "retrieval": {"views": [12]}}
+    assert settings_differing(metrics) == {"svm": {"point_subsets": 1, "svm_solver": "newton"},
+                                           "retrieval": {"views": [12]}}
     assert baseline_seed_in_effect(metrics) == 0
     unstated = {**metrics, "meta.baseline_seed": None}
     assert baseline_seed_in_effect(unstated) == 0 and "baseline.random.svm" not in settings_differing(unstated)

@@ -3,13 +3,21 @@ LinearSVC and against each other on tiny inputs."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
-from xmodal.eval.linear_svm import SquaredHingeSVC, _exact_step, newton_ovr_squared_hinge, squared_hinge_objective
+from xmodal.eval.linear_svm import (
+    SquaredHingeSVC,
+    _exact_step,
+    _PrimalForm,
+    newton_ovr_squared_hinge,
+    squared_hinge_objective,
+)
 
 
 def _data(n=300, d=20, k=4, seed=0):
@@ -105,25 +113,59 @@ def _standardised(n, d, k, seed):
     return (x - x.mean(0)) / x.std(0), y
 
 
-def _objective(x, y_pm, alpha, b, C):
-    w = x.T @ alpha
+def _objective(x, y_pm, w, b, C):
     margin = np.maximum(0.0, 1.0 - y_pm * (x @ w + b))
     return 0.5 * float((w * w).sum()) + C * float((margin * margin).sum())
 
 
-def test_newton_needs_several_steps_each_lowering_the_objective():
-    """n == D at C = 10: more than ten Newton steps; the objective never rises with the step budget
-    and the final point has a vanishing gradient."""
-    x, y = _standardised(64, 64, 8, seed=5)
+@pytest.mark.parametrize("n, form", [(64, "dual"), (100, "primal")])
+def test_newton_needs_several_steps_each_lowering_the_objective(n, form):
+    """At C = 10 (n == D, and n > D): more than ten Newton steps; the objective never rises with
+    the step budget and the final point has a vanishing gradient."""
+    x, y = _standardised(n, 64, 8, seed=5)
     y_pm = np.where(y[:, None] == np.arange(8), 1.0, -1.0)
-    gram = x @ x.T
-    objs = [_objective(x, y_pm, *newton_ovr_squared_hinge(gram, y_pm, 10.0, max_iter=j)[:2], 10.0) for j in range(1, 21)]
+    objs = [_objective(x, y_pm, *newton_ovr_squared_hinge(x, y_pm, 10.0, max_iter=j, form=form)[:2], 10.0)
+            for j in range(1, 21)]
     assert all(b <= a * (1 + 1e-12) for a, b in zip(objs, objs[1:]))
     assert objs[9] > objs[-1] * (1 + 1e-9)  # ten steps are not enough here
-    assert newton_ovr_squared_hinge(gram, y_pm, 10.0, max_iter=20)[2]  # converged
+    assert newton_ovr_squared_hinge(x, y_pm, 10.0, max_iter=20, form=form)[2]  # converged
     clf = SquaredHingeSVC(C=10.0, solver="newton").fit(x, y)
     gw, gb = _gradient(x, y, clf)
     assert float(gw.abs().max()) < 1e-8 * (1 + 10.0 * len(y)) and float(gb.abs().max()) < 1e-8 * (1 + 10.0 * len(y))
+
+
+@pytest.mark.parametrize("n", [30, 200])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_dual_and_primal_forms_reach_the_same_minimiser(n, fit_intercept):
+    x, y = _standardised(n, 40, 5, seed=8)
+    y_pm = np.where(y[:, None] == np.arange(5), 1.0, -1.0)
+    for C in (0.01, 1.0, 100.0):
+        (wd, bd, okd), (wp, bp, okp) = (newton_ovr_squared_hinge(x, y_pm, C, fit_intercept=fit_intercept, form=form)
+                                        for form in ("dual", "primal"))
+        assert okd and okp
+        obj = _objective(x, y_pm, wd, bd, C)
+        assert _objective(x, y_pm, wp, bp, C) == pytest.approx(obj, rel=1e-10)
+        np.testing.assert_allclose(wp, wd, atol=1e-7 * (1 + np.abs(wd).max()))
+        np.testing.assert_allclose(bp, bd, atol=1e-7 * (1 + np.abs(bd).max()))
+    with pytest.raises(ValueError, match="form must be"):
+        newton_ovr_squared_hinge(x, y_pm, 1.0, form="both")
+
+
+def test_primal_active_gram_updates_match_a_rebuild():
+    """The carried X_A^T X_A (updated by the samples entering and leaving A, or rebuilt when most
+    change) equals X_A^T X_A computed afresh, over a sequence of active sets."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(50, 6))
+    problem = _PrimalForm(x)
+    sets = [np.ones(50, bool), rng.random(50) < 0.3]  # all active (X^T X, shared), then most leave
+    for _ in range(8):  # a few samples change at a time: updates
+        flip = rng.random(50) < 0.08
+        sets.append(sets[-1] ^ flip)
+    sets += [~sets[-1], np.zeros(50, bool), rng.random(50) < 0.9, np.ones(50, bool)]
+    for active in sets:
+        np.testing.assert_allclose(problem.active_gram(active), x[active].T @ x[active], atol=1e-10)
+    problem.start()  # a new class starts again from every sample active
+    np.testing.assert_allclose(problem.active_gram(np.ones(50, bool)), x.T @ x, atol=1e-10)
 
 
 def test_exact_step_minimises_the_objective_along_the_segment():
@@ -146,6 +188,100 @@ def test_exact_step_minimises_the_objective_along_the_segment():
         t = _exact_step(float(a0 @ g @ d), float(d @ g @ d), g @ a0 + b0, g @ d + (b1 - b0), y, C)
         grid = np.linspace(0.0, 1.0, 2001)
         assert phi(t) <= min(phi(s) for s in grid) + 1e-9 * (1 + abs(phi(t)))
+
+
+@pytest.mark.parametrize("C", [0.01, 1.0, 100.0])
+def test_newton_with_more_samples_than_features_polishes_the_lbfgs_fit(C):
+    """n > D: solver="newton" starts from the L-BFGS fit and ends at the exact minimiser (a
+    vanishing gradient), never above L-BFGS."""
+    x, y = _standardised(400, 30, 5, seed=10)
+    newton = SquaredHingeSVC(C=C, solver="newton").fit(x, y)
+    assert newton.solver_ == "newton" and newton.coef_.dtype == np.float64
+    gw, gb = _gradient(x, y, newton)
+    scale = 1.0 + C * len(y)
+    assert float(gw.abs().max()) < 1e-8 * scale and float(gb.abs().max()) < 1e-8 * scale
+    lbfgs = SquaredHingeSVC(C=C, solver="lbfgs", dtype="float64").fit(x, y)
+    assert newton.objective_ <= lbfgs.objective_ * (1 + 1e-12)
+
+
+def test_newton_from_a_starting_point_reaches_the_same_minimiser(monkeypatch):
+    x, y = _standardised(300, 20, 4, seed=11)
+    y_pm = np.where(y[:, None] == np.arange(4), 1.0, -1.0)
+    steps = []
+    real_point = _PrimalForm.newton_point
+    monkeypatch.setattr(_PrimalForm, "newton_point", lambda self, *a: steps.append(1) or real_point(self, *a))
+    w, b, ok = newton_ovr_squared_hinge(x, y_pm, 1.0)
+    from_zero, steps[:] = len(steps), []
+    assert ok and from_zero > 2 * 4
+    newton_ovr_squared_hinge(x, y_pm, 1.0, w0=w, b0=b)
+    assert len(steps) == 4  # from the minimiser: one Newton point per class, which keeps its active set
+    rng = np.random.default_rng(0)
+    w2, b2, ok2 = newton_ovr_squared_hinge(x, y_pm, 1.0, w0=w + 0.1 * rng.normal(size=w.shape), b0=b - 0.2)
+    assert ok2
+    np.testing.assert_allclose(w2, w, atol=1e-9)
+    np.testing.assert_allclose(b2, b, atol=1e-9)
+    with pytest.raises(ValueError, match="primal form"):
+        newton_ovr_squared_hinge(x[:10], y_pm[:10], 1.0, w0=w)  # 10 <= 20 features: the dual form
+    with pytest.raises(ValueError, match=r"w0 must have shape \(20, 4\)"):
+        newton_ovr_squared_hinge(x, y_pm, 1.0, w0=w.T)
+
+
+def test_svc_newton_with_more_samples_than_features_starts_from_the_lbfgs_fit(monkeypatch):
+    import xmodal.eval.linear_svm as L
+
+    x, y = _standardised(200, 20, 3, seed=13)
+    starts = []
+    real = L.newton_ovr_squared_hinge
+    monkeypatch.setattr(L, "newton_ovr_squared_hinge", lambda *a, **kw: starts.append(kw.get("w0")) or real(*a, **kw))
+    lbfgs = SquaredHingeSVC(C=1.0, solver="lbfgs").fit(x, y)
+    SquaredHingeSVC(C=1.0, solver="newton").fit(x, y)
+    np.testing.assert_array_equal(starts[-1], lbfgs.coef_.T)
+    SquaredHingeSVC(C=1.0, solver="newton").fit(x[:15], y[:15])  # fewer samples than features: from zero
+    assert starts[-1] is None
+
+
+@pytest.mark.parametrize("form, n", [("dual", 15), ("primal", 60)])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_grad_norm_is_the_objectives_gradient_norm(form, n, fit_intercept):
+    """The convergence test's gradient norm against autograd's, at an arbitrary point."""
+    from xmodal.eval.linear_svm import _DualForm, _grad_norm
+
+    x, y = _standardised(n, 20, 2, seed=14)
+    y1 = np.where(y == 0, 1.0, -1.0)
+    rng = np.random.default_rng(1)
+    problem = (_DualForm if form == "dual" else _PrimalForm)(x)
+    p, b = rng.normal(size=problem.n_params) * 0.1, (0.3 if fit_intercept else 0.0)
+    w = x.T @ p if form == "dual" else p
+    f = x @ w + b
+    wt, bt = torch.tensor(w, requires_grad=True), torch.tensor([b], requires_grad=True)
+    squared_hinge_objective(torch.tensor(x), torch.tensor(y1)[:, None], wt[:, None], bt, 2.5).backward()
+    ref = float(torch.cat([wt.grad, bt.grad if fit_intercept else torch.zeros(1, dtype=torch.float64)]).norm())
+    assert _grad_norm(problem, y1, 2.5, p, f, fit_intercept) == pytest.approx(ref, rel=1e-7)  # dual: r^T G r rounds
+
+
+def test_newton_at_a_huge_C_on_a_singular_gram_matrix_ends_or_hands_over():
+    """Round-off can make ||w||^2 computed in the span of the samples negative: no complex square
+    root (a TypeError), but an exact fit or the warning and the L-BFGS fit."""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(30, 40)), rng.integers(0, 4, 30)
+    x, y = np.concatenate([x, x[:10]]), np.concatenate([y, y[:10]])  # noise labels, duplicated rows
+    x = (x - x.mean(0)) / x.std(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = SquaredHingeSVC(C=1e6, solver="newton", fit_intercept=False).fit(x, y)
+    assert np.isfinite(clf.coef_).all() and (clf.predict(x) == y).all()
+
+
+def test_a_newton_fit_that_fails_keeps_the_lbfgs_fit(monkeypatch):
+    import xmodal.eval.linear_svm as L
+
+    x, y = _standardised(200, 20, 3, seed=12)
+    lbfgs = SquaredHingeSVC(C=1.0, solver="lbfgs").fit(x, y)
+    monkeypatch.setattr(L, "newton_ovr_squared_hinge", lambda x, y_pm, C, **kw: (None, None, False))
+    with pytest.warns(ConvergenceWarning, match="using the L-BFGS fit instead"):
+        clf = SquaredHingeSVC(C=1.0, solver="newton").fit(x, y)
+    assert clf.solver_ == "lbfgs" and clf.objective_ == lbfgs.objective_
+    np.testing.assert_array_equal(clf.coef_, lbfgs.coef_)
 
 
 def test_auto_chooses_by_the_number_of_samples():

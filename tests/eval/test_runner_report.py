@@ -373,6 +373,21 @@ def test_evaluate_writes_its_resolved_config_beside_the_report(points_store, run
     assert [p.name for p in (tmp_path / "r").glob(".*")] == [LOCK_NAME]
 
 
+def test_svm_solver_reaches_every_fit_and_the_report_names_it(points_store, run_dir, tmp_path, loaded, monkeypatch):
+    from xmodal.eval.linear_svm import SquaredHingeSVC
+
+    solvers = []
+    real_fit = SquaredHingeSVC.fit
+    monkeypatch.setattr(SquaredHingeSVC, "fit", lambda self, X, y: solvers.append(self.solver) or real_fit(self, X, y))
+    cfg = EvaluateConfig(run=run_dir, data=points_store, tasks=["svm"], out=tmp_path / "r", device="cpu",
+                         svm=SvmConfig(cs=[0.01, 1.0], solver="newton"))
+    m = evaluate(cfg, loaded=loaded, progress=False)
+    assert m["meta.svm_solver"] == "newton" and solvers and set(solvers) == {"newton"}  # the folds and the refit
+    assert m["meta.tasks_settings"]["svm"]["svm_solver"] == "newton"
+    assert m["meta.tasks_settings"]["svm"]["svm_Cs"] == [0.01, 1.0]
+    assert "solved exactly by Newton's method (with more samples" in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_table3_columns_follow_the_evaluated_ks():
     """retrieval.ks=[1,3]: Table 3 shows Top1 and Top3 (the paper's row only where it has that K)."""
     metrics = {"retrieval3d.top1": 0.5, "retrieval3d.top3": 0.75, "retrieval3d.map": 0.25}

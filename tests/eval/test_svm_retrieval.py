@@ -65,6 +65,20 @@ def test_select_C_fits_the_folds_with_the_solver_of_the_refit(n_per, solver):
     assert search.best_estimator_.named_steps["svm"].solver_ == solver
 
 
+def test_select_C_with_the_exact_solver_on_more_samples_than_features():
+    x, y = _clusters(40, 3, 10, spread=1.0, seed=6)
+    search = select_C(x, y, Cs=(0.01, 1.0), seed=0, solver="newton")
+    assert search.best_estimator_.named_steps["svm"].solver_ == "newton"
+    from xmodal.eval.linear_svm import SquaredHingeSVC
+
+    solvers = []
+    real_fit = SquaredHingeSVC.fit
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SquaredHingeSVC, "fit", lambda self, X, y: solvers.append(self.solver) or real_fit(self, X, y))
+        r = linear_svm_eval(x, y, x, y, C=1.0, solver="newton")  # a fixed C: one fit, no search
+    assert solvers == ["newton"] and r["C"] == 1.0 and r["accuracy"] > 0.9
+
+
 def test_svm_fixed_C_and_errors():
     x, y = _clusters(6, 2, 4, spread=0.1, seed=0)
     r = linear_svm_eval(x, y, x, y, C=0.5)

@@ -208,6 +208,15 @@ def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
     return lines + [""]
 
 
+#: the SVM setup line's words for each ``svm.solver``
+_SVM_SOLVER_TEXT = {
+    "auto": "solved exactly by Newton's method up to 256 training samples, else by L-BFGS",
+    "newton": "solved exactly by Newton's method (with more samples than features, from an L-BFGS fit; "
+              "a fit it cannot finish keeps L-BFGS's, with a warning)",
+    "lbfgs": "solved by L-BFGS",
+}
+
+
 def _setup_task_protocols(m: ReportMetrics, meta: Mapping[str, Any]) -> list[str]:
     """Setup lines for the protocol of each task whose figures are in this report (not the others')."""
     lines: list[str] = []
@@ -219,7 +228,7 @@ def _setup_task_protocols(m: ReportMetrics, meta: Mapping[str, Any]) -> list[str
         item(
             "SVM (Table 2)",
             "Pipeline(StandardScaler, linear SVM: one-vs-rest squared hinge, liblinear's LinearSVC objective; "
-            "solved exactly by Newton's method up to 256 training samples, else by L-BFGS) fitted on the train "
+            f"{_SVM_SOLVER_TEXT.get(meta.get('svm_solver', 'auto'), 'solver ?')}) fitted on the train "
             f"split; C chosen among {meta.get('svm_Cs', 'a log grid')} by stratified k-fold cross-validation on "
             "the train split only (folds reduced when a class is small); the test split is scored once, with C fixed",
         )
@@ -261,7 +270,7 @@ def _weights_text(meta: Mapping[str, Any]) -> Optional[str]:
 
 #: how the report names the per-task settings of ``meta.tasks_settings``
 _SETTING_NAMES = {"views": "views", "point_subsets": "point subsets", "baseline_seed": "baseline seed",
-                  "weights": "weights"}
+                  "weights": "weights", "svm_Cs": "SVM C grid", "svm_solver": "SVM solver"}
 
 
 def _other_settings_lines(metrics: Mapping[str, Any]) -> list[str]:

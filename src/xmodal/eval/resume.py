@@ -63,6 +63,21 @@ def _plain(value: Any) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
+def _option_identity(name: str, value: Any) -> Any:
+    """A task option (a config section or value) as it enters :func:`task_fingerprint`: plain data,
+    without the fields added later while they hold the value earlier evaluations had
+    (:data:`xmodal.eval.config.OPTION_NEUTRAL_VALUES`)."""
+    from xmodal.eval.config import OPTION_NEUTRAL_VALUES
+
+    plain = _plain(value)
+    if isinstance(plain, dict):
+        for key, neutral in OPTION_NEUTRAL_VALUES.items():
+            section, _, leaf = key.partition(".")
+            if section == name and plain.get(leaf, neutral) == neutral:
+                plain.pop(leaf, None)
+    return plain
+
+
 def _config_identity(config: Any) -> Any:
     """A run's pre-training config as it enters :func:`weights_digest`: plain data, without the
     fields added after runs had been saved while they hold the value those runs had
@@ -125,7 +140,7 @@ def task_fingerprint(task: EvalTask, cfg: Any, *, network: str, weights: str, da
         "seed": int(cfg.seed),
         "device": device,
         "views": [int(v) for v in views],
-        "options": {name: _plain(getattr(cfg, name)) for name in task.options},
+        "options": {name: _option_identity(name, getattr(cfg, name)) for name in task.options},
         "xmodal": __version__,
     })[:32]
 
@@ -286,7 +301,8 @@ def settings_differing(metrics: dict) -> dict[str, dict]:
     Only the settings that differ, for the finished tasks recorded in ``meta.tasks_settings``; a
     task evaluated before that record existed is not listed (its settings are unknown)."""
     stated = {"views": metrics.get("meta.views_used"), "point_subsets": metrics.get("meta.point_subsets"),
-              "baseline_seed": baseline_seed_in_effect(metrics), "weights": metrics.get("meta.weights")}
+              "baseline_seed": baseline_seed_in_effect(metrics), "weights": metrics.get("meta.weights"),
+              "svm_Cs": metrics.get("meta.svm_Cs"), "svm_solver": metrics.get("meta.svm_solver")}
     mixed_seeds = stated["baseline_seed"] is None
     done = metrics.get("meta.tasks_done") or {}
     out = {}

@@ -216,6 +216,7 @@ def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], point_subsets
         "meta.views_requested": [int(v) for v in cfg.views],
         "meta.views_used": views,
         "meta.svm_Cs": [float(c) for c in cfg.svm.cs],
+        "meta.svm_solver": cfg.svm.solver,
         "meta.fewshot2d_views": max(views) if views else None,
         "meta.fewshot_query": int(cfg.fewshot.query),
         "meta.fewshot_episodes": int(cfg.fewshot.episodes),
@@ -397,6 +398,9 @@ class _Evaluation:
             settings["views"] = list(self.views)
         if task.point_features:
             settings["point_subsets"] = self.point_subsets
+        if "svm" in task.options:
+            settings["svm_Cs"] = [float(c) for c in self.cfg.svm.cs]
+            settings["svm_solver"] = self.cfg.svm.solver
         if prefix == BASELINE_PREFIX:
             settings["baseline_seed"] = _baseline_seed(self.cfg, self.loaded)
         else:

@@ -101,12 +101,14 @@ def select_C(
     folds: int = 5,
     seed: int = 0,
     n_jobs: Optional[int] = None,
+    solver: str = "auto",
 ):
     """Choose C by stratified k-fold CV on the training data only.
 
     Returns the fitted ``GridSearchCV`` (refit on all of ``train_x`` with the
     best C); ``.best_params_["svm__C"]``, ``.best_score_`` (mean CV accuracy)
-    and ``.n_splits_`` describe the choice.
+    and ``.n_splits_`` describe the choice. ``solver``: see
+    :class:`~xmodal.eval.linear_svm.SquaredHingeSVC`.
     """
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
@@ -117,7 +119,7 @@ def select_C(
     search = GridSearchCV(
         # the folds are fitted by the solver the refit on all of x uses (folds are smaller: under
         # "auto" those of a set just over the exact solver's limit would be solved exactly)
-        make_linear_svm(seed=seed, solver=auto_solver(*x.shape)),
+        make_linear_svm(seed=seed, solver=auto_solver(*x.shape) if solver == "auto" else solver),
         {"svm__C": [float(c) for c in Cs]},
         cv=StratifiedKFold(n_splits=k, shuffle=True, random_state=seed),
         scoring="accuracy",
@@ -132,7 +134,7 @@ def select_C(
     return search
 
 
-def _choose_C(x: np.ndarray, y: np.ndarray, *, Cs: Sequence[float], folds: int, seed: int, n_jobs):
+def _choose_C(x: np.ndarray, y: np.ndarray, *, Cs: Sequence[float], folds: int, seed: int, n_jobs, solver: str):
     """``(C, cv_score, folds, model)`` for :func:`linear_svm_eval` with ``C=None``.
 
     The classes with a single training sample cannot be stratified into folds: C is chosen
@@ -142,12 +144,12 @@ def _choose_C(x: np.ndarray, y: np.ndarray, *, Cs: Sequence[float], folds: int, 
     """
     rows = cv_rows(y)
     if rows.all():
-        search = select_C(x, y, Cs=Cs, folds=folds, seed=seed, n_jobs=n_jobs)
+        search = select_C(x, y, Cs=Cs, folds=folds, seed=seed, n_jobs=n_jobs, solver=solver)
         model = search.best_estimator_
     elif np.unique(y[rows]).size >= 2:
         log.warning("linear SVM: %d training samples are the only ones of their class; C is chosen without "
                     "them (they are in the final fit)", int((~rows).sum()))
-        search, model = select_C(x[rows], y[rows], Cs=Cs, folds=folds, seed=seed, n_jobs=n_jobs), None
+        search, model = select_C(x[rows], y[rows], Cs=Cs, folds=folds, seed=seed, n_jobs=n_jobs, solver=solver), None
     elif len(Cs) == 1:
         log.warning("linear SVM: too few classes with two or more training samples to cross-validate; "
                     "the only candidate, C = %g, is used", float(Cs[0]))
@@ -169,6 +171,7 @@ def linear_svm_eval(
     folds: int = 5,
     seed: int = 0,
     n_jobs: Optional[int] = None,
+    solver: str = "auto",
 ) -> dict:
     """Linear-SVM accuracy of features: fit on train, score on test.
 
@@ -178,6 +181,8 @@ def linear_svm_eval(
     a given ``C`` is used as is (no CV). The test split is used once, after C is
     fixed. Returns ``{"accuracy", "C", "cv_score", "folds"}`` (``cv_score``
     and ``folds`` are None for a fixed C); accuracies are fractions in [0, 1].
+    ``solver`` (``"auto"``, ``"lbfgs"``, ``"newton"``: exact; see
+    :class:`~xmodal.eval.linear_svm.SquaredHingeSVC`) fits the folds and the final model.
     """
     x, y = _check_xy(train_x, train_y, "train")
     tx, ty = _check_xy(test_x, test_y, "test")
@@ -187,10 +192,10 @@ def linear_svm_eval(
     cv_score: Optional[float] = None
     k: Optional[int] = None
     if C is None:
-        C, cv_score, k, model = _choose_C(x, y, Cs=Cs, folds=folds, seed=seed, n_jobs=n_jobs)
+        C, cv_score, k, model = _choose_C(x, y, Cs=Cs, folds=folds, seed=seed, n_jobs=n_jobs, solver=solver)
     chosen = float(C)
     if model is None:
-        model = make_linear_svm(chosen, seed=seed)
+        model = make_linear_svm(chosen, seed=seed, solver=solver)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*converge.*")
             model.fit(x, y)
@@ -206,9 +211,9 @@ def svm_task(ctx) -> None:
     if TRAIN not in ctx.store.splits:
         ctx.skip("svm", f"the dataset has no '{TRAIN}' split to fit the SVM on")
         return
-    cs = tuple(ctx.cfg.svm.cs)
+    cs, solver = tuple(ctx.cfg.svm.cs), ctx.cfg.svm.solver
     ytr, yte = ctx.store.split(TRAIN).labels, ctx.test_labels()
-    r = linear_svm_eval(ctx.cache.points(TRAIN), ytr, ctx.cache.points(TEST), yte, Cs=cs, seed=ctx.seed)
+    r = linear_svm_eval(ctx.cache.points(TRAIN), ytr, ctx.cache.points(TEST), yte, Cs=cs, seed=ctx.seed, solver=solver)
     for k in ("accuracy", "C", "cv_score", "folds"):
         ctx.put(f"svm3d.{k}", r[k])
     if not ctx.has_images:
@@ -217,6 +222,6 @@ def svm_task(ctx) -> None:
     vmax = max(ctx.views)
     ftr, fte = ctx.cache.views(TRAIN, vmax), ctx.cache.views(TEST, vmax)
     for v in ctx.views:
-        r = linear_svm_eval(pool_views(ftr, v), ytr, pool_views(fte, v), yte, Cs=cs, seed=ctx.seed)
+        r = linear_svm_eval(pool_views(ftr, v), ytr, pool_views(fte, v), yte, Cs=cs, seed=ctx.seed, solver=solver)
         for k in ("accuracy", "C", "cv_score", "folds"):
             ctx.put(f"svm2d.{k}.{v}", r[k])
