@@ -284,6 +284,25 @@ def test_a_newton_fit_that_fails_keeps_the_lbfgs_fit(monkeypatch):
     np.testing.assert_array_equal(clf.coef_, lbfgs.coef_)
 
 
+def test_newton_on_a_system_round_off_leaves_indefinite_hands_over_to_lbfgs():
+    """n > D at C * scale^2 ~ 1e15: I is lost beside 2C X_A^T X_A, whose factorisation (and the
+    intercept's Schur complement) fail in float64; no LinAlgError and no non-finite "optimum", but
+    the warning and the L-BFGS fit. (Found by a random search over scales and C.)"""
+    rng = np.random.default_rng(3)
+    n, d, k = int(rng.integers(10, 80)), int(rng.integers(4, 80)), int(rng.integers(2, 5))
+    centres, y = rng.normal(size=(k, d)), rng.integers(0, k, n)
+    x = centres[y] * 0.6 + rng.normal(size=(n, d))
+    x = (x - x.mean(0)) / x.std(0) * 1e6
+    y_pm = np.where(y[:, None] == np.arange(k), 1.0, -1.0)
+    assert (n, d) == (66, 10)
+    assert newton_ovr_squared_hinge(x, y_pm, 1e3)[2] is False  # reported, not raised
+    with pytest.warns(ConvergenceWarning, match="did not reach the optimum"):
+        clf = SquaredHingeSVC(C=1e3, solver="newton").fit(x, y)
+    lbfgs = SquaredHingeSVC(C=1e3, solver="lbfgs").fit(x, y)
+    assert clf.solver_ == "lbfgs" and np.isfinite(clf.intercept_).all()
+    np.testing.assert_array_equal(clf.predict(x), lbfgs.predict(x))
+
+
 def test_auto_chooses_by_the_number_of_samples():
     assert SquaredHingeSVC().fit(*_data(n=30, d=40)).solver_ == "newton"
     assert SquaredHingeSVC().fit(*_data(n=40, d=40)).solver_ == "newton"  # n == D

@@ -223,6 +223,16 @@ def newton_ovr_squared_hinge(x: np.ndarray, y_pm: np.ndarray, C: float, *, fit_i
     return w, b, converged
 
 
+def _cholesky(a: np.ndarray):
+    """``scipy.linalg.cho_factor(a)``, or None where ``a`` is not positive definite in float64."""
+    from scipy.linalg import LinAlgError, cho_factor
+
+    try:
+        return cho_factor(a)
+    except LinAlgError:
+        return None
+
+
 def _start_value(value, shape: tuple, name: str) -> np.ndarray:
     value = np.asarray(value, dtype=np.float64)
     if value.shape != shape:
@@ -255,18 +265,23 @@ class _DualForm:
 
     def newton_point(self, active: np.ndarray, y: np.ndarray, C: float, fit_intercept: bool,
                      b: float) -> tuple[np.ndarray, float]:
-        from scipy.linalg import cho_factor, cho_solve
+        from scipy.linalg import cho_solve
 
         a_idx = np.flatnonzero(active)
         alpha = np.zeros(self.n_params)
         if not a_idx.size:  # nothing active: w = 0, and b is free
             return alpha, b
-        factor = cho_factor(self.gram[np.ix_(a_idx, a_idx)] + np.eye(a_idx.size) / (2.0 * C))
+        factor = _cholesky(self.gram[np.ix_(a_idx, a_idx)] + np.eye(a_idx.size) / (2.0 * C))
+        if factor is None:
+            return None
         u = cho_solve(factor, y[a_idx])
         new_b = 0.0
         if fit_intercept:
             v = cho_solve(factor, np.ones(a_idx.size))
-            new_b = float(u.sum() / v.sum())
+            schur = float(v.sum())  # > 0 in exact arithmetic
+            if not schur > 0.0:
+                return None
+            new_b = float(u.sum() / schur)
             u = u - new_b * v
         alpha[a_idx] = u
         return alpha, new_b
@@ -323,18 +338,27 @@ class _PrimalForm:
 
     def newton_point(self, active: np.ndarray, y: np.ndarray, C: float, fit_intercept: bool,
                      b: float) -> tuple[np.ndarray, float]:
-        from scipy.linalg import cho_factor, cho_solve
+        from scipy.linalg import cho_solve
 
         xa, ya = self.x[active], y[active]
         if not ya.size:  # nothing active: w = 0, and b is free
             return np.zeros(self.n_params), b
-        factor = cho_factor(2.0 * C * self.active_gram(active) + np.eye(self.n_params))
+        eye = np.eye(self.n_params)
+        factor = _cholesky(2.0 * C * self.active_gram(active) + eye)
+        if factor is None:  # the carried X_A^T X_A can lose definiteness to round-off on badly scaled features
+            self._sxx = xa.T @ xa
+            factor = _cholesky(2.0 * C * self._sxx + eye)
+        if factor is None:
+            return None
         w = cho_solve(factor, 2.0 * C * (xa.T @ ya))
         new_b = 0.0
         if fit_intercept:  # w = z - b v, and b from the intercept's equation
             s = xa.sum(axis=0)
             v = cho_solve(factor, 2.0 * C * s)
-            new_b = float((ya.sum() - s @ w) / (ya.size - s @ v))
+            schur = float(ya.size - s @ v)  # > 0 in exact arithmetic
+            if not schur > 0.0:
+                return None
+            new_b = float((ya.sum() - s @ w) / schur)
             w = w - new_b * v
         return w, new_b
 
@@ -346,7 +370,10 @@ def _newton_one_class(problem, y: np.ndarray, C: float, fit_intercept: bool, max
     for _ in range(max_iter):
         f = problem.decision(p, b)  # the decision values, recomputed (updated ones drift on badly scaled data)
         active = y * f < 1.0
-        new_p, new_b = problem.newton_point(active, y, C, fit_intercept, b)
+        point = problem.newton_point(active, y, C, fit_intercept, b)
+        if point is None or not (np.isfinite(point[0]).all() and np.isfinite(point[1])):
+            return p, b, False  # the active set's system is not positive definite in float64
+        new_p, new_b = point
         d_p, d_b = new_p - p, new_b - b
         d_f = problem.decision(d_p, d_b)
         # the optimum: the Newton point keeps its active set, or (near hard margins, where margins
