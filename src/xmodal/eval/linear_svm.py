@@ -198,8 +198,8 @@ def newton_ovr_squared_hinge(x: np.ndarray, y_pm: np.ndarray, C: float, *, fit_i
             from a nearby point (an L-BFGS fit) are fewer: its active sets are nearly right.
     Returns:
         ``w`` (D, K), the intercepts ``b`` (K,), and whether every class reached its optimum
-        (False: ``max_iter`` steps, or no progress left in float64, as on badly scaled features
-        with a huge ``C``).
+        (False: ``max_iter`` steps, no progress left in float64, or a linear system that is not
+        positive definite in float64, as on badly scaled features with a huge ``C``).
     """
     if form == "auto":
         form = "dual" if x.shape[0] <= x.shape[1] else "primal"
