@@ -63,19 +63,26 @@ def _plain(value: Any) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
+def _without_neutral(plain: dict, neutral_values: dict) -> dict:
+    """``plain`` (nested dicts) without the dotted keys of ``neutral_values`` that hold their
+    neutral value (dropped in place): options added later, at the value earlier hashes had."""
+    for key, neutral in neutral_values.items():
+        *path, leaf = key.split(".")
+        section = plain
+        for part in path:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict) and leaf in section and section[leaf] == neutral:
+            del section[leaf]
+    return plain
+
+
 def _option_identity(name: str, value: Any) -> Any:
     """A task option (a config section or value) as it enters :func:`task_fingerprint`: plain data,
     without the fields added later while they hold the value earlier evaluations had
     (:data:`xmodal.eval.config.OPTION_NEUTRAL_VALUES`)."""
     from xmodal.eval.config import OPTION_NEUTRAL_VALUES
 
-    plain = _plain(value)
-    if isinstance(plain, dict):
-        for key, neutral in OPTION_NEUTRAL_VALUES.items():
-            section, _, leaf = key.partition(".")
-            if section == name and plain.get(leaf, neutral) == neutral:
-                plain.pop(leaf, None)
-    return plain
+    return _without_neutral({name: _plain(value)}, OPTION_NEUTRAL_VALUES)[name]
 
 
 def _config_identity(config: Any) -> Any:
@@ -88,14 +95,7 @@ def _config_identity(config: Any) -> Any:
         return plain
     from xmodal.train.config import HASH_NEUTRAL_VALUES  # the pre-training schema's own table
 
-    for key, neutral in HASH_NEUTRAL_VALUES.items():
-        *path, leaf = key.split(".")
-        section = plain
-        for part in path:
-            section = section.get(part) if isinstance(section, dict) else None
-        if isinstance(section, dict) and leaf in section and section[leaf] == neutral:
-            del section[leaf]
-    return plain
+    return _without_neutral(plain, HASH_NEUTRAL_VALUES)
 
 
 def _sha(obj: Any) -> str:
