@@ -39,7 +39,8 @@ from sklearn.exceptions import ConvergenceWarning
 
 from xmodal.errors import DataError
 
-__all__ = ["SquaredHingeSVC", "squared_hinge_objective", "newton_ovr_squared_hinge", "auto_solver", "NEWTON_MAX_SAMPLES"]
+__all__ = ["SquaredHingeSVC", "squared_hinge_objective", "newton_ovr_squared_hinge", "newton_form", "auto_solver",
+           "NEWTON_MAX_SAMPLES"]
 
 #: ``solver="auto"`` uses the exact Newton solver up to this many samples (and no more than the
 #: number of features); its cost grows as ``n^3`` per class and iteration, L-BFGS's as ``n``.
@@ -101,7 +102,7 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
         self.solver_ = auto_solver(*X.shape) if self.solver == "auto" else self.solver
         self.n_features_in_ = X.shape[1]
         start = None
-        if self.solver_ == "lbfgs" or X.shape[0] > X.shape[1]:
+        if self.solver_ == "lbfgs" or newton_form(*X.shape) == "primal":
             self._fit_lbfgs(X, idx)
             if self.solver_ == "lbfgs":
                 return self
@@ -202,7 +203,7 @@ def newton_ovr_squared_hinge(x: np.ndarray, y_pm: np.ndarray, C: float, *, fit_i
         positive definite in float64, as on badly scaled features with a huge ``C``).
     """
     if form == "auto":
-        form = "dual" if x.shape[0] <= x.shape[1] else "primal"
+        form = newton_form(*x.shape)
     if form not in ("dual", "primal"):
         raise ValueError(f"form must be 'auto', 'dual' or 'primal', got {form!r}")
     if (w0 is not None or b0 is not None) and form != "primal":
@@ -221,6 +222,12 @@ def newton_ovr_squared_hinge(x: np.ndarray, y_pm: np.ndarray, C: float, *, fit_i
         converged &= ok
     w = x.T @ params if form == "dual" else params
     return w, b, converged
+
+
+def newton_form(n: int, d: int) -> str:
+    """The form ``form="auto"`` of :func:`newton_ovr_squared_hinge` takes for ``n`` samples of
+    ``d`` features: ``"dual"`` (n x n systems at most) when ``n <= d``, else ``"primal"`` (d x d)."""
+    return "dual" if n <= d else "primal"
 
 
 def _cholesky(a: np.ndarray):
@@ -264,7 +271,7 @@ class _DualForm:
         return max(0.0, self.inner(r, r)) ** 0.5
 
     def newton_point(self, active: np.ndarray, y: np.ndarray, C: float, fit_intercept: bool,
-                     b: float) -> tuple[np.ndarray, float]:
+                     b: float) -> "tuple[np.ndarray, float] | None":
         from scipy.linalg import cho_solve
 
         a_idx = np.flatnonzero(active)
@@ -337,7 +344,7 @@ class _PrimalForm:
         return sxx
 
     def newton_point(self, active: np.ndarray, y: np.ndarray, C: float, fit_intercept: bool,
-                     b: float) -> tuple[np.ndarray, float]:
+                     b: float) -> "tuple[np.ndarray, float] | None":
         from scipy.linalg import cho_solve
 
         xa, ya = self.x[active], y[active]
