@@ -240,6 +240,39 @@ def test_render_rgb_and_multisampling():
     np.testing.assert_array_equal(img[..., 0], img[..., 2])  # white material: grey in RGB
 
 
+def test_two_renderers_in_one_process_each_draw_their_own_images(renderer):
+    """Creating a second Renderer makes its GL context current; the first must still draw into
+    its own (the second's grey, single-channel frame buffer once received its draws)."""
+    mesh = _box()
+    alone = renderer.render_mesh(mesh, ANGLES)
+    rgb = _make_renderer(grayscale=False, color=(0.9, 0.35, 0.1))
+    try:
+        first = rgb.render_mesh(mesh, ANGLES)
+        np.testing.assert_array_equal(renderer.render_mesh(mesh, ANGLES), alone)
+        np.testing.assert_array_equal(rgb.render_mesh(mesh, ANGLES), first)
+        assert (first[..., 1] > 0).any() and (first[..., 0] > first[..., 1]).any()
+    finally:
+        rgb.close()
+    np.testing.assert_array_equal(renderer.render_mesh(mesh, ANGLES), alone)
+
+
+def test_luminance_of_a_colour_render_is_the_grey_render():
+    """What the feature API does to colour images for an encoder trained on grey renders
+    (:func:`to_grayscale`) gives the grey render of the same coloured object, to rounding."""
+    from xmodal.data.render import to_grayscale
+
+    mesh, color = _box(), (0.9, 0.35, 0.1)
+    rgb, grey = _make_renderer(grayscale=False, color=color), _make_renderer(color=color)
+    try:
+        a, b = rgb.render_mesh(mesh, ANGLES), grey.render_mesh(mesh, ANGLES)
+    finally:
+        rgb.close()
+        grey.close()
+    assert np.ptp(a[..., 0].astype(int) - a[..., 2]) > 0  # coloured
+    diff = np.abs(to_grayscale(a).astype(int) - b)
+    assert (b > 0).mean() > 0.05 and diff.max() <= 1
+
+
 def test_render_rejects_bad_input(renderer):
     with pytest.raises(ValueError, match="zero"):
         renderer.render_mesh(Mesh(np.zeros((3, 3)), np.array([[0, 1, 2]])), ANGLES)

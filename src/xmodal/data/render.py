@@ -65,6 +65,8 @@ __all__ = [
     "vertex_normals",
     "estimate_normals",
     "Renderer",
+    "LUMA",
+    "to_grayscale",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,7 +78,18 @@ _PHONG = (0.2, 0.6, 0.2, 16.0)
 # Light axis in camera coordinates (right, up, towards the camera): light 1 shines from
 # the upper-left-front, light 2 from the opposite (lower-right-back) side.
 _LIGHT_CAM = np.array([-0.45, 0.55, 0.70])
-_LUMA = (0.299, 0.587, 0.114)
+#: Rec. 601 luma weights: grey renders shade an albedo's luminance with them
+LUMA = (0.299, 0.587, 0.114)
+
+
+def to_grayscale(images) -> np.ndarray:
+    """RGB images ``uint8 (..., 3)`` -> grey ``uint8 (...)``: their luminance with :data:`LUMA`, the
+    weights a grey render shades with, rounded to the nearest level."""
+    a = np.asarray(images)
+    if a.dtype != np.uint8 or a.ndim < 1 or a.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images with 3 channels last, got {a.dtype} of shape {a.shape}")
+    grey = a.astype(np.float32) @ np.asarray(LUMA, dtype=np.float32)
+    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- cameras
@@ -273,7 +286,7 @@ void main() {
         f_color = vec4(v_color, 1.0);
     }
 }
-""" % _LUMA
+""" % LUMA
 
 
 # --------------------------------------------------------------------------- renderer
@@ -468,6 +481,14 @@ class Renderer:
     def _draw(self, data: np.ndarray, index: Optional[np.ndarray], angles, *, out, point_size: float) -> np.ndarray:
         if self.ctx is None:
             raise RuntimeError("Renderer is closed")
+        # Make this renderer's context current for the draw: GL state is per thread, and creating
+        # (or drawing with) another Renderer makes its context current, so without this a second
+        # Renderer in the process would receive this one's draws.
+        with self.ctx:
+            return self._draw_current(data, index, angles, out=out, point_size=point_size)
+
+    def _draw_current(self, data: np.ndarray, index: Optional[np.ndarray], angles, *, out,
+                      point_size: float) -> np.ndarray:
         mgl = self._mgl
         angles = _check_angles(angles)
         n_views = len(angles)
