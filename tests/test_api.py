@@ -236,3 +236,124 @@ def test_encoders_from_two_saves_are_refused_and_a_newer_checkpoint_is_named(tmp
     with caplog.at_level("WARNING", logger="xmodal.api"):
         assert load_run(trained).later_checkpoint is None
     assert "last checkpoint is at step" not in caplog.text
+
+
+def test_an_unfinished_run_warns_that_its_networks_are_mid_training(trained, tmp_path, caplog):
+    partial = tmp_path / "partial"
+    shutil.copytree(trained, partial)
+    (partial / "encoders.safetensors").unlink()
+    with caplog.at_level("WARNING", logger="xmodal.api"):
+        assert load_run(partial).source == "last"
+    assert f"{partial} has not finished (no encoders.safetensors)" in caplog.text
+    assert "step 2 of 2" in caplog.text and "--resume" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="xmodal.api"):
+        load_run(partial, prefer="last")  # asked for: no warning
+        load_run(trained)
+    assert "has not finished" not in caplog.text
+    # half of the encoders and no checkpoint to fall back on: the missing file is named
+    shutil.rmtree(partial / "checkpoints")
+    with pytest.raises(FileNotFoundError, match="holds encoders.json but not encoders.safetensors"):
+        load_run(partial)
+
+
+def test_a_run_folder_may_start_with_the_home_folder(trained, tmp_path, monkeypatch):
+    shutil.copytree(trained, tmp_path / "run")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_run("~/run").path == tmp_path / "run"
+
+
+def test_colour_images_reach_a_grey_trained_encoder_as_their_luminance(trained, tmp_path, caplog):
+    from xmodal.data.render import to_grayscale
+
+    rgb = np.random.default_rng(2).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    rgb[..., 0] //= 4  # tinted: its luminance differs from the mean of its channels
+    run = load_run(trained)
+    assert run.grayscale is True  # recorded in encoders.json
+    grey = extract_image_features(run.image_encoder, to_grayscale(rgb))
+    with caplog.at_level("WARNING", logger="xmodal.api"):
+        np.testing.assert_array_equal(extract_image_features(run.image_encoder, rgb), grey)
+        np.testing.assert_array_equal(extract_image_features(run.image_encoder, torch.from_numpy(rgb)), grey)
+    assert "trained on grey renders" in caplog.text
+    # a run written before encoders.json recorded it: read from run.json; without run.json unknown
+    old = tmp_path / "old"
+    shutil.copytree(trained, old)
+    meta = json.loads((old / "encoders.json").read_text())
+    del meta["grayscale"]
+    (old / "encoders.json").write_text(json.dumps(meta))
+    assert load_run(old).grayscale is True
+    (old / "run.json").unlink()
+    unknown = load_run(old)
+    assert unknown.grayscale is None
+    assert not np.allclose(extract_image_features(unknown.image_encoder, rgb), grey)  # given as they are
+    meta["grayscale"] = "yes"
+    (old / "encoders.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="'grayscale' must be true or false"):
+        load_run(old)
+
+
+def test_to_grayscale_rounds_the_luminance():
+    from xmodal.data.render import LUMA, to_grayscale
+
+    rgb = np.random.default_rng(3).integers(0, 256, size=(4, 5, 6, 3), dtype=np.uint8)
+    expected = np.array([[[round(sum(w * float(c) for w, c in zip(LUMA, px))) for px in row] for row in img]
+                         for img in rgb])
+    got = to_grayscale(rgb)
+    assert got.dtype == np.uint8 and got.shape == (4, 5, 6)
+    np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match="3 channels"):
+        to_grayscale(rgb[..., :2])
+
+
+def test_extraction_follows_the_encoders_dtype_and_sees_through_data_parallel(trained, inputs):
+    import copy
+
+    imgs, pts = inputs
+    run = load_run(trained)
+    f2, f3 = extract_image_features(run.image_encoder, imgs), extract_point_features(run.point_encoder, pts)
+    img64, pts64 = copy.deepcopy(run.image_encoder).double(), copy.deepcopy(run.point_encoder).double()
+    for got, want in ((extract_image_features(img64, imgs), f2), (extract_point_features(pts64, pts), f3)):
+        assert got.dtype == np.float32 and np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    # images of another size: a wrapped encoder still resizes them to the size it was trained on
+    big = np.repeat(np.repeat(imgs, 2, axis=1), 2, axis=2)
+    np.testing.assert_array_equal(extract_image_features(torch.nn.DataParallel(run.image_encoder), big),
+                                  extract_image_features(run.image_encoder, big))
+
+
+def test_point_clouds_normalised_on_request_and_a_warning_when_far_from_the_unit_sphere(trained, caplog):
+    from xmodal.data.geometry import normalize_unit_sphere
+
+    enc = load_run(trained).point_encoder
+    raw = np.random.default_rng(4).normal(size=(3, 128, 3)).astype(np.float32)
+    unit = normalize_unit_sphere(raw)[0].astype(np.float32)
+    with caplog.at_level("WARNING", logger="xmodal.api"):
+        f_unit = extract_point_features(enc, unit)
+    assert "not centred and scaled" not in caplog.text
+    moved = unit * 40.0 + np.float32(7.0)
+    with caplog.at_level("WARNING", logger="xmodal.api"):
+        f_moved = extract_point_features(enc, moved)
+    assert "3 of 3 clouds are not centred and scaled" in caplog.text and "normalize=True" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="xmodal.api"):
+        extract_point_features(enc, moved)
+    assert "not centred" not in caplog.text  # once per encoder, not once per call
+    assert not np.allclose(f_moved, f_unit, atol=1e-3)
+    for given in (moved, torch.from_numpy(moved)):
+        got = extract_point_features(enc, given, normalize=True)
+        assert np.abs(got - f_unit).max() <= 1e-4 * np.abs(f_unit).max()
+
+
+def test_point_extraction_refuses_clouds_it_cannot_encode(trained, inputs):
+    enc = load_run(trained).point_encoder
+    pts = inputs[1].copy()
+    pts[3, 7, 1] = np.nan
+    pts[1, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"2 of 5 clouds hold NaN or infinite coordinates \(indices \[1, 3\]\)"):
+        extract_point_features(enc, pts)
+    with pytest.raises(ValueError, match=f"give clouds of at least {enc.k} points"):
+        extract_point_features(enc, inputs[1][:, : enc.k - 1])
+    for bad in (None, 2.5, 0, True):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            extract_point_features(enc, inputs[1], batch_size=bad)
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            extract_image_features(load_run(trained).image_encoder, inputs[0], batch_size=bad)

@@ -167,3 +167,31 @@ def test_projection_heads_embed_both_modalities_on_the_unit_sphere():
     assert {k.split(".")[0] for k in ff.state_dict()} == {"fc1", "fc2", "proj_img", "proj_pts"}
     with pytest.raises(RuntimeError, match="no projection heads"):
         PairClassifier(img_dim=6, pts_dim=4).project(torch.randn(2, 6), torch.randn(2, 4))
+
+
+class _HiddenHead(torch.nn.Module):
+    """A stand-in timm model whose head has a hidden layer (as MobileNetV3's): the features it
+    returns with num_classes=0 are wider than its last feature map (``num_features``)."""
+
+    def __init__(self, with_attr: bool):
+        super().__init__()
+        self.num_features = 6
+        if with_attr:
+            self.head_hidden_size = 10
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+        self.hidden = torch.nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.hidden(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("with_attr", [True, False], ids=["timm>=1.0", "older-timm"])
+def test_timm_encoder_out_dim_is_the_width_it_returns(monkeypatch, with_attr):
+    import types
+
+    from xmodal.models import registry
+
+    fake = types.SimpleNamespace(create_model=lambda name, num_classes, pretrained: _HiddenHead(with_attr))
+    monkeypatch.setattr(registry, "require", lambda mod, purpose: fake)
+    enc = create_image_encoder("timm:mobilenetv3_large_100")
+    assert enc.out_dim == 10 == enc(torch.randn(2, 1, 32, 32)).shape[1]

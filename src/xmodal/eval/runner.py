@@ -294,10 +294,7 @@ class _Evaluation:
         save_config(cfg, self.out / CONFIG_NAME)
         self.weights = weights_digest(loaded)
         self.weights_meta = _weights_meta(loaded, self.weights)
-        if getattr(loaded, "source", None) == "last":
-            total = getattr(getattr(loaded, "config", None), "iterations", None)
-            log.warning("%s has not finished: evaluating its last checkpoint, step %d%s", cfg.run, loaded.step,
-                        f" of {total}" if total else "")
+        # an unfinished run (its last checkpoint read): load_run has said so, naming the step
         self.book = MetricsBook(self.out / METRICS_NAME, self._meta(), redo=cfg.redo)
         todo = self._todo()
         for label, net, prefix, pending in todo:

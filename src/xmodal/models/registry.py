@@ -100,7 +100,10 @@ def _timm_encoder(name: str, **kw) -> PluginImageEncoder:
     timm = require("timm", purpose=f"image encoder 'timm:{name}'")
     kw.setdefault("pretrained", False)
     model = timm.create_model(name, num_classes=0, **kw)
-    dim = getattr(model, "num_features", None) or _probe_out_dim(model)
+    # With num_classes=0 a timm model returns its pre-logits features: ``head_hidden_size`` wide
+    # (timm >= 1.0), which differs from ``num_features`` (the last feature map's channels) in models
+    # whose head has a hidden layer (MobileNetV3: 1280 against 960); older timm: measured.
+    dim = getattr(model, "head_hidden_size", None) or _probe_out_dim(model)
     return PluginImageEncoder(model, dim, f"timm:{name}")
 
 

@@ -248,6 +248,7 @@ class _Trainer:
             "image_size": self.cfg.data.image_size,
             "num_points": self.cfg.data.num_points,
             "up_axis": self.store.up_axis,
+            "grayscale": bool(self.store.grayscale),
         }
 
     def _validate(self, step: int, runlog: RunLog) -> None:
