@@ -146,6 +146,9 @@ def test_degenerate_faces_repeated_collinear_and_relative_to_scale():
     tiny = v.copy()
     tiny[4, 1] = 1e-12
     assert degenerate_faces(tiny, f)[3]
+    # a vertex on no face, however far, does not move the threshold (it held 1e-12 * 1e16 = 1e4)
+    stray = np.vstack([v, [1e8, 0, 0]])
+    np.testing.assert_array_equal(degenerate_faces(stray, f), expected)
 
 
 # ----------------------------------------------------------------------- centroid

@@ -178,8 +178,9 @@ def face_centers(vertices, faces) -> np.ndarray:
 
 def degenerate_faces(vertices, faces, *, areas: Optional[np.ndarray] = None, rel_area: float = DEGENERATE_REL_AREA) -> np.ndarray:
     """Which faces are degenerate: they repeat a vertex, or their area is at most
-    ``rel_area * extent**2`` (``extent``: the largest side of the vertices' bounding box;
-    units vary wildly between files, so the threshold follows the mesh's own scale).
+    ``rel_area * extent**2`` (``extent``: the largest side of the bounding box of the vertices
+    the faces use; units vary wildly between files, so the threshold follows the mesh's own
+    scale, and a stray vertex on no face, however far, does not move it).
 
     Args:
         vertices: (V, 3) coordinates, V >= 1.
@@ -194,7 +195,10 @@ def degenerate_faces(vertices, faces, *, areas: Optional[np.ndarray] = None, rel
     faces = np.asarray(faces)
     if areas is None:
         areas = face_areas(vertices, faces)
-    extent = float((vertices.max(axis=0) - vertices.min(axis=0)).max())
+    used = np.zeros(len(vertices), dtype=bool)
+    used[faces.reshape(-1)] = True
+    used = vertices[used] if used.any() else vertices
+    extent = float((used.max(axis=0) - used.min(axis=0)).max())
     repeated = (faces[:, 0] == faces[:, 1]) | (faces[:, 1] == faces[:, 2]) | (faces[:, 0] == faces[:, 2])
     return repeated | ~(areas > rel_area * extent**2)
 
