@@ -221,3 +221,41 @@ def test_read_mesh_arrays_keeps_every_face_in_file_order(tmp_path):
     np.testing.assert_array_equal(read_mesh_arrays(ply)[1], f)
     with pytest.raises(MeshError, match="file does not exist"):
         read_mesh_arrays(tmp_path / "none.ply")
+
+
+def _box_export(path, **kw):
+    import trimesh
+
+    trimesh.creation.box().export(path, **kw)
+    return path
+
+
+def test_an_ascii_ply_with_fewer_lines_than_its_header_declares_is_truncated(tmp_path):
+    full = _box_export(tmp_path / "box.ply", encoding="ascii")
+    assert len(load_mesh(full).faces) == 12
+    lines = full.read_text().splitlines(keepends=True)
+    for keep in (len(lines) - 5, len(lines) - 12):  # some face lines missing; every one missing
+        cut = tmp_path / f"cut{keep}.ply"
+        cut.write_text("".join(lines[:keep]))
+        with pytest.raises(MeshError, match=r"cut\d+\.ply: truncated: the header declares 8 vertices and 12 faces, "
+                                            r"the file holds 8 vertices and \d+ triangles"):
+            load_mesh(cut)
+
+
+def test_a_binary_stl_cut_short_is_truncated(tmp_path):
+    full = _box_export(tmp_path / "box.stl")
+    assert not full.read_bytes().startswith(b"solid") and len(load_mesh(full).faces) == 12
+    cut = tmp_path / "cut.stl"
+    cut.write_bytes(full.read_bytes()[: 84 + 50 * 7 + 20])
+    with pytest.raises(MeshError, match=r"cut\.stl: truncated: the binary header declares 12 triangles \(684 bytes\), "
+                                        r"the file has 454 bytes"):
+        load_mesh(cut)
+
+
+def test_a_point_cloud_ply_is_named_as_one(tmp_path):
+    path = tmp_path / "cloud.ply"
+    rows = "".join(f"{x} {x * 2} {x * 3}\n" for x in range(5))
+    path.write_text(f"ply\nformat ascii 1.0\nelement vertex 5\nproperty float x\nproperty float y\n"
+                    f"property float z\nend_header\n{rows}")
+    with pytest.raises(MeshError, match="no faces: a point cloud, not a triangle mesh .*HDF5"):
+        load_mesh(path)

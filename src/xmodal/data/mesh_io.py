@@ -16,6 +16,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -252,4 +253,38 @@ def _load_with_trimesh(path: Path) -> tuple[np.ndarray, np.ndarray]:
     vertices = getattr(loaded, "vertices", None)
     if vertices is None or faces is None:
         raise MeshError(path, f"no faces: file holds a {type(loaded).__name__}, not a triangle mesh")
-    return np.asarray(vertices, dtype=np.float64), np.asarray(faces, dtype=np.int64).reshape(-1, 3)
+    vertices, faces = np.asarray(vertices, dtype=np.float64), np.asarray(faces, dtype=np.int64).reshape(-1, 3)
+    problem = _short_of_header(path, len(vertices), len(faces))
+    if problem:
+        raise MeshError(path, problem)
+    return vertices, faces
+
+
+# trimesh reads an ASCII PLY with fewer lines than its header declares, and a binary STL cut short,
+# without complaint (a partial mesh, or none); the header's counts are checked here, as read_off
+# checks OFF's.
+def _short_of_header(path: Path, n_vertices: int, n_faces: int) -> Optional[str]:
+    """Why a PLY or STL file holds less than its header declares (truncated), else None."""
+    ext = path.suffix.lower()
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+        size = path.stat().st_size
+    except OSError:
+        return None
+    if ext == ".ply":
+        end = head.find(b"end_header")
+        declared = dict(re.findall(rb"^element[ \t]+(vertex|face)[ \t]+(\d+)", head[: max(end, 0)], flags=re.M))
+        want_v, want_f = int(declared.get(b"vertex", 0)), int(declared.get(b"face", 0))
+        if want_f == 0 and want_v and not n_faces:
+            return ("no faces: a point cloud, not a triangle mesh (point-cloud collections are read from the "
+                    "ModelNet40 HDF5 layout: README, 'Your own meshes')")
+        if n_vertices < want_v or n_faces < want_f:  # a polygon gives >= 1 triangle: fewer means lines missing
+            return (f"truncated: the header declares {want_v} vertices and {want_f} faces, the file holds "
+                    f"{n_vertices} vertices and {n_faces} triangles")
+    elif ext == ".stl" and len(head) >= 84 and not head.lstrip()[:5].lower() == b"solid":
+        declared = int.from_bytes(head[80:84], "little")
+        if size < 84 + 50 * declared:
+            return (f"truncated: the binary header declares {declared} triangles ({84 + 50 * declared} bytes), "
+                    f"the file has {size} bytes")
+    return None
