@@ -353,6 +353,29 @@ def test_a_failed_mesh_fixed_since_is_built_by_the_same_command(tmp_path, caplog
     assert ShapeStore(tmp_path / "ds").split("train").ids == [f"box/train/box_000{i}" for i in (1, 2, 3, 4)]
 
 
+def test_a_job_resumed_from_another_working_folder_finds_its_failed_files(tmp_path, monkeypatch, caplog):
+    """Failed objects' records name their files; a relative --source given from another folder
+    names the same files, so their chunks are not built again (they were: the recorded relative
+    paths no longer opened, which counts as a changed file)."""
+    root = tmp_path / "work" / "mn"
+    for i in (1, 2):
+        (root / "box" / "train").mkdir(parents=True, exist_ok=True)
+        (root / "box" / "train" / f"box_000{i}.off").write_text(_cube_off())
+    (root / "box" / "train" / "box_0003.off").write_text("OFF\n8 12 0\n0 0 0\n1 1\n")  # truncated
+    monkeypatch.chdir(tmp_path / "work")
+    man = prepare(PrepareConfig(source="mn", out="ds", views=2, points=64, image_size=32, chunk_size=2,
+                                test_ratio=0.0, workers=1), progress=False)
+    assert [r["path"] for r in man["failed"]] == [str(root / "box" / "train" / "box_0003.off")]
+    failed_chunk = tmp_path / "work" / "ds" / shard_relpath("train", 1)
+    before = failed_chunk.stat().st_mtime_ns
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO", logger="xmodal.data.prepare"):
+        again = prepare(PrepareConfig(source="work/mn", out="work/ds", views=2, points=64, image_size=32,
+                                      chunk_size=2, test_ratio=0.0, workers=1), progress=False)
+    assert "failed before" not in caplog.text and failed_chunk.stat().st_mtime_ns == before
+    assert again["failed"] == man["failed"]
+
+
 def test_objects_that_failed_for_the_job_not_the_file_are_tried_again(tmp_path, monkeypatch):
     import xmodal.data.prepare as prepare_mod
 

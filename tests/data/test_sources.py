@@ -128,6 +128,53 @@ def test_names_that_are_not_utf8_become_escaped_ids_and_classes(tmp_path):
         assert src.load(it).faces.shape == (4, 3)
 
 
+def test_split_folders_first_layout(tmp_path, caplog):
+    """<root>/<split>/<class>/: the split and the class from the path, as in ModelNet's layout."""
+    for split, cls, n in [("train", "chair", 3), ("test", "chair", 1), ("test", "bed", 2)]:
+        for i in range(n):
+            _tetra(tmp_path / split / cls / "deeper" / f"{cls}{i}.off", z=1.0 + i)
+    _tetra(tmp_path / "train" / "bed" / "b0.off")
+    _tetra(tmp_path / "val" / "chair" / "v0.off")  # no such split in a store: named, not read
+    (tmp_path / "test" / "lamp").mkdir()  # no mesh: not a class
+    with caplog.at_level("WARNING", logger="xmodal.data.sources"):
+        src = open_source(tmp_path)
+    assert isinstance(src, MeshFolderSource) and src.layout == "split-folders"
+    assert src.classes == ["bed", "chair"]
+    assert Counter((it.label, it.split) for it in src.items) == {
+        ("chair", "train"): 3, ("chair", "test"): 1, ("bed", "train"): 1, ("bed", "test"): 2,
+    }
+    assert all(it.id.startswith(f"{it.label}/{it.split}/") for it in src.items)
+    assert "splits from the <split>/<class>/ folders" in src.description
+    assert f"{tmp_path / 'val'}: 1 mesh files in it are not used" in caplog.text
+    assert "1 class folders hold no mesh file (['lamp'])" in caplog.text
+
+
+def test_one_class_given_for_a_collection_is_refused_with_a_hint(tmp_path):
+    """The train/test folders of a single ModelNet class, given as the collection: their split
+    folders hold meshes, no class folders (it used to make 'train' and 'test' the classes)."""
+    from xmodal.errors import DataError
+
+    for split in ("train", "test"):
+        _tetra(tmp_path / "bathtub" / split / "bathtub_0001.off")
+    with pytest.raises(DataError, match="read as splits.*give the folder that holds the class folders"):
+        open_source(tmp_path / "bathtub")
+    assert open_source(tmp_path).classes == ["bathtub"]
+
+
+def test_meshes_in_val_folders_and_empty_class_folders_are_named(tmp_path, caplog):
+    _tetra(tmp_path / "chair" / "train" / "a.off")
+    _tetra(tmp_path / "chair" / "val" / "v.off")
+    _tetra(tmp_path / "chair" / "Validation" / "w.off")
+    (tmp_path / "lamp").mkdir()
+    (tmp_path / "lamp" / "notes.txt").write_text("no mesh")
+    (tmp_path / "sofa" / "train").mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="xmodal.data.sources"):
+        src = MeshFolderSource(tmp_path)
+    assert [it.id for it in src.items] == ["chair/train/a"] and src.classes == ["chair"]
+    assert "2 mesh files in its sub-folder(s) Validation/, val/ are not used" in caplog.text
+    assert "2 class folders hold no mesh file (['lamp', 'sofa'])" in caplog.text
+
+
 def test_meshes_a_layout_does_not_read_are_named_in_a_warning(tmp_path, caplog):
     _tetra(tmp_path / "chair" / "train" / "a.off")
     _tetra(tmp_path / "chair" / "b.off")  # beside chair/train/: not read

@@ -44,6 +44,8 @@ __all__ = ["open_source", "MeshFolderSource", "ModelNetH5Source", "stratified_ho
 logger = logging.getLogger(__name__)
 
 SPLIT_DIRS = ("train", "test")
+#: names of split folders a store has no split for: their meshes are named in a warning, not read
+OTHER_SPLIT_DIRS = ("val", "valid", "validation", "dev")
 
 #: query keys of ``builtin:shapes?…`` -> keyword of ``BuiltinSource``
 BUILTIN_PARAMS = {"train": "train_per_class", "test": "test_per_class", "seed": "seed"}
@@ -54,7 +56,7 @@ ACCEPTED_FORMS = (
     "accepted sources: 'builtin:shapes' (optionally 'builtin:shapes?train=32&test=8&seed=0'); "
     "a folder with ModelNet40 HDF5 files 'ply_data_*.h5'; a Princeton Shape Benchmark folder "
     "'<root>/db/' + '<root>/classification/v1/' (optionally '<root>?classification=coarse1'); a folder in ModelNet layout "
-    "'<root>/<class>/<train|test>/*.off'; a Labeled PSB folder '<root>/<category>/<stem>.{off,ply,obj}' "
+    "'<root>/<class>/<train|test>/*.off' (or '<root>/<train|test>/<class>/'); a Labeled PSB folder '<root>/<category>/<stem>.{off,ply,obj}' "
     "with '<stem>_labels.txt' beside each mesh; a folder of class sub-folders '<root>/<class>/**/*"
     f"{{{','.join(MESH_EXTENSIONS)}}}'"
 )
@@ -85,7 +87,9 @@ def open_source(spec: "str | os.PathLike", *, seed: int = 0, test_ratio: float =
     query = ""
     if "?" in text and not Path(text).expanduser().exists():
         text, _, query = text.partition("?")
-    path = Path(text).expanduser()
+    # absolute: item paths are recorded (failed objects, their retry records), and a job resumed
+    # from another working directory must find the same files
+    path = Path(text).expanduser().absolute()
     if not path.exists():
         raise MissingInputError("source does not exist", path=text, hint=ACCEPTED_FORMS)
     if not path.is_dir():
@@ -244,15 +248,47 @@ def mesh_folder_count(root: "str | os.PathLike") -> int:
     return sum(len(_mesh_files(folder)) for cdir in _class_folders(Path(root)) for _, folder in _mesh_folders(cdir))
 
 
+def _warn_unread(cdir: Path, splits: str) -> None:
+    """Warn of the meshes of a class folder with split sub-folders that are not read: beside those
+    folders, or in its other sub-folders (``val/``...)."""
+    beside = [p for p in cdir.iterdir() if p.is_file() and is_mesh_file(p)]
+    if beside:
+        logger.warning("%s: %d mesh files beside its %s folder(s) are not used (a class folder with "
+                       "train/ or test/ takes its meshes from those)", cdir, len(beside), splits)
+    others = [d for d in _class_folders(cdir) if d.name.lower() not in SPLIT_DIRS]
+    n = sum(len(_mesh_files(d)) for d in others)
+    if n:
+        logger.warning("%s: %d mesh files in its sub-folder(s) %s are not used (a class folder with train/ or test/ "
+                       "takes its meshes from those)", cdir, n, ", ".join(_text(d.name) + "/" for d in others))
+
+
+def _warn_empty(root: Path, empty: list[str]) -> None:
+    if empty:
+        logger.warning("%s: %d class folders hold no mesh file (%s) and are not classes (mesh files: %s)", root,
+                       len(empty), reprlib.repr(empty), ", ".join(MESH_EXTENSIONS))
+
+
+def _split_first(tops: list[Path]) -> bool:
+    """Whether the folders of a mesh collection's root are its splits (``<root>/<split>/<class>/``):
+    each is named for a split, and ``train`` or ``test`` is among them."""
+    names = {d.name.lower() for d in tops}
+    return bool(names) and names <= {*SPLIT_DIRS, *OTHER_SPLIT_DIRS} and bool(names & set(SPLIT_DIRS))
+
+
 class MeshFolderSource(Source):
     """Meshes in class sub-folders.
 
-    Two layouts, decided per class folder:
+    Three layouts:
 
-    * Princeton ModelNet: ``<root>/<class>/train/…`` and/or ``<root>/<class>/test/…``; the
-      split comes from the path (files of other sub-folders of such a class are ignored);
-    * plain: meshes anywhere below ``<root>/<class>/``; a seeded stratified
+    * split folders first: ``<root>/train/<class>/…`` and/or ``<root>/test/<class>/…`` (every
+      folder of the root named for a split); the split comes from the path;
+    * otherwise decided per class folder: Princeton ModelNet, ``<root>/<class>/train/…`` and/or
+      ``<root>/<class>/test/…``, the split from the path (files of other sub-folders of such a
+      class are not read); plain, meshes anywhere below ``<root>/<class>/``, a seeded stratified
       ``test_ratio`` of each class becomes ``test`` (:func:`stratified_holdout`).
+
+    Meshes the layout does not read (in ``val/`` folders, beside split folders, directly in the
+    root) and class folders without a mesh file are named in warnings.
 
     Items are sorted by id ``"<class>/<split>/<stem>"``; ids that would collide (same
     stem in two sub-folders or with two extensions) use the relative path instead.
@@ -271,39 +307,20 @@ class MeshFolderSource(Source):
         if not self.root.is_dir():
             raise MissingInputError("mesh folder does not exist or is not a folder", path=self.root)
 
-        # (class, split, file, base folder the id is made relative to)
-        entries: list[tuple[str, str, Path, Path]] = []
-        split_classes, plain_classes = [], []
-        for cdir in _class_folders(self.root):
-            cname = _text(cdir.name)
-            folders = _mesh_folders(cdir)
-            if folders[0][0] is not None:
-                n_before = len(entries)
-                for split, folder in folders:
-                    entries += [(cname, split, p, folder) for p in _mesh_files(folder)]
-                if len(entries) > n_before:
-                    split_classes.append(cname)
-                beside = [p for p in cdir.iterdir() if p.is_file() and is_mesh_file(p)]
-                if beside:
-                    logger.warning("%s: %d mesh files beside its %s folder(s) are not used (a class folder with "
-                                   "train/ or test/ takes its meshes from those)", cdir, len(beside),
-                                   "/".join(sorted(split for split, _ in folders)))
-            else:
-                files = _mesh_files(cdir)
-                if not files:
-                    continue
-                plain_classes.append(cname)
-                # label 0 for every file: the split is stratified per class by construction
-                is_test = stratified_holdout(
-                    np.zeros(len(files), np.int64), self.test_ratio, seed=self.seed, keys=[_class_key(cname)]
-                )
-                entries += [(cname, "test" if t else "train", p, cdir) for p, t in zip(files, is_test)]
-
+        tops = _class_folders(self.root)
+        split_first = _split_first(tops)
+        if split_first:
+            entries, split_classes, plain_classes = self._split_first_entries(tops), [], []
+        else:
+            entries, split_classes, plain_classes = self._class_first_entries(tops)
         loose = [p.name for p in self.root.iterdir() if p.is_file() and is_mesh_file(p)]
         if not entries:
             hint = (
                 f" ({len(loose)} mesh files lie directly in it: put them in class sub-folders)" if loose else ""
             )
+            if split_first:
+                hint = (f" (its folders {', '.join(d.name for d in tops)} are read as splits, <root>/<split>/<class>/; "
+                        "for the train/test folders of one class, give the folder that holds the class folders)")
             raise DataError(f"no mesh files found in class sub-folders{hint}", path=self.root, hint=ACCEPTED_FORMS)
 
         if loose:
@@ -322,8 +339,11 @@ class MeshFolderSource(Source):
         )
         self.classes = sorted({c for c, *_ in entries})
         self.layout = "modelnet" if not plain_classes else ("class-folders" if not split_classes else "mixed")
+        if split_first:
+            self.layout = "split-folders"
         counts = {s: sum(it.split == s for it in self.items) for s in SPLIT_DIRS}
         how = {
+            "split-folders": "splits from the <split>/<class>/ folders",
             "modelnet": "splits from the <class>/<split>/ folders",
             "class-folders": f"seeded (seed {self.seed}) stratified split, test_ratio {self.test_ratio:g}",
             "mixed": f"splits from folders for {len(split_classes)} classes, seeded (seed {self.seed}) "
@@ -333,6 +353,61 @@ class MeshFolderSource(Source):
             f"meshes in {self.root} ({self.layout} layout): {len(self.classes)} classes, "
             f"{counts['train']} train / {counts['test']} test; {how}"
         )
+
+    def _class_first_entries(self, tops: list[Path]) -> tuple[list, list[str], list[str]]:
+        """``(entries, classes with split folders, classes split by seed)`` of ``<root>/<class>/…``;
+        an entry: ``(class, split, file, folder its id is relative to)``."""
+        entries: list[tuple[str, str, Path, Path]] = []
+        split_classes, plain_classes, empty = [], [], []
+        for cdir in tops:
+            cname = _text(cdir.name)
+            folders = _mesh_folders(cdir)
+            if folders[0][0] is not None:
+                n_before = len(entries)
+                for split, folder in folders:
+                    entries += [(cname, split, p, folder) for p in _mesh_files(folder)]
+                if len(entries) > n_before:
+                    split_classes.append(cname)
+                else:
+                    empty.append(cname)
+                _warn_unread(cdir, "/".join(sorted(split for split, _ in folders)))
+            else:
+                files = _mesh_files(cdir)
+                if not files:
+                    empty.append(cname)
+                    continue
+                plain_classes.append(cname)
+                # label 0 for every file: the split is stratified per class by construction
+                is_test = stratified_holdout(
+                    np.zeros(len(files), np.int64), self.test_ratio, seed=self.seed, keys=[_class_key(cname)]
+                )
+                entries += [(cname, "test" if t else "train", p, cdir) for p, t in zip(files, is_test)]
+        _warn_empty(self.root, empty)
+        return entries, split_classes, plain_classes
+
+    def _split_first_entries(self, tops: list[Path]) -> list:
+        """The entries of ``<root>/<split>/<class>/…`` (see :meth:`_class_first_entries`)."""
+        entries: list[tuple[str, str, Path, Path]] = []
+        empty = set()
+        for sdir in tops:
+            split = sdir.name.lower()
+            if split not in SPLIT_DIRS:
+                n = len(_mesh_files(sdir))
+                if n:
+                    logger.warning("%s: %d mesh files in it are not used (a store has the splits %s only)", sdir, n,
+                                   " and ".join(SPLIT_DIRS))
+                continue
+            for cdir in _class_folders(sdir):
+                files = _mesh_files(cdir)
+                entries += [(_text(cdir.name), split, p, cdir) for p in files]
+                if not files:
+                    empty.add(_text(cdir.name))
+            loose = [p for p in sdir.iterdir() if p.is_file() and is_mesh_file(p)]
+            if loose:
+                logger.warning("%s: %d mesh files lie directly in it and are not used (read as <root>/<split>/"
+                               "<class>/: put them in class sub-folders)", sdir, len(loose))
+        _warn_empty(self.root, sorted(empty - {c for c, *_ in entries}))
+        return entries
 
     def load(self, item: Item) -> Mesh:
         """Load ``item``'s mesh with :func:`~xmodal.data.mesh_io.load_mesh` (raises MeshError)."""
