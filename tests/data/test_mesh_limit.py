@@ -119,10 +119,27 @@ def test_available_memory_is_positive_on_linux():
 
 
 def test_check_file_reads_only_the_header(tmp_path):
-    path = tmp_path / "huge.ply"  # declares a billion faces, holds none
+    path = tmp_path / "huge.ply"  # declares a billion faces; a sparse file of that size holds zeros
     path.write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 3\nproperty float x\n"
                      b"property float y\nproperty float z\nelement face 1000000000\n"
                      b"property list uchar int vertex_indices\nend_header\n")
-    with pytest.raises(MeshError, match="1,000,000,000 faces"):
+    with open(path, "r+b") as fh:
+        fh.truncate(13 * 10**9 + 200)
+    with pytest.raises(ml.MeshTooLarge, match="1,000,000,000 faces, more than max_faces"):
         MeshLimit(max_faces=10**6).check_file(path)
     MeshLimit(max_faces=10**6).check_file(tmp_path / "absent.ply")  # the reader reports that one
+
+
+@pytest.mark.parametrize("name,data", [
+    ("short.off", b"OFF\n500000000 1000000000 0\n0 0 0\n"),
+    ("short.ply", b"ply\nformat binary_little_endian 1.0\nelement vertex 3\nproperty float x\nproperty float y\n"
+                  b"property float z\nelement face 1000000000\nproperty list uchar int vertex_indices\nend_header\n"),
+])
+def test_a_header_declaring_more_than_the_file_holds_is_truncated_not_too_large(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    for limit in (MeshLimit(max_faces=10**6), MeshLimit(memory=1 << 30)):
+        with pytest.raises(MeshError, match=f"{name}: truncated or corrupt: the header declares .*1,000,000,000 "
+                                            f"faces, at least .* bytes, and the file has {len(data)}") as err:
+            limit.check_file(path)
+        assert not isinstance(err.value, ml.MeshTooLarge)  # kept as a broken file, not retried with more memory

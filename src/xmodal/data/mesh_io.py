@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from xmodal.data.mesh_limit import mesh_counts
 from xmodal.data.types import Mesh, MeshError
 from xmodal.utils.optional import require
 
@@ -267,24 +268,23 @@ def _short_of_header(path: Path, n_vertices: int, n_faces: int) -> Optional[str]
     """Why a PLY or STL file holds less than its header declares (truncated), else None."""
     ext = path.suffix.lower()
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(1 << 16)
-        size = path.stat().st_size
+        if ext == ".ply":
+            declared = mesh_counts(path)  # the header's element counts
+            want_v, want_f = declared[:2] if declared else (0, 0)
+            if want_f == 0 and want_v and not n_faces:
+                return ("no faces: a point cloud, not a triangle mesh (point-cloud collections are read from the "
+                        "ModelNet40 HDF5 layout: README, 'Your own meshes')")
+            if n_vertices < want_v or n_faces < want_f:  # a polygon gives >= 1 triangle: fewer, lines missing
+                return (f"truncated: the header declares {want_v} vertices and {want_f} faces, the file holds "
+                        f"{n_vertices} vertices and {n_faces} triangles")
+        elif ext == ".stl":
+            with open(path, "rb") as fh:
+                head = fh.read(84)
+            size = path.stat().st_size
+            declared = int.from_bytes(head[80:84], "little")
+            if len(head) == 84 and not head.lstrip()[:5].lower() == b"solid" and size < 84 + 50 * declared:
+                return (f"truncated: the binary header declares {declared} triangles ({84 + 50 * declared} bytes), "
+                        f"the file has {size} bytes")
     except OSError:
         return None
-    if ext == ".ply":
-        end = head.find(b"end_header")
-        declared = dict(re.findall(rb"^element[ \t]+(vertex|face)[ \t]+(\d+)", head[: max(end, 0)], flags=re.M))
-        want_v, want_f = int(declared.get(b"vertex", 0)), int(declared.get(b"face", 0))
-        if want_f == 0 and want_v and not n_faces:
-            return ("no faces: a point cloud, not a triangle mesh (point-cloud collections are read from the "
-                    "ModelNet40 HDF5 layout: README, 'Your own meshes')")
-        if n_vertices < want_v or n_faces < want_f:  # a polygon gives >= 1 triangle: fewer means lines missing
-            return (f"truncated: the header declares {want_v} vertices and {want_f} faces, the file holds "
-                    f"{n_vertices} vertices and {n_faces} triangles")
-    elif ext == ".stl" and len(head) >= 84 and not head.lstrip()[:5].lower() == b"solid":
-        declared = int.from_bytes(head[80:84], "little")
-        if size < 84 + 50 * declared:
-            return (f"truncated: the binary header declares {declared} triangles ({84 + 50 * declared} bytes), "
-                    f"the file has {size} bytes")
     return None

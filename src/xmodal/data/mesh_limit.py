@@ -130,6 +130,11 @@ def _obj_counts(path: Path) -> Optional[tuple[int, int, bool]]:
     return v, f, True
 
 
+#: the fewest bytes a vertex and a face take, in text ("0 0 0\n", "3 0 1 2\n") and in binary
+#: (three 1-byte coordinates; a 1-byte count and three 1-byte indices): below them a header's
+#: counts cannot be the file's
+_MIN_BYTES = {True: (6, 8), False: (3, 4)}
+
 _READERS = {".off": _off_counts, ".ply": _ply_counts, ".stl": _stl_counts, ".obj": _obj_counts}
 
 
@@ -251,7 +256,16 @@ class MeshLimit:
 
     def check_file(self, path) -> None:
         """:meth:`check` on the counts :func:`mesh_counts` reads from the file, before it is read
-        (nothing when the format gives no count)."""
+        (nothing when the format gives no count). A header that declares more than the file's
+        size can hold is a truncated (or corrupt) file, not a large mesh: a :class:`MeshError`
+        that says so."""
         counts = mesh_counts(path)
-        if counts is not None:
-            self.check(path, counts[0], counts[1], text=counts[2])
+        if counts is None:
+            return
+        v, f, text = counts
+        per_v, per_f = _MIN_BYTES[bool(text)]
+        least, size = per_v * v + per_f * f, Path(path).stat().st_size
+        if least > size:
+            raise MeshError(path, f"truncated or corrupt: the header declares {v:,} vertices and {f:,} faces, at least "
+                                  f"{least:,} bytes, and the file has {size:,}")
+        self.check(path, v, f, text=text)
