@@ -320,6 +320,22 @@ def test_corrupt_mesh_is_recorded_and_skipped(tmp_path, caplog):
         assert (store.split("train").images(i) > 0).mean() > 0.02
 
 
+def test_a_class_whose_every_object_failed_is_named(tmp_path, caplog):
+    root = tmp_path / "mn"
+    for cls, body in (("good", _cube_off()), ("allbad", "OFF\n8 12 0\n0 0 0\n1 1\n")):
+        (root / cls / "train").mkdir(parents=True)
+        (root / cls / "test").mkdir(parents=True)
+        for i in (1, 2):
+            (root / cls / "train" / f"{cls}_{i}.off").write_text(body)
+        (root / cls / "test" / f"{cls}_9.off").write_text(_cube_off())
+    with caplog.at_level("WARNING", logger="xmodal.data.prepare"):
+        man = prepare(PrepareConfig(source=root, out=tmp_path / "ds", views=2, points=64, image_size=32,
+                                    chunk_size=1, workers=1), progress=False)
+    assert man["classes"] == ["allbad", "good"] and man["counts"] == {"train": 2, "test": 2}
+    assert "no object of class(es) ['allbad'] could be prepared for split 'train' (all 2 failed" in caplog.text
+    assert "for split 'test'" not in caplog.text
+
+
 def test_a_failed_mesh_fixed_since_is_built_by_the_same_command(tmp_path, caplog):
     root = tmp_path / "mn"
     (root / "box" / "train").mkdir(parents=True)

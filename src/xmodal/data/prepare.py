@@ -36,6 +36,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
+import reprlib
 import shutil
 import signal
 import zlib
@@ -880,6 +881,7 @@ def finalize_store(out: Path, plan: dict, *, up_axis: str, part_names: Optional[
     shards: dict[str, list[str]] = {split: [] for split in plan["items"]}
     sizes: dict[str, list[int]] = {split: [] for split in plan["items"]}
     failed: list[dict] = []
+    failed_ids: set[tuple[str, str]] = set()
     for split, c in chunks:
         rel = shard_relpath(split, c)
         path = out / rel
@@ -892,7 +894,9 @@ def finalize_store(out: Path, plan: dict, *, up_axis: str, part_names: Optional[
         shards[split].append(rel)
         fpath = out / failed_relpath(split, c)
         if fpath.is_file():
-            failed.extend({k: v for k, v in rec.items() if k != RETRY_KEY} for rec in read_json(fpath))
+            recs = read_json(fpath)
+            failed.extend({k: v for k, v in rec.items() if k != RETRY_KEY} for rec in recs)
+            failed_ids.update((split, rec.get("id")) for rec in recs)
     contents = StoreContents(
         views=s["effective_views"], points=s["points"], image_size=s["image_size"], grayscale=s["grayscale"],
         up_axis=up_axis, part_names=part_names,
@@ -913,4 +917,20 @@ def finalize_store(out: Path, plan: dict, *, up_axis: str, part_names: Optional[
     if failed:
         log.warning("%d of %d objects failed; see %s", len(failed), sum(map(sum, sizes.values())) + len(failed),
                     out / MANIFEST_NAME)
+        _warn_emptied_classes(plan, failed_ids)
     return manifest
+
+
+def _warn_emptied_classes(plan: dict, gone: set[tuple[str, str]]) -> None:
+    """Name the classes that failures (``(split, id)``) left without an object in a split (all
+    their training objects, or all their test objects, failed): they stay classes of the store."""
+    for split, recs in plan["items"].items():
+        total: dict[str, int] = {}
+        left: dict[str, int] = {}
+        for r in recs:
+            total[r["label"]] = total.get(r["label"], 0) + 1
+            left[r["label"]] = left.get(r["label"], 0) + ((split, r["id"]) not in gone)
+        emptied = sorted(c for c, n in left.items() if n == 0)
+        if emptied:
+            log.warning("no object of class(es) %s could be prepared for split '%s' (all %s failed; they stay "
+                        "classes of the store)", reprlib.repr(emptied), split, "/".join(str(total[c]) for c in emptied))
