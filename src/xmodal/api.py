@@ -408,7 +408,9 @@ def extract_point_features(encoder: nn.Module, points, *, batch_size: int = 32, 
     """Global point-cloud features: points ``(n, N, 3)`` float -> ``(n, D)`` float32.
 
     Batched, in eval mode under ``torch.inference_mode`` (train flag restored afterwards);
-    device: where to run (default: the encoder's device; the encoder is moved there).
+    device: where to run (default: the encoder's device; the encoder is moved there). Memory
+    grows with ``batch_size * N**2`` (DGCNN's kNN distances) and ``batch_size * N * k`` (its edge
+    features): for clouds of many thousand points, lower ``batch_size``.
 
     The encoders are trained on clouds centred on their mean with their farthest point at
     distance 1, as ``xmodal prepare`` stores them, and oriented with the dataset's up axis
