@@ -276,7 +276,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--run", required=True, type=Path, help="run folder written by 'xmodal pretrain'")
     p.add_argument("--data", type=Path, help="dataset folder (or a ModelNet40 HDF5 folder, 3D tasks only); "
                    "required unless '--task partseg --partseg-data D' is the one task")
-    p.add_argument("--task", action="append", choices=EVAL_TASKS, help="task to run; repeat for several (default: all)")
+    p.add_argument("--task", action="append", choices=EVAL_TASKS,
+                   help="task to run; repeat for several (default: all): pretext = Table 1, svm = Table 2, "
+                   "retrieval = Table 3, partseg = Table 4, tsne = Fig. 3; fewshot and crossmodal beyond the paper")
     p.add_argument("--out", required=True, type=Path, help="report folder to write")
     p.add_argument("--baseline", choices=("random",), default=None, help="also evaluate the same networks at random initialisation")
     p.add_argument("--baseline-seed", type=int, default=None,
@@ -293,6 +295,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--redo", action="store_true",
                    help="evaluate again the tasks OUT/metrics.json already holds for this run, data, seed and settings "
                    "(default: keep them; an interrupted evaluation re-run with the same command does only the rest)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the report in OUT when it is another evaluation (another run, data or seed; "
+                   "default: refused)")
     _add_config_args(p, "EvaluateConfig: e.g. svm.cs=[0.01,0.1] retrieval.ks=[1,10] fewshot.episodes=5 partseg.lr=0.001")
     p.set_defaults(handler=_run_evaluate)
 
@@ -311,6 +316,8 @@ def _run_evaluate(args) -> int:
         flags["tasks"] = args.task
     if args.redo:
         flags["redo"] = True
+    if args.overwrite:
+        flags["overwrite"] = True
     flags["partseg"] = {_PARTSEG_FLAGS[k]: v for k, v in _given(args, tuple(_PARTSEG_FLAGS)).items()}
     cfg = _resolve(EvaluateConfig, flags, args.overrides)
     if args.print_config:

@@ -210,6 +210,9 @@ class EvaluateConfig:
     #: evaluate again the tasks ``out/metrics.json`` already holds for the same run, data, seed
     #: and task settings (false: they are kept, not recomputed; see :mod:`xmodal.eval.resume`)
     redo: bool = False
+    #: replace what ``out`` holds when it is another evaluation (another run, data or seed), its
+    #: figures and logs removed (false: such a folder is refused, nothing written)
+    overwrite: bool = False
     svm: SvmConfig = field(default_factory=SvmConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)

@@ -43,12 +43,13 @@ from typing import Any, Iterable, Optional
 import torch
 
 from xmodal import __version__
+from xmodal.errors import OutputExistsError
 from xmodal.eval.context import BASELINE_PREFIX
 from xmodal.eval.tasks import TASK_NAMES, EvalTask
 from xmodal.utils.io import read_json, write_json
 
 __all__ = ["IDENTITY_KEYS", "weights_digest", "data_digest", "task_fingerprint", "MetricsBook",
-           "baseline_seed_in_effect", "settings_differing"]
+           "baseline_seed_in_effect", "settings_differing", "claim_report_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 IDENTITY_KEYS = ("meta.run", "meta.data", "meta.seed")
 _NETWORKS = ("image_encoder", "point_encoder", "pair_classifier")
 #: the ``meta.*`` keys that describe the data (None from a call that reads none)
-_DATA_META = ("meta.data", "meta.dataset")
+_DATA_META = ("meta.data", "meta.dataset", "meta.data_notes")
 
 
 def _plain(value: Any) -> Any:
@@ -156,6 +157,36 @@ def _same(key: str, old: Any, new: Any) -> bool:
     if key in ("meta.run", "meta.data") and isinstance(old, str) and isinstance(new, str):
         return os.path.realpath(old) == os.path.realpath(new)
     return False
+
+
+def claim_report_folder(path: Path, identity: dict, *, overwrite: bool) -> None:
+    """Make sure the report folder of ``path`` (its ``metrics.json``) may take this evaluation
+    (``identity``: its :data:`IDENTITY_KEYS`): a folder holding another evaluation (another run,
+    data or seed) is refused, unless ``overwrite``, in which case that evaluation's files are
+    removed (``metrics.json``, ``report.md``, the figures it lists, the part-segmentation logs),
+    so none of its figures stay beside the new ones. Files it did not write are left alone.
+
+    Raises:
+        OutputExistsError: the folder holds another evaluation and ``overwrite`` is false.
+    """
+    try:
+        old = read_json(path) if path.is_file() else None
+    except ValueError:
+        return  # damaged: MetricsBook replaces it, with a warning
+    if not isinstance(old, dict) or all(_same(k, old.get(k), identity[k]) for k in IDENTITY_KEYS):
+        return
+    differ = "; ".join(f"{k.removeprefix('meta.')}: {old.get(k)!r} there, {identity[k]!r} here"
+                       for k in IDENTITY_KEYS if not _same(k, old.get(k), identity[k]))
+    folder = path.parent
+    if not overwrite:
+        raise OutputExistsError(f"holds the report of another evaluation ({differ})", path=folder,
+                                hint="choose another --out, or pass --overwrite to replace that report")
+    figures = [folder / str(name) for name in (old.get("meta.figures") or {}).values()]
+    logs = sorted((folder / "partseg").glob("partseg_*.jsonl"))
+    for f in [path, folder / "report.md", *figures, *logs]:
+        if f.is_file() and f.resolve().parent in (folder.resolve(), (folder / "partseg").resolve()):
+            f.unlink()
+    log.warning("%s: the report of another evaluation (%s) is replaced (--overwrite)", folder, differ)
 
 
 class MetricsBook:
@@ -302,7 +333,8 @@ def settings_differing(metrics: dict) -> dict[str, dict]:
     task evaluated before that record existed is not listed (its settings are unknown)."""
     stated = {"views": metrics.get("meta.views_used"), "point_subsets": metrics.get("meta.point_subsets"),
               "baseline_seed": baseline_seed_in_effect(metrics), "weights": metrics.get("meta.weights"),
-              "svm_Cs": metrics.get("meta.svm_Cs"), "svm_solver": metrics.get("meta.svm_solver")}
+              "svm_Cs": metrics.get("meta.svm_Cs"), "svm_solver": metrics.get("meta.svm_solver"),
+              "fewshot_query": metrics.get("meta.fewshot_query"), "fewshot_episodes": metrics.get("meta.fewshot_episodes")}
     mixed_seeds = stated["baseline_seed"] is None
     done = metrics.get("meta.tasks_done") or {}
     out = {}
