@@ -218,9 +218,19 @@ def test_tasks_run_one_at_a_time_are_merged(points_store, run_dir, tmp_path, loa
     setup = (out / "report.md").read_text()
     assert "**SVM (Table 2)**" in setup and "**retrieval (Table 3)**" in setup
     assert "**pretext (Table 1)**" not in setup and "**few-shot**" not in setup  # only the protocols of tasks run
-    # another seed is another evaluation: it replaces the file
-    m = evaluate(replace(cfg, tasks=["retrieval"], seed=1), loaded=loaded, progress=False)
-    assert "svm3d.accuracy" not in m
+    # another seed is another evaluation: refused before anything is written, replaced on request
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(FileExistsError, match=r"holds the report of another evaluation \(seed: 0 there, 1 here\)") as e:
+        evaluate(replace(cfg, tasks=["retrieval"], seed=1), loaded=loaded, progress=False)
+    assert "--overwrite" in e.value.hint
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    (out / "tsne.png").write_bytes(b"a figure of the old evaluation")
+    (out / "notes.txt").write_text("the user's own file")
+    old = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").write_text(json.dumps({**old, "meta.figures": {"t-SNE": "tsne.png"}}))
+    m = evaluate(replace(cfg, tasks=["retrieval"], seed=1, overwrite=True), loaded=loaded, progress=False)
+    assert "svm3d.accuracy" not in m and m["meta.seed"] == 1
+    assert not (out / "tsne.png").exists() and (out / "notes.txt").read_text() == "the user's own file"
 
 
 def test_resolve_tasks():
@@ -277,8 +287,8 @@ def test_report_table4_face_accuracy_and_one_shape_per_category():
     lines = render_report(metrics).splitlines()
     header = next(line for line in lines if line.startswith("| setting | training data"))
     assert "| instance mIoU | face acc. | paper row |" in header
-    assert "| scratch | 2% † | 50.0 | 40.0 | 45.0 | 61.2 | Supervised |" in "\n".join(lines)
-    assert "| scratch | 100% | 80.0 | 70.0 | 75.0 | 83.4 | Supervised |" in "\n".join(lines)
+    assert "| scratch | 2% (19 shapes) † | 50.0 | 40.0 | 45.0 | 61.2 | Supervised |" in "\n".join(lines)
+    assert "| scratch | 100% (95 shapes) | 80.0 | 70.0 | 75.0 | 83.4 | Supervised |" in "\n".join(lines)
     note = next(line for line in lines if line.startswith("† 2%"))
     assert "one shape" in note and "19 training shapes" in note
     assert not any(line.startswith("† 100%") for line in lines)
@@ -301,11 +311,38 @@ def test_report_table4_keeps_fractions_below_one_percent_and_between_whole_perce
     metrics.update({"partseg.0.5.n_train": 3, "partseg.0.5.one_per_category": True})
     lines = render_report(metrics).splitlines()
     rows = {line.split("|")[2].strip(): line for line in lines if line.startswith("| scratch |")}
-    assert set(rows) == {"0.5% †", "2.5%", "2%"}
-    for label in ("0.5% †", "2.5%"):  # no paper figures: three dashes, and the Δ column's
+    assert set(rows) == {"0.5% (3 shapes) †", "2.5%", "2%"}
+    for label in ("0.5% (3 shapes) †", "2.5%"):  # no paper figures: three dashes, and the Δ column's
         assert "| 50.0 | 40.0 | 45.0 | Supervised |" in rows[label] and rows[label].count(DASH) == 4
     assert rows["2%"].count(DASH) == 1  # the paper's 2 % figures filled in
     assert any(line.startswith("† 0.5% of the train split") and "3 training shapes" in line for line in lines)
+
+
+def test_report_states_the_settings_each_kept_figure_was_made_under():
+    """Few-shot and part-segmentation settings are read from the task's own record, not the
+    latest call's; the pretext view pool and the data's adaptation to the run are stated."""
+    metrics = {
+        "fewshot3d.5way10shot.mean": 0.8, "pretext.cm_accuracy": 0.7, "pretext.num_pairs": 40,
+        "pretext.view_pool": 12,
+        "partseg.scratch.100.oa": 0.8, "partseg.scratch.100.class_miou": 0.7,
+        "partseg.scratch.100.instance_miou": 0.75, "partseg.100.n_train": 42,
+        "meta.fewshot_query": 20, "meta.fewshot_episodes": 10,  # the latest call's, which evaluated neither
+        "meta.tasks_done": {"fewshot": "f", "partseg": "p"},
+        "meta.tasks_settings": {
+            "fewshot": {"fewshot_query": 3, "fewshot_episodes": 2},
+            "partseg": {"partseg": {"epochs": 1, "batch_size": 16, "lr": 0.003, "step_epochs": 20, "gamma": 0.1,
+                                    "num_points": 256, "augment": True, "finetune_point_bn": "train"}},
+        },
+        "meta.data_notes": ["images are 32 px but the run was trained on 64 px; they are resized to the run's size"],
+    }
+    text = render_report(metrics)
+    assert "3 queries per class (fewer if unavailable), 2 episodes" in text
+    assert "**part segmentation (Table 4)**: 1 epochs of Adam, batch 16, lr 0.003 (x0.1 every 20 epochs), " \
+           "256 points per shape" in text
+    assert "pool of 12 seeded random stored views" in text
+    assert "**data adapted to the run**: images are 32 px but the run was trained on 64 px" in text
+    # the few-shot settings kept from an earlier call are listed as differing from the latest call's
+    assert "`fewshot`: queries per class 3, episodes 2" in text
 
 
 def test_encoders_of_a_run_extended_and_unfinished_are_named_so(tmp_path):

@@ -187,6 +187,8 @@ def _section_setup(m: ReportMetrics, figures: Mapping[str, str]) -> list[str]:
     if req is not None:
         item("views v (2D tasks)", f"requested {list(req)}, used {list(used or [])} (capped at the dataset's stored views)")
     item("3D features", _point_features_text(meta))
+    notes = meta.get("data_notes") or []
+    item("data adapted to the run", "; ".join(notes) if notes else None)
     item(
         "2D features",
         "each object's feature is the max-pool of the Fimg features of v seeded-random distinct stored views "
@@ -238,14 +240,29 @@ def _setup_task_protocols(m: ReportMetrics, meta: Mapping[str, Any]) -> list[str
         item(
             "pretext (Table 1)",
             f"{m.get('pretext.num_pairs') or '?'} pairs of each kind from the test split, half positive, "
-            "half negative; views drawn from each object's cached random views",
+            "half negative; views drawn from a pool of "
+            f"{m.get('pretext.view_pool') or '?'} seeded random stored views of each object (the largest v "
+            "asked for: the figures change with it)",
         )
+    kept = meta.get("tasks_settings") or {}
     if m.has("fewshot"):
+        fs = {**{k: meta.get(k) for k in ("fewshot_query", "fewshot_episodes")}, **kept.get("fewshot", {})}
         item(
             "few-shot",
             "episodes drawn from the test split (as CrossPoint); support and query disjoint; "
-            f"{meta.get('fewshot_query', '?')} queries per class (fewer if unavailable), "
-            f"{meta.get('fewshot_episodes', '?')} episodes, linear SVM with C = 1",
+            f"{fs.get('fewshot_query') or '?'} queries per class (fewer if unavailable), "
+            f"{fs.get('fewshot_episodes') or '?'} episodes, linear SVM with C = 1",
+        )
+    ps = kept.get("partseg", {}).get("partseg")
+    if m.has("partseg.") and ps:
+        item(
+            "part segmentation (Table 4)",
+            f"{ps['epochs']} epochs of Adam, batch {ps['batch_size']}, lr {ps['lr']:g} (x{ps['gamma']:g} every "
+            f"{ps['step_epochs']} epochs), "
+            + (f"{ps['num_points']} points per shape" if ps.get("num_points") else "the data's points per shape")
+            + (", DGCNN's scaling and translation of the training clouds" if ps.get("augment") else "")
+            + f"; the test split scored after the last epoch (no checkpoint chosen); finetune's BatchNorm: "
+            f"{ps.get('finetune_point_bn', '?')}",
         )
     if m.get("crossmodal.gallery_size") is not None:
         item(
@@ -270,7 +287,8 @@ def _weights_text(meta: Mapping[str, Any]) -> Optional[str]:
 
 #: how the report names the per-task settings of ``meta.tasks_settings``
 _SETTING_NAMES = {"views": "views", "point_subsets": "point subsets", "baseline_seed": "baseline seed",
-                  "weights": "weights", "svm_Cs": "SVM C grid", "svm_solver": "SVM solver"}
+                  "weights": "weights", "svm_Cs": "SVM C grid", "svm_solver": "SVM solver",
+                  "fewshot_query": "queries per class", "fewshot_episodes": "episodes"}
 
 
 def _other_settings_lines(metrics: Mapping[str, Any]) -> list[str]:
@@ -480,6 +498,11 @@ def _one_per_category_notes(m: ReportMetrics) -> dict[str, str]:
     return notes
 
 
+def _shapes(n: Any) -> str:
+    """`` (14 shapes)``: how many training shapes a fraction gave (small fractions round up)."""
+    return f" ({n} shapes)" if isinstance(n, int) else ""
+
+
 def section_table4(m: ReportMetrics) -> list[str]:
     lines = ["## Table 4 — 3D part segmentation (ShapeNet-Part protocol)", ""]
     pat = re.compile(r"^partseg\.([^.]+)\." + _PCT + r"\.(oa|class_miou|instance_miou|face_accuracy)$")
@@ -519,7 +542,7 @@ def section_table4(m: ReportMetrics) -> list[str]:
         paper = P.TABLE4.get(paper_pct, {}).get(row_name) if row_name else None
         scratch = found.get(("scratch", pct), {}).get("instance_miou")
         rows.append(
-            [setting, _percent_label(pct) + (" †" if pct in notes else "")]
+            [setting, _percent_label(pct) + _shapes(m.get(f"partseg.{pct}.n_train")) + (" †" if pct in notes else "")]
             + [_pct(vals.get(k)) for k in ("oa", "class_miou", "instance_miou") + (("face_accuracy",) if faces else ())]
             + [row_name or DASH]
             + ([_paper(x) for x in paper] if paper else [DASH] * 3)

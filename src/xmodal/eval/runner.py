@@ -50,7 +50,15 @@ from xmodal.eval.config import EvaluateConfig
 from xmodal.eval.context import BASELINE_PREFIX, NO_IMAGES, TEST, EvalContext, TaskStopped
 from xmodal.eval.features import FeatureCache, clouds_subsampled, effective_views
 from xmodal.eval.report import write_report
-from xmodal.eval.resume import MetricsBook, data_digest, settings_differing, task_fingerprint, weights_digest
+from xmodal.eval.resume import (
+    IDENTITY_KEYS,
+    MetricsBook,
+    claim_report_folder,
+    data_digest,
+    settings_differing,
+    task_fingerprint,
+    weights_digest,
+)
 from xmodal.eval.tasks import EvalTask, get_task, resolve_tasks
 from xmodal.utils.device import default_device
 from xmodal.utils.lock import output_lock
@@ -116,25 +124,26 @@ def _open_store(cfg: EvaluateConfig, loaded):
     store = open_dataset(cfg.data)
     if TEST not in store.splits:
         raise DataError(f"the dataset has no '{TEST}' split (splits: {store.splits})", path=cfg.data)
-    if store.has_images and getattr(loaded, "image_size", None) not in (None, store.image_size):
-        log.warning(
-            "%s: images are %s px but the run was trained on %s px; they are resized to the run's size",
-            cfg.data, store.image_size, loaded.image_size,
-        )
     return store
 
 
-def _warn_point_count(cfg: EvaluateConfig, store, loaded, subsets: int) -> None:
-    """Say how clouds of another size than the run trained on are encoded (``subsets``: the
-    point subsets in effect, :func:`_point_subsets`); nothing where no task reads ``data``."""
+def _data_notes(cfg: EvaluateConfig, store, loaded, subsets: int) -> list[str]:
+    """How the data is adapted to the run (images of another size, clouds of another size; logged
+    as warnings and stated in the report's setup); ``subsets``: the point subsets in effect,
+    :func:`_point_subsets`. None where no task reads ``data``."""
+    if not cfg.reads_data():
+        return []
+    notes = []
+    if store.has_images and getattr(loaded, "image_size", None) not in (None, store.image_size):
+        notes.append(f"images are {store.image_size} px but the run was trained on {loaded.image_size} px; "
+                     "they are resized to the run's size")
     run_points = getattr(loaded, "num_points", None)
-    if not cfg.reads_data() or run_points is None or store.num_points == run_points:
-        return
-    what = ((f"a seeded subset of {run_points} points of each cloud is used" if subsets == 1 else
-             f"each cloud's 3D feature is the mean over {subsets} seeded subsets of {run_points} points")
-            if store.num_points > run_points else "the clouds are used as they are (fewer points than trained on)")
-    log.warning("%s: clouds have %d points but the run was trained on %d; %s",
-                cfg.data, store.num_points, run_points, what)
+    if run_points is not None and store.num_points != run_points:
+        what = ((f"a seeded subset of {run_points} points of each cloud is used" if subsets == 1 else
+                 f"each cloud's 3D feature is the mean over {subsets} seeded subsets of {run_points} points")
+                if store.num_points > run_points else "the clouds are used as they are (fewer points than trained on)")
+        notes.append(f"clouds have {store.num_points} points but the run was trained on {run_points}; {what}")
+    return notes
 
 
 def _curves_figure(run_dir: Path, out: Path) -> dict:
@@ -285,12 +294,16 @@ class _Evaluation:
         self.store = _open_store(cfg, loaded)
         self.views = effective_views(cfg.views, self.store.views if self.store.has_images else 0)
         self.point_subsets = _point_subsets(cfg, self.store, loaded)
-        _warn_point_count(cfg, self.store, loaded, self.point_subsets)
+        self.data_notes = _data_notes(cfg, self.store, loaded, self.point_subsets)
+        for note in self.data_notes:
+            log.warning("%s: %s", cfg.data, note)
         if self.point_subsets != cfg.point_subsets and cfg.reads_data():
             log.warning("point_subsets=%d has no effect: the clouds of %s have no more points (%d) than the run "
                         "trained on, so each is encoded whole, once", cfg.point_subsets, cfg.data, self.store.num_points)
         if cfg.baseline_seed is not None and cfg.baseline != "random":
             log.warning("baseline_seed=%d has no effect without baseline=random", cfg.baseline_seed)
+        identity = _meta(cfg, self.store, loaded, views=self.views, point_subsets=self.point_subsets, device=self.device)
+        claim_report_folder(self.out / METRICS_NAME, {k: identity[k] for k in IDENTITY_KEYS}, overwrite=cfg.overwrite)
         save_config(cfg, self.out / CONFIG_NAME)
         self.weights = weights_digest(loaded)
         self.weights_meta = _weights_meta(loaded, self.weights)
@@ -311,8 +324,9 @@ class _Evaluation:
         return merged
 
     def _meta(self) -> dict:
-        return _meta(self.cfg, self.store, self.loaded, views=self.views, point_subsets=self.point_subsets,
+        meta = _meta(self.cfg, self.store, self.loaded, views=self.views, point_subsets=self.point_subsets,
                      device=self.device, weights_meta=self.weights_meta)
+        return {**meta, "meta.data_notes": list(self.data_notes)}
 
     def _write(self, *, report: bool = False) -> dict:
         merged = self.book.write(self._meta())
@@ -398,6 +412,14 @@ class _Evaluation:
         if "svm" in task.options:
             settings["svm_Cs"] = [float(c) for c in self.cfg.svm.cs]
             settings["svm_solver"] = self.cfg.svm.solver
+        if "fewshot" in task.options:
+            settings["fewshot_query"] = int(self.cfg.fewshot.query)
+            settings["fewshot_episodes"] = int(self.cfg.fewshot.episodes)
+        if "partseg" in task.options:
+            p = self.cfg.partseg
+            settings["partseg"] = {"epochs": p.epochs, "batch_size": p.batch_size, "lr": p.lr,
+                                   "step_epochs": p.step_epochs, "gamma": p.gamma, "num_points": p.num_points,
+                                   "augment": p.augment, "finetune_point_bn": p.finetune_point_bn}
         if prefix == BASELINE_PREFIX:
             settings["baseline_seed"] = _baseline_seed(self.cfg, self.loaded)
         else:
