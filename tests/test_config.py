@@ -120,7 +120,8 @@ def test_unknown_key_of_a_preset_names_the_preset_file(tmp_path):
     p.write_text("steps: 5\noptim:\n  lrr: 0.1\n")
     with pytest.raises(ConfigError) as info:
         resolve(Cfg, str(p))
-    assert str(info.value).startswith(f"{p}: unknown config key(s) optim.lrr; valid keys here: optim.lr")
+    assert str(info.value).startswith(f"{p}: unknown config key(s) optim.lrr; did you mean optim.lr? "
+                                      "valid keys here: optim.lr")
     # a mistyped override is the command line's, not the preset's
     p.write_text("steps: 5\n")
     with pytest.raises(ConfigError) as info:
@@ -189,3 +190,38 @@ def test_literal_option_named_like_a_yaml_boolean():
     assert resolve(PretrainConfig, None, ["amp=off"]).amp == "off"
     with pytest.raises(ConfigError, match="amp: True is not one of"):
         resolve(PretrainConfig, None, ["amp=yes"])
+
+
+def test_a_mistyped_key_gets_a_guess():
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) lr; did you mean optim.lr\? valid keys here: name"):
+        from_dict(Cfg, {"lr": 0.5})
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) stpes; did you mean steps\?"):
+        from_dict(Cfg, {"stpes": 5})
+    with pytest.raises(ConfigError) as info:
+        from_dict(Cfg, {"zzz": 5})
+    assert "did you mean" not in str(info.value)
+
+
+def test_a_preset_inherits_a_relative_path_from_beside_itself(tmp_path, monkeypatch):
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / "base.yaml").write_text("steps: 7\nname: base\n")
+    (tmp_path / "u" / "child.yaml").write_text("inherit: base.yaml\nname: child\n")
+    monkeypatch.chdir(tmp_path)  # not the files' folder
+    assert load_preset("pretrain", "u/child.yaml") == {"steps": 7, "name": "child"}
+    (tmp_path / "u" / "orphan.yaml").write_text("inherit: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"u/orphan.yaml: 'inherit: nowhere.yaml': nowhere.yaml: no such preset file"):
+        load_preset("pretrain", "u/orphan.yaml")
+    with pytest.raises(ConfigError, match=r"nofile.yaml: no such preset file"):
+        load_preset("pretrain", "./nofile.yaml")
+
+
+def test_the_presets_mirrored_at_the_top_of_the_repository_are_the_shipped_ones():
+    from pathlib import Path
+
+    from xmodal.config import _preset_dir
+
+    mirror = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+    if not mirror.is_dir():
+        pytest.skip("not a source checkout")
+    shipped = {p.name: p.read_bytes() for p in Path(str(_preset_dir("pretrain"))).glob("*.yaml")}
+    assert shipped and {p.name: p.read_bytes() for p in mirror.glob("*.yaml")} == shipped

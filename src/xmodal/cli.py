@@ -24,6 +24,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from xmodal import __version__
 from xmodal.config import list_presets
 from xmodal.data.prepare_config import PrepareConfig
@@ -377,9 +379,20 @@ def _error_line(command: str, exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, OSError) and not isinstance(exc, XmodalError) and exc.filename is not None:
         text = os_error_text(exc)
-    line = f"xmodal {command}: error: {text}"
+    # a stop the user asked for (SIGINT, SIGTERM) is not an error: the line says what was done
+    line = f"xmodal {command}: {text}" if isinstance(exc, Interrupted) else f"xmodal {command}: error: {text}"
     hint = getattr(exc, "hint", None)
     return line + (f"\n  hint: {hint}" if hint else "")
+
+
+def _continue_hint(args) -> str:
+    """What to run after an interruption at start-up: ``--resume`` only where pretrain has a run to resume."""
+    out = getattr(args, "out", None)
+    if args.command == "pretrain" and not getattr(args, "resume", False):
+        if out is not None and (Path(out) / "config.yaml").is_file():
+            return "run the same command with --resume to continue"
+        return "nothing was trained yet: run the same command to start"
+    return "run the same command again to continue"
 
 
 def _exit_code(exc: BaseException) -> int:
@@ -413,9 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        return int(args.handler(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted; re-run the same command (with --resume for pretrain) to continue", file=sys.stderr)
+        # log lines printed above the progress bars, not glued to the end of a bar's line
+        with logging_redirect_tqdm():
+            return int(args.handler(args) or 0)
+    except KeyboardInterrupt:  # before a command's own stop handling is in place (start-up)
+        print(f"interrupted; {_continue_hint(args)}", file=sys.stderr)
         return 130
     except (XmodalError, OSError) as exc:
         # the user's input or environment (a bad file, a setting, a full disk): one line, with

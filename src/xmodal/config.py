@@ -18,6 +18,7 @@ silently unused. The resolved config is written next to every run
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 import os
@@ -176,11 +177,33 @@ def _refuse_unknown(cls: type, data: dict, prefix: str) -> dict:
     types_ = _field_types(cls)
     unknown = sorted(map(str, set(data) - set(types_)))
     if unknown:
+        guesses = [g for u in unknown for g in _guesses(cls, u, prefix)]
         raise ConfigError(
             f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
-            f"valid keys here: {', '.join(prefix + k for k in types_)}"
+            + (f"did you mean {' or '.join(dict.fromkeys(guesses))}? " if guesses else "")
+            + f"valid keys here: {', '.join(prefix + k for k in types_)}"
         )
     return types_
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of dataclass ``cls``, nested sections included."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        keys.append(prefix + name)
+        if _is_dataclass_type(tp):
+            keys += _all_keys(tp, prefix + name + ".")
+    return keys
+
+
+def _guesses(cls: type, key: str, prefix: str) -> list[str]:
+    """Keys of ``cls`` a mistyped ``key`` may have meant: a nested key ending in it (``lr`` ->
+    ``optim.lr``), else close spellings at this level (``iteratons`` -> ``iterations``)."""
+    keys = _all_keys(cls)
+    nested = [prefix + k for k in keys if k.endswith("." + key)]
+    if nested:
+        return nested
+    return [prefix + k for k in difflib.get_close_matches(key, [k for k in keys if "." not in k], n=2, cutoff=0.75)]
 
 
 def check_keys(cls: type, data: dict | None, *, _prefix: str = "") -> None:
@@ -291,13 +314,25 @@ def load_preset(group: str, name_or_path: str, *, _chain: tuple = ()) -> dict:
         return data
     if not isinstance(parent, str):
         raise ConfigError(f"{src}: '{INHERIT_KEY}' must name a preset, got {parent!r}")
-    return _deep_merge(load_preset(group, parent, _chain=_chain + (name_or_path,)), data)
+    beside = Path(src).parent / parent  # a relative YAML path is the inheriting file's neighbour
+    spec = str(beside) if _is_yaml_path(parent) and not Path(parent).is_absolute() and beside.exists() else parent
+    try:
+        base = load_preset(group, spec, _chain=_chain + (name_or_path,))
+    except ConfigError as exc:
+        raise ConfigError(f"{src}: '{INHERIT_KEY}: {parent}': {exc}") from exc
+    return _deep_merge(base, data)
+
+
+def _is_yaml_path(spec: str) -> bool:
+    return Path(spec).suffix in (".yaml", ".yml")
 
 
 def _preset_source(group: str, name_or_path: str) -> str:
     """The YAML file of a preset: ``name_or_path`` itself when it is one, else the shipped preset."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.exists():
+    if _is_yaml_path(name_or_path):
+        if not p.is_file():
+            raise ConfigError("no such preset file" if not p.exists() else "not a file", path=p)
         return str(p)
     f = _preset_dir(group) / f"{name_or_path}.yaml"
     if not f.is_file():

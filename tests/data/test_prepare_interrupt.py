@@ -73,9 +73,9 @@ def _check_stopped(proc: subprocess.Popen, out: Path, sig: signal.Signals) -> di
     """The job exited with 128 + sig and one line (+ hint), leaving only complete shards; returns them."""
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err
-    assert err.count("error:") == 1 and "Traceback" not in err, err
-    line = next(x for x in err.splitlines() if "error:" in x)
-    assert line.startswith(f"xmodal prepare: error: {out}: stopped by {sig.name}: ") and "of the 14 shards" in line
+    assert "error:" not in err and "Traceback" not in err, err  # a stop asked for is not an error
+    line = next(x for x in err.splitlines() if "stopped by" in x and x.startswith("xmodal prepare:"))
+    assert line.startswith(f"xmodal prepare: {out}: stopped by {sig.name}: ") and "of the 14 shards" in line
     assert "hint: run the same command again to finish" in err
     assert _group_gone(proc.pid), "a worker process outlived the job"
     shards = _shards(out)

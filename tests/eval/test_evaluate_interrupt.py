@@ -75,8 +75,8 @@ def test_sigterm_keeps_the_finished_tasks_and_the_same_command_does_the_rest(dat
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert err.count("error:") == 1 and "Traceback" not in err, err
-    assert (f"xmodal evaluate: error: {out}: stopped by SIGTERM: 2 of 3 task evaluations finished "
+    assert "error:" not in err and "Traceback" not in err, err  # a stop asked for is not an error
+    assert (f"xmodal evaluate: {out}: stopped by SIGTERM: 2 of 3 task evaluations finished "
             "(run: retrieval, run: fewshot); metrics in") in err
     assert "hint: run the same command again to evaluate the rest" in err
     stopped = json.loads((out / "metrics.json").read_text())

@@ -219,11 +219,11 @@ def test_tasks_run_one_at_a_time_are_merged(points_store, run_dir, tmp_path, loa
     assert "**SVM (Table 2)**" in setup and "**retrieval (Table 3)**" in setup
     assert "**pretext (Table 1)**" not in setup and "**few-shot**" not in setup  # only the protocols of tasks run
     # another seed is another evaluation: refused before anything is written, replaced on request
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != LOCK_NAME}
     with pytest.raises(FileExistsError, match=r"holds the report of another evaluation \(seed: 0 there, 1 here\)") as e:
         evaluate(replace(cfg, tasks=["retrieval"], seed=1), loaded=loaded, progress=False)
     assert "--overwrite" in e.value.hint
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != LOCK_NAME} == before
     (out / "tsne.png").write_bytes(b"a figure of the old evaluation")
     (out / "notes.txt").write_text("the user's own file")
     old = json.loads((out / "metrics.json").read_text())
@@ -372,7 +372,8 @@ def test_partseg_runs_on_a_part_labelled_store(tmp_path, run_dir, loaded):
     for k in ("oa", "class_miou", "instance_miou"):
         assert 0.0 <= m[f"partseg.frozen.100.{k}"] <= 1.0
     report = (tmp_path / "r" / "report.md").read_text()
-    assert "| frozen | 100% |" in report and "CM-CV-Frozen" in report
+    assert f"| frozen | 100% ({m['partseg.100.n_train']} shapes) |" in report and "CM-CV-Frozen" in report
+    assert "**part segmentation (Table 4)**: 1 epochs of Adam, batch 4, lr 0.003" in report
 
 
 def test_registry_prefixes_cover_every_key_a_task_writes(image_store, run_dir, tmp_path, loaded, monkeypatch):

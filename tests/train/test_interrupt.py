@@ -69,8 +69,8 @@ def _stop(data, out, sig):
     proc = _start_and_wait(_cmd(data, out), out)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert err.count("error:") == 1 and "Traceback" not in err, err
-    assert f"stopped by {signal.Signals(sig).name} after step" in err and "--resume" in err
+    assert "error:" not in err and "Traceback" not in err, err  # a stop asked for is not an error
+    assert f"xmodal pretrain: {out}: stopped by {signal.Signals(sig).name} after step" in err and "--resume" in err
     stopped = int(err.split("after step ")[1].split()[0])
     assert 3 <= stopped < ITERS
     assert load_checkpoint(out).step == stopped and not (out / "encoders.safetensors").exists()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import xmodal.train.step
-from xmodal.config import ConfigError, load_config, resolve
+from xmodal.config import ConfigError, load_config, resolve, save_config
 from xmodal.data.store import write_store
 from xmodal.train.checkpoint import checkpoint_paths, load_checkpoint
 from xmodal.train.config import PretrainConfig
@@ -400,6 +400,26 @@ def test_resume_of_a_folder_without_a_run_is_refused_and_writes_nothing(data, tm
     with pytest.raises(FileNotFoundError, match="no run to resume here"):
         pretrain(_cfg().with_paths(data, out), resume=True, progress=False)
     assert sorted(p.name for p in out.iterdir() if p.name != ".xmodal.lock") == ["notes.txt"]
+
+
+def test_resuming_a_run_stopped_before_its_first_checkpoint_says_it_starts_over(data, tmp_path, caplog):
+    out = tmp_path / "early"
+    cfg = _cfg("iterations=2").with_paths(data, out)
+    out.mkdir()
+    save_config(cfg, out / "config.yaml")  # what a run stopped during its first steps leaves
+    with caplog.at_level("WARNING", logger="xmodal.train.rundir"):
+        pretrain(cfg, resume=True, progress=False)
+    assert "no checkpoint yet" in caplog.text and "starts from step 0" in caplog.text
+    assert (out / "encoders.safetensors").is_file()
+
+
+def test_a_run_folder_in_the_dataset_folder_is_refused_and_writes_nothing(data):
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    for out, what in ((data, "is the dataset folder"), (data / "runs" / "r", "is inside the dataset folder")):
+        with pytest.raises(ConfigError, match=what) as info:
+            pretrain(_cfg("iterations=1").with_paths(data, out), progress=False)
+        assert "outside the dataset" in info.value.hint
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
 
 
 def test_data_that_does_not_fit_the_settings_writes_nothing(data, tmp_path):

@@ -89,6 +89,19 @@ def test_validator_scores_both_modalities(data):
     assert "val.svm2d" not in no_img(net, DistContext().device, image_size=32)
 
 
+def test_too_few_held_out_objects_per_class_are_warned_about(data, caplog):
+    split = open_dataset(data).split("train")  # 24 objects, 2 classes
+    for fraction, said in ((0.05, "one per class"), (0.25, "a median of 3 per class"), (0.5, None)):
+        caplog.clear()
+        _, va = holdout_split(split.labels, fraction, seed=0)
+        with caplog.at_level("WARNING", logger="xmodal.train.validation"):
+            Validator(split, va, ValConfig(every=1, views=0), num_points=64, seed=0)
+        if said is None:
+            assert caplog.text == ""
+        else:
+            assert f"holds out {len(va)} of the 24 training objects" in caplog.text and said in caplog.text
+
+
 def test_pretrain_with_validation_logs_a_curve_and_never_trains_on_held_out(data, tmp_path, monkeypatch):
     seen = set()
     real_plan = PretrainBatches.plan

@@ -108,7 +108,9 @@ def check_run_dir(out: Path, cfg: PretrainConfig, resume: bool) -> Optional[Chec
             path=saved_cfg,
         )
     ckpt = load_checkpoint(out)
-    if ckpt is not None:
+    if ckpt is None:
+        log.warning("%s: no checkpoint yet (the run stopped before its first): resuming starts from step 0", out)
+    else:
         h = ckpt.state.get("config_hash")
         if h is not None and h != config_hash(cfg):
             raise ConfigError(f"was written with another config (hash {h} != {config_hash(cfg)})", path=ckpt.path)

@@ -35,13 +35,17 @@ def is_val_record(record: dict) -> bool:
     return any(k.startswith("val.") for k in record)
 
 
-def _tensorboard(out: Path):
+def _tensorboard(out: Path, start: int = 0):
+    """A writer of ``RUN/tb/`` events (None where TensorBoard is not installed). A run resumed at
+    step ``start`` hides the events an earlier leg wrote after that step (it stopped after its last
+    checkpoint), so every step appears once, as in ``metrics.jsonl``."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception as exc:  # tensorboard is optional: never required
-        log.debug("TensorBoard logging off (%s)", exc)
+        log.info("TensorBoard logging off (%s: install xmodal[tensorboard] for RUN/tb/ events); metrics.jsonl "
+                 "holds the same records", type(exc).__name__)
         return None
-    return SummaryWriter(log_dir=str(out / "tb"))
+    return SummaryWriter(log_dir=str(out / "tb"), purge_step=start + 1 if start > 0 else None)
 
 
 class RunLog:
@@ -69,7 +73,7 @@ class RunLog:
         self.last: Optional[dict] = None
         self.paused = 0.0
         self.t0 = self.t_window = time.perf_counter()
-        self.tb = _tensorboard(out) if (writer and start < total) else None
+        self.tb = _tensorboard(out, start) if (writer and start < total) else None
         self.bar = None
         if writer and progress:
             from tqdm.auto import tqdm

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from xmodal.config import to_dict
 from xmodal.data.datasets import open_dataset
 from xmodal.data.store import ShapeStore
-from xmodal.errors import DataError, Interrupted, TrainingDiverged
+from xmodal.errors import ConfigError, DataError, Interrupted, TrainingDiverged
 from xmodal.models.dgcnn import edgeconv_kind
 from xmodal.train.averaging import WeightAverage, is_sample_step
 from xmodal.train.checkpoint import architecture_from_config, checkpoint_paths, restore_checkpoint, save_checkpoint, save_encoders
@@ -104,6 +104,8 @@ def pretrain(cfg: PretrainConfig, *, store: Optional[ShapeStore] = None, resume:
     if resume:  # checked before the lock creates the folder
         check_resumable(out)
     cfg.require_paths(data=store is None)
+    if store is None:
+        _check_out_outside_data(out, Path(cfg.data.path))
     ctx = init_distributed(cfg.device)
     data = store if store is not None else open_dataset(cfg.data.path)
     lock = output_lock(out, "pretrain") if ctx.is_main else contextlib.nullcontext()
@@ -115,6 +117,15 @@ def pretrain(cfg: PretrainConfig, *, store: Optional[ShapeStore] = None, resume:
         if store is None:
             data.close()
         cleanup_distributed(ctx)
+
+
+def _check_out_outside_data(out: Path, data: Path) -> None:
+    """Refuse a run folder that is the dataset's folder or inside it (the run's files would mix with
+    the dataset's, and a later ``prepare --overwrite`` would delete the run)."""
+    o, d = out.expanduser().resolve(), data.expanduser().resolve()
+    if o == d or d in o.parents:
+        raise ConfigError(f"is {'the dataset folder' if o == d else 'inside the dataset folder'} {data}", path=out,
+                          hint="choose an --out outside the dataset")
 
 
 class _Trainer:

@@ -66,6 +66,23 @@ def cv_svm_accuracy(feats: np.ndarray, labels: np.ndarray, *, folds: int = 3, se
     return float(search.best_score_)
 
 
+def _warn_small(labels: np.ndarray, n_split: int) -> None:
+    """Warn when the held-out objects are too few per class for the curve to mean much: with one
+    per class the cross-validated SVM and leave-one-out retrieval cannot be computed at all."""
+    if len(labels) == 0:
+        return
+    per_class = np.unique(labels, return_counts=True)[1]
+    share = f"{len(labels)} of the {n_split} training objects ({100 * len(labels) / max(n_split, 1):.0f} %)"
+    if per_class.max() < 2:
+        log.warning("the learning curve holds out %s, one per class (each class gives at least one): its SVM "
+                    "cannot be cross-validated and its retrieval has no same-class match, so the curve will show "
+                    "no SVM and zero retrieval; it needs classes of many more objects", share)
+    elif np.median(per_class) < 5:
+        log.warning("the learning curve holds out %s, a median of %d per class: its figures will move by "
+                    "several points from noise alone; val.fraction or more objects per class make it steadier",
+                    share, int(np.median(per_class)))
+
+
 class Validator:
     """The held-out objects of a run, loaded once, and their scoring.
 
@@ -81,6 +98,7 @@ class Validator:
         self.seed = int(seed)
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = split.labels[self.indices]
+        _warn_small(self.labels, len(split.labels))
         pts = np.stack([np.asarray(split.points(int(i)), dtype=np.float32) for i in self.indices])
         self.points = subsample_points(pts, int(num_points), seed=self.seed)
         self.images = None
