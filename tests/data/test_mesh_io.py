@@ -140,6 +140,8 @@ BROKEN = {
     "zero_area.off": ("OFF\n4 2 0\n0 0 0\n1 1 1\n2 2 2\n3 3 3\n3 0 1 2\n3 1 2 3\n", "zero total surface area"),
     "garbage.off": (np.random.default_rng(0).bytes(512), "not a text OFF file"),
     "not_off.off": ("ply\nformat ascii 1.0\n", "not an OFF file"),
+    "four_d.off": ("4OFF\n1 0 0\n0 0 0 0\n", "'4OFF': an OFF of points in another dimension"),
+    "n_d.off": ("CnOFF\n2\n1 0 0\n0 0\n", "'CnOFF': an OFF of points in another dimension"),
     "empty.off": ("OFF\n\n", "empty OFF file"),
     "bad_vertex.off": ("OFF\n4 4 0\n0 0 0\n1 x 0\n0 1 0\n0 0 1\n" + TETRA_F, "non-numeric vertex data"),
     "short_face.off": ("OFF\n4 1 0\n" + TETRA_V + "4 0 1 2\n", "declares 4 corners"),

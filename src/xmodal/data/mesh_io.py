@@ -41,6 +41,7 @@ MESH_EXTENSIONS = (".off", ".obj", ".ply", ".stl", ".glb", ".gltf")
 # N (normals). 4OFF / nOFF (other dimensions) are not 3D triangle meshes and are refused.
 _OFF_KEYWORD = re.compile(r"\s*(ST)?(C)?(N)?OFF", re.ASCII)
 _LEADING_WORD = re.compile(r"\s*([A-Za-z][A-Za-z0-9]*)", re.ASCII)
+_OTHER_DIMENSION = re.compile(r"\s*((?:ST)?C?N?(?:4|n)OFF)", re.ASCII)
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*(?=\n)")
 
 
@@ -85,8 +86,12 @@ def read_off(path: "str | os.PathLike") -> tuple[np.ndarray, np.ndarray]:
     if m is not None:
         body = text[m.end():]
     else:
+        other = _OTHER_DIMENSION.match(text)
+        if other is not None:
+            raise MeshError(path, f"header keyword {other.group(1)!r}: an OFF of points in another dimension than 3, "
+                                  "not a 3D triangle mesh")
         word = _LEADING_WORD.match(text)
-        if word is not None:  # some other keyword (e.g. "ply", "4OFF", "solid")
+        if word is not None:  # some other keyword (e.g. "ply", "nOFF", "solid")
             raise MeshError(path, f"not an OFF file: header keyword {word.group(1)[:20]!r}")
         body = text  # header-less OFF: the counts come first
 
