@@ -63,7 +63,7 @@ def _render(size: int) -> tuple[np.ndarray, str]:
     mesh = make_shape(CLASSES[0], 0)
     with Renderer(size) as r:
         img = r.render_mesh(mesh, sample_view_angles(2, seed=0))
-        return img, r.ctx.info.get("GL_RENDERER", "?")
+        return img, r.gl_renderer
 
 
 def _render_in_subprocess(size: int, env: dict) -> tuple[np.ndarray, str]:

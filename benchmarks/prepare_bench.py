@@ -230,7 +230,7 @@ def main(argv=None) -> None:
             nf = [len(m.faces) for m in real]
             sets.append((f"ModelNet x{len(real)} ({min(nf)}-{max(nf)} faces)", real))
         with Renderer(args.size) as r:
-            info = r.ctx.info.get("GL_RENDERER", "?")
+            info = r.gl_renderer
             for name, meshes in sets:
                 if "a" not in skip:
                     v = _time_render(r, meshes, args.views, args.objects)

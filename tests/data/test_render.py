@@ -251,6 +251,7 @@ def test_two_renderers_in_one_process_each_draw_their_own_images(renderer):
         np.testing.assert_array_equal(renderer.render_mesh(mesh, ANGLES), alone)
         np.testing.assert_array_equal(rgb.render_mesh(mesh, ANGLES), first)
         assert (first[..., 1] > 0).any() and (first[..., 0] > first[..., 1]).any()
+        assert renderer.gl_renderer == rgb.gl_renderer and renderer.gl_renderer not in ("", "?")
     finally:
         rgb.close()
     np.testing.assert_array_equal(renderer.render_mesh(mesh, ANGLES), alone)

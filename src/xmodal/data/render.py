@@ -448,6 +448,15 @@ class Renderer:
         data[:, :3], data[:, 3:] = p, normals
         return self._draw(data, None, angles, out=out, point_size=float(point_size))
 
+    @property
+    def gl_renderer(self) -> str:
+        """The OpenGL renderer's name (``GL_RENDERER``: "llvmpipe ..." for Mesa's software
+        renderer, the GPU's name otherwise), asked with this renderer's context made current."""
+        if self.ctx is None:
+            raise RuntimeError("Renderer is closed")
+        with self.ctx:
+            return str(self.ctx.info.get("GL_RENDERER", "?"))
+
     def close(self) -> None:
         """Release the GL context and its objects (idempotent)."""
         ctx = getattr(self, "ctx", None)
