@@ -194,6 +194,30 @@ def test_kill_mid_run_then_resume(tiny, tmp_path):
     _assert_same_store(out, tiny)
 
 
+def test_a_test_ratio_counts_only_where_it_moves_objects(tmp_path):
+    """--test-ratio decides which objects are test objects: a source that takes its split from its
+    folders ignores it, so another value resumes the same dataset; where it moves objects, the
+    object list differs and the dataset is refused."""
+    root = tmp_path / "mn"
+    for split, n in (("train", 3), ("test", 1)):
+        (root / "box" / split).mkdir(parents=True)
+        for i in range(n):
+            (root / "box" / split / f"box_{split}{i}.off").write_text(_cube_off())
+    cfg = PrepareConfig(source=root, out=tmp_path / "ds", views=2, points=64, image_size=32, chunk_size=2, workers=1)
+    prepare(cfg, progress=False)
+    shards = {p: p.stat().st_mtime_ns for p in (tmp_path / "ds" / "shards").rglob("*.h5")}
+    prepare(replace(cfg, test_ratio=0.5), progress=False)  # the ModelNet layout's split is its folders'
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ds" / "shards").rglob("*.h5")} == shards
+    plain = tmp_path / "plain"
+    for i in range(6):
+        (plain / "box").mkdir(parents=True, exist_ok=True)
+        (plain / "box" / f"b{i}.off").write_text(_cube_off())
+    cfg2 = replace(cfg, source=plain, out=tmp_path / "ds2")
+    prepare(cfg2, progress=False)
+    with pytest.raises(OutputExistsError, match="object list"):
+        prepare(replace(cfg2, test_ratio=0.5), progress=False)
+
+
 def test_different_settings_refused_unless_overwrite(tiny, tmp_path):
     out = _copy(tiny, tmp_path / "ds")
     with pytest.raises(OutputExistsError, match=r"ds: holds a dataset prepared with other settings \(.*points: 256 -> 128"):

@@ -314,17 +314,20 @@ def _item_record(it: Item) -> dict:
 
 
 def plan_key(plan: dict) -> dict:
-    """What must match for a resume: settings, the source's seed, classes, the object list (not file
-    paths) and the part.
+    """What must match for a resume: settings (but ``test_ratio``: its effect is the object list's),
+    the source's seed, classes, the object list per split (not file paths) and the part.
 
     The source's own seed counts because a generated source (``builtin:shapes?seed=S``) draws other
     shapes under the same ids and labels; for file sources it is the settings' seed, or unused. Its
     up axis counts because one folder can be read by two readers with the same ids (a Labeled PSB
     folder, y-up with part labels, becomes a plain z-up mesh folder once its labels files go).
     """
+    # test_ratio only decides which objects are test objects, and the object list per split is
+    # compared below: so a ratio the source does not use (ModelNet's split folders) changes nothing
+    settings = {k: v for k, v in (plan.get("settings") or {}).items() if k != "test_ratio"}
     return {
         "format_version": plan.get("format_version"),
-        "settings": plan.get("settings"),
+        "settings": settings,
         "source_seed": (plan.get("source") or {}).get("seed"),
         "source_up_axis": (plan.get("source") or {}).get("up_axis"),
         "classes": plan.get("classes"),
