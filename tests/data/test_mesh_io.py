@@ -148,6 +148,8 @@ BROKEN = {
     "mesh.xyz": ("1 2 3\n", "unknown mesh extension"),
     "garbage.ply": (np.random.default_rng(1).bytes(512), "trimesh"),
     "garbage.glb": (b"glTF" + np.random.default_rng(2).bytes(200), "trimesh"),
+    "empty.glb": (b"", "empty file (0 bytes)"),
+    "empty.ply": (b"", "empty file (0 bytes)"),
 }
 
 

@@ -226,6 +226,8 @@ def read_mesh_arrays(path: "str | os.PathLike") -> tuple[np.ndarray, np.ndarray]
         raise MeshError(path, f"unknown mesh extension {ext or '(none)'!r}; supported: {', '.join(MESH_EXTENSIONS)}")
     if not path.is_file():
         raise MeshError(path, "file does not exist" if not path.exists() else "not a regular file")
+    if path.stat().st_size == 0:  # trimesh's readers fail on one with unrelated errors (IndexError...)
+        raise MeshError(path, "empty file (0 bytes)")
     if ext == ".off":
         return read_off(path)
     return _load_with_trimesh(path)
