@@ -275,6 +275,11 @@ def test_colour_images_reach_a_grey_trained_encoder_as_their_luminance(trained, 
         np.testing.assert_array_equal(extract_image_features(run.image_encoder, rgb), grey)
         np.testing.assert_array_equal(extract_image_features(run.image_encoder, torch.from_numpy(rgb)), grey)
     assert "trained on grey renders" in caplog.text
+    # the random-init baseline is fed as the run is
+    rnd = run.at_random_init()
+    assert rnd.grayscale is True
+    np.testing.assert_array_equal(extract_image_features(rnd.image_encoder, rgb),
+                                  extract_image_features(rnd.image_encoder, to_grayscale(rgb)))
     # a run written before encoders.json recorded it: read from run.json; without run.json unknown
     old = tmp_path / "old"
     shutil.copytree(trained, old)

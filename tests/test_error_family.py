@@ -54,6 +54,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("xmodal.data.render", "Renderer.render_points"): "arrays of the wrong shape passed by code",
     ("xmodal.data.render", "Renderer._output"): "an out= buffer of the wrong shape passed by code",
     ("xmodal.data.render", "Renderer._draw"): "rendering after close(): misuse of the object",
+    ("xmodal.data.render", "Renderer.gl_renderer"): "asking a closed renderer: misuse of the object",
     ("xmodal.data.sampling", "sample_surface"): "n from a validated config / code",
     ("xmodal.data.sampling", "_check_points"): "callers check cloud sizes first; prepare records a failure per object",
     ("xmodal.data.sampling", "farthest_point_sampling"): "start index from code; prepare records a failure per object",

@@ -115,10 +115,13 @@ class LoadedRun:
         return self
 
     def at_random_init(self, seed: int = 0, device=None) -> "LoadedRun":
-        """The same networks (this run's config and up axis) at random initialisation, on
-        ``device`` (default: this run's): the random-init baseline of an evaluation."""
-        return random_init_run(self.config, seed=seed, device=self.device if device is None else device,
-                               up_axis=self.up_axis)
+        """The same networks (this run's config, up axis and image colour) at random initialisation,
+        on ``device`` (default: this run's): the random-init baseline of an evaluation, fed as the run is."""
+        rnd = random_init_run(self.config, seed=seed, device=self.device if device is None else device,
+                              up_axis=self.up_axis)
+        rnd.grayscale = self.grayscale
+        setattr(rnd.image_encoder, GRAYSCALE_ATTR, self.grayscale)
+        return rnd
 
 
 def _finish(nets: dict, cfg: PretrainConfig, info: dict, *, source, path, device,

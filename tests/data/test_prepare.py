@@ -206,8 +206,11 @@ def test_a_test_ratio_counts_only_where_it_moves_objects(tmp_path):
     cfg = PrepareConfig(source=root, out=tmp_path / "ds", views=2, points=64, image_size=32, chunk_size=2, workers=1)
     prepare(cfg, progress=False)
     shards = {p: p.stat().st_mtime_ns for p in (tmp_path / "ds" / "shards").rglob("*.h5")}
+    manifest = (tmp_path / "ds" / "manifest.json").read_bytes()
     prepare(replace(cfg, test_ratio=0.5), progress=False)  # the ModelNet layout's split is its folders'
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ds" / "shards").rglob("*.h5")} == shards
+    # the store's record is unchanged (its digest identifies it to evaluations)
+    assert (tmp_path / "ds" / "manifest.json").read_bytes() == manifest
     plain = tmp_path / "plain"
     for i in range(6):
         (plain / "box").mkdir(parents=True, exist_ok=True)

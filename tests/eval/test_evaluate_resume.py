@@ -296,6 +296,27 @@ def test_the_same_run_and_data_spelled_otherwise_continue_the_folder(store, tmp_
     m = evaluate(replace(cfg, run="run", data=os.path.relpath(store, tmp_path)), loaded=loaded, progress=False)
     assert calls == {"fewshot": 1, "retrieval": 1}  # nothing evaluated again
     assert set(m["meta.tasks_done"]) == {"fewshot", "retrieval"}
+    assert m["meta.run"] == str(tmp_path / "run")  # recorded absolute: comparable from any folder
+    # from another working folder, relative spellings of the same run and data continue it too
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    m = evaluate(replace(cfg, run="../run", data=os.path.relpath(store, tmp_path / "elsewhere"), out="../r"),
+                 loaded=loaded, progress=False)
+    assert calls == {"fewshot": 1, "retrieval": 1}
+
+
+def test_a_relative_path_recorded_by_an_earlier_version_does_not_refuse_the_folder(store, tmp_path, loaded, calls,
+                                                                                  monkeypatch):
+    cfg = _cfg(store, tmp_path)
+    evaluate(cfg, loaded=loaded, progress=False)
+    path = tmp_path / "r" / "metrics.json"
+    old = json.loads(path.read_text())
+    path.write_text(json.dumps({**old, "meta.run": "runs/gone"}))  # relative, and names nothing from here
+    evaluate(cfg, loaded=loaded, progress=False)
+    assert calls == {"fewshot": 1, "retrieval": 1}  # the tasks' fingerprints match: kept
+    path.write_text(json.dumps({**old, "meta.run": str(tmp_path / "another")}))  # absolute: another run
+    with pytest.raises(FileExistsError, match="holds the report of another evaluation"):
+        evaluate(cfg, loaded=loaded, progress=False)
 
 
 def test_tasks_of_a_folder_written_before_the_settings_record_get_theirs_when_found_done(store, tmp_path, loaded):

@@ -341,8 +341,8 @@ def test_report_states_the_settings_each_kept_figure_was_made_under():
            "256 points per shape" in text
     assert "pool of 12 seeded random stored views" in text
     assert "**data adapted to the run**: images are 32 px but the run was trained on 64 px" in text
-    # the few-shot settings kept from an earlier call are listed as differing from the latest call's
-    assert "`fewshot`: queries per class 3, episodes 2" in text
+    # stated once, as the figures' own: not also listed as differing from the latest call's
+    assert "evaluated by an earlier call under other settings" not in text
 
 
 def test_encoders_of_a_run_extended_and_unfinished_are_named_so(tmp_path):

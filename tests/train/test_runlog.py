@@ -34,12 +34,14 @@ def test_a_resumed_run_hides_the_events_written_after_its_checkpoint(tmp_path, f
     so TensorBoard must drop the earlier leg's events from step 9 on (metrics.jsonl is cut back)."""
     RunLog(tmp_path, batch_size=2, use_cross_modal=True, progress=False, start=0, total=30)
     RunLog(tmp_path, batch_size=2, use_cross_modal=True, progress=False, start=8, total=30)
-    assert [w["purge_step"] for w in fake_tensorboard.made] == [None, 9]
+    # resumed before its first checkpoint: every earlier event goes (metrics.jsonl is emptied)
+    RunLog(tmp_path, batch_size=2, use_cross_modal=True, progress=False, start=0, total=30, resumed=True)
+    assert [w["purge_step"] for w in fake_tensorboard.made] == [None, 9, 0]
     assert all(w["log_dir"] == str(tmp_path / "tb") for w in fake_tensorboard.made)
     # a finished run extended by nothing, and a process that does not write: no writer
     RunLog(tmp_path, batch_size=2, use_cross_modal=True, progress=False, start=30, total=30)
     RunLog(tmp_path, batch_size=2, use_cross_modal=True, progress=False, writer=False, start=0, total=30)
-    assert len(fake_tensorboard.made) == 2
+    assert len(fake_tensorboard.made) == 3
 
 
 def test_without_tensorboard_the_log_names_the_extra(tmp_path, monkeypatch, caplog):

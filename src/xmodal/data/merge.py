@@ -127,7 +127,8 @@ def _difference(a: _Part, b: _Part) -> str:
     """How ``b`` was built differently from ``a`` (``""``: the same): settings first, then the
     source, then the class and object lists."""
     pa, pb = _whole(a.plan), _whole(b.plan)
-    sa, sb = pa.get("settings") or {}, pb.get("settings") or {}
+    # test_ratio is compared through its effect, the object lists (plan_key)
+    sa, sb = ({k: v for k, v in (p.get("settings") or {}).items() if k != "test_ratio"} for p in (pa, pb))
     diffs = [f"{k}: {sa.get(k)!r} -> {sb.get(k)!r}" for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
     if not diffs:
         ra = {k: v for k, v in (pa.get("source") or {}).items() if k not in _PATH_KEYS}
@@ -248,7 +249,7 @@ def merge_datasets(parts: Iterable["str | os.PathLike"], out: "str | os.PathLike
             raise DataError(f"the output folder is {part.name} itself; merge into a new folder", path=out)
     plan = _whole(read[0].plan)
     with output_lock(out, "merge"):
-        claim_output(out, plan, overwrite, hint="choose another --out, or pass --overwrite to replace it")
+        plan = claim_output(out, plan, overwrite, hint="choose another --out, or pass --overwrite to replace it")
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # the manifest comes last, when every shard is in
         n_shards = sum(_gather(part, out, plan, link) for part in read)
         _write_config(read[0].path, out)

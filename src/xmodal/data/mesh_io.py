@@ -41,7 +41,7 @@ MESH_EXTENSIONS = (".off", ".obj", ".ply", ".stl", ".glb", ".gltf")
 # N (normals). 4OFF / nOFF (other dimensions) are not 3D triangle meshes and are refused.
 _OFF_KEYWORD = re.compile(r"\s*(ST)?(C)?(N)?OFF", re.ASCII)
 _LEADING_WORD = re.compile(r"\s*([A-Za-z][A-Za-z0-9]*)", re.ASCII)
-_OTHER_DIMENSION = re.compile(r"\s*((?:ST)?C?N?(?:4|n)OFF)", re.ASCII)
+_OTHER_DIMENSION = re.compile(r"\s*((?:ST)?C?N?(?:4?n|4)OFF)", re.ASCII)
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*(?=\n)")
 
 
@@ -268,6 +268,16 @@ def _load_with_trimesh(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return vertices, faces
 
 
+def _lines_after_header(path: Path) -> Optional[int]:
+    """The lines of a text PLY after its ``end_header`` line (a last line without a newline counts)."""
+    data = path.read_bytes()
+    end = data.find(b"end_header")
+    if end < 0:
+        return None
+    body = data[data.find(b"\n", end) + 1:] if data.find(b"\n", end) >= 0 else b""
+    return body.count(b"\n") + (1 if body and not body.endswith(b"\n") else 0)
+
+
 # trimesh reads an ASCII PLY with fewer lines than its header declares, and a binary STL cut short,
 # without complaint (a partial mesh, or none); the header's counts are checked here, as read_off
 # checks OFF's.
@@ -276,14 +286,15 @@ def _short_of_header(path: Path, n_vertices: int, n_faces: int) -> Optional[str]
     ext = path.suffix.lower()
     try:
         if ext == ".ply":
-            declared = mesh_counts(path)  # the header's element counts
-            want_v, want_f = declared[:2] if declared else (0, 0)
+            declared = mesh_counts(path)  # the header's element counts, and whether the file is text
+            want_v, want_f, text = declared if declared else (0, 0, False)
             if want_f == 0 and want_v and not n_faces:
                 return ("no faces: a point cloud, not a triangle mesh (point-cloud collections are read from the "
                         "ModelNet40 HDF5 layout: README, 'Your own meshes')")
-            if n_vertices < want_v or n_faces < want_f:  # a polygon gives >= 1 triangle: fewer, lines missing
-                return (f"truncated: the header declares {want_v} vertices and {want_f} faces, the file holds "
-                        f"{n_vertices} vertices and {n_faces} triangles")
+            lines = _lines_after_header(path) if text else None  # trimesh refuses a short binary PLY itself
+            if lines is not None and lines < want_v + want_f:
+                return (f"truncated: the header declares {want_v} vertices and {want_f} faces "
+                        f"({want_v + want_f} lines), the file holds {lines}")
         elif ext == ".stl":
             with open(path, "rb") as fh:
                 head = fh.read(84)

@@ -443,9 +443,11 @@ def _make_plan(src: Source, spec: Optional[str], settings: dict,
 
 
 def claim_output(out: Path, plan: dict, overwrite: bool, *,
-                 hint: str = "use another output folder or overwrite=True (--overwrite) to replace it") -> None:
+                 hint: str = "use another output folder or overwrite=True (--overwrite) to replace it") -> dict:
     """Check that ``out`` is new, or holds this plan (a resume, a re-run), or may be overwritten
     (``overwrite``: its dataset files are removed); write the plan. Used by ``prepare`` and ``merge``.
+    Returns the plan in effect: the one ``out`` holds, for a resume (its record stays as written,
+    e.g. a ``test_ratio`` its source does not use), else ``plan``.
 
     Raises :class:`OutputExistsError` (naming ``out``, with ``hint``) when ``out`` holds another dataset."""
     plan_path = out / PLAN_NAME
@@ -455,18 +457,19 @@ def claim_output(out: Path, plan: dict, overwrite: bool, *,
         except ValueError:
             old = {}
         if plan_key(old) == plan_key(plan):
-            return
+            return old
         what = f"a dataset prepared with other settings ({describe_difference(old, plan)})"
     elif any((out / name).exists() for name in (MANIFEST_NAME, "shards", "failed")):
         what = f"a dataset without {PLAN_NAME} (not made by prepare, or older)"
     else:
         write_json(plan_path, plan)
-        return
+        return plan
     if not overwrite:
         raise OutputExistsError(f"holds {what}", path=out, hint=hint)
     log.info("overwriting %s", out)
     clear_outputs(out)
     write_json(plan_path, plan)
+    return plan
 
 
 def _retry_record(exc: Exception, item: Item, limit_inputs: Optional[dict]) -> dict:
@@ -586,7 +589,8 @@ def _prepare_into(cfg: PrepareConfig, out: Path, source: Optional[Source], progr
     settings = _settings(cfg, src)
     shard = parse_shard(cfg.shard)
     plan, items = _make_plan(src, spec, settings, shard)
-    claim_output(out, plan, cfg.overwrite)
+    plan = claim_output(out, plan, cfg.overwrite)
+    settings = plan["settings"]
     save_config(cfg, out / CONFIG_NAME)
     chunks = shard_chunks({split: len(its) for split, its in items.items()}, cfg.chunk_size, shard)
     if shard is not None and not chunks:

@@ -287,8 +287,7 @@ def _weights_text(meta: Mapping[str, Any]) -> Optional[str]:
 
 #: how the report names the per-task settings of ``meta.tasks_settings``
 _SETTING_NAMES = {"views": "views", "point_subsets": "point subsets", "baseline_seed": "baseline seed",
-                  "weights": "weights", "svm_Cs": "SVM C grid", "svm_solver": "SVM solver",
-                  "fewshot_query": "queries per class", "fewshot_episodes": "episodes"}
+                  "weights": "weights", "svm_Cs": "SVM C grid", "svm_solver": "SVM solver"}
 
 
 def _other_settings_lines(metrics: Mapping[str, Any]) -> list[str]:

@@ -149,12 +149,16 @@ def task_fingerprint(task: EvalTask, cfg: Any, *, network: str, weights: str, da
 def _same(key: str, old: Any, new: Any) -> bool:
     """Whether an identity value of an earlier ``metrics.json`` is this evaluation's: the run and data
     folders compare as paths, however spelled (``runs/a`` and ``/home/u/proj/runs/a``; relative ones
-    taken from the working directory), the rest as values. No data (None) matches any."""
+    taken from the working directory), the rest as values. No data (None) matches any. A relative
+    path recorded by an earlier version that names nothing from here cannot be compared: it is not
+    taken for a difference (the tasks' fingerprints, which hash the weights and the data, still are)."""
     if old == new:
         return True
     if key == "meta.data" and (old is None or new is None):
         return True  # a call that reads no data (part segmentation on partseg_data alone) continues any
     if key in ("meta.run", "meta.data") and isinstance(old, str) and isinstance(new, str):
+        if not os.path.isabs(old) and not os.path.exists(old):
+            return True
         return os.path.realpath(old) == os.path.realpath(new)
     return False
 
@@ -333,8 +337,8 @@ def settings_differing(metrics: dict) -> dict[str, dict]:
     task evaluated before that record existed is not listed (its settings are unknown)."""
     stated = {"views": metrics.get("meta.views_used"), "point_subsets": metrics.get("meta.point_subsets"),
               "baseline_seed": baseline_seed_in_effect(metrics), "weights": metrics.get("meta.weights"),
-              "svm_Cs": metrics.get("meta.svm_Cs"), "svm_solver": metrics.get("meta.svm_solver"),
-              "fewshot_query": metrics.get("meta.fewshot_query"), "fewshot_episodes": metrics.get("meta.fewshot_episodes")}
+              "svm_Cs": metrics.get("meta.svm_Cs"), "svm_solver": metrics.get("meta.svm_solver")}
+    # (few-shot and part-segmentation settings are stated per task in the report's setup: not listed)
     mixed_seeds = stated["baseline_seed"] is None
     done = metrics.get("meta.tasks_done") or {}
     out = {}

@@ -215,9 +215,10 @@ def _meta(cfg: EvaluateConfig, store, loaded, *, views: list[int], point_subsets
     """The ``meta.*`` keys of metrics.json that describe this evaluation (the :class:`MetricsBook`
     adds the tasks done, skipped and partly done, and the figures)."""
     return {
-        "meta.run": str(Path(cfg.run)),
+        # absolute: a later call from another working folder compares them with its own
+        "meta.run": str(Path(cfg.run).absolute()),
         **(weights_meta or {}),
-        "meta.data": str(cfg.data) if cfg.data else None,
+        "meta.data": str(Path(cfg.data).absolute()) if cfg.data else None,
         "meta.seed": int(cfg.seed),
         "meta.device": device,
         "meta.dataset": _dataset_meta(store) if cfg.data else None,

@@ -35,17 +35,18 @@ def is_val_record(record: dict) -> bool:
     return any(k.startswith("val.") for k in record)
 
 
-def _tensorboard(out: Path, start: int = 0):
+def _tensorboard(out: Path, start: int = 0, resumed: bool = False):
     """A writer of ``RUN/tb/`` events (None where TensorBoard is not installed). A run resumed at
     step ``start`` hides the events an earlier leg wrote after that step (it stopped after its last
-    checkpoint), so every step appears once, as in ``metrics.jsonl``."""
+    checkpoint; resumed without one, all of them), so every step appears once, as in ``metrics.jsonl``."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception as exc:  # tensorboard is optional: never required
         log.info("TensorBoard logging off (%s: install xmodal[tensorboard] for RUN/tb/ events); metrics.jsonl "
                  "holds the same records", type(exc).__name__)
         return None
-    return SummaryWriter(log_dir=str(out / "tb"), purge_step=start + 1 if start > 0 else None)
+    purge = start + 1 if start > 0 else (0 if resumed else None)
+    return SummaryWriter(log_dir=str(out / "tb"), purge_step=purge)
 
 
 class RunLog:
@@ -57,12 +58,13 @@ class RunLog:
         loss terms to log (keys of :data:`~xmodal.train.step.OPTIONAL_TERMS`);
         prior_elapsed: training seconds of the run before this start (resume);
         writer: this process writes files (rank 0); progress: show a tqdm bar;
-        start, total: steps done before and at the end (for the bar).
+        start, total: steps done before and at the end (for the bar); resumed: a resumed run
+        (``start`` 0: resumed before its first checkpoint).
     """
 
     def __init__(self, out: Path, *, batch_size: int, use_cross_modal: bool, prior_elapsed: float = 0.0,
                  writer: bool = True, progress: bool = True, start: int = 0, total: int = 0,
-                 extra_terms: tuple = ()) -> None:
+                 extra_terms: tuple = (), resumed: bool = False) -> None:
         self.path = out / "metrics.jsonl"
         self.batch_size = int(batch_size)
         self.use_cm = bool(use_cross_modal)
@@ -73,7 +75,7 @@ class RunLog:
         self.last: Optional[dict] = None
         self.paused = 0.0
         self.t0 = self.t_window = time.perf_counter()
-        self.tb = _tensorboard(out, start) if (writer and start < total) else None
+        self.tb = _tensorboard(out, start, resumed) if (writer and start < total) else None
         self.bar = None
         if writer and progress:
             from tqdm.auto import tqdm

@@ -104,7 +104,7 @@ def pretrain(cfg: PretrainConfig, *, store: Optional[ShapeStore] = None, resume:
     if resume:  # checked before the lock creates the folder
         check_resumable(out)
     cfg.require_paths(data=store is None)
-    if store is None:
+    if store is None and not resume:  # a run already there (an earlier version allowed it) may continue
         _check_out_outside_data(out, Path(cfg.data.path))
     ctx = init_distributed(cfg.device)
     data = store if store is not None else open_dataset(cfg.data.path)
@@ -120,8 +120,8 @@ def pretrain(cfg: PretrainConfig, *, store: Optional[ShapeStore] = None, resume:
 
 
 def _check_out_outside_data(out: Path, data: Path) -> None:
-    """Refuse a run folder that is the dataset's folder or inside it (the run's files would mix with
-    the dataset's, and a later ``prepare --overwrite`` would delete the run)."""
+    """Refuse a new run folder that is the dataset's folder or inside it: the run's files would mix
+    with the dataset's (whose folder is ``prepare``'s to write, resume and overwrite)."""
     o, d = out.expanduser().resolve(), data.expanduser().resolve()
     if o == d or d in o.parents:
         raise ConfigError(f"is {'the dataset folder' if o == d else 'inside the dataset folder'} {data}", path=out,
@@ -148,6 +148,7 @@ class _Trainer:
         check_training_split(self.split, BatchSpec.from_config(cfg), n=n_train, world_size=ctx.world_size,
                              where=self.data_spec)
         self.ckpt = check_run_dir(out, cfg, resume)
+        self.resumed = bool(resume)
         barrier(ctx)  # every process has checked the folder before rank 0 writes into it
         self.fingerprint = data_fingerprint(store, cfg.data.split, n_train)
         check_resume_data(self.ckpt, self.fingerprint, self.data_spec, out=out, allow_other_data=allow_other_data)
@@ -344,7 +345,7 @@ class _Trainer:
         prior = float(self.ckpt.state.get("elapsed", 0.0)) if self.ckpt is not None else 0.0
         runlog = RunLog(self.out, batch_size=cfg.batch_size, use_cross_modal=cfg.loss.use_cross_modal,
                         prior_elapsed=prior, writer=ctx.is_main, progress=progress,
-                        start=self.start, total=cfg.iterations,
+                        start=self.start, total=cfg.iterations, resumed=self.resumed,
                         extra_terms=tuple(t for t, w in OPTIONAL_TERMS.items() if getattr(cfg.loss, w) > 0))
         try:
             if cfg.val.enabled and self.ckpt is None:
