@@ -250,6 +250,9 @@ def load_mesh(path: "str | os.PathLike") -> Mesh:
 
 def _load_with_trimesh(path: Path) -> tuple[np.ndarray, np.ndarray]:
     trimesh = require("trimesh", "reading OBJ/PLY/STL/GLB meshes")
+    problem = _short_of_header(path)  # before trimesh, whose errors on such files vary with what is installed
+    if problem:
+        raise MeshError(path, problem)
     try:
         loaded = trimesh.load(str(path), force="mesh", process=False)
     except Exception as exc:  # trimesh raises many exception types for broken files
@@ -261,11 +264,7 @@ def _load_with_trimesh(path: Path) -> tuple[np.ndarray, np.ndarray]:
     vertices = getattr(loaded, "vertices", None)
     if vertices is None or faces is None:
         raise MeshError(path, f"no faces: file holds a {type(loaded).__name__}, not a triangle mesh")
-    vertices, faces = np.asarray(vertices, dtype=np.float64), np.asarray(faces, dtype=np.int64).reshape(-1, 3)
-    problem = _short_of_header(path, len(vertices), len(faces))
-    if problem:
-        raise MeshError(path, problem)
-    return vertices, faces
+    return np.asarray(vertices, dtype=np.float64), np.asarray(faces, dtype=np.int64).reshape(-1, 3)
 
 
 def _lines_after_header(path: Path) -> Optional[int]:
@@ -281,14 +280,14 @@ def _lines_after_header(path: Path) -> Optional[int]:
 # trimesh reads an ASCII PLY with fewer lines than its header declares, and a binary STL cut short,
 # without complaint (a partial mesh, or none); the header's counts are checked here, as read_off
 # checks OFF's.
-def _short_of_header(path: Path, n_vertices: int, n_faces: int) -> Optional[str]:
+def _short_of_header(path: Path) -> Optional[str]:
     """Why a PLY or STL file holds less than its header declares (truncated), else None."""
     ext = path.suffix.lower()
     try:
         if ext == ".ply":
             declared = mesh_counts(path)  # the header's element counts, and whether the file is text
             want_v, want_f, text = declared if declared else (0, 0, False)
-            if want_f == 0 and want_v and not n_faces:
+            if want_f == 0 and want_v:
                 return ("no faces: a point cloud, not a triangle mesh (point-cloud collections are read from the "
                         "ModelNet40 HDF5 layout: README, 'Your own meshes')")
             lines = _lines_after_header(path) if text else None  # trimesh refuses a short binary PLY itself
