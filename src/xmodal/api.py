@@ -84,8 +84,8 @@ class LoadedRun:
     pair_classifier: Ff, ``((B, 512), (B, 512)) -> (B, 2)``; config: the run's
     :class:`PretrainConfig`; image_size / num_points: the input sizes trained on; up_axis:
     the dataset's up axis; grayscale: whether Fimg was trained on grey renders (None for a
-    run written before this was recorded and without its ``run.json``; for :func:`random_init_run`,
-    None); step: optimisation steps of these weights; source: ``"final"``
+    run written before this was recorded and without its ``run.json``, and for
+    :func:`random_init_run` unless given); step: optimisation steps of these weights; source: ``"final"``
     (encoders.*), ``"last"`` (the last checkpoint) or ``"random"`` (:func:`random_init_run`);
     later_checkpoint: the step of a last checkpoint past these ``final`` encoders (the run was
     extended and has not finished), else None.
@@ -117,11 +117,8 @@ class LoadedRun:
     def at_random_init(self, seed: int = 0, device=None) -> "LoadedRun":
         """The same networks (this run's config, up axis and image colour) at random initialisation,
         on ``device`` (default: this run's): the random-init baseline of an evaluation, fed as the run is."""
-        rnd = random_init_run(self.config, seed=seed, device=self.device if device is None else device,
-                              up_axis=self.up_axis)
-        rnd.grayscale = self.grayscale
-        setattr(rnd.image_encoder, GRAYSCALE_ATTR, self.grayscale)
-        return rnd
+        return random_init_run(self.config, seed=seed, device=self.device if device is None else device,
+                               up_axis=self.up_axis, grayscale=self.grayscale)
 
 
 def _finish(nets: dict, cfg: PretrainConfig, info: dict, *, source, path, device,
@@ -303,17 +300,19 @@ def _config_of(run: Path, embedded: Optional[dict], where: Optional[Path] = None
 
 
 def random_init_run(config: Optional[PretrainConfig] = None, *, seed: int = 0, device="cpu",
-                    up_axis: str = "z") -> LoadedRun:
+                    up_axis: str = "z", grayscale: Optional[bool] = None) -> LoadedRun:
     """The architecture of ``config`` (default: ``PretrainConfig()``, the paper's) at random
     initialisation: evaluation's random baseline. ``seed`` fixes the weights (the global RNG is
     untouched). For the baseline of a loaded run use :meth:`LoadedRun.at_random_init`; for a run
-    folder, ``load_run(folder).at_random_init()``.
+    folder, ``load_run(folder).at_random_init()``. grayscale: whether its images are grey renders
+    (colour images are then turned into their luminance, as for a run's encoder).
     """
     cfg = config if config is not None else PretrainConfig()
     if not isinstance(cfg, PretrainConfig):
         raise TypeError(f"config must be a PretrainConfig or None, got {type(cfg).__name__}")
     nets = build_networks(architecture_from_config(cfg), seed=seed)
-    info = {"image_size": cfg.data.image_size, "num_points": cfg.data.num_points, "up_axis": up_axis, "step": 0}
+    info = {"image_size": cfg.data.image_size, "num_points": cfg.data.num_points, "up_axis": up_axis, "step": 0,
+            "grayscale": grayscale}
     return _finish(nets, cfg, info, source="random", path=None, device=device)
 
 

@@ -49,7 +49,7 @@ from xmodal.eval.tasks import TASK_NAMES, EvalTask
 from xmodal.utils.io import read_json, write_json
 
 __all__ = ["IDENTITY_KEYS", "weights_digest", "data_digest", "task_fingerprint", "MetricsBook",
-           "baseline_seed_in_effect", "settings_differing", "claim_report_folder"]
+           "baseline_seed_in_effect", "settings_differing"]
 
 log = logging.getLogger(__name__)
 
@@ -163,22 +163,15 @@ def _same(key: str, old: Any, new: Any) -> bool:
     return False
 
 
-def claim_report_folder(path: Path, identity: dict, *, overwrite: bool) -> None:
-    """Make sure the report folder of ``path`` (its ``metrics.json``) may take this evaluation
-    (``identity``: its :data:`IDENTITY_KEYS`): a folder holding another evaluation (another run,
-    data or seed) is refused, unless ``overwrite``, in which case that evaluation's files are
+def _replace_other(path: Path, old: dict, identity: dict, *, overwrite: bool) -> None:
+    """``path`` (a ``metrics.json``) holds ``old``, another evaluation than ``identity`` (another
+    run, data or seed): refuse, unless ``overwrite``, in which case that evaluation's files are
     removed (``metrics.json``, ``report.md``, the figures it lists, the part-segmentation logs),
     so none of its figures stay beside the new ones. Files it did not write are left alone.
 
     Raises:
-        OutputExistsError: the folder holds another evaluation and ``overwrite`` is false.
+        OutputExistsError: ``overwrite`` is false.
     """
-    try:
-        old = read_json(path) if path.is_file() else None
-    except ValueError:
-        return  # damaged: MetricsBook replaces it, with a warning
-    if not isinstance(old, dict) or all(_same(k, old.get(k), identity[k]) for k in IDENTITY_KEYS):
-        return
     differ = "; ".join(f"{k.removeprefix('meta.')}: {old.get(k)!r} there, {identity[k]!r} here"
                        for k in IDENTITY_KEYS if not _same(k, old.get(k), identity[k]))
     folder = path.parent
@@ -203,7 +196,7 @@ class MetricsBook:
         redo: forget which tasks are done (every task asked for is evaluated again).
     """
 
-    def __init__(self, path: Path, identity: dict, *, redo: bool = False) -> None:
+    def __init__(self, path: Path, identity: dict, *, redo: bool = False, overwrite: bool = False) -> None:
         self.path = Path(path)
         self.redo = redo
         self.metrics: dict[str, Any] = {}
@@ -217,7 +210,7 @@ class MetricsBook:
         self.tasks_run: set[str] = set()
         #: the data an earlier call described, stated again by a call that reads none
         self.data_meta: dict[str, Any] = {}
-        old = self._previous(identity)
+        old = self._previous(identity, overwrite)
         if old:
             self.data_meta = {k: old.get(k) for k in _DATA_META}
             self.metrics = {k: v for k, v in old.items() if not k.startswith("meta.")}
@@ -229,7 +222,9 @@ class MetricsBook:
             self.settings = dict(old.get("meta.tasks_settings") or {})
             self.tasks_run = set(old.get("meta.tasks_run") or [])
 
-    def _previous(self, identity: dict) -> dict:
+    def _previous(self, identity: dict, overwrite: bool) -> dict:
+        """What ``metrics.json`` holds of this evaluation ({} when new or damaged); another
+        evaluation's report is refused, or removed with ``overwrite`` (:func:`_replace_other`)."""
         if not self.path.is_file():
             return {}
         try:
@@ -237,8 +232,11 @@ class MetricsBook:
         except ValueError as exc:
             log.warning("%s; it is replaced", exc)
             return {}
-        if not isinstance(old, dict) or not all(_same(k, old.get(k), identity[k]) for k in IDENTITY_KEYS):
-            log.info("%s holds another evaluation (run, data or seed differ); it is replaced", self.path)
+        if not isinstance(old, dict):
+            log.warning("%s: not a metrics mapping; it is replaced", self.path)
+            return {}
+        if not all(_same(k, old.get(k), identity[k]) for k in IDENTITY_KEYS):
+            _replace_other(self.path, old, identity, overwrite=overwrite)
             return {}
         return old
 

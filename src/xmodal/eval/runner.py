@@ -51,9 +51,7 @@ from xmodal.eval.context import BASELINE_PREFIX, NO_IMAGES, TEST, EvalContext, T
 from xmodal.eval.features import FeatureCache, clouds_subsampled, effective_views
 from xmodal.eval.report import write_report
 from xmodal.eval.resume import (
-    IDENTITY_KEYS,
     MetricsBook,
-    claim_report_folder,
     data_digest,
     settings_differing,
     task_fingerprint,
@@ -303,13 +301,12 @@ class _Evaluation:
                         "trained on, so each is encoded whole, once", cfg.point_subsets, cfg.data, self.store.num_points)
         if cfg.baseline_seed is not None and cfg.baseline != "random":
             log.warning("baseline_seed=%d has no effect without baseline=random", cfg.baseline_seed)
-        identity = _meta(cfg, self.store, loaded, views=self.views, point_subsets=self.point_subsets, device=self.device)
-        claim_report_folder(self.out / METRICS_NAME, {k: identity[k] for k in IDENTITY_KEYS}, overwrite=cfg.overwrite)
-        save_config(cfg, self.out / CONFIG_NAME)
         self.weights = weights_digest(loaded)
         self.weights_meta = _weights_meta(loaded, self.weights)
         # an unfinished run (its last checkpoint read): load_run has said so, naming the step
-        self.book = MetricsBook(self.out / METRICS_NAME, self._meta(), redo=cfg.redo)
+        # the book first: a folder holding another evaluation is refused before anything is written
+        self.book = MetricsBook(self.out / METRICS_NAME, self._meta(), redo=cfg.redo, overwrite=cfg.overwrite)
+        save_config(cfg, self.out / CONFIG_NAME)
         todo = self._todo()
         for label, net, prefix, pending in todo:
             if pending:
