@@ -226,6 +226,11 @@ def _mesh_files(folder: Path) -> list[Path]:
     return found
 
 
+def _meshes_directly_in(folder: Path) -> list[Path]:
+    """The mesh files in ``folder`` itself (not below it)."""
+    return [p for p in folder.iterdir() if p.is_file() and is_mesh_file(p)]
+
+
 def _split_folders(cdir: Path) -> dict[str, Path]:
     """``{split: folder}`` of a class folder's ``train``/``test`` sub-folders (any case)."""
     return {d.name.lower(): d for d in cdir.iterdir() if d.is_dir() and d.name.lower() in SPLIT_DIRS}
@@ -251,7 +256,7 @@ def mesh_folder_count(root: "str | os.PathLike") -> int:
 def _warn_unread(cdir: Path, splits: str) -> None:
     """Warn of the meshes of a class folder with split sub-folders that are not read: beside those
     folders, or in its other sub-folders (``val/``...)."""
-    beside = [p for p in cdir.iterdir() if p.is_file() and is_mesh_file(p)]
+    beside = _meshes_directly_in(cdir)
     if beside:
         logger.warning("%s: %d mesh files beside its %s folder(s) are not used (a class folder with "
                        "train/ or test/ takes its meshes from those)", cdir, len(beside), splits)
@@ -313,7 +318,7 @@ class MeshFolderSource(Source):
             entries, split_classes, plain_classes = self._split_first_entries(tops), [], []
         else:
             entries, split_classes, plain_classes = self._class_first_entries(tops)
-        loose = [p.name for p in self.root.iterdir() if p.is_file() and is_mesh_file(p)]
+        loose = [p.name for p in _meshes_directly_in(self.root)]
         if not entries:
             hint = (
                 f" ({len(loose)} mesh files lie directly in it: put them in class sub-folders)" if loose else ""
@@ -402,7 +407,7 @@ class MeshFolderSource(Source):
                 entries += [(_text(cdir.name), split, p, cdir) for p in files]
                 if not files:
                     empty.add(_text(cdir.name))
-            loose = [p for p in sdir.iterdir() if p.is_file() and is_mesh_file(p)]
+            loose = _meshes_directly_in(sdir)
             if loose:
                 logger.warning("%s: %d mesh files lie directly in it and are not used (read as <root>/<split>/"
                                "<class>/: put them in class sub-folders)", sdir, len(loose))
