@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Iterable
 
 from xmodal.config import load_config, save_config
-from xmodal.data.prepare import CONFIG_NAME, claim_output, describe_difference, finalize_store, plan_key
+from xmodal.data.prepare import (
+    CONFIG_NAME,
+    claim_output,
+    describe_difference,
+    finalize_store,
+    identity_settings,
+    plan_key,
+)
 from xmodal.data.prepare_config import PrepareConfig
 from xmodal.data.sharding import format_shard, shard_chunks
 from xmodal.data.store import MANIFEST_NAME, PLAN_NAME, failed_relpath, shard_relpath, validate_manifest
@@ -127,8 +134,7 @@ def _difference(a: _Part, b: _Part) -> str:
     """How ``b`` was built differently from ``a`` (``""``: the same): settings first, then the
     source, then the class and object lists."""
     pa, pb = _whole(a.plan), _whole(b.plan)
-    # test_ratio is compared through its effect, the object lists (plan_key)
-    sa, sb = ({k: v for k, v in (p.get("settings") or {}).items() if k != "test_ratio"} for p in (pa, pb))
+    sa, sb = identity_settings(pa), identity_settings(pb)
     diffs = [f"{k}: {sa.get(k)!r} -> {sb.get(k)!r}" for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
     if not diffs:
         ra = {k: v for k, v in (pa.get("source") or {}).items() if k not in _PATH_KEYS}

@@ -313,6 +313,13 @@ def _item_record(it: Item) -> dict:
     return {"id": it.id, "label": it.label, "path": it.path, "index": int(it.index)}
 
 
+def identity_settings(plan: dict) -> dict:
+    """The settings of ``plan`` that make a dataset another one. Not ``test_ratio``: it only decides
+    which objects are test objects, and the object list per split is compared on its own
+    (:func:`plan_key`), so a ratio the source does not use (ModelNet's split folders) changes nothing."""
+    return {k: v for k, v in (plan.get("settings") or {}).items() if k != "test_ratio"}
+
+
 def plan_key(plan: dict) -> dict:
     """What must match for a resume: settings (but ``test_ratio``: its effect is the object list's),
     the source's seed, classes, the object list per split (not file paths) and the part.
@@ -322,12 +329,9 @@ def plan_key(plan: dict) -> dict:
     up axis counts because one folder can be read by two readers with the same ids (a Labeled PSB
     folder, y-up with part labels, becomes a plain z-up mesh folder once its labels files go).
     """
-    # test_ratio only decides which objects are test objects, and the object list per split is
-    # compared below: so a ratio the source does not use (ModelNet's split folders) changes nothing
-    settings = {k: v for k, v in (plan.get("settings") or {}).items() if k != "test_ratio"}
     return {
         "format_version": plan.get("format_version"),
-        "settings": settings,
+        "settings": identity_settings(plan),
         "source_seed": (plan.get("source") or {}).get("seed"),
         "source_up_axis": (plan.get("source") or {}).get("up_axis"),
         "classes": plan.get("classes"),
